@@ -1,0 +1,62 @@
+# Kvant: `make demo` runs the main job on the stand-in, `make test` runs the tests.
+# Both set everything up on a fresh machine first (`make setup`, once).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KVANT := $(VENV)/bin/kvant
+# torch first, so that pip never swaps it: on machines with the CPU wheel on disk pip takes
+# that; elsewhere PyPI's default (CUDA) build. Any torch >= 2.6 already installed is kept.
+TORCH ?= torch==2.13.0
+# llama-cpp-python ships only an sdist: build it with llama.cpp's tools (llama-quantize,
+# llama-imatrix, llama-perplexity, llama-bench in site-packages/bin); the RPATH lets them
+# find libllama. pip's wheel cache keeps the result, so later installs take seconds.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DCMAKE_INSTALL_RPATH=$$ORIGIN/../lib
+# GPU users get GPU llama.cpp: nvcc alone is not enough (CI images carry it without a GPU).
+ifeq ($(shell command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo y),y)
+LLAMA_CMAKE_ARGS += -DGGML_CUDA=ON
+endif
+
+# Beside the checkout, ../shared/data holds the UD files and the calibration text: use them
+# offline. Without it the text sets are downloaded (pinned commit, sha256-checked).
+SHARED ?= ../shared/data
+ifneq ($(wildcard $(SHARED)/ud/no_bokmaal-ud-test.conllu),)
+export KVANT_DATA_DIR ?= $(abspath $(SHARED)/ud)
+TRAIN_TEXT ?= $(abspath $(SHARED)/calib/nor.calib-1000.txt)
+else
+TRAIN_TEXT ?= nob-train,nno-train
+endif
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test lint clean distclean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv with torch, Kvant and every backend
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) -m pip install -q -e '.[all,dev]'
+	touch $@
+
+demo: setup ## build the NorMistral stand-in and describe it
+	@model=$$($(KVANT) tiny --train-text '$(TRAIN_TEXT)') && \
+	$(KVANT) info "$$model" && echo "stand-in model: $$model"
+
+test: setup ## run the test suite
+	$(PY) -m pytest
+
+lint: setup ## ruff
+	$(VENV)/bin/ruff check .
+
+clean: ## remove build and test leftovers
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean ## also remove .venv
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Benchmarks of artifacts: memory, speed, perplexity drift (installed as ``kvant.bench``)."""

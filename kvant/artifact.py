@@ -1,0 +1,256 @@
+"""Atomic artifact folders with a manifest, checksums and a model card.
+
+Every pipeline writes through :class:`ArtifactWriter`::
+
+    with ArtifactWriter(out, fmt="gguf", force=False) as art:
+        (art.dir / "model-Q4_K_M.gguf").write_bytes(...)
+        art.settings = asdict(settings)
+        art.card_body = "..."
+    # only now does `out` exist, complete with manifest.json, SHA256SUMS and README.md
+
+The files go to a hidden sibling folder ``.<name>.partial-<pid>`` that is renamed into place
+when the block ends without error, so a killed run never leaves anything that looks finished.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from kvant import __version__
+from kvant.errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+CHECKSUMS = "SHA256SUMS"
+CARD = "README.md"
+# Libraries whose versions decide what an artifact contains; recorded when installed.
+TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate",
+                     "gptqmodel", "optimum", "bitsandbytes", "gguf", "llama_cpp_python",
+                     "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "huggingface_hub")
+CARD_LANGUAGES = ("no", "nb", "nn", "se")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, streamed in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "kvant": __version__}
+    for name in TRACKED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def check_free_space(folder: Path, need_bytes: int) -> None:
+    """Refuse early when ``folder``'s disk cannot hold ``need_bytes`` more."""
+    probe = Path(folder)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise ArtifactError(f"not enough disk space in '{folder}': need {need_bytes / 2**30:.2f} "
+                            f"GiB, {free / 2**30:.2f} GiB free; free space or pass --out on "
+                            "another disk")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete partial folders of ``out`` left by runs that were killed."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            logger.warning("removing %s left by an interrupted run", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+@dataclass
+class ArtifactWriter:
+    """Stage an artifact folder and publish it atomically with manifest, checksums and card."""
+
+    out: Path
+    fmt: str
+    force: bool = False
+    source: dict = field(default_factory=dict)
+    """Source model: {"id": hub id or path, "revision" or "content_hash": ...}."""
+    settings: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    data: list[dict] = field(default_factory=list)
+    """Text sets used (calibration, evaluation), each with its sha256."""
+    warnings: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    title: str = ""
+    card_body: str = ""
+    command: str = ""
+    dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if not self.command:
+            self.command = " ".join(["kvant", *sys.argv[1:]]) if sys.argv[0].endswith(
+                "kvant") else ""
+
+    def __enter__(self) -> ArtifactWriter:
+        if self.out.exists() and not self.force:
+            raise ArtifactError(f"'{self.out}' already exists; pass --force to replace it or "
+                                "choose another --out")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(self.out)
+        self.dir = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir()
+        return self
+
+    def warn(self, message: str) -> None:
+        """A WARNING in the log and a line in the manifest: nothing degrades silently."""
+        logger.warning(message)
+        self.warnings.append(message)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            try:
+                self._publish()
+                return False
+            except BaseException as publish_exc:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                self._raise_if_disk_full(publish_exc)
+                raise
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self._raise_if_disk_full(exc)
+        return False
+
+    def _raise_if_disk_full(self, exc: BaseException) -> None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise ArtifactError(f"disk full while writing '{self.out}'; free space or pass "
+                                "--out on another disk (nothing was published)") from exc
+
+    def _publish(self) -> None:
+        write_model_card(self.dir, title=self.title or self.out.name, fmt=self.fmt,
+                         base_model=self.source.get("id"), tags=self.tags,
+                         command=self.command, body=self.card_body)
+        manifest = build_manifest(self.dir, fmt=self.fmt, source=self.source,
+                                  settings=self.settings, validation=self.validation,
+                                  data=self.data, warnings=self.warnings, command=self.command)
+        (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+        if self.out.exists():  # --force: swap, then drop the old folder
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            self.out.rename(old)
+            self.dir.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.dir.rename(self.out)
+        logger.info("wrote %s", self.out)
+
+
+def _artifact_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.name not in (MANIFEST, CHECKSUMS))
+
+
+def build_manifest(folder: Path, *, fmt: str, source: dict, settings: dict, validation: dict,
+                   data: list[dict], warnings: list[str], command: str) -> dict:
+    """The manifest of ``folder``; also writes SHA256SUMS (``sha256sum -c`` format)."""
+    files = []
+    for path in _artifact_files(folder):
+        files.append({"path": path.relative_to(folder).as_posix(),
+                      "size_bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    (folder / CHECKSUMS).write_text("".join(f"{f['sha256']}  {f['path']}\n" for f in files),
+                                    encoding="utf-8")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kvant_version": __version__,
+        "format": fmt,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "source": source,
+        "settings": settings,
+        "data": data,
+        "libraries": library_versions(),
+        "files": files,
+        "warnings": list(warnings),
+        "validation": validation,
+    }
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"'{folder}' has no {MANIFEST}: it was not written by Kvant or its "
+                            "run did not finish; rebuild it")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def verify_artifact(folder: Path) -> list[str]:
+    """Problems found when checking every file against the manifest (empty when intact)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    problems = []
+    listed = {f["path"] for f in manifest["files"]}
+    for entry in manifest["files"]:
+        path = folder / entry["path"]
+        if not path.is_file():
+            problems.append(f"missing {entry['path']}")
+        elif path.stat().st_size != entry["size_bytes"] or sha256_file(path) != entry["sha256"]:
+            problems.append(f"checksum mismatch {entry['path']}")
+    for path in _artifact_files(folder):
+        if path.relative_to(folder).as_posix() not in listed:
+            problems.append(f"unlisted {path.relative_to(folder).as_posix()}")
+    return problems
+
+
+def _yaml_list(key: str, values) -> str:
+    # JSON strings are valid YAML and keep `no` (Norwegian) from becoming a boolean.
+    return f"{key}:\n" + "".join(f"- {json.dumps(v)}\n" for v in values)
+
+
+def write_model_card(folder: Path, *, title: str, fmt: str, base_model: str | None, tags,
+                     command: str, body: str) -> Path:
+    """A Hugging Face model card: YAML metadata, then what the artifact is and how it was made.
+
+    ``base_model`` is written only when it is a hub id (a local path means nothing on the Hub).
+    """
+    from kvant.model import looks_like_hub_id
+
+    base = (f"base_model: {json.dumps(base_model)}\n"
+            if base_model and looks_like_hub_id(base_model) else "")
+    all_tags = list(dict.fromkeys(["kvant", "normistral", fmt, *tags]))
+    meta = ("---\n" + base + "license: apache-2.0\n" + _yaml_list("language", CARD_LANGUAGES)
+            + _yaml_list("tags", all_tags) + "---\n")
+    made_by = command or "(library call)"
+    text = (f"{meta}\n# {title}\n\n{body.strip()}\n\n## How it was made\n\n"
+            f"Made with Kvant {__version__} (format `{fmt}`):\n\n```\n{made_by}\n```\n\n"
+            "`manifest.json` lists every file with its size and sha256, the settings, the "
+            "source model, the library versions and the validation results; `SHA256SUMS` "
+            "checks the files with `sha256sum -c SHA256SUMS`.\n")
+    path = Path(folder) / CARD
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,208 @@
+"""The `kvant` command line: the only place that reads argv and the environment and prints.
+
+Heavy libraries are imported inside the command functions, so `kvant --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from kvant import DEFAULT_MODEL, __version__
+from kvant.errors import KvantError
+from kvant.registry import nearest
+
+logger = logging.getLogger("kvant")
+
+ENV_DATA_DIR = "KVANT_DATA_DIR"
+ENV_CACHE_DIR = "KVANT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """$KVANT_CACHE_DIR, else $XDG_CACHE_HOME/kvant, else ~/.cache/kvant."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "kvant"
+
+
+class KvantParser(argparse.ArgumentParser):
+    """argparse that names the nearest subcommand or option when one is mistyped."""
+
+    def _all_options(self) -> list[str]:
+        options = []
+        for action in self._actions:
+            options += [o for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    options += sub._all_options()
+        return options
+
+    def error(self, message: str):
+        hint = ""
+        if match := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+            choices = re.findall(r"'([^']*)'", match.group(2))
+            if (best := nearest(match.group(1), choices)) is not None:
+                hint = f"; did you mean '{best}'?"
+        elif match := re.search(r"unrecognized arguments: (\S+)", message):
+            root = self
+            while getattr(root, "_kvant_parent", None) is not None:
+                root = root._kvant_parent
+            if (best := nearest(match.group(1).split("=")[0], root._all_options())) is not None:
+                hint = f"; did you mean '{best}'?"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per field of a settings dataclass, so flags never drift from the settings."""
+    group = parser.add_argument_group(f"{cls.__name__} settings")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+        group.add_argument(flag, dest=f.name, type=kind, default=f.default,
+                           help=f"default {f.default}")
+
+
+def settings_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=os.environ.get(ENV_DATA_DIR) or None,
+                        help=f"offline: read the raw text-set files from this folder instead of "
+                             f"downloading them (env {ENV_DATA_DIR})")
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from kvant.data import get_mix, get_text
+    from kvant.tiny import TinyRecipe, build_tiny, recipe_hash
+
+    recipe = settings_from_args(TinyRecipe, args)
+    progress = not args.no_progress
+    train = get_mix(args.train_text, cache_dir(), args.data_dir, progress)
+    held_out = get_text(args.eval_text, cache_dir(), args.data_dir, progress)
+    out = args.out or cache_dir() / "tiny" / recipe_hash(recipe, train)
+    print(build_tiny(out, train, held_out, recipe, force=args.force, progress=progress))
+    return 0
+
+
+def cmd_data_get(args: argparse.Namespace) -> int:
+    from kvant.data import get_mix
+
+    print(get_mix(args.name, cache_dir(), args.data_dir, not args.no_progress).path)
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from kvant.data import TEXT_SETS
+
+    for name, text_set in TEXT_SETS.items():
+        pinned = text_set.sha256[:12] if text_set.sha256 else "recorded at download"
+        print(f"{name:10} {text_set.role:8} {text_set.language:3} sha256 {pinned:20} "
+              f"{text_set.url}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from kvant.model import model_info, resolve_model
+
+    info = model_info(resolve_model(args.model))
+    if args.json:
+        print(json.dumps(info.as_dict(), indent=2))
+        return 0
+    rows = [
+        ("path", info.path),
+        ("architecture", f"{info.architecture} ({info.model_type})"
+         + (" [synthetic weights]" if info.synthetic else "")),
+        ("parameters", f"{info.n_params:,} ({info.n_params / 1e9:.3f} B)"),
+        ("dtype", info.dtype + (f", quantized: {info.quantized}" if info.quantized else "")),
+        ("size on disk", f"{info.size_bytes / 2**20:,.1f} MiB"),
+        ("layers", f"{info.n_layers}, hidden {info.hidden_size}, intermediate "
+                   f"{info.intermediate_size}"),
+        ("attention", f"{info.n_heads} query / {info.n_kv_heads} KV heads of dim "
+                      f"{info.head_dim}"),
+        ("vocabulary", f"{info.vocab_size}, embeddings "
+                       f"{'tied' if info.tied_embeddings else 'untied'}"),
+        ("context", f"{info.context_length}"),
+        ("tokenizer", info.tokenizer),
+    ]
+    manifest = Path(info.path) / "manifest.json"
+    if manifest.is_file():  # a Kvant artifact: say what made it and how it validated
+        made = json.loads(manifest.read_text(encoding="utf-8"))
+        rows.append(("kvant format", made.get("format", "?")))
+        rows += [(f"  {k}", str(v)) for k, v in made.get("validation", {}).items()]
+    for key, value in rows:
+        print(f"{key:18} {value}")
+    return 0
+
+
+def build_parser() -> KvantParser:
+    from kvant.tiny import TinyRecipe
+
+    parser = KvantParser(prog="kvant", description="Quantize, export and benchmark "
+                         "NorMistral-11b-long (and llama-family models) for laptops and GPUs.")
+    parser.add_argument("--version", action="version", version=f"kvant {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=KvantParser)
+    sub.required = True
+
+    tiny = sub.add_parser("tiny", help="build (or reuse) the small NorMistral stand-in and "
+                          "print its folder")
+    tiny.add_argument("--out", type=Path, help="folder to build into (default: the cache, "
+                      "named by the recipe hash)")
+    tiny.add_argument("--train-text", default="nob-train,nno-train",
+                      help="training text: set names and/or paths, comma-separated "
+                           "(default: UD Bokmål and Nynorsk train splits)")
+    tiny.add_argument("--eval-text", default="nob", help="held-out text for the perplexity "
+                      "report (default: nob, the UD Bokmål test split)")
+    tiny.add_argument("--force", action="store_true", help="rebuild even if --out exists")
+    _add_data_args(tiny)
+    add_dataclass_args(tiny, TinyRecipe)
+    tiny.set_defaults(func=cmd_tiny)
+
+    data = sub.add_parser("data", help="text sets: list them, or fetch and extract one")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION",
+                                   parser_class=KvantParser)
+    data_sub.required = True
+    get = data_sub.add_parser("get", help="print the path of a set's extracted UTF-8 text")
+    get.add_argument("name", metavar="NAME|PATH", help="a set name (see `kvant data list`), a "
+                     "path, or several comma-separated (a round-robin mix)")
+    _add_data_args(get)
+    get.set_defaults(func=cmd_data_get)
+    data_sub.add_parser("list", help="the named sets with pinned URL and sha256").set_defaults(
+        func=cmd_data_list)
+
+    info = sub.add_parser("info", help="architecture, parameters, dtype, size and tokenizer of "
+                          "a model folder or hub id")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                      help=f"local folder or hub id (default {DEFAULT_MODEL})")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
+    for p in (tiny, data, get, info):
+        p._kvant_parent = parser
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KvantError as exc:
+        print(f"kvant: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvant: interrupted; nothing unfinished was published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

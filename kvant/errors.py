@@ -1,0 +1,25 @@
+"""User-facing failure families.
+
+Each message names the input that is wrong and the fix; the CLI prints it on one line
+and exits with status 2.
+"""
+
+
+class KvantError(Exception):
+    """Base of every error a user can cause and mend."""
+
+
+class ModelError(KvantError):
+    """A model folder or id that cannot be used (missing, malformed, unsupported)."""
+
+
+class DataError(KvantError):
+    """A text set that cannot be fetched, verified or read."""
+
+
+class ArtifactError(KvantError):
+    """An output folder that cannot be written (exists, disk full, interrupted)."""
+
+
+class SettingsError(KvantError, ValueError):
+    """A setting outside its valid range or set."""

@@ -1,0 +1,1 @@
+"""Quantization methods, one module per method (installed as ``kvant.quantize``)."""

@@ -1,0 +1,109 @@
+"""Atomic artifact folders, manifests, checksums and model cards."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from kvant.artifact import ArtifactWriter, check_free_space, read_manifest, verify_artifact
+from kvant.errors import ArtifactError
+
+
+def _write(out, force=False, payload=b"weights"):
+    with ArtifactWriter(out, fmt="test", force=force) as art:
+        (art.dir / "model.bin").write_bytes(payload)
+        (art.dir / "sub").mkdir()
+        (art.dir / "sub" / "extra.json").write_text("{}")
+        art.settings = {"bits": 4}
+        art.source = {"id": "norallm/normistral-11b-long", "revision": "abc"}
+        art.warn("layer lm_head left in bf16")
+    return out
+
+
+def test_manifest_lists_every_file_with_matching_checksums(tmp_path):
+    out = _write(tmp_path / "art")
+    manifest = read_manifest(out)
+    paths = {f["path"] for f in manifest["files"]}
+    assert paths == {"model.bin", "sub/extra.json", "README.md"}
+    assert verify_artifact(out) == []
+    assert manifest["settings"] == {"bits": 4}
+    assert manifest["warnings"] == ["layer lm_head left in bf16"]
+    assert manifest["schema_version"] == 1 and "torch" in manifest["libraries"]
+    sums = (out / "SHA256SUMS").read_text().splitlines()
+    assert len(sums) == 3
+    (out / "model.bin").write_bytes(b"weightz")
+    assert verify_artifact(out) == ["checksum mismatch model.bin"]
+    (out / "stray.txt").write_text("x")
+    assert "unlisted stray.txt" in verify_artifact(out)
+
+
+def test_model_card_metadata(tmp_path):
+    card = (_write(tmp_path / "art") / "README.md").read_text()
+    meta = card.split("---\n")[1]
+    assert 'base_model: "norallm/normistral-11b-long"' in meta
+    assert "license: apache-2.0" in meta
+    # `no` must be quoted, or YAML reads Norwegian as the boolean false
+    for lang in ("no", "nb", "nn", "se"):
+        assert f'- "{lang}"\n' in meta
+
+
+def test_existing_output_is_refused_without_force(tmp_path):
+    out = _write(tmp_path / "art")
+    with pytest.raises(ArtifactError, match="already exists; pass --force"):
+        _write(out, payload=b"new")
+    assert (out / "model.bin").read_bytes() == b"weights"
+    _write(out, force=True, payload=b"new")
+    assert (out / "model.bin").read_bytes() == b"new" and verify_artifact(out) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no leftovers
+
+
+def test_error_inside_the_block_publishes_nothing(tmp_path):
+    out = tmp_path / "art"
+    with pytest.raises(RuntimeError), ArtifactWriter(out, fmt="test") as art:
+        (art.dir / "half.bin").write_bytes(b"x")
+        raise RuntimeError("quantizer crashed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_is_one_clear_error(tmp_path):
+    out = tmp_path / "art"
+    with pytest.raises(ArtifactError, match="disk full while writing"), \
+            ArtifactWriter(out, fmt="test"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert not out.exists()
+    with pytest.raises(ArtifactError, match="not enough disk space"):
+        check_free_space(tmp_path, 1 << 60)
+
+
+def test_killed_run_leaves_no_final_folder(tmp_path):
+    out = tmp_path / "art"
+    script = textwrap.dedent(f"""
+        import time
+        from kvant.artifact import ArtifactWriter
+        with ArtifactWriter({str(out)!r}, fmt="test") as art:
+            with open(art.dir / "big.bin", "wb") as f:
+                f.write(b"x" * 1000)
+                f.flush()
+                print("writing", flush=True)
+                time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    partials = list(tmp_path.glob(".art.partial-*"))
+    assert len(partials) == 1  # hidden and named partial: nothing looks finished
+    # the next run cleans up what the killed one left and publishes normally
+    time.sleep(0.1)
+    _write(out)
+    assert not list(tmp_path.glob(".art.partial-*"))
+    assert json.loads((out / "manifest.json").read_text())["format"] == "test"

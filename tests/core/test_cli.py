@@ -1,0 +1,55 @@
+"""One subprocess test per subcommand, through the installed console script."""
+
+from __future__ import annotations
+
+import time
+
+from tests.conftest import CALIB_FILE, EVAL_DIR, UD_DIR, run_kvant
+
+
+def test_help_is_instant_and_lists_every_subcommand():
+    started = time.perf_counter()
+    result = run_kvant("--help")
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0
+    for command in ("tiny", "data", "info"):
+        assert f"    {command} " in result.stdout
+    assert elapsed < 5  # no torch or transformers import at startup
+
+
+def test_mistyped_subcommand_and_option_get_suggestions():
+    result = run_kvant("tinny")
+    assert result.returncode == 2 and "did you mean 'tiny'?" in result.stderr
+    result = run_kvant("info", "--jsn")
+    assert result.returncode == 2 and "did you mean '--json'?" in result.stderr
+
+
+def test_info(tiny_model):
+    result = run_kvant("info", str(tiny_model))
+    assert result.returncode == 0, result.stderr
+    assert "MistralForCausalLM" in result.stdout and "4 query / 1 KV heads" in result.stdout
+    assert "ppl_trained_bf16" in result.stdout  # the manifest's validation is shown
+
+
+def test_info_bad_input_is_one_line_exit_2(tmp_path):
+    result = run_kvant("info", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "not found" in result.stderr
+    (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
+    result = run_kvant("info", str(tmp_path))
+    assert result.returncode == 2 and "Kvant supports MistralForCausalLM" in result.stderr
+
+
+def test_data_get_offline(shared_data, tmp_path):
+    env = {"KVANT_CACHE_DIR": str(tmp_path), "KVANT_DATA_DIR": str(UD_DIR)}
+    result = run_kvant("data", "get", "dan", env=env)
+    assert result.returncode == 0, result.stderr
+    path = result.stdout.strip()
+    assert open(path, "rb").read() == (EVAL_DIR / "dan.ud-test.txt").read_bytes()
+
+
+def test_tiny_reuses_the_cached_build(tiny_model, cache_dir):
+    result = run_kvant("tiny", "--train-text", str(CALIB_FILE), "--data-dir", str(UD_DIR),
+                       env={"KVANT_CACHE_DIR": str(cache_dir)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tiny_model)
