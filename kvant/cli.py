@@ -63,9 +63,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     group = parser.add_argument_group(f"{cls.__name__} settings")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-        group.add_argument(flag, dest=f.name, type=kind, default=f.default,
-                           help=f"default {f.default}")
+        default = f.default
+        if str(f.type).startswith("tuple"):
+            kind = _comma_list
+            shown = ",".join(default)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            shown = default
+        group.add_argument(flag, dest=f.name, type=kind, default=default,
+                           help=f"default {shown}")
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip().lower() for p in text.split(",") if p.strip())
 
 
 def settings_from_args(cls, args: argparse.Namespace):
@@ -88,6 +98,33 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     held_out = get_text(args.eval_text, cache_dir(), args.data_dir, progress)
     out = args.out or cache_dir() / "tiny" / recipe_hash(recipe, train)
     print(build_tiny(out, train, held_out, recipe, force=args.force, progress=progress))
+    return 0
+
+
+def _model_source(model: str) -> tuple[Path, dict]:
+    """The local folder and the manifest's source entry (hub revision or content hash)."""
+    from kvant.model import content_hash, looks_like_hub_id, resolve_model
+
+    path = resolve_model(model)
+    if not Path(model).expanduser().exists() and looks_like_hub_id(model):
+        return path, {"id": model, "revision": path.name}  # snapshot folder = commit hash
+    return path, {"id": str(Path(model).expanduser().resolve()),
+                  "content_hash": content_hash(path)}
+
+
+def _default_out(model_dir: Path, source: dict, fmt: str) -> Path:
+    return Path("out") / f"{Path(source.get('id', model_dir.name)).name}-{fmt}"
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from kvant.export.gguf import GGUFSettings
+    from kvant.export.gguf_pipeline import export_gguf
+
+    settings = settings_from_args(GGUFSettings, args)
+    model_dir, source = _model_source(args.model)
+    out = args.out or _default_out(model_dir, source, "gguf")
+    print(export_gguf(model_dir, out, settings, source=source, cache_dir=cache_dir(),
+                      data_dir=args.data_dir, force=args.force, progress=not args.no_progress))
     return 0
 
 
@@ -141,6 +178,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_out_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"local folder or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--out", type=Path, help="output folder (default out/<model>-<format>)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
 def build_parser() -> KvantParser:
     from kvant.tiny import TinyRecipe
 
@@ -185,7 +229,19 @@ def build_parser() -> KvantParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
-    for p in (tiny, data, get, info):
+    export = sub.add_parser("export", help="export to another runtime's format")
+    export_sub = export.add_subparsers(dest="format", metavar="FORMAT", parser_class=KvantParser)
+    export_sub.required = True
+    from kvant.export.gguf import GGUFSettings
+
+    gguf = export_sub.add_parser("gguf", help="GGUF for llama.cpp: bf16 and llama.cpp's quant "
+                                 "types, Norwegian importance matrix, every file validated")
+    _add_model_out_args(gguf)
+    _add_data_args(gguf)
+    add_dataclass_args(gguf, GGUFSettings)
+    gguf.set_defaults(func=cmd_export_gguf)
+
+    for p in (tiny, data, get, info, export, gguf):
         p._kvant_parent = parser
     return parser
 
@@ -194,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose < 2:  # import-time chatter of optional libraries, not about the user's run
+        for noisy in ("torchao", "torch.utils._pytree", "gguf.gguf_writer", "gguf.vocab"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
     except KvantError as exc:

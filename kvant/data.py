@@ -247,32 +247,74 @@ def paragraphs(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def get_mix(spec: str, cache_dir: Path, data_dir: Path | None = None,
-            progress: bool = False) -> TextFile:
-    """One text from a comma-separated list of set names and paths.
+# The calibration default mirrors NorMistral's training mix (mostly Bokmål and Nynorsk, with
+# Sámi and English; UD has no code treebank): "name:weight" shares of characters.
+DEFAULT_CALIB = "nob-train:0.5,nno-train:0.3,sme-train:0.1,eng:0.1"
 
-    Paragraphs are interleaved round-robin, so truncating the mix keeps every source in it.
 
-    >>> get_mix("nob-train,nno-train,sme-train", cache_dir=Path("/tmp/c"))  # doctest: +SKIP
-    """
-    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+def _parse_mix(spec: str) -> list[tuple[str, float]]:
+    parts = []
+    for item in (p.strip() for p in str(spec).split(",")):
+        if not item:
+            continue
+        name, _, weight = item.rpartition(":") if re.fullmatch(r".+:[0-9.]+", item) else (
+            item, "", "1")
+        try:
+            parts.append((name, float(weight)))
+        except ValueError:
+            raise DataError(f"bad weight in '{item}'; write name:0.3") from None
+        if parts[-1][1] <= 0:
+            raise DataError(f"weight of '{name}' must be positive")
     if not parts:
         raise DataError("empty text list; pass a set name such as nob or a path")
-    files = [get_text(p, cache_dir, data_dir, progress) for p in parts]
+    return parts
+
+
+def _weighted_interleave(units: list[list[str]], weights: list[float]) -> list[str]:
+    """Paragraphs taken so that each source's share of characters follows its weight.
+
+    Stops when the first source runs out, so the proportions hold for the whole mix.
+    """
+    taken = [0] * len(units)
+    chars = [0] * len(units)
+    mixed = []
+    while True:
+        pick = min(range(len(units)), key=lambda i: (chars[i] / weights[i], i))
+        if taken[pick] >= len(units[pick]):
+            return mixed
+        unit = units[pick][taken[pick]]
+        taken[pick] += 1
+        chars[pick] += len(unit) + 1
+        mixed.append(unit)
+
+
+def get_mix(spec: str, cache_dir: Path, data_dir: Path | None = None,
+            progress: bool = False) -> TextFile:
+    """One text from a comma-separated list of set names and paths, optionally weighted.
+
+    ``nob,nno`` alternates paragraphs; ``nob-train:0.5,nno-train:0.3,...`` gives each source
+    that share of the characters. Truncating the mix keeps every source in it.
+
+    >>> get_mix(DEFAULT_CALIB, cache_dir=Path("/tmp/c"))  # doctest: +SKIP
+    """
+    parts = _parse_mix(spec)
+    files = [get_text(name, cache_dir, data_dir, progress) for name, _ in parts]
     if len(files) == 1:
         return files[0]
     import hashlib
 
-    digest = hashlib.sha256("|".join(f.sha256 for f in files).encode()).hexdigest()
+    weights = [w for _, w in parts]
+    key = "|".join(f"{f.sha256}:{w}" for f, w in zip(files, weights, strict=True))
+    digest = hashlib.sha256(key.encode()).hexdigest()
     out = Path(cache_dir) / "text" / f"mix-{digest[:12]}.txt"
     if not out.is_file():
-        units = [paragraphs(f.read()) for f in files]
-        mixed = [u[i] for i in range(max(map(len, units))) for u in units if i < len(u)]
+        mixed = _weighted_interleave([paragraphs(f.read()) for f in files], weights)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".part")
         tmp.write_text("\n\n".join(mixed) + "\n", encoding="utf-8")
         tmp.rename(out)
     return TextFile("+".join(f.name for f in files), out, digest,
-                    "; ".join(f"{f.name}: {f.source} sha256 {f.sha256}" for f in files),
+                    "; ".join(f"{f.name} x{w}: {f.source} sha256 {f.sha256}"
+                              for f, w in zip(files, weights, strict=True)),
                     "; ".join(sorted({f.licence for f in files if f.licence})),
                     pinned=all(f.pinned for f in files))

@@ -153,6 +153,16 @@ def validate_model_dir(path: Path) -> Path:
     return path
 
 
+def rope_theta(config: dict) -> float:
+    """RoPE base from a config of transformers 4 (`rope_theta`) or 5 (`rope_parameters`)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ModelError(f"RoPE scaling '{rope_type}' is not supported yet; NorMistral uses "
+                         "plain RoPE")
+    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
 def _tokenizer_kind(path: Path) -> str:
     tok = path / "tokenizer.json"
     if not tok.is_file():

@@ -6,7 +6,8 @@ exercised on this model. It keeps what matters for quantization and export:
 - the tokenizer pipeline of ltgoslo/norallm ``pretraining/stage_1_tokenizer_change.py``
   (byte-level BPE with ignore_merges, no byte fallback; prepended space, NFKC and the
   newline rule; the Tekken split regex; 24-character chunks), trained on Norwegian text;
-- MistralForCausalLM with NorMistral's proportions: GQA 4:1, head_dim 64, untied
+- MistralForCausalLM with NorMistral's proportions: GQA 4:1, head_dim 128 decoupled from
+  hidden_size / heads (as NorMistral's 32 x 128 = 4096 inside a 5120 model), untied
   embeddings, RMSNorm eps 1e-5, rope theta 1e6, 32,768 positions, and every linear
   dimension a multiple of 256 (GPTQ groups of 128, GGUF K-quant blocks of 256);
 - weights trained for a few minutes, so that quantization error shows in perplexity.
@@ -58,7 +59,8 @@ class TinyRecipe:
     num_attention_heads: int = 4
     num_key_value_heads: int = 1
     """GQA 4:1 as NorMistral's 32/8."""
-    head_dim: int = 64
+    head_dim: int = 128
+    """NorMistral's head_dim; like NorMistral, heads x head_dim differs from hidden_size."""
     seq_len: int = 256
     """Training window in tokens."""
     batch_size: int = 8
@@ -75,8 +77,9 @@ class TinyRecipe:
             if getattr(self, name) % 256:
                 raise SettingsError(f"{name}={getattr(self, name)} must be a multiple of 256 "
                                     "(GGUF K-quant blocks)")
-        if self.num_attention_heads * self.head_dim != self.hidden_size:
-            raise SettingsError("num_attention_heads * head_dim must equal hidden_size")
+        if (self.num_attention_heads * self.head_dim) % 256:
+            raise SettingsError("num_attention_heads * head_dim (o_proj's input width) must be "
+                                "a multiple of 256")
         if self.num_attention_heads % self.num_key_value_heads:
             raise SettingsError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim not in (64, 128):

@@ -1,0 +1,193 @@
+"""The whole `kvant export gguf` run: convert, imatrix, quantize, validate, card."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from kvant.artifact import ArtifactWriter, check_free_space
+from kvant.data import get_mix, get_text, paragraphs
+from kvant.errors import ModelError
+from kvant.export.gguf import (
+    DIRECT,
+    GGUFSettings,
+    bits_per_weight,
+    compute_imatrix,
+    file_name,
+    quantize,
+    scratch_dir,
+    settings_dict,
+    tensor_types,
+)
+from kvant.export.gguf_convert import convert
+from kvant.export.gguf_tokenizer import stock_fidelity, tokenize
+from kvant.model import model_info
+from kvant.scoring import drift, hf_logits, llama_logits, sequence_nll_bits, windows
+
+logger = logging.getLogger(__name__)
+
+
+def eval_windows(model_dir: Path, texts: dict, settings: GGUFSettings) -> dict[str, list]:
+    """Per language: HF-tokenizer ids of the held-out text, cut into scoring windows."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    out = {}
+    for lang, text in texts.items():
+        ids = [i for enc in tok.encode_batch(paragraphs(text.read())) for i in enc.ids]
+        out[lang] = windows(ids[: settings.eval_tokens], settings.eval_ctx)
+    return out
+
+
+def tokenizer_report(base: Path, texts: dict, settings: GGUFSettings) -> dict:
+    """Per language: what stock llama.cpp tokenization gives, and what it costs in bits/byte.
+
+    Identical share and aligned agreement are over every paragraph. Bits per byte score the
+    first paragraphs (up to eval_tokens tokens) under both tokenizations with the same file.
+    """
+    import llama_cpp
+
+    report = {}
+    vocab = llama_cpp.Llama(str(base), vocab_only=True, verbose=False)
+    try:
+        for lang, text in texts.items():
+            units = paragraphs(text.read())
+            fid = stock_fidelity(base, units)
+            exact, stock, n_bytes, n_tokens = [], [], 0, 0
+            for unit in units:
+                ids = tokenize(base, unit)
+                if len(ids) > 1024:
+                    continue
+                exact.append(ids)
+                stock.append(vocab.tokenize(unit.encode("utf-8"), add_bos=True, special=False))
+                n_bytes += len(unit.encode("utf-8"))
+                n_tokens += len(ids)
+                if n_tokens >= settings.eval_tokens:
+                    break
+            bpb_exact = sequence_nll_bits(base, exact, settings.n_threads) / n_bytes
+            bpb_stock = sequence_nll_bits(base, stock, settings.n_threads) / n_bytes
+            report[lang] = {"paragraphs": fid.units, "stock_identical_pct": fid.identical_pct,
+                            "stock_aligned_pct": fid.aligned_pct,
+                            "bpb_exact_ids": round(bpb_exact, 4),
+                            "bpb_stock_llama_cpp": round(bpb_stock, 4),
+                            "scored_bytes": n_bytes}
+    finally:
+        vocab.close()
+    return report
+
+
+def validate(path: Path, ref: dict, wins: dict, settings: GGUFSettings) -> dict:
+    """Load a file in llama.cpp and score it against the reference on identical ids."""
+    result = {"size_bytes": path.stat().st_size, "bits_per_weight": bits_per_weight(path),
+              "tensor_types": tensor_types(path), "per_language": {}}
+    diffs = []
+    for lang, lang_wins in wins.items():
+        logits = llama_logits(path, lang_wins, settings.n_threads)
+        result["per_language"][lang] = drift(ref[lang], logits, lang_wins).as_dict()
+        diffs += [float(abs(a - b).max()) for a, b in zip(ref[lang], logits, strict=True)]
+    result["max_abs_logit_diff"] = round(max(diffs), 6)
+    mean = [d["mean_kld"] for d in result["per_language"].values()]
+    top1 = [d["top1_agreement_pct"] for d in result["per_language"].values()]
+    result["mean_kld"] = round(sum(mean) / len(mean), 6)
+    result["top1_agreement_pct"] = round(sum(top1) / len(top1), 3)
+    return result
+
+
+def _card(name: str, files: dict, tok_report: dict, imatrix: dict | None, calib) -> str:
+    rows = ["| file | type | size (MiB) | bits/weight | mean KLD | top-1 agreement | fallback "
+            "tensors |", "|---|---|---|---|---|---|---|"]
+    for gguf_type, res in files.items():
+        rows.append(f"| `{res['file']}` | {gguf_type.upper()} | {res['size_bytes'] / 2**20:.1f} "
+                    f"| {res['bits_per_weight']} | {res['mean_kld']:.5f} | "
+                    f"{res['top1_agreement_pct']:.2f}% | {res.get('fallback_tensors', 0)} |")
+    tok_rows = ["| language | paragraphs | identical with stock llama.cpp | aligned agreement | "
+                "bits/byte exact ids | bits/byte stock tokens |", "|---|---|---|---|---|---|"]
+    for lang, r in tok_report.items():
+        tok_rows.append(f"| {lang} | {r['paragraphs']} | {r['stock_identical_pct']:.1f}% | "
+                        f"{r['stock_aligned_pct']:.2f}% | {r['bpb_exact_ids']:.4f} | "
+                        f"{r['bpb_stock_llama_cpp']:.4f} |")
+    imat = (f"Importance matrix: `{imatrix['file']}`, computed with llama-imatrix on "
+            f"`{calib.name}` ({imatrix['chunks']} chunks of {imatrix['ctx']} tokens)."
+            if imatrix else "No importance matrix was used.")
+    return f"""GGUF files of `{name}` for llama.cpp and the apps built on it, made by Kvant.
+
+KLD and top-1 agreement are measured against the transformers model on identical token ids
+of held-out text (mean over languages; per language in `manifest.json`).
+
+{chr(10).join(rows)}
+
+{imat}
+
+## Tokenization
+
+NorMistral's tokenizer normalizes text (a prepended space, NFKC, a newline rule) and cuts
+pre-tokens into 24-character chunks; stock llama.cpp does neither. These files carry the best
+metadata llama.cpp reads (`gpt2` BPE, pre-tokenizer `ufakzeka`) and the exact Hugging Face
+tokenizer under `tokenizer.huggingface.json`. Kvant (`kvant.export.gguf_tokenizer.tokenize`)
+uses it for exact ids; llama-cli, Ollama and LM Studio tokenize on their own, which gives:
+
+{chr(10).join(tok_rows)}
+"""
+
+
+def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
+                cache_dir: Path, data_dir: Path | None = None, force: bool = False,
+                progress: bool = False) -> Path:
+    """Convert, quantize and validate; publish ``out`` atomically. Returns ``out``."""
+    info = model_info(model_dir)
+    if info.quantized:
+        raise ModelError(f"'{model_dir}' is already quantized ({info.quantized}); export GGUF "
+                         "from the bf16/f16 checkpoint")
+    name = Path(source.get("id", model_dir.name)).name
+    base_type = "bf16"
+    quant_types = [t for t in settings.types if t not in DIRECT]
+    check_free_space(out.parent, int(info.size_bytes * (1 + len(settings.types))))
+    texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
+    wins = eval_windows(model_dir, texts, settings)
+    ref = {lang: hf_logits(model_dir, w) for lang, w in wins.items()}
+    calib = None
+    with ArtifactWriter(out, fmt="gguf", force=force) as art, scratch_dir(out.parent) as work:
+        paths: dict[str, Path] = {}
+        base = (art.dir if base_type in settings.types else Path(work)) / file_name(name,
+                                                                                     base_type)
+        art.settings = settings_dict(settings)
+        art.source = source
+        conv = convert(model_dir, base, base_type, settings.pre, name, progress)
+        paths[base_type] = base
+        for direct in (t for t in settings.types if t in DIRECT and t != base_type):
+            paths[direct] = art.dir / file_name(name, direct)
+            convert(model_dir, paths[direct], direct, settings.pre, name, progress)
+        imatrix_path, imatrix = None, None
+        if quant_types and settings.imatrix != "none":
+            if settings.imatrix == "auto":
+                calib = get_mix(settings.calib, cache_dir, data_dir, progress)
+                art.data.append(calib.as_manifest())
+                from tokenizers import Tokenizer
+
+                normalizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")).normalizer
+                imatrix_path = art.dir / f"{name}.imatrix.gguf"
+                imatrix = compute_imatrix(base, calib.read(), imatrix_path, settings, normalizer)
+            else:
+                imatrix_path = Path(settings.imatrix)
+                imatrix = {"file": imatrix_path.name, "chunks": None, "ctx": None}
+        files = {}
+        for gguf_type in quant_types:
+            paths[gguf_type] = art.dir / file_name(name, gguf_type)
+            q = quantize(base, paths[gguf_type], gguf_type, imatrix_path, settings.n_threads)
+            if q["fallback_tensors"]:
+                art.warn(f"{gguf_type}: {q['fallback_tensors']} tensor(s) fell back to another "
+                         "type (rows not divisible by the block size)")
+            files[gguf_type] = q
+        files = {t: {"file": paths[t].name, **files.get(t, {}),
+                     **validate(paths[t], ref, wins, settings)} for t in settings.types}
+        tok_report = tokenizer_report(base, texts, settings)
+        art.data += [t.as_manifest() for t in texts.values()]
+        art.validation = {"reference": "transformers, float32 compute", "files": files,
+                          "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report},
+                          "imatrix": imatrix, "eval_ctx": settings.eval_ctx}
+        art.tags = ["gguf", "llama.cpp"]
+        art.title = f"{name} GGUF"
+        art.card_body = _card(name, files, tok_report, imatrix, calib)
+    logger.info("GGUF export: %s", json.dumps({t: f["mean_kld"] for t, f in files.items()}))
+    return out

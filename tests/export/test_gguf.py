@@ -1,0 +1,191 @@
+"""GGUF export on the stand-in: converter, exact tokenizer, llama.cpp quant types, validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kvant.artifact import read_manifest, verify_artifact
+from kvant.data import paragraphs
+from kvant.errors import ArtifactError, SettingsError
+from kvant.export.gguf import GGUFSettings, quantize
+from kvant.export.gguf_tokenizer import tokenize
+from kvant.scoring import drift, hf_logits, llama_logits, windows
+from tests.conftest import CALIB_FILE, UD_DIR, run_kvant
+
+TYPES = ("f32", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "iq4_xs")
+
+
+@pytest.fixture(scope="module")
+def export(tiny_model, cache_dir, tmp_path_factory):
+    from kvant.export.gguf_pipeline import export_gguf
+
+    settings = GGUFSettings(types=TYPES, calib=str(CALIB_FILE), imatrix_chunks=32,
+                            eval_tokens=1024)
+    out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
+    export_gguf(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
+                data_dir=UD_DIR)
+    return out
+
+
+@pytest.fixture(scope="module")
+def texts(cache_dir):
+    from kvant.data import EVAL_SETS, get_text
+
+    return {lang: get_text(lang, cache_dir, data_dir=UD_DIR) for lang in EVAL_SETS}
+
+
+def test_every_type_is_produced_named_and_checksummed(export):
+    manifest = read_manifest(export)
+    files = manifest["validation"]["files"]
+    assert list(files) == list(TYPES)
+    for gguf_type, res in files.items():
+        assert res["file"] == f"tiny-{gguf_type.upper()}.gguf"
+        assert (export / res["file"]).stat().st_size == res["size_bytes"]
+    assert verify_artifact(export) == []
+    assert (export / "tiny.imatrix.gguf").is_file()
+    card = (export / "README.md").read_text()
+    assert "| `tiny-Q4_K_M.gguf` | Q4_K_M |" in card and "tokenizer.huggingface.json" in card
+
+
+def test_reader_round_trip(export, tiny_model):
+    import gguf
+    from safetensors.torch import load_file
+
+    from kvant.export.gguf_convert import permute_qk
+
+    reader = gguf.GGUFReader(str(export / "tiny-F32.gguf"))
+    field = {k: f.contents() for k, f in reader.fields.items()}
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert field["general.architecture"] == "llama"
+    assert field["llama.context_length"] == 32768
+    assert field["llama.rope.freq_base"] == 1e6
+    assert field["llama.attention.head_count"] == 4
+    assert field["llama.attention.head_count_kv"] == 1
+    assert field["llama.attention.key_length"] == field["llama.rope.dimension_count"] == 128
+    assert field["llama.embedding_length"] == config["hidden_size"]
+    assert field["llama.vocab_size"] == 4096
+    assert abs(field["llama.attention.layer_norm_rms_epsilon"] - 1e-5) < 1e-9
+    assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "ufakzeka"
+    assert field["tokenizer.ggml.token_type"][:17] == [3] * 16 + [1]
+    assert (field["tokenizer.ggml.bos_token_id"], field["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert field["tokenizer.ggml.add_bos_token"] is True
+    assert json.loads(field["tokenizer.huggingface.json"])["model"]["ignore_merges"] is True
+
+    hf = load_file(str(tiny_model / "model.safetensors"))
+    tensors = {t.name: t for t in reader.tensors}
+    expected = {"token_embd.weight", "output.weight", "output_norm.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(4) for n in (
+            "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+            "attn_norm", "ffn_norm")}
+    assert set(tensors) == expected
+    q = hf["model.layers.1.self_attn.q_proj.weight"].float()
+    k = hf["model.layers.1.self_attn.k_proj.weight"].float()
+    assert np.array_equal(np.asarray(tensors["blk.1.attn_q.weight"].data),
+                          permute_qk(q, 4).numpy())
+    assert np.array_equal(np.asarray(tensors["blk.1.attn_k.weight"].data),
+                          permute_qk(k, 1).numpy())
+    assert tuple(tensors["blk.0.ffn_down.weight"].data.shape) == (256, 768)  # (out, in)
+
+
+def test_f32_logits_match_transformers(export, tiny_model, texts):
+    ids = tokenize(export / "tiny-F32.gguf", texts["nob"].read())[:512]
+    wins = windows(ids, 256)
+    ref = hf_logits(tiny_model, wins)
+    got = llama_logits(export / "tiny-F32.gguf", wins)
+    scale = max(float(np.abs(r).max()) for r in ref)
+    assert max(float(np.abs(r - g).max()) for r, g in zip(ref, got, strict=True)) < 1e-3 * scale
+    d = drift(ref, got, wins)
+    assert d.top1_agreement_pct == 100.0 and d.mean_kld < 1e-5
+
+
+def test_quality_order_and_bf16_closeness(export):
+    files = read_manifest(export)["validation"]["files"]
+    kld = {t: files[t]["mean_kld"] for t in TYPES}
+    assert kld["bf16"] < 1e-4
+    assert kld["q8_0"] < kld["q6_k"] < kld["q4_k_m"] < kld["q3_k_m"]
+    assert files["q4_k_m"]["top1_agreement_pct"] > 80
+    for t in TYPES:  # every language scored, every file loaded by llama.cpp
+        assert set(files[t]["per_language"]) == {"nob", "nno", "sme", "dan", "swe"}
+
+
+def test_exact_path_gives_hf_ids_on_every_paragraph_and_document(export, tiny_model, texts):
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    path = export / "tiny-Q4_K_M.gguf"  # a quantized file is self-sufficient too
+    for lang, text in texts.items():
+        units = paragraphs(text.read())
+        docs = ["\n".join(units[i:i + 5]) for i in range(0, len(units), 5)]
+        for unit in units + docs:
+            assert tokenize(path, unit) == hf.encode(unit).ids, (lang, unit[:60])
+
+
+def test_stock_llama_cpp_figures_are_recorded(export):
+    stock = read_manifest(export)["validation"]["tokenizer"]["stock_llama_cpp"]
+    assert set(stock) == {"nob", "nno", "sme", "dan", "swe"}
+    for lang, r in stock.items():
+        # stock llama.cpp drops the prepended space: it cannot match whole paragraphs
+        assert r["stock_identical_pct"] < 50, lang
+        assert 80 < r["stock_aligned_pct"] < 100, lang
+        assert r["bpb_exact_ids"] > 0 and r["bpb_stock_llama_cpp"] > 0
+
+
+def test_norwegian_imatrix_lowers_q4_k_m_kld(export, tiny_model, texts, tmp_path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    ids = [i for e in tok.encode_batch(paragraphs(texts["nob"].read())) for i in e.ids]
+    wins = windows(ids[:2048], 256)
+    ref = hf_logits(tiny_model, wins)
+    plain = tmp_path / "plain-Q4_K_M.gguf"
+    quantize(export / "tiny-BF16.gguf", plain, "q4_k_m", None, 2)
+    with_imatrix = drift(ref, llama_logits(export / "tiny-Q4_K_M.gguf", wins), wins)
+    without = drift(ref, llama_logits(plain, wins), wins)
+    assert with_imatrix.mean_kld < without.mean_kld
+
+
+def test_iq_types_need_an_imatrix():
+    with pytest.raises(SettingsError, match="iq4_xs need an importance matrix"):
+        GGUFSettings(types=("q4_k_m", "iq4_xs"), imatrix="none")
+    with pytest.raises(SettingsError, match="did you mean 'q4_k_m'"):
+        GGUFSettings(types=("q4_km",))
+
+
+def test_existing_output_and_interrupted_run(export, tiny_model, cache_dir, tmp_path,
+                                             monkeypatch):
+    from kvant.export import gguf_pipeline
+
+    settings = GGUFSettings(types=("bf16", "q4_k_m"), imatrix="none", eval_langs=("nob",),
+                            eval_tokens=256)
+    with pytest.raises(ArtifactError, match="already exists"):
+        gguf_pipeline.export_gguf(tiny_model, export, settings, source={}, cache_dir=cache_dir,
+                                  data_dir=UD_DIR)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_pipeline, "quantize", crash)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        gguf_pipeline.export_gguf(tiny_model, out, settings, source={}, cache_dir=cache_dir,
+                                  data_dir=UD_DIR)
+    assert list(tmp_path.iterdir()) == []  # no final folder, no partial, no scratch
+
+
+def test_cli_export_gguf(tiny_model, tmp_path):
+    out = tmp_path / "cli-gguf"
+    env = {"KVANT_DATA_DIR": str(UD_DIR)}
+    result = run_kvant("--no-progress", "export", "gguf", "--model", str(tiny_model), "--out",
+                       str(out), "--types", "bf16,q4_k_m", "--imatrix", "none", "--eval-langs",
+                       "nob", "--eval-tokens", "256", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert read_manifest(out)["source"]["content_hash"]
+    assert (out / f"{tiny_model.name}-Q4_K_M.gguf").is_file()
+    bad = run_kvant("export", "gguf", "--model", str(tiny_model), "--out", str(tmp_path / "x"),
+                    "--types", "iq4_xs", "--imatrix", "none", env=env)
+    assert bad.returncode == 2 and "need an importance matrix" in bad.stderr
+    assert not (tmp_path / "x").exists()
