@@ -131,8 +131,9 @@ def quantize(base: Path, out: Path, gguf_type: str, imatrix: Path | None, thread
     if imatrix is not None:
         cmd += ["--imatrix", imatrix]
     log = _run([*cmd, base, out, gguf_type.upper(), threads])
-    fallbacks = len(re.findall(r"fallback", log))
-    return {"fallback_tensors": fallbacks}
+    # llama-quant.cpp's summary: "WARNING: N of M tensor(s) required fallback quantization"
+    summary = re.search(r"(\d+) of \d+ tensor\(s\) required fallback quantization", log)
+    return {"fallback_tensors": int(summary.group(1)) if summary else 0}
 
 
 def tensor_types(path: Path) -> dict[str, int]:

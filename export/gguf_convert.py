@@ -6,13 +6,12 @@ not recognized"). The tensor layout follows its Llama conversion, including the 
 permutation that llama.cpp's RoPE expects.
 
 Memory: tensor infos are written first from the safetensors headers, then each tensor is read
-from the memory-mapped file, converted and written before the next is touched, so peak RSS is
+with plain file reads, converted and written before the next is touched, so peak RSS is
 bounded by the largest tensor (the 51,200 x 5,120 embedding: 500 MiB in bf16), not the model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -66,6 +65,41 @@ def _plan(model_dir: Path, config: dict, out_type: str):
     return plan, skipped
 
 
+_TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def raw_header(file: Path) -> tuple[int, dict]:
+    """(byte offset of the data, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
+    with file.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def read_tensor(file: Path, name: str):
+    """One tensor read with plain file reads into its own buffer.
+
+    Why not safetensors' memory map: every mapped page touched stays in the process's RSS
+    until unmapped, so streaming a 23 GB checkpoint through maps shows RSS growing toward the
+    model size; plain reads keep the peak at one tensor.
+    """
+    import torch
+
+    base, header = raw_header(file)
+    entry = header[name]
+    if entry["dtype"] not in _TORCH_DTYPES:
+        raise ModelError(f"tensor {name} in '{file}' is {entry['dtype']}; the GGUF converter "
+                         "takes float checkpoints (bf16, f16, f32)")
+    start, end = entry["data_offsets"]
+    buffer = bytearray(end - start)
+    with file.open("rb") as handle:
+        handle.seek(base + start)
+        handle.readinto(buffer)
+    dtype = getattr(torch, _TORCH_DTYPES[entry["dtype"]])
+    return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
 def _as_numpy(tensor, ttype):
     """A torch tensor as the numpy array of the GGML type's bytes."""
     import gguf
@@ -108,7 +142,6 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = 
     """
     import gguf
     import numpy as np
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     from kvant.export.gguf_tokenizer import add_tokenizer
@@ -131,19 +164,17 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = 
     writer.write_ti_data_to_file()
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads", n_head)
-    with contextlib.ExitStack() as stack:  # every shard mapped, none read until needed
-        handles = {}
-        for file in weight_files(model_dir):
-            handle = stack.enter_context(safe_open(str(file), framework="pt"))
-            handles.update(dict.fromkeys(handle.keys(), handle))
-        for _, hf_name, _, ttype in tqdm(plan, desc=f"GGUF {out_type}", disable=not progress):
-            tensor = handles[hf_name].get_tensor(hf_name)
-            if hf_name.endswith("q_proj.weight"):
-                tensor = permute_qk(tensor, n_head)
-            elif hf_name.endswith("k_proj.weight"):
-                tensor = permute_qk(tensor, n_kv)
-            writer.write_tensor_data(_as_numpy(tensor, ttype))
-            del tensor
+    locations = {}
+    for file in weight_files(model_dir):
+        locations.update(dict.fromkeys(raw_header(file)[1], file))
+    for _, hf_name, _, ttype in tqdm(plan, desc=f"GGUF {out_type}", disable=not progress):
+        tensor = read_tensor(locations[hf_name], hf_name)
+        if hf_name.endswith("q_proj.weight"):
+            tensor = permute_qk(tensor, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            tensor = permute_qk(tensor, n_kv)
+        writer.write_tensor_data(_as_numpy(tensor, ttype))
+        del tensor
     writer.close()
     if skipped:
         logger.warning("left out tensors llama.cpp does not use: %s", ", ".join(skipped))

@@ -86,18 +86,20 @@ def tokenize(gguf_path: str | Path, text: str) -> list[int]:
     return _hf_tokenizer_from_gguf(str(path), path.stat().st_mtime_ns).encode(text).ids
 
 
-def aligned_agreement(reference: list[int], other: list[int]) -> float:
-    """Share of reference tokens that the other sequence reproduces in order (LCS-style)."""
-    if not reference:
-        return 1.0
+def aligned_matches(reference: list[int], other: list[int]) -> tuple[int, int]:
+    """(tokens the other sequence reproduces in order, the longer length): an LCS-style count."""
     matcher = difflib.SequenceMatcher(None, reference, other, autojunk=False)
     matched = sum(block.size for block in matcher.get_matching_blocks())
-    return matched / max(len(reference), len(other))
+    return matched, max(len(reference), len(other))
 
 
 @dataclass(frozen=True)
 class Fidelity:
-    """What stock llama.cpp tokenization gives on one language, against the HF ids."""
+    """What stock llama.cpp tokenization gives on one language, against the HF ids.
+
+    identical_pct: units (paragraphs) tokenized exactly alike; aligned_pct: tokens matched in
+    order over all units (token-weighted, so one-word headings do not dominate).
+    """
 
     units: int
     identical_pct: float
@@ -109,12 +111,15 @@ def stock_fidelity(gguf_path: Path, units: list[str]) -> Fidelity:
     import llama_cpp
 
     llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
-    identical = 0
-    matched = 0.0
-    for unit in units:
-        exact = tokenize(gguf_path, unit)
-        stock = llm.tokenize(unit.encode("utf-8"), add_bos=True, special=False)
-        identical += stock == exact
-        matched += aligned_agreement(exact, stock)
-    n = max(len(units), 1)
-    return Fidelity(len(units), round(100 * identical / n, 2), round(100 * matched / n, 3))
+    identical = matched = total = 0
+    try:
+        for unit in units:
+            exact = tokenize(gguf_path, unit)
+            stock = llm.tokenize(unit.encode("utf-8"), add_bos=True, special=False)
+            identical += stock == exact
+            m, n = aligned_matches(exact, stock)
+            matched, total = matched + m, total + n
+    finally:
+        llm.close()
+    return Fidelity(len(units), round(100 * identical / max(len(units), 1), 2),
+                    round(100 * matched / max(total, 1), 3))

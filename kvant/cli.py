@@ -90,13 +90,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_tiny(args: argparse.Namespace) -> int:
     from kvant.data import get_mix, get_text
-    from kvant.tiny import TinyRecipe, build_tiny, recipe_hash
+    from kvant.tiny import TinyRecipe, build_tiny, default_dir
 
     recipe = settings_from_args(TinyRecipe, args)
     progress = not args.no_progress
     train = get_mix(args.train_text, cache_dir(), args.data_dir, progress)
     held_out = get_text(args.eval_text, cache_dir(), args.data_dir, progress)
-    out = args.out or cache_dir() / "tiny" / recipe_hash(recipe, train)
+    out = args.out or default_dir(cache_dir(), recipe, train)
     print(build_tiny(out, train, held_out, recipe, force=args.force, progress=progress))
     return 0
 

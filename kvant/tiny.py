@@ -100,6 +100,11 @@ def recipe_hash(recipe: TinyRecipe, train_text: TextFile) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def default_dir(cache_dir: Path, recipe: TinyRecipe, train_text: TextFile) -> Path:
+    """Where the stand-in of this recipe lives in the cache; its name names the GGUF files."""
+    return Path(cache_dir) / "tiny" / f"normistral-tiny-{recipe_hash(recipe, train_text)}"
+
+
 def build_tokenizer(texts: list[str], vocab_size: int):
     """Train a tokenizer with NorMistral's exact pipeline on ``texts``."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors

@@ -62,11 +62,11 @@ def eval_text(shared_data, cache_dir):
 def tiny_model(shared_data, cache_dir, eval_text) -> Path:
     """The default stand-in, trained on the shared calibration text (built once, a few min)."""
     from kvant.data import get_text
-    from kvant.tiny import TinyRecipe, build_tiny, recipe_hash
+    from kvant.tiny import TinyRecipe, build_tiny, default_dir
 
     train = get_text(CALIB_FILE, cache_dir)
     recipe = TinyRecipe()
-    return build_tiny(cache_dir / "tiny" / recipe_hash(recipe, train), train, eval_text, recipe)
+    return build_tiny(default_dir(cache_dir, recipe, train), train, eval_text, recipe)
 
 
 def run_kvant(*args: str, env: dict | None = None, timeout: int = 900):
