@@ -28,12 +28,11 @@ def compare(model_dir: Path, calibs: list[str], gguf_type: str, cache_dir: Path,
     from kvant.data import get_mix, get_text
     from kvant.export.gguf import GGUFSettings, compute_imatrix, quantize
     from kvant.export.gguf_convert import convert
-    from kvant.export.gguf_pipeline import eval_windows
-    from kvant.scoring import drift, hf_logits, llama_logits
+    from kvant.scoring import drift, eval_windows, hf_logits, llama_logits
 
     settings = settings or GGUFSettings(types=(gguf_type,))
     texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
-    wins = eval_windows(model_dir, texts, settings)
+    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     ref = {lang: hf_logits(model_dir, w) for lang, w in wins.items()}
     from tokenizers import Tokenizer
 

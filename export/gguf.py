@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvant.data import DEFAULT_CALIB
@@ -60,6 +60,7 @@ class GGUFSettings:
     def __post_init__(self) -> None:
         from kvant.export.gguf_tokenizer import PRE_TOKENIZERS
 
+        object.__setattr__(self, "types", tuple(t.lower() for t in self.types))  # Q4_K_M ok
         for t in self.types:
             if t not in DIRECT and t not in QUANT_TYPES:
                 raise SettingsError(unknown_key_message("GGUF type", t, [*DIRECT, *QUANT_TYPES]))
@@ -155,8 +156,6 @@ def bits_per_weight(path: Path) -> float:
     return round(8 * nbytes / n, 3)
 
 
-def settings_dict(settings: GGUFSettings) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
 
 
 def scratch_dir(near: Path) -> tempfile.TemporaryDirectory:

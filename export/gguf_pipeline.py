@@ -6,9 +6,13 @@ import json
 import logging
 from pathlib import Path
 
-from kvant.artifact import ArtifactWriter, check_free_space
+from kvant.artifact import (
+    ArtifactWriter,
+    check_free_space,
+    refuse_existing,
+    settings_dict,
+)
 from kvant.data import get_mix, get_text, paragraphs
-from kvant.errors import ModelError
 from kvant.export.gguf import (
     DIRECT,
     GGUFSettings,
@@ -17,27 +21,20 @@ from kvant.export.gguf import (
     file_name,
     quantize,
     scratch_dir,
-    settings_dict,
     tensor_types,
 )
 from kvant.export.gguf_convert import convert
 from kvant.export.gguf_tokenizer import stock_fidelity, tokenize
-from kvant.model import model_info
-from kvant.scoring import drift, hf_logits, llama_logits, sequence_nll_bits, windows
+from kvant.model import model_info, refuse_quantized
+from kvant.scoring import (
+    drift_per_language,
+    eval_windows,
+    hf_logits,
+    llama_logits,
+    sequence_nll_bits,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def eval_windows(model_dir: Path, texts: dict, settings: GGUFSettings) -> dict[str, list]:
-    """Per language: HF-tokenizer ids of the held-out text, cut into scoring windows."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    out = {}
-    for lang, text in texts.items():
-        ids = [i for enc in tok.encode_batch(paragraphs(text.read())) for i in enc.ids]
-        out[lang] = windows(ids[: settings.eval_tokens], settings.eval_ctx)
-    return out
 
 
 def tokenizer_report(base: Path, texts: dict, settings: GGUFSettings) -> dict:
@@ -79,19 +76,12 @@ def tokenizer_report(base: Path, texts: dict, settings: GGUFSettings) -> dict:
 
 def validate(path: Path, ref: dict, wins: dict, settings: GGUFSettings) -> dict:
     """Load a file in llama.cpp and score it against the reference on identical ids."""
-    result = {"size_bytes": path.stat().st_size, "bits_per_weight": bits_per_weight(path),
-              "tensor_types": tensor_types(path), "per_language": {}}
-    diffs = []
-    for lang, lang_wins in wins.items():
-        logits = llama_logits(path, lang_wins, settings.n_threads)
-        result["per_language"][lang] = drift(ref[lang], logits, lang_wins).as_dict()
-        diffs += [float(abs(a - b).max()) for a, b in zip(ref[lang], logits, strict=True)]
-    result["max_abs_logit_diff"] = round(max(diffs), 6)
-    mean = [d["mean_kld"] for d in result["per_language"].values()]
-    top1 = [d["top1_agreement_pct"] for d in result["per_language"].values()]
-    result["mean_kld"] = round(sum(mean) / len(mean), 6)
-    result["top1_agreement_pct"] = round(sum(top1) / len(top1), 3)
-    return result
+    logits = {lang: llama_logits(path, w, settings.n_threads) for lang, w in wins.items()}
+    diffs = [float(abs(a - b).max()) for lang in wins
+             for a, b in zip(ref[lang], logits[lang], strict=True)]
+    return {"size_bytes": path.stat().st_size, "bits_per_weight": bits_per_weight(path),
+            "tensor_types": tensor_types(path), "max_abs_logit_diff": round(max(diffs), 6),
+            **drift_per_language(ref, logits, wins)}
 
 
 def _card(name: str, files: dict, tok_report: dict, imatrix: dict | None, calib) -> str:
@@ -135,16 +125,15 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                 cache_dir: Path, data_dir: Path | None = None, force: bool = False,
                 progress: bool = False) -> Path:
     """Convert, quantize and validate; publish ``out`` atomically. Returns ``out``."""
+    refuse_existing(out, force)
+    refuse_quantized(model_dir)
     info = model_info(model_dir)
-    if info.quantized:
-        raise ModelError(f"'{model_dir}' is already quantized ({info.quantized}); export GGUF "
-                         "from the bf16/f16 checkpoint")
     name = Path(source.get("id", model_dir.name)).name
     base_type = "bf16"
     quant_types = [t for t in settings.types if t not in DIRECT]
     check_free_space(out.parent, int(info.size_bytes * (1 + len(settings.types))))
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
-    wins = eval_windows(model_dir, texts, settings)
+    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     ref = {lang: hf_logits(model_dir, w) for lang, w in wins.items()}
     calib = None
     with ArtifactWriter(out, fmt="gguf", force=force) as art, scratch_dir(out.parent) as work:

@@ -61,6 +61,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def settings_dict(settings) -> dict:
+    """A settings dataclass as JSON-ready dict (tuples as lists), for manifests."""
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+
+
 def check_free_space(folder: Path, need_bytes: int) -> None:
     """Refuse early when ``folder``'s disk cannot hold ``need_bytes`` more."""
     probe = Path(folder)
@@ -71,6 +78,13 @@ def check_free_space(folder: Path, need_bytes: int) -> None:
         raise ArtifactError(f"not enough disk space in '{folder}': need {need_bytes / 2**30:.2f} "
                             f"GiB, {free / 2**30:.2f} GiB free; free space or pass --out on "
                             "another disk")
+
+
+def refuse_existing(out: Path, force: bool) -> None:
+    """Re-runs refuse rather than overwrite; call it first, before hours of work."""
+    if Path(out).exists() and not force:
+        raise ArtifactError(f"'{out}' already exists; pass --force to replace it or choose "
+                            "another --out")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -119,9 +133,7 @@ class ArtifactWriter:
                 "kvant") else ""
 
     def __enter__(self) -> ArtifactWriter:
-        if self.out.exists() and not self.force:
-            raise ArtifactError(f"'{self.out}' already exists; pass --force to replace it or "
-                                "choose another --out")
+        refuse_existing(self.out, self.force)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(self.out)
         self.dir = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"

@@ -6,6 +6,7 @@ Heavy libraries are imported inside the command functions, so `kvant --help` is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -64,6 +65,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        if str(f.type) == "bool":  # --desc-act / --no-desc-act
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=f"default {default}")
+            continue
         if str(f.type).startswith("tuple"):
             kind = _comma_list
             shown = ",".join(default)
@@ -75,7 +80,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
-    return tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def settings_from_args(cls, args: argparse.Namespace):
@@ -88,7 +93,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                              f"downloading them (env {ENV_DATA_DIR})")
 
 
-def cmd_tiny(args: argparse.Namespace) -> int:
+def cmd_tiny(args: argparse.Namespace) -> str:
     from kvant.data import get_mix, get_text
     from kvant.tiny import TinyRecipe, build_tiny, default_dir
 
@@ -97,8 +102,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     train = get_mix(args.train_text, cache_dir(), args.data_dir, progress)
     held_out = get_text(args.eval_text, cache_dir(), args.data_dir, progress)
     out = args.out or default_dir(cache_dir(), recipe, train)
-    print(build_tiny(out, train, held_out, recipe, force=args.force, progress=progress))
-    return 0
+    return str(build_tiny(out, train, held_out, recipe, force=args.force, progress=progress))
 
 
 def _model_source(model: str) -> tuple[Path, dict]:
@@ -116,42 +120,61 @@ def _default_out(model_dir: Path, source: dict, fmt: str) -> Path:
     return Path("out") / f"{Path(source.get('id', model_dir.name)).name}-{fmt}"
 
 
-def cmd_export_gguf(args: argparse.Namespace) -> int:
+def cmd_export_gguf(args: argparse.Namespace) -> str:
     from kvant.export.gguf import GGUFSettings
     from kvant.export.gguf_pipeline import export_gguf
 
     settings = settings_from_args(GGUFSettings, args)
     model_dir, source = _model_source(args.model)
     out = args.out or _default_out(model_dir, source, "gguf")
-    print(export_gguf(model_dir, out, settings, source=source, cache_dir=cache_dir(),
-                      data_dir=args.data_dir, force=args.force, progress=not args.no_progress))
-    return 0
+    return str(export_gguf(model_dir, out, settings, source=source, cache_dir=cache_dir(),
+                           data_dir=args.data_dir, force=args.force,
+                           progress=not args.no_progress))
 
 
-def cmd_data_get(args: argparse.Namespace) -> int:
+def _device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_quantize(args: argparse.Namespace) -> str:
+    import importlib
+
+    module = importlib.import_module(f"kvant.quantize.{args.method}")
+    settings = settings_from_args(args.settings_cls, args)
+    model_dir, source = _model_source(args.model)
+    out = args.out or _default_out(model_dir, source, args.method)
+    return str(module.run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
+                          data_dir=args.data_dir, force=args.force,
+                          device=_device(args.device)))
+
+
+def cmd_data_get(args: argparse.Namespace) -> str:
     from kvant.data import get_mix
 
-    print(get_mix(args.name, cache_dir(), args.data_dir, not args.no_progress).path)
-    return 0
+    return str(get_mix(args.name, cache_dir(), args.data_dir, not args.no_progress).path)
 
 
-def cmd_data_list(args: argparse.Namespace) -> int:
+def cmd_data_list(args: argparse.Namespace) -> str:
     from kvant.data import TEXT_SETS
 
+    lines = []
     for name, text_set in TEXT_SETS.items():
         pinned = text_set.sha256[:12] if text_set.sha256 else "recorded at download"
-        print(f"{name:10} {text_set.role:8} {text_set.language:3} sha256 {pinned:20} "
-              f"{text_set.url}")
-    return 0
+        lines.append(f"{name:10} {text_set.role:8} {text_set.language:3} sha256 {pinned:20} "
+                     f"{text_set.url}")
+    return "\n".join(lines)
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(args: argparse.Namespace) -> str:
     from kvant.model import model_info, resolve_model
 
     info = model_info(resolve_model(args.model))
     if args.json:
-        print(json.dumps(info.as_dict(), indent=2))
-        return 0
+        return json.dumps(info.as_dict(), indent=2)
     rows = [
         ("path", info.path),
         ("architecture", f"{info.architecture} ({info.model_type})"
@@ -173,9 +196,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         made = json.loads(manifest.read_text(encoding="utf-8"))
         rows.append(("kvant format", made.get("format", "?")))
         rows += [(f"  {k}", str(v)) for k, v in made.get("validation", {}).items()]
-    for key, value in rows:
-        print(f"{key:18} {value}")
-    return 0
+    return "\n".join(f"{key:18} {value}" for key, value in rows)
 
 
 def _add_model_out_args(parser: argparse.ArgumentParser) -> None:
@@ -229,6 +250,27 @@ def build_parser() -> KvantParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
+    quantize = sub.add_parser("quantize", help="pre-quantized checkpoints that load in "
+                              "transformers")
+    quantize_sub = quantize.add_subparsers(dest="method", metavar="METHOD",
+                                           parser_class=KvantParser)
+    quantize_sub.required = True
+    from kvant.quantize.bnb import BnbSettings
+    from kvant.quantize.gptq import GPTQSettings
+
+    method_parsers = []
+    for method, cls, text in (
+            ("gptq", GPTQSettings, "GPTQ through GPTQModel, calibrated on Norwegian text"),
+            ("bnb", BnbSettings, "bitsandbytes nf4 / fp4 / int8")):
+        parser_m = quantize_sub.add_parser(method, help=text)
+        _add_model_out_args(parser_m)
+        _add_data_args(parser_m)
+        parser_m.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto "
+                              "(default: cuda when available)")
+        add_dataclass_args(parser_m, cls)
+        parser_m.set_defaults(func=cmd_quantize, settings_cls=cls)
+        method_parsers.append(parser_m)
+
     export = sub.add_parser("export", help="export to another runtime's format")
     export_sub = export.add_subparsers(dest="format", metavar="FORMAT", parser_class=KvantParser)
     export_sub.required = True
@@ -241,7 +283,7 @@ def build_parser() -> KvantParser:
     add_dataclass_args(gguf, GGUFSettings)
     gguf.set_defaults(func=cmd_export_gguf)
 
-    for p in (tiny, data, get, info, export, gguf):
+    for p in (tiny, data, get, info, export, gguf, quantize, *method_parsers):
         p._kvant_parent = parser
     return parser
 
@@ -254,7 +296,16 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("torchao", "torch.utils._pytree", "gguf.gguf_writer", "gguf.vocab"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return args.func(args)
+        # Libraries (GPTQModel, llama.cpp) print progress to stdout; keep stdout for the
+        # result alone, so `model=$(kvant tiny)` and pipes get just the path.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = args.func(args)
+        if result:
+            try:
+                print(result)
+            except BrokenPipeError:  # `kvant data list | head`
+                sys.stderr.close()
+        return 0
     except KvantError as exc:
         print(f"kvant: error: {exc}", file=sys.stderr)
         return 2

@@ -153,6 +153,15 @@ def validate_model_dir(path: Path) -> Path:
     return path
 
 
+def refuse_quantized(path: Path) -> None:
+    """Quantizing or exporting an already-quantized checkpoint compounds the error: refuse."""
+    quant = read_config(path).get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") or quant.get("format") or "?"
+        raise ModelError(f"'{path}' is already quantized ({method}); start from the bf16 "
+                         "checkpoint")
+
+
 def rope_theta(config: dict) -> float:
     """RoPE base from a config of transformers 4 (`rope_theta`) or 5 (`rope_parameters`)."""
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}

@@ -25,19 +25,56 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def hf_logits(model_dir, wins: list[list[int]], dtype: str = "float32") -> list[np.ndarray]:
-    """Transformers logits for each window: a list of (len(window), vocab) float32 arrays."""
+def eval_windows(model_dir, texts: dict, n_tokens: int, n_ctx: int) -> dict[str, list]:
+    """Per language: the HF tokenizer's ids of its held-out text, cut into scoring windows.
+
+    Paragraphs are encoded one by one (each starts with <s>) and concatenated; the first
+    ``n_tokens`` are kept. Every backend scores exactly these ids.
+    """
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from kvant.data import paragraphs
+
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    out = {}
+    for lang, text in texts.items():
+        ids = [i for enc in tok.encode_batch(paragraphs(text.read())) for i in enc.ids]
+        out[lang] = windows(ids[:n_tokens], n_ctx)
+    return out
+
+
+def hf_logits(model_dir, wins: list[list[int]], dtype: str | None = "float32",
+              model=None) -> list[np.ndarray]:
+    """Transformers logits for each window: a list of (len(window), vocab) float32 arrays.
+
+    ``dtype`` None keeps the checkpoint's own (quantized checkpoints choose theirs).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    if model is None:
+        kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"device_map": "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.eval()
     out = []
     with torch.no_grad():
         for win in wins:
-            logits = model(torch.tensor([win])).logits[0]
-            out.append(logits.float().numpy())
+            logits = model(torch.tensor([win], device=model.device)).logits[0]
+            out.append(logits.float().cpu().numpy())
     return out
+
+
+def drift_per_language(ref: dict, logits: dict, wins: dict) -> dict:
+    """{language: Drift dict} plus the means over languages."""
+    per = {lang: drift(ref[lang], logits[lang], wins[lang]).as_dict() for lang in wins}
+    n = len(per)
+    return {"per_language": per,
+            "mean_kld": round(sum(d["mean_kld"] for d in per.values()) / n, 6),
+            "top1_agreement_pct": round(sum(d["top1_agreement_pct"] for d in per.values()) / n,
+                                        3),
+            "delta_ppl_pct": round(sum(d["delta_ppl_pct"] for d in per.values()) / n, 3)}
 
 
 @dataclass(frozen=True)
@@ -121,3 +158,25 @@ def sequence_nll_bits(gguf_path, sequences: list[list[int]], n_threads: int = 0)
         return total / math.log(2)
     finally:
         llm.close()
+
+
+def reference(model_dir, langs, n_tokens: int, n_ctx: int, cache_dir, data_dir=None):
+    """(texts, windows, reference logits) per language, for validating an artifact of
+    ``model_dir`` against the model itself in float32."""
+    from kvant.data import get_text
+
+    texts = {lang: get_text(lang, cache_dir, data_dir) for lang in langs}
+    wins = eval_windows(model_dir, texts, n_tokens, n_ctx)
+    ref = {lang: hf_logits(model_dir, w) for lang, w in wins.items()}
+    return texts, wins, ref
+
+
+def drift_table(validation: dict) -> str:
+    """Markdown: one row per language of a drift_per_language result."""
+    rows = ["| language | tokens | PPL reference | PPL | ΔPPL | mean KLD | p99 KLD | top-1 |",
+            "|---|---|---|---|---|---|---|---|"]
+    for lang, d in validation["per_language"].items():
+        rows.append(f"| {lang} | {d['tokens']} | {d['ppl_ref']:.2f} | {d['ppl']:.2f} | "
+                    f"{d['delta_ppl_pct']:+.2f}% | {d['mean_kld']:.5f} | {d['p99_kld']:.5f} | "
+                    f"{d['top1_agreement_pct']:.1f}% |")
+    return "\n".join(rows)

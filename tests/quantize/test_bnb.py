@@ -1,0 +1,86 @@
+"""bitsandbytes nf4 / fp4 / int8: pre-quantized checkpoints, reloaded and scored."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvant.artifact import read_manifest, verify_artifact
+from kvant.errors import ArtifactError, ModelError, SettingsError
+from kvant.quantize.bnb import BnbSettings, run
+from tests.conftest import UD_DIR, run_kvant
+
+MODES = ("nf4", "fp4", "int8")
+
+
+@pytest.fixture(scope="module")
+def bnb_artifacts(tiny_model, cache_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bnb")
+    settings = {m: BnbSettings(mode=m, eval_tokens=1024) for m in MODES}
+    return {m: run(tiny_model, root / m, settings[m], source={"id": "tiny"},
+                   cache_dir=cache_dir, data_dir=UD_DIR) for m in MODES}
+
+
+def test_checkpoints_load_pre_quantized(bnb_artifacts):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for mode, out in bnb_artifacts.items():
+        assert verify_artifact(out) == []
+        config = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == "bitsandbytes"
+        model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+        layer = type(model.model.layers[0].mlp.down_proj).__name__
+        assert layer == ("Linear8bitLt" if mode == "int8" else "Linear4bit")
+        if mode != "int8":
+            assert config["bnb_4bit_quant_type"] == mode
+            weight = model.model.layers[0].mlp.down_proj.weight
+            assert weight.dtype == torch.uint8  # stored packed, not re-quantized at load
+        assert read_manifest(out)["validation"]["reloaded_from_disk"] is True
+
+
+def test_int8_beats_nf4_beats_fp4(bnb_artifacts):
+    kld = {m: read_manifest(out)["validation"]["mean_kld"] for m, out in bnb_artifacts.items()}
+    assert kld["int8"] < kld["nf4"] < kld["fp4"]
+    for out in bnb_artifacts.values():
+        per = read_manifest(out)["validation"]["per_language"]
+        assert set(per) == {"nob", "nno", "sme", "dan", "swe"}
+        assert all(abs(d["delta_ppl_pct"]) < 20 for d in per.values())
+
+
+def test_errors(bnb_artifacts, tiny_model, cache_dir, tmp_path):
+    with pytest.raises(ModelError, match="already quantized \\(bitsandbytes\\)"):
+        run(bnb_artifacts["nf4"], tmp_path / "x", BnbSettings(), source={},
+            cache_dir=cache_dir, data_dir=UD_DIR)
+    with pytest.raises(ArtifactError, match="already exists"):
+        run(tiny_model, bnb_artifacts["nf4"], BnbSettings(), source={}, cache_dir=cache_dir,
+            data_dir=UD_DIR)
+    with pytest.raises(SettingsError, match="did you mean 'nf4'"):
+        BnbSettings(mode="nf5")
+    with pytest.raises(SettingsError, match="not int8"):
+        BnbSettings(mode="int8", double_quant=True)
+
+
+def test_cli_quantize_bnb(tiny_model, tmp_path):
+    out = tmp_path / "cli-bnb"
+    result = run_kvant("--no-progress", "quantize", "bnb", "--model", str(tiny_model), "--out",
+                       str(out), "--mode", "nf4", "--double-quant", "--eval-langs", "nob",
+                       "--eval-tokens", "512", "--device", "cpu",
+                       env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(out)
+    assert manifest["settings"]["double_quant"] is True
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_use_double_quant"] is True
+
+
+@pytest.mark.gpu
+def test_bnb_cuda(bnb_artifacts):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for out in bnb_artifacts.values():
+        model = AutoModelForCausalLM.from_pretrained(out, device_map="cuda")
+        logits = model(torch.tensor([[1, 300, 400]], device="cuda")).logits
+        assert torch.isfinite(logits).all()
