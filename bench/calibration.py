@@ -1,7 +1,8 @@
-"""Which calibration text makes the best importance matrix? A measurement, not a belief.
+"""Which calibration text quantizes best? A measurement, not a belief.
 
 Quantizes one GGUF type with an importance matrix from each calibration text (and without
-one) and reports mean KLD and top-1 agreement per held-out language, all on identical HF
+one), or GPTQ 4-bit with each text (`--type gptq`, same token count for each), and reports
+mean KLD and top-1 agreement per held-out language, all on identical HF
 token ids against the transformers model::
 
     python -m kvant.bench.calibration --model ./tiny --data-dir ../shared/data/ud \\
@@ -55,6 +56,32 @@ def compare(model_dir: Path, calibs: list[str], gguf_type: str, cache_dir: Path,
     return results
 
 
+def compare_gptq(model_dir: Path, calibs: list[str], cache_dir: Path, data_dir: Path | None,
+                 settings=None) -> dict:
+    """{calibration label: {language: drift dict}} for GPTQ, same token count for each text."""
+    from kvant.data import get_mix
+    from kvant.quantize.gptq import GPTQSettings, calibration_samples, quantize_gptq
+    from kvant.scoring import drift, hf_logits, reference
+
+    settings = settings or GPTQSettings()
+    _, wins, ref = reference(model_dir, settings.eval_langs, settings.eval_tokens,
+                             settings.eval_ctx, cache_dir, data_dir)
+    texts = {label: get_mix(label, cache_dir, data_dir).read() for label in calibs}
+    sample_sets = {label: calibration_samples(model_dir, text, settings.samples,
+                                              settings.seqlen) for label, text in texts.items()}
+    n = min(len(s) for s in sample_sets.values())  # same token count for every text
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, samples) in enumerate(sample_sets.items()):
+            out = Path(tmp) / str(i)
+            out.mkdir()
+            quantize_gptq(model_dir, out, settings, samples[:n])
+            results[_label(label)] = {
+                lang: drift(ref[lang], hf_logits(out, w, dtype=None), w).as_dict()
+                for lang, w in wins.items()}
+    return results
+
+
 def _label(spec: str) -> str:
     """`none`, a set name, a file's stem, or the parts of a mix: `eng+nor.calib-1000`."""
     parts = [p.strip().rsplit(":", 1)[0] if p.strip()[-1:].isdigit() else p.strip()
@@ -64,7 +91,7 @@ def _label(spec: str) -> str:
 
 def to_markdown(results: dict, gguf_type: str) -> str:
     langs = list(next(iter(results.values())))
-    lines = [f"{gguf_type.upper()} mean KLD (top-1 agreement) by imatrix calibration text",
+    lines = [f"{gguf_type.upper()} mean KLD (top-1 agreement) by calibration text",
              "", "| calibration | " + " | ".join(langs) + " |",
              "|---" * (len(langs) + 1) + "|"]
     for label, per_lang in results.items():
@@ -82,15 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calib", action="append", required=True,
                         help="none, a set name, a path or a weighted mix; repeat to compare")
-    parser.add_argument("--type", default="q4_k_m")
+    parser.add_argument("--type", default="q4_k_m", help="a GGUF type, or gptq")
+    parser.add_argument("--samples", type=int, default=128, help="gptq: samples per text")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--imatrix-chunks", type=int, default=64)
     parser.add_argument("--data-dir", type=Path, default=os.environ.get(ENV_DATA_DIR))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    settings = replace(GGUFSettings(types=(args.type,)), eval_tokens=args.eval_tokens,
-                       imatrix_chunks=args.imatrix_chunks)
-    results = compare(args.model, args.calib, args.type, cache_dir(), args.data_dir, settings)
+    if args.type == "gptq":
+        from kvant.quantize.gptq import GPTQSettings
+
+        settings = GPTQSettings(samples=args.samples, seqlen=256, eval_tokens=args.eval_tokens)
+        results = compare_gptq(args.model, args.calib, cache_dir(), args.data_dir, settings)
+    else:
+        settings = replace(GGUFSettings(types=(args.type,)), eval_tokens=args.eval_tokens,
+                           imatrix_chunks=args.imatrix_chunks)
+        results = compare(args.model, args.calib, args.type, cache_dir(), args.data_dir,
+                          settings)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     sys.stdout.write(to_markdown(results, args.type) + "\n")

@@ -132,6 +132,16 @@ def cmd_export_gguf(args: argparse.Namespace) -> str:
                            progress=not args.no_progress))
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> str:
+    from kvant.export.onnx import ONNXSettings, run
+
+    settings = settings_from_args(ONNXSettings, args)
+    model_dir, source = _model_source(args.model)
+    out = args.out or _default_out(model_dir, source, f"onnx-{settings.precision}")
+    return str(run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
+                   data_dir=args.data_dir, force=args.force))
+
+
 def _device(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -282,8 +292,16 @@ def build_parser() -> KvantParser:
     _add_data_args(gguf)
     add_dataclass_args(gguf, GGUFSettings)
     gguf.set_defaults(func=cmd_export_gguf)
+    from kvant.export.onnx import ONNXSettings
 
-    for p in (tiny, data, get, info, export, gguf, quantize, *method_parsers):
+    onnx = export_sub.add_parser("onnx", help="ONNX Runtime GenAI: fp32/fp16/int4 with KV "
+                                 "cache, logits-verified")
+    _add_model_out_args(onnx)
+    _add_data_args(onnx)
+    add_dataclass_args(onnx, ONNXSettings)
+    onnx.set_defaults(func=cmd_export_onnx)
+
+    for p in (tiny, data, get, info, export, gguf, onnx, quantize, *method_parsers):
         p._kvant_parent = parser
     return parser
 

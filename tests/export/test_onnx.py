@@ -1,0 +1,107 @@
+"""ONNX export on the stand-in: each precision built, loaded in onnxruntime, within tolerance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvant.artifact import read_manifest, verify_artifact
+from kvant.errors import SettingsError
+from kvant.export.onnx import EXACT_TOKENIZER, ONNXSettings, og_model, run
+from tests.conftest import UD_DIR, run_kvant
+
+VARIANTS = {"fp32": ONNXSettings(precision="fp32", eval_tokens=1024),
+            "fp16": ONNXSettings(precision="fp16", provider="cuda", eval_tokens=1024),
+            "int4-b128": ONNXSettings(precision="int4", block_size=128, eval_tokens=1024)}
+
+
+@pytest.fixture(scope="module")
+def onnx_artifacts(tiny_model, cache_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    outs = {name: run(tiny_model, root / name, settings, source={"id": "tiny"},
+                      cache_dir=cache_dir, data_dir=UD_DIR)
+            for name, settings in VARIANTS.items()}
+    # int4 block 32 through the console script, as a user runs it
+    outs["int4-b32"] = root / "int4-b32"
+    result = run_kvant("--no-progress", "export", "onnx", "--model", str(tiny_model), "--out",
+                       str(outs["int4-b32"]), "--precision", "int4", "--block-size", "32",
+                       "--eval-tokens", "1024", env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return outs
+
+
+def _validation(out):
+    return read_manifest(out)["validation"]
+
+
+def test_files_and_genai_config(onnx_artifacts):
+    for out in onnx_artifacts.values():
+        assert verify_artifact(out) == []
+        for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json",
+                     EXACT_TOKENIZER):
+            assert (out / name).is_file(), name
+        decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+        assert (decoder["num_key_value_heads"], decoder["head_size"]) == (1, 128)
+        assert "past_key_names" in decoder["inputs"]  # KV cache
+    cuda = json.loads((onnx_artifacts["fp16"] / "genai_config.json").read_text())
+    assert "cuda" in json.dumps(cuda["model"]["decoder"]["session_options"])
+
+
+def test_fp32_matches_transformers_and_generates_identically(onnx_artifacts):
+    v = _validation(onnx_artifacts["fp32"])
+    assert v["max_abs_logit_diff"] < 1e-3
+    assert v["mean_kld"] < 1e-6 and v["top1_agreement_pct"] > 99.9
+    assert v["greedy_identical"] is True
+
+
+def test_fp16_close_and_int4_within_bounds(onnx_artifacts):
+    fp16 = _validation(onnx_artifacts["fp16"])
+    assert fp16["mean_kld"] < 1e-4 and fp16["top1_agreement_pct"] > 98
+    for name in ("int4-b32", "int4-b128"):
+        v = _validation(onnx_artifacts[name])
+        assert 0 < v["mean_kld"] < 0.02 and v["top1_agreement_pct"] > 75
+        assert all(abs(d["delta_ppl_pct"]) < 10 for d in v["per_language"].values())
+
+
+def test_smaller_int4_blocks_are_more_accurate(onnx_artifacts):
+    b32 = _validation(onnx_artifacts["int4-b32"])["mean_kld"]
+    b128 = _validation(onnx_artifacts["int4-b128"])["mean_kld"]
+    assert b32 < b128
+    size = {n: (onnx_artifacts[n] / "model.onnx.data").stat().st_size
+            for n in ("int4-b32", "int4-b128")}
+    assert size["int4-b32"] > size["int4-b128"]  # more scales
+
+
+def test_shipped_tokenizer_never_crashes_and_fidelity_is_recorded(onnx_artifacts):
+    og_tok = _validation(onnx_artifacts["int4-b32"])["og_tokenizer"]
+    assert set(og_tok) == {"nob", "nno", "sme", "dan", "swe"}
+    for lang, f in og_tok.items():
+        assert f["og_crashes"] == 0, lang
+        assert f["og_aligned_pct"] > 90, lang
+
+
+def test_exact_tokenizer_is_the_source_tokenizer(onnx_artifacts, tiny_model):
+    exact = json.loads((onnx_artifacts["fp32"] / EXACT_TOKENIZER).read_text())
+    assert exact == json.loads((tiny_model / "tokenizer.json").read_text())
+    shipped = json.loads((onnx_artifacts["fp32"] / "tokenizer.json").read_text())
+    chunk = shipped["pre_tokenizer"]["pretokenizers"][2]["pattern"]["Regex"]
+    assert chunk == r"[\s\S]{1,24}(?![\x80-\xBF])"
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(og_model(onnx_artifacts["fp32"]))
+    # a word whose 24-byte cut falls inside "å" crashes the original split; not this one
+    assert len(tok.encode(" familjerådgivningsbyrå")) > 1
+
+
+def test_settings_errors_and_cli(tiny_model, tmp_path, onnx_artifacts):
+    with pytest.raises(SettingsError, match="did you mean 'cuda'"):
+        ONNXSettings(provider="cudaa")
+    with pytest.raises(SettingsError, match="fp16 is built for --provider cuda or dml"):
+        ONNXSettings(precision="fp16")
+    bad = run_kvant("export", "onnx", "--model", str(tiny_model), "--out", str(tmp_path / "x"),
+                    "--precision", "int8")
+    assert bad.returncode == 2 and "unknown precision 'int8'" in bad.stderr
+    again = run_kvant("export", "onnx", "--model", str(tiny_model), "--out",
+                      str(onnx_artifacts["fp32"]))
+    assert again.returncode == 2 and "already exists" in again.stderr
