@@ -97,7 +97,7 @@ def llama_tool(name: str) -> Path:
     return tool
 
 
-def _run(cmd: list[str]) -> str:
+def run_tool(cmd: list[str]) -> str:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -118,7 +118,7 @@ def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettin
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "calib.txt"
         calib.write_text(text, encoding="utf-8")
-        log = _run([llama_tool("llama-imatrix"), "-m", base, "-f", calib, "-o", out,
+        log = run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib, "-o", out,
                     "-c", settings.imatrix_ctx, "--chunks", settings.imatrix_chunks,
                     "-t", settings.n_threads, "-ngl", "0"])
     chunks = re.findall(r"compute_imatrix: computing over (\d+) chunks", log)
@@ -131,7 +131,7 @@ def quantize(base: Path, out: Path, gguf_type: str, imatrix: Path | None, thread
     cmd = [llama_tool("llama-quantize")]
     if imatrix is not None:
         cmd += ["--imatrix", imatrix]
-    log = _run([*cmd, base, out, gguf_type.upper(), threads])
+    log = run_tool([*cmd, base, out, gguf_type.upper(), threads])
     # llama-quant.cpp's summary: "WARNING: N of M tensor(s) required fallback quantization"
     summary = re.search(r"(\d+) of \d+ tensor\(s\) required fallback quantization", log)
     return {"fallback_tensors": int(summary.group(1)) if summary else 0}

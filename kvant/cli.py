@@ -142,6 +142,26 @@ def cmd_export_onnx(args: argparse.Namespace) -> str:
                    data_dir=args.data_dir, force=args.force))
 
 
+def cmd_bench(args: argparse.Namespace) -> str:
+    from kvant.bench.run import BenchSettings, run_bench
+
+    settings = settings_from_args(BenchSettings, args)
+    reference, _ = _model_source(args.reference)
+    return str(run_bench(args.artifacts, reference, settings, args.out, cache_dir=cache_dir(),
+                         data_dir=args.data_dir, progress=not args.no_progress) / "report.md")
+
+
+def cmd_generate(args: argparse.Namespace) -> str:
+    from kvant.bench.generate import generate
+
+    for piece in generate(args.artifact, args.prompt, args.max_new_tokens,
+                          stop_at_newline=args.stop_at_newline, device=_device(args.device)):
+        sys.__stdout__.write(piece)  # stream past the stdout guard in main()
+        sys.__stdout__.flush()
+    sys.__stdout__.write("\n")
+    return ""
+
+
 def _device(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -301,7 +321,32 @@ def build_parser() -> KvantParser:
     add_dataclass_args(onnx, ONNXSettings)
     onnx.set_defaults(func=cmd_export_onnx)
 
-    for p in (tiny, data, get, info, export, gguf, onnx, quantize, *method_parsers):
+    from kvant.bench.run import BenchSettings
+
+    bench = sub.add_parser("bench", help="speed, memory and perplexity drift of artifacts, "
+                           "with a report and plots")
+    bench.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT",
+                       help="artifact folders (every .gguf of a GGUF folder) or .gguf files")
+    bench.add_argument("--reference", default=DEFAULT_MODEL,
+                       help="the bf16 model to compare with (folder or hub id)")
+    bench.add_argument("--out", type=Path, default=Path("out/bench"),
+                       help="report folder; a rerun resumes (default out/bench)")
+    _add_data_args(bench)
+    add_dataclass_args(bench, BenchSettings)
+    bench.set_defaults(func=cmd_bench)
+
+    generate = sub.add_parser("generate", help="stream text from any artifact (exact "
+                              "NorMistral tokenization for GGUF and ONNX too)")
+    generate.add_argument("artifact", type=Path, help="model folder, artifact folder or .gguf")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--stop-at-newline", action="store_true",
+                          help="stop at the first newline (as for 'Engelsk: ...\\nBokmål:')")
+    generate.add_argument("--device", default="auto")
+    generate.set_defaults(func=cmd_generate)
+
+    for p in (tiny, data, get, info, export, gguf, onnx, quantize, *method_parsers, bench,
+              generate):
         p._kvant_parent = parser
     return parser
 

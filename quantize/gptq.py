@@ -123,8 +123,19 @@ def quantize_gptq(model_dir: Path, out_dir: Path, settings: GPTQSettings, sample
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out_dir / name)
     (out_dir / "quant_log.csv").unlink(missing_ok=True)
-    return {"quantize_seconds": round(seconds, 1), "device": device,
-            "checkpoint_format": "gptq"}
+    facts = {"quantize_seconds": round(seconds, 1), "device": device,
+             "checkpoint_format": "gptq", "process_peak_rss_mib": _peak_rss_mib()}
+    if device.startswith("cuda"):
+        import torch
+
+        facts["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return facts
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 

@@ -18,6 +18,9 @@ SHARED = REPO.parent / "shared" / "data"
 UD_DIR = SHARED / "ud"
 EVAL_DIR = SHARED / "eval"
 CALIB_FILE = SHARED / "calib" / "nor.calib-1000.txt"
+GGUF_TYPES = ("f32", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "iq4_xs")
+GPTQ_EVAL_TOKENS = 1024
+BNB_MODES = ("nf4", "fp4", "int8")
 EVAL_FILES = {"nob": "nob.ud-test.txt", "nno": "nno.ud-test.txt", "sme": "sme.ud-test.txt",
               "dan": "dan.ud-test.txt", "swe": "swe.ud-test.txt"}
 
@@ -67,6 +70,64 @@ def tiny_model(shared_data, cache_dir, eval_text) -> Path:
     train = get_text(CALIB_FILE, cache_dir)
     recipe = TinyRecipe()
     return build_tiny(default_dir(cache_dir, recipe, train), train, eval_text, recipe)
+
+
+# Artifacts shared by the tests of their pipeline and by the bench tests: built once a session.
+
+@pytest.fixture(scope="session")
+def gguf_artifact(tiny_model, cache_dir, tmp_path_factory):
+    """Every GGUF type the issue names, Norwegian imatrix, all five languages scored."""
+    from kvant.export.gguf import GGUFSettings
+    from kvant.export.gguf_pipeline import export_gguf
+
+    settings = GGUFSettings(types=GGUF_TYPES, calib=str(CALIB_FILE), imatrix_chunks=32,
+                            eval_tokens=1024)
+    out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
+    export_gguf(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
+                data_dir=UD_DIR)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gptq_artifact(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
+    result = run_kvant("--no-progress", "quantize", "gptq", "--model", str(tiny_model), "--out",
+                       str(out), "--calib", str(CALIB_FILE), "--samples", "32", "--seqlen",
+                       "256", "--eval-tokens", str(GPTQ_EVAL_TOKENS), "--device", "cpu",
+                       env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bnb_artifacts(tiny_model, cache_dir, tmp_path_factory):
+    from kvant.quantize.bnb import BnbSettings, run
+
+    root = tmp_path_factory.mktemp("bnb")
+    settings = {m: BnbSettings(mode=m, eval_tokens=1024) for m in BNB_MODES}
+    return {m: run(tiny_model, root / m, settings[m], source={"id": "tiny"},
+                   cache_dir=cache_dir, data_dir=UD_DIR) for m in BNB_MODES}
+
+
+@pytest.fixture(scope="session")
+def onnx_artifacts(tiny_model, cache_dir, tmp_path_factory):
+    from kvant.export.onnx import ONNXSettings, run
+
+    variants = {"fp32": ONNXSettings(precision="fp32", eval_tokens=1024),
+                "fp16": ONNXSettings(precision="fp16", provider="cuda", eval_tokens=1024),
+                "int4-b128": ONNXSettings(precision="int4", block_size=128, eval_tokens=1024)}
+    root = tmp_path_factory.mktemp("onnx")
+    outs = {name: run(tiny_model, root / name, settings, source={"id": "tiny"},
+                      cache_dir=cache_dir, data_dir=UD_DIR)
+            for name, settings in variants.items()}
+    # int4 block 32 through the console script, as a user runs it
+    outs["int4-b32"] = root / "int4-b32"
+    result = run_kvant("--no-progress", "export", "onnx", "--model", str(tiny_model), "--out",
+                       str(outs["int4-b32"]), "--precision", "int4", "--block-size", "32",
+                       "--eval-tokens", "1024", env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return outs
 
 
 def run_kvant(*args: str, env: dict | None = None, timeout: int = 900):

@@ -13,21 +13,7 @@ from kvant.errors import ArtifactError, SettingsError
 from kvant.export.gguf import GGUFSettings, quantize
 from kvant.export.gguf_tokenizer import tokenize
 from kvant.scoring import drift, hf_logits, llama_logits, windows
-from tests.conftest import CALIB_FILE, UD_DIR, run_kvant
-
-TYPES = ("f32", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "iq4_xs")
-
-
-@pytest.fixture(scope="module")
-def export(tiny_model, cache_dir, tmp_path_factory):
-    from kvant.export.gguf_pipeline import export_gguf
-
-    settings = GGUFSettings(types=TYPES, calib=str(CALIB_FILE), imatrix_chunks=32,
-                            eval_tokens=1024)
-    out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
-    export_gguf(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
-                data_dir=UD_DIR)
-    return out
+from tests.conftest import GGUF_TYPES, UD_DIR, run_kvant
 
 
 @pytest.fixture(scope="module")
@@ -37,26 +23,26 @@ def texts(cache_dir):
     return {lang: get_text(lang, cache_dir, data_dir=UD_DIR) for lang in EVAL_SETS}
 
 
-def test_every_type_is_produced_named_and_checksummed(export):
-    manifest = read_manifest(export)
+def test_every_type_is_produced_named_and_checksummed(gguf_artifact):
+    manifest = read_manifest(gguf_artifact)
     files = manifest["validation"]["files"]
-    assert list(files) == list(TYPES)
+    assert list(files) == list(GGUF_TYPES)
     for gguf_type, res in files.items():
         assert res["file"] == f"tiny-{gguf_type.upper()}.gguf"
-        assert (export / res["file"]).stat().st_size == res["size_bytes"]
-    assert verify_artifact(export) == []
-    assert (export / "tiny.imatrix.gguf").is_file()
-    card = (export / "README.md").read_text()
+        assert (gguf_artifact / res["file"]).stat().st_size == res["size_bytes"]
+    assert verify_artifact(gguf_artifact) == []
+    assert (gguf_artifact / "tiny.imatrix.gguf").is_file()
+    card = (gguf_artifact / "README.md").read_text()
     assert "| `tiny-Q4_K_M.gguf` | Q4_K_M |" in card and "tokenizer.huggingface.json" in card
 
 
-def test_reader_round_trip(export, tiny_model):
+def test_reader_round_trip(gguf_artifact, tiny_model):
     import gguf
     from safetensors.torch import load_file
 
     from kvant.export.gguf_convert import permute_qk
 
-    reader = gguf.GGUFReader(str(export / "tiny-F32.gguf"))
+    reader = gguf.GGUFReader(str(gguf_artifact / "tiny-F32.gguf"))
     field = {k: f.contents() for k, f in reader.fields.items()}
     config = json.loads((tiny_model / "config.json").read_text())
     assert field["general.architecture"] == "llama"
@@ -90,32 +76,32 @@ def test_reader_round_trip(export, tiny_model):
     assert tuple(tensors["blk.0.ffn_down.weight"].data.shape) == (256, 768)  # (out, in)
 
 
-def test_f32_logits_match_transformers(export, tiny_model, texts):
-    ids = tokenize(export / "tiny-F32.gguf", texts["nob"].read())[:512]
+def test_f32_logits_match_transformers(gguf_artifact, tiny_model, texts):
+    ids = tokenize(gguf_artifact / "tiny-F32.gguf", texts["nob"].read())[:512]
     wins = windows(ids, 256)
     ref = hf_logits(tiny_model, wins)
-    got = llama_logits(export / "tiny-F32.gguf", wins)
+    got = llama_logits(gguf_artifact / "tiny-F32.gguf", wins)
     scale = max(float(np.abs(r).max()) for r in ref)
     assert max(float(np.abs(r - g).max()) for r, g in zip(ref, got, strict=True)) < 1e-3 * scale
     d = drift(ref, got, wins)
     assert d.top1_agreement_pct == 100.0 and d.mean_kld < 1e-5
 
 
-def test_quality_order_and_bf16_closeness(export):
-    files = read_manifest(export)["validation"]["files"]
-    kld = {t: files[t]["mean_kld"] for t in TYPES}
+def test_quality_order_and_bf16_closeness(gguf_artifact):
+    files = read_manifest(gguf_artifact)["validation"]["files"]
+    kld = {t: files[t]["mean_kld"] for t in GGUF_TYPES}
     assert kld["bf16"] < 1e-4
     assert kld["q8_0"] < kld["q6_k"] < kld["q4_k_m"] < kld["q3_k_m"]
     assert files["q4_k_m"]["top1_agreement_pct"] > 80
-    for t in TYPES:  # every language scored, every file loaded by llama.cpp
+    for t in GGUF_TYPES:  # every language scored, every file loaded by llama.cpp
         assert set(files[t]["per_language"]) == {"nob", "nno", "sme", "dan", "swe"}
 
 
-def test_exact_path_gives_hf_ids_on_every_paragraph_and_document(export, tiny_model, texts):
+def test_exact_path_gives_hf_ids_on_every_paragraph_and_document(gguf_artifact, tiny_model, texts):
     from tokenizers import Tokenizer
 
     hf = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
-    path = export / "tiny-Q4_K_M.gguf"  # a quantized file is self-sufficient too
+    path = gguf_artifact / "tiny-Q4_K_M.gguf"  # a quantized file is self-sufficient too
     for lang, text in texts.items():
         units = paragraphs(text.read())
         docs = ["\n".join(units[i:i + 5]) for i in range(0, len(units), 5)]
@@ -123,8 +109,8 @@ def test_exact_path_gives_hf_ids_on_every_paragraph_and_document(export, tiny_mo
             assert tokenize(path, unit) == hf.encode(unit).ids, (lang, unit[:60])
 
 
-def test_stock_llama_cpp_figures_are_recorded(export):
-    stock = read_manifest(export)["validation"]["tokenizer"]["stock_llama_cpp"]
+def test_stock_llama_cpp_figures_are_recorded(gguf_artifact):
+    stock = read_manifest(gguf_artifact)["validation"]["tokenizer"]["stock_llama_cpp"]
     assert set(stock) == {"nob", "nno", "sme", "dan", "swe"}
     for lang, r in stock.items():
         # stock llama.cpp drops the prepended space: it cannot match whole paragraphs
@@ -133,7 +119,7 @@ def test_stock_llama_cpp_figures_are_recorded(export):
         assert r["bpb_exact_ids"] > 0 and r["bpb_stock_llama_cpp"] > 0
 
 
-def test_norwegian_imatrix_lowers_q4_k_m_kld(export, tiny_model, texts, tmp_path):
+def test_norwegian_imatrix_lowers_q4_k_m_kld(gguf_artifact, tiny_model, texts, tmp_path):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
@@ -141,8 +127,8 @@ def test_norwegian_imatrix_lowers_q4_k_m_kld(export, tiny_model, texts, tmp_path
     wins = windows(ids[:2048], 256)
     ref = hf_logits(tiny_model, wins)
     plain = tmp_path / "plain-Q4_K_M.gguf"
-    quantize(export / "tiny-BF16.gguf", plain, "q4_k_m", None, 2)
-    with_imatrix = drift(ref, llama_logits(export / "tiny-Q4_K_M.gguf", wins), wins)
+    quantize(gguf_artifact / "tiny-BF16.gguf", plain, "q4_k_m", None, 2)
+    with_imatrix = drift(ref, llama_logits(gguf_artifact / "tiny-Q4_K_M.gguf", wins), wins)
     without = drift(ref, llama_logits(plain, wins), wins)
     assert with_imatrix.mean_kld < without.mean_kld
 
@@ -154,15 +140,15 @@ def test_iq_types_need_an_imatrix():
         GGUFSettings(types=("q4_km",))
 
 
-def test_existing_output_and_interrupted_run(export, tiny_model, cache_dir, tmp_path,
+def test_existing_output_and_interrupted_run(gguf_artifact, tiny_model, cache_dir, tmp_path,
                                              monkeypatch):
     from kvant.export import gguf_pipeline
 
     settings = GGUFSettings(types=("bf16", "q4_k_m"), imatrix="none", eval_langs=("nob",),
                             eval_tokens=256)
     with pytest.raises(ArtifactError, match="already exists"):
-        gguf_pipeline.export_gguf(tiny_model, export, settings, source={}, cache_dir=cache_dir,
-                                  data_dir=UD_DIR)
+        gguf_pipeline.export_gguf(tiny_model, gguf_artifact, settings, source={},
+                                  cache_dir=cache_dir, data_dir=UD_DIR)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt

@@ -8,27 +8,8 @@ import pytest
 
 from kvant.artifact import read_manifest, verify_artifact
 from kvant.errors import SettingsError
-from kvant.export.onnx import EXACT_TOKENIZER, ONNXSettings, og_model, run
-from tests.conftest import UD_DIR, run_kvant
-
-VARIANTS = {"fp32": ONNXSettings(precision="fp32", eval_tokens=1024),
-            "fp16": ONNXSettings(precision="fp16", provider="cuda", eval_tokens=1024),
-            "int4-b128": ONNXSettings(precision="int4", block_size=128, eval_tokens=1024)}
-
-
-@pytest.fixture(scope="module")
-def onnx_artifacts(tiny_model, cache_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("onnx")
-    outs = {name: run(tiny_model, root / name, settings, source={"id": "tiny"},
-                      cache_dir=cache_dir, data_dir=UD_DIR)
-            for name, settings in VARIANTS.items()}
-    # int4 block 32 through the console script, as a user runs it
-    outs["int4-b32"] = root / "int4-b32"
-    result = run_kvant("--no-progress", "export", "onnx", "--model", str(tiny_model), "--out",
-                       str(outs["int4-b32"]), "--precision", "int4", "--block-size", "32",
-                       "--eval-tokens", "1024", env={"KVANT_DATA_DIR": str(UD_DIR)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return outs
+from kvant.export.onnx import EXACT_TOKENIZER, ONNXSettings, og_model
+from tests.conftest import run_kvant
 
 
 def _validation(out):

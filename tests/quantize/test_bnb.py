@@ -11,16 +11,6 @@ from kvant.errors import ArtifactError, ModelError, SettingsError
 from kvant.quantize.bnb import BnbSettings, run
 from tests.conftest import UD_DIR, run_kvant
 
-MODES = ("nf4", "fp4", "int8")
-
-
-@pytest.fixture(scope="module")
-def bnb_artifacts(tiny_model, cache_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bnb")
-    settings = {m: BnbSettings(mode=m, eval_tokens=1024) for m in MODES}
-    return {m: run(tiny_model, root / m, settings[m], source={"id": "tiny"},
-                   cache_dir=cache_dir, data_dir=UD_DIR) for m in MODES}
-
 
 def test_checkpoints_load_pre_quantized(bnb_artifacts):
     import torch

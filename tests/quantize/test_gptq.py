@@ -10,21 +10,7 @@ from kvant.artifact import read_manifest, verify_artifact
 from kvant.errors import DataError, SettingsError
 from kvant.quantize.gptq import GPTQSettings, calibration_samples, check_divides
 from kvant.scoring import drift_per_language, hf_logits, reference
-from tests.conftest import CALIB_FILE, UD_DIR, run_kvant
-
-EVAL_TOKENS = 1024
-
-
-@pytest.fixture(scope="module")
-def gptq_artifact(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
-    result = run_kvant("--no-progress", "quantize", "gptq", "--model", str(tiny_model), "--out",
-                       str(out), "--calib", str(CALIB_FILE), "--samples", "32", "--seqlen",
-                       "256", "--eval-tokens", str(EVAL_TOKENS), "--device", "cpu",
-                       env={"KVANT_DATA_DIR": str(UD_DIR)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == str(out)
-    return out
+from tests.conftest import CALIB_FILE, GPTQ_EVAL_TOKENS, UD_DIR, run_kvant
 
 
 def _rtn_4bit_g128(model):
@@ -65,7 +51,7 @@ def test_gptq_beats_round_to_nearest(gptq_artifact, tiny_model, cache_dir):
     from transformers import AutoModelForCausalLM
 
     settings = GPTQSettings()
-    _, wins, ref = reference(tiny_model, settings.eval_langs, EVAL_TOKENS, settings.eval_ctx,
+    _, wins, ref = reference(tiny_model, settings.eval_langs, GPTQ_EVAL_TOKENS, settings.eval_ctx,
                              cache_dir, UD_DIR)
     rtn = _rtn_4bit_g128(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
     rtn_logits = {lang: hf_logits(None, w, model=rtn) for lang, w in wins.items()}

@@ -1,0 +1,78 @@
+"""Honesty checks against the peers in the same wheel: llama-perplexity and llama-bench.
+
+Kvant's numbers for a GGUF file should agree with llama.cpp's own tools when both measure
+the same thing the same way, so this module reproduces their protocols:
+
+- llama-perplexity (tools/perplexity/perplexity.cpp): tokenize the whole text with
+  llama.cpp's tokenizer, cut it into n_ctx chunks (the remainder dropped), put BOS first in
+  each chunk, and score only the second half (`first = n_ctx/2`, n_ctx - 1 - first tokens).
+- llama-bench: prompt processing (pp) and token generation (tg) rates at given sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from kvant.errors import KvantError
+from kvant.export.gguf import llama_tool, run_tool
+from kvant.scoring import log_softmax
+
+
+def kvant_perplexity_llama_protocol(gguf: Path, text: str, n_ctx: int, chunks: int,
+                                    threads: int = 0) -> float:
+    """Perplexity of ``gguf`` on ``text`` by llama-perplexity's protocol, computed by Kvant."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                          verbose=False, n_threads=threads or os.cpu_count())
+    try:
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        n_chunk = min(chunks, len(tokens) // n_ctx)
+        if n_chunk < 1:
+            raise KvantError(f"text gives {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
+        first = n_ctx // 2
+        nll, count = 0.0, 0
+        for i in range(n_chunk):
+            chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
+            chunk[0] = llm.token_bos()
+            llm.reset()
+            llm.eval(chunk)
+            lp = log_softmax(np.array(llm.scores[first:n_ctx - 1]))
+            targets = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
+            nll -= lp[np.arange(len(targets)), targets].sum()
+            count += n_ctx - 1 - first
+        return math.exp(nll / count)
+    finally:
+        llm.close()
+
+
+def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
+                     threads: int = 0) -> float:
+    """llama-perplexity's own "Final estimate" on the same file and settings."""
+    log = run_tool([llama_tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", n_ctx,
+                "-b", n_ctx, "--chunks", chunks, "-t", threads or os.cpu_count(), "-ngl", "0"])
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
+    if not match:
+        raise KvantError("llama-perplexity printed no final estimate")
+    return float(match.group(1))
+
+
+def llama_bench(gguf: Path, n_prompt: int, n_gen: int, threads: int = 0,
+                repetitions: int = 3) -> dict:
+    """llama-bench's prefill (pp) and decode (tg) tokens/s for one file."""
+    log = run_tool([llama_tool("llama-bench"), "-m", gguf, "-p", n_prompt, "-n", n_gen,
+                "-t", threads or os.cpu_count(), "-r", repetitions, "-ngl", "0", "-o", "json"])
+    rows = json.loads(log[log.index("["):log.rindex("]") + 1])
+    out = {}
+    for row in rows:
+        if row.get("n_prompt") and not row.get("n_gen"):
+            out["prefill_tok_s"] = round(row["avg_ts"], 2)
+        elif row.get("n_gen") and not row.get("n_prompt"):
+            out["decode_tok_s"] = round(row["avg_ts"], 2)
+    return out
