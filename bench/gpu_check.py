@@ -1,0 +1,97 @@
+"""The GPU check: the CUDA paths of bnb nf4/int8 and GPTQ (Marlin/ExLlama kernels), with
+VRAM and tokens/s, written to one results folder. Sized to finish in under 8 minutes on an
+H100/H200; never required by the tests (CI has no GPU).
+
+    python -m kvant.bench.gpu_check --out "$OUT"            # builds the stand-in first
+    python -m kvant.bench.gpu_check --model DIR --out DIR   # any llama-family checkpoint
+
+Without ../shared/data it needs the text sets' files under --data-dir (offline machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from kvant.bench.run import BenchSettings, run_bench
+    from kvant.cli import cache_dir
+    from kvant.quantize import bnb, gptq
+
+    parser = argparse.ArgumentParser(prog="python -m kvant.bench.gpu_check")
+    parser.add_argument("--model", type=Path, help="default: the stand-in, built now")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/ud"))
+    parser.add_argument("--calib", default="../shared/data/calib/nor.calib-1000.txt")
+    parser.add_argument("--ctx", default="512,2048,8192")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.stderr.write("gpu_check: no CUDA device; nothing to check\n")
+        return 2
+    started = time.perf_counter()
+    model = args.model or _tiny(args.data_dir, args.calib)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = {"device": torch.cuda.get_device_name(), "model": str(model), "steps": {}}
+    artifacts = []
+    for mode in ("nf4", "int8"):
+        out = args.out / f"bnb-{mode}"
+        t = time.perf_counter()
+        bnb.run(model, out, bnb.BnbSettings(mode=mode, eval_langs=("nob",), eval_tokens=1024),
+                source={"id": str(model)}, cache_dir=cache_dir(), data_dir=args.data_dir,
+                force=True, device="cuda")
+        log["steps"][f"bnb-{mode}"] = round(time.perf_counter() - t, 1)
+        artifacts.append(out)
+    out = args.out / "gptq-4bit"
+    t = time.perf_counter()
+    gptq.run(model, out, gptq.GPTQSettings(calib=args.calib, samples=64, seqlen=512,
+                                           eval_langs=("nob",), eval_tokens=1024),
+             source={"id": str(model)}, cache_dir=cache_dir(), data_dir=args.data_dir,
+             force=True, device="cuda")
+    log["steps"]["gptq-4bit"] = round(time.perf_counter() - t, 1)
+    artifacts.append(out)
+    settings = BenchSettings(langs=("nob",), ctx=tuple(args.ctx.split(",")), repeats=3,
+                             quality_tokens=2048, device="cuda")
+    run_bench(artifacts, model, settings, args.out / "bench", cache_dir=cache_dir(),
+              data_dir=args.data_dir)
+    results = json.loads((args.out / "bench" / "results.json").read_text())
+    log["kernels"] = _kernels(artifacts)
+    log["total_s"] = round(time.perf_counter() - started, 1)
+    log["bench"] = {name: {"speed": e["speed"],
+                           "mean_kld_nob": e.get("quality", {}).get("nob", {}).get("mean_kld")}
+                    for name, e in results["targets"].items()}
+    (args.out / "gpu_check.json").write_text(json.dumps(log, indent=2) + "\n")
+    sys.stdout.write(json.dumps(log, indent=2) + "\n")
+    return 0
+
+
+def _kernels(artifacts: list[Path]) -> dict:
+    """Which linear class each artifact runs on CUDA (Marlin / ExLlama / bnb kernels)."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for path in artifacts:
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")
+        out[path.name] = type(model.model.layers[0].mlp.down_proj).__name__
+        del model
+    return out
+
+
+def _tiny(data_dir: Path, calib: str) -> Path:
+    from kvant.cli import cache_dir
+    from kvant.data import get_mix, get_text
+    from kvant.tiny import TinyRecipe, build_tiny, default_dir
+
+    train = get_mix(calib, cache_dir(), data_dir)
+    recipe = TinyRecipe()
+    return build_tiny(default_dir(cache_dir(), recipe, train), train,
+                      get_text("nob", cache_dir(), data_dir), recipe)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
