@@ -75,12 +75,18 @@ def tokenizer_report(base: Path, texts: dict, settings: GGUFSettings) -> dict:
 
 
 def validate(path: Path, ref: dict, wins: dict, settings: GGUFSettings) -> dict:
-    """Load a file in llama.cpp and score it against the reference on identical ids."""
+    """Load a file in llama.cpp and score it against the reference on identical ids.
+
+    With no windows (a synthetic checkpoint: no quality to measure) only the file facts.
+    """
+    facts = {"size_bytes": path.stat().st_size, "bits_per_weight": bits_per_weight(path),
+             "tensor_types": tensor_types(path)}
+    if not wins:
+        return facts
     logits = {lang: llama_logits(path, w, settings.n_threads) for lang, w in wins.items()}
     diffs = [float(abs(a - b).max()) for lang in wins
              for a, b in zip(ref[lang], logits[lang], strict=True)]
-    return {"size_bytes": path.stat().st_size, "bits_per_weight": bits_per_weight(path),
-            "tensor_types": tensor_types(path), "max_abs_logit_diff": round(max(diffs), 6),
+    return {**facts, "max_abs_logit_diff": round(max(diffs), 6),
             **drift_per_language(ref, logits, wins)}
 
 
@@ -88,9 +94,11 @@ def _card(name: str, files: dict, tok_report: dict, imatrix: dict | None, calib)
     rows = ["| file | type | size (MiB) | bits/weight | mean KLD | top-1 agreement | fallback "
             "tensors |", "|---|---|---|---|---|---|---|"]
     for gguf_type, res in files.items():
+        kld = f"{res['mean_kld']:.5f}" if "mean_kld" in res else "-"
+        top1 = f"{res['top1_agreement_pct']:.2f}%" if "mean_kld" in res else "-"
         rows.append(f"| `{res['file']}` | {gguf_type.upper()} | {res['size_bytes'] / 2**20:.1f} "
-                    f"| {res['bits_per_weight']} | {res['mean_kld']:.5f} | "
-                    f"{res['top1_agreement_pct']:.2f}% | {res.get('fallback_tensors', 0)} |")
+                    f"| {res['bits_per_weight']} | {kld} | {top1} | "
+                    f"{res.get('fallback_tensors', 0)} |")
     tok_rows = ["| language | paragraphs | identical with stock llama.cpp | aligned agreement | "
                 "bits/byte exact ids | bits/byte stock tokens |", "|---|---|---|---|---|---|"]
     for lang, r in tok_report.items():
@@ -132,7 +140,9 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
     base_type = "bf16"
     quant_types = [t for t in settings.types if t not in DIRECT]
     check_free_space(out.parent, int(info.size_bytes * (1 + len(settings.types))))
-    texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
+    # synthetic weights: convert and quantize for speed and memory, but score nothing
+    langs = () if info.synthetic else settings.eval_langs
+    texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     ref = {lang: hf_logits(model_dir, w) for lang, w in wins.items()}
     calib = None
@@ -171,6 +181,8 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         files = {t: {"file": paths[t].name, **files.get(t, {}),
                      **validate(paths[t], ref, wins, settings)} for t in settings.types}
         tok_report = tokenizer_report(base, texts, settings)
+        if info.synthetic:
+            art.warn("synthetic weights: files converted and quantized, quality not measured")
         art.data += [t.as_manifest() for t in texts.values()]
         art.validation = {"reference": "transformers, float32 compute", "files": files,
                           "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report},
@@ -178,5 +190,5 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         art.tags = ["gguf", "llama.cpp"]
         art.title = f"{name} GGUF"
         art.card_body = _card(name, files, tok_report, imatrix, calib)
-    logger.info("GGUF export: %s", json.dumps({t: f["mean_kld"] for t, f in files.items()}))
+    logger.info("GGUF export: %s", json.dumps({t: f.get("mean_kld") for t, f in files.items()}))
     return out

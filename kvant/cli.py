@@ -162,6 +162,61 @@ def cmd_generate(args: argparse.Namespace) -> str:
     return ""
 
 
+def cmd_synth(args: argparse.Namespace) -> str:
+    from kvant.data import get_mix, paragraphs
+    from kvant.synth import synthesize
+
+    text = get_mix(args.train_text, cache_dir(), args.data_dir, not args.no_progress)
+    return str(synthesize(args.out, args.shape, paragraphs(text.read())[:20000], args.layers,
+                          force=args.force, progress=not args.no_progress))
+
+
+def cmd_plan(args: argparse.Namespace) -> str:
+    from kvant.model import read_config, resolve_model
+    from kvant.plan import (
+        fit_overhead,
+        load_results,
+        plan_table,
+        prediction_errors,
+        shape_of,
+    )
+    from kvant.synth import SHAPES
+
+    if args.model:
+        shape = shape_of(read_config(resolve_model(args.model)))
+    else:
+        shape = SHAPES[args.shape]
+    budget = _parse_size(args.budget)
+    results = load_results(args.bench)
+    fitted, calibration = fit_overhead(results, shape_of(_bench_config(results))) \
+        if results else ({}, set())
+    lines = [f"Budget {args.budget}; {shape.n_layers} layers, {shape.n_params() / 1e9:.2f}B "
+             "parameters; overhead " + ("fitted to " + str(args.bench) if results
+                                        else "from this project's CPU bench"), "",
+             plan_table(shape, [int(c) for c in args.ctx.split(",")], budget, fitted)]
+    if results:
+        errors = prediction_errors(results, shape_of(_bench_config(results)), fitted,
+                                   calibration)
+        worst = max((abs(e["error_pct"]) for e in errors), default=0.0)
+        lines += ["", f"Prediction error on {len(errors)} held-out bench measurements: "
+                      f"worst {worst:.1f}%"]
+    return "\n".join(lines)
+
+
+def _bench_config(results: dict) -> dict:
+    return json.loads((Path(results["reference"]) / "config.json").read_text())
+
+
+def _parse_size(text: str) -> float:
+    match = re.fullmatch(r"([0-9.]+)\s*(GiB|GB|MiB|MB)?", text.strip(), re.IGNORECASE)
+    if not match:
+        from kvant.errors import SettingsError
+
+        raise SettingsError(f"--budget {text}: write it like 8GiB or 24GB")
+    unit = (match.group(2) or "GiB").lower()
+    return float(match.group(1)) * {"gib": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit]
+
+
 def _device(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -345,8 +400,29 @@ def build_parser() -> KvantParser:
     generate.add_argument("--device", default="auto")
     generate.set_defaults(func=cmd_generate)
 
+    synth = sub.add_parser("synth", help="a checkpoint with NorMistral's exact shapes and random "
+                           "weights, for speed and memory work")
+    synth.add_argument("--shape", default="normistral-11b-long")
+    synth.add_argument("--layers", type=int, help="fewer layers for quick runs")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--force", action="store_true")
+    synth.add_argument("--train-text", default="nob-train,nno-train",
+                       help="text for its 51,200-entry NorMistral-style tokenizer")
+    _add_data_args(synth)
+    synth.set_defaults(func=cmd_synth)
+
+    plan = sub.add_parser("plan", help="predicted peak memory per artifact type and context, "
+                          "and what fits a budget")
+    plan.add_argument("--model", help="model folder or hub id (default: --shape)")
+    plan.add_argument("--shape", default="normistral-11b-long")
+    plan.add_argument("--budget", default="8GiB", help="memory budget, e.g. 8GiB, 24GB")
+    plan.add_argument("--ctx", default="4096,32768", help="context lengths")
+    plan.add_argument("--bench", type=Path, help="a kvant bench results.json to fit the "
+                      "backend overheads to (and report the prediction error)")
+    plan.set_defaults(func=cmd_plan)
+
     for p in (tiny, data, get, info, export, gguf, onnx, quantize, *method_parsers, bench,
-              generate):
+              generate, synth, plan):
         p._kvant_parent = parser
     return parser
 

@@ -162,8 +162,16 @@ def sequence_nll_bits(gguf_path, sequences: list[list[int]], n_threads: int = 0)
 
 def reference(model_dir, langs, n_tokens: int, n_ctx: int, cache_dir, data_dir=None):
     """(texts, windows, reference logits) per language, for validating an artifact of
-    ``model_dir`` against the model itself in float32."""
+    ``model_dir`` against the model itself in float32. Refuses synthetic weights."""
+    from pathlib import Path
+
     from kvant.data import get_text
+    from kvant.errors import SettingsError
+    from kvant.model import read_config
+
+    if read_config(Path(model_dir)).get("kvant_synthetic"):
+        raise SettingsError(f"'{model_dir}' has synthetic (random) weights: perplexity and KL "
+                            "divergence would mean nothing; quantize a real checkpoint")
 
     texts = {lang: get_text(lang, cache_dir, data_dir) for lang in langs}
     wins = eval_windows(model_dir, texts, n_tokens, n_ctx)

@@ -134,3 +134,19 @@ def test_generate_streams_exact_greedy_text(gguf_artifact):
     stopped = run_kvant("generate", str(gguf), "--prompt", prompt, "--max-new-tokens", "12",
                         "--stop-at-newline")
     assert stopped.stdout == expected.split("\n")[0] + "\n"
+
+
+def test_plan_predicts_the_measured_peaks_within_10_percent(bench, tiny_model):
+    from kvant.plan import fit_overhead, prediction_errors, shape_of
+
+    results = _results(bench)
+    shape = shape_of(json.loads((tiny_model / "config.json").read_text()))
+    fitted, calibration = fit_overhead(results, shape)
+    assert set(fitted) == {"torch", "llama.cpp", "onnxruntime-genai"}
+    errors = prediction_errors(results, shape, fitted, calibration)
+    assert len(errors) >= 10  # held-out targets: every GGUF type, GPTQ
+    assert all(abs(e["error_pct"]) < 10 for e in errors), errors
+    result = run_kvant("plan", "--model", str(tiny_model), "--bench", str(bench / "results.json"),
+                       "--ctx", "64,128", "--budget", "1GiB")
+    assert result.returncode == 0, result.stderr
+    assert "| gguf-q4_k_m | llama.cpp |" in result.stdout and "held-out" in result.stdout

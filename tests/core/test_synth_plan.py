@@ -1,0 +1,102 @@
+"""Synthetic real-size checkpoints and the memory planner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvant.errors import SettingsError
+from kvant.plan import GIB, kinds, kv_bytes, predict, weight_bytes
+from kvant.synth import SHAPES
+from tests.conftest import CALIB_FILE, UD_DIR
+
+NM = SHAPES["normistral-11b-long"]
+
+
+@pytest.fixture(scope="module")
+def synth_one_layer(tmp_path_factory, shared_data):
+    """`kvant synth --layers 1` in a fresh process, with its peak RSS."""
+    out = tmp_path_factory.mktemp("synth") / "nm-1layer"
+    exe = os.path.join(os.path.dirname(sys.executable), "kvant")
+    log = tmp_path_factory.mktemp("synth-log") / "log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen([exe, "--no-progress", "synth", "--layers", "1", "--out",
+                                 str(out), "--train-text", str(CALIB_FILE)], stdout=handle,
+                                stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, log.read_text()[-2000:]
+    return out, log.read_text(), usage.ru_maxrss / 1024  # MiB
+
+
+def test_synthetic_checkpoint_has_normistrals_exact_shapes(synth_one_layer):
+    from kvant.model import model_info, read_safetensors_header, weight_files
+
+    out, stdout, peak_mib = synth_one_layer
+    assert stdout.strip().splitlines()[-1] == str(out)
+    # 1.45 GB of weights written; RSS stays near the imports plus one 64 MiB row block
+    assert peak_mib < 1024, peak_mib
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["head_dim"], config["vocab_size"],
+            config["max_position_embeddings"], config["num_hidden_layers"]) == (
+        5120, 14336, 32, 8, 128, 51200, 32768, 1)
+    assert config["kvant_synthetic"] is True and config["tie_word_embeddings"] is False
+    headers = {}
+    for file in weight_files(out):
+        headers.update(read_safetensors_header(file))
+    from dataclasses import replace
+
+    expected = dict(replace(NM, n_layers=1).tensors())
+    assert {k: tuple(v["shape"]) for k, v in headers.items()} == expected
+    info = model_info(out)
+    assert info.synthetic and info.n_params == replace(NM, n_layers=1).n_params()
+    tok = json.loads((out / "tokenizer.json").read_text())
+    n_entries = len(tok["model"]["vocab"]) + sum(
+        t["id"] >= len(tok["model"]["vocab"]) for t in tok["added_tokens"])
+    assert n_entries == 51200 and tok["pre_tokenizer"]["pretokenizers"][2]["pattern"] == {
+        "Regex": ".{1,24}"}
+    assert json.loads((out / "manifest.json").read_text())["settings"]["synthetic"] is True
+
+
+def test_full_shape_is_11_4b_parameters():
+    assert abs(NM.n_params() - 11.43e9) < 0.01e9
+
+
+def test_quality_measurements_refuse_synthetic_weights(synth_one_layer, cache_dir, tmp_path):
+    from kvant.quantize import gptq
+
+    out = synth_one_layer[0]
+    with pytest.raises(SettingsError, match="synthetic \\(random\\) weights"):
+        gptq.run(out, tmp_path / "g", gptq.GPTQSettings(calib=str(CALIB_FILE)), source={},
+                 cache_dir=cache_dir, data_dir=UD_DIR)
+
+
+def test_gguf_export_of_synthetic_converts_but_scores_nothing(synth_one_layer, cache_dir,
+                                                               tmp_path):
+    from kvant.artifact import read_manifest
+    from kvant.export.gguf import GGUFSettings
+    from kvant.export.gguf_pipeline import export_gguf
+
+    out = synth_one_layer[0]
+    settings = GGUFSettings(types=("bf16", "q4_k_m"), imatrix="none")
+    art = export_gguf(out, tmp_path / "gguf", settings, source={"id": "synthetic"},
+                      cache_dir=cache_dir, data_dir=UD_DIR)
+    manifest = read_manifest(art)
+    files = manifest["validation"]["files"]
+    assert "mean_kld" not in files["q4_k_m"]
+    assert 4.5 < files["q4_k_m"]["bits_per_weight"] < 6.5
+    assert any("synthetic" in w for w in manifest["warnings"])
+
+
+def test_plan_formulas():
+    kv = kv_bytes(NM, kinds()["gguf-q4_k_m"], 32768)
+    assert kv == 2 * 40 * 8 * 128 * 2 * 32768 == 5 * GIB  # f16 KV cache
+    assert abs(weight_bytes(NM, kinds()["bf16"]) - NM.n_params() * 2) < 0.01 * GIB
+    pred = predict(NM, [4096, 32768])
+    assert pred["gguf-q4_k_m"][4096] < 8 * GIB < pred["bf16"][4096]
+    for name in pred:  # more context never needs less memory
+        assert pred[name][32768] > pred[name][4096]
