@@ -53,14 +53,21 @@ def kvant_perplexity_llama_protocol(gguf: Path, text: str, n_ctx: int, chunks: i
 
 
 def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
-                     threads: int = 0) -> float:
-    """llama-perplexity's own "Final estimate" on the same file and settings."""
+                     threads: int = 0) -> tuple[float, int]:
+    """llama-perplexity's own estimate on the same file and settings: (PPL, chunks scored).
+
+    Its running estimate `[i]ppl,` is cumulative over the first i chunks; the last one
+    printed is used (its logger thread can exit before the "Final estimate" line is written,
+    so that line is not relied on), and the caller scores the same number of chunks.
+    """
     log = run_tool([llama_tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", n_ctx,
-                "-b", n_ctx, "--chunks", chunks, "-t", threads or os.cpu_count(), "-ngl", "0"])
-    match = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
-    if not match:
-        raise KvantError("llama-perplexity printed no final estimate")
-    return float(match.group(1))
+                    "-b", n_ctx, "--chunks", chunks, "-t", threads or os.cpu_count(),
+                    "-ngl", "0"])
+    running = re.findall(r"\[(\d+)\]([0-9.]+),", log)
+    if not running:
+        raise KvantError("llama-perplexity printed no perplexity estimate")
+    index, value = running[-1]
+    return float(value), int(index)
 
 
 def llama_bench(gguf: Path, n_prompt: int, n_gen: int, threads: int = 0,

@@ -220,9 +220,10 @@ def _gguf_extras(target: Target, entry: dict, texts: dict, settings: BenchSettin
     lang, text = next(iter(texts.items()))
     n_ctx = settings.quality_ctx
     chunks = 8
+    tool_ppl, chunks = peers.llama_perplexity(target.path, text.path, n_ctx, chunks,
+                                              settings.threads)
     kvant_ppl = peers.kvant_perplexity_llama_protocol(target.path, text.read(), n_ctx, chunks,
                                                       settings.threads)
-    tool_ppl = peers.llama_perplexity(target.path, text.path, n_ctx, chunks, settings.threads)
     ctx0 = int(settings.ctx[0])
     entry["peers"] = {
         "perplexity": {"text": lang, "n_ctx": n_ctx, "chunks": chunks, "kvant": kvant_ppl,

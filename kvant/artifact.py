@@ -266,3 +266,27 @@ def write_model_card(folder: Path, *, title: str, fmt: str, base_model: str | No
     path = Path(folder) / CARD
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def amend_artifact(folder: Path, *, card_section: str, files: dict[str, Path],
+                   validation: dict | None = None) -> None:
+    """Add files and a model-card section to a finished artifact, then refresh its manifest
+    and checksums (written to temporary names and renamed, so a crash leaves the old ones)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    for name, src in files.items():
+        shutil.copyfile(src, folder / name)
+    card = (folder / CARD).read_text(encoding="utf-8")
+    marker = "\n## Benchmark\n"
+    card = card.split(marker)[0].rstrip() + "\n" + marker + "\n" + card_section.strip() + "\n"
+    (folder / CARD).write_text(card, encoding="utf-8")
+    if validation:
+        manifest["validation"] = {**manifest.get("validation", {}), **validation}
+    fresh = build_manifest(folder, fmt=manifest["format"], source=manifest["source"],
+                           settings=manifest["settings"], validation=manifest["validation"],
+                           data=manifest["data"], warnings=manifest["warnings"],
+                           command=manifest["command"])
+    fresh["created_utc"] = manifest["created_utc"]
+    tmp = folder / (MANIFEST + ".part")
+    tmp.write_text(json.dumps(fresh, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(folder / MANIFEST)

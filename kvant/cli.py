@@ -217,6 +217,16 @@ def _parse_size(text: str) -> float:
     return float(match.group(1)) * {"gib": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit]
 
 
+def cmd_release(args: argparse.Namespace) -> str:
+    from kvant.release import run_release
+
+    root, lines = run_release(args.recipe, cache_dir=cache_dir(), data_dir=args.data_dir,
+                              calib=args.calib, push_org=args.push,
+                              token=os.environ.get("HF_TOKEN"), progress=not args.no_progress)
+    return "\n".join([*lines, f"release: {root}", f"index card: {root / 'README.md'}",
+                      f"report: {root / 'bench' / 'report.md'}"])
+
+
 def _device(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -421,8 +431,17 @@ def build_parser() -> KvantParser:
                       "backend overheads to (and report the prediction error)")
     plan.set_defaults(func=cmd_plan)
 
+    release = sub.add_parser("release", help="build, benchmark and card every artifact of a "
+                             "recipe; print or push the upload")
+    release.add_argument("recipe", type=Path, help="recipe TOML (see recipes/)")
+    release.add_argument("--push", metavar="ORG", help="upload to this hub organisation "
+                         "(token from HF_TOKEN); without it, print what would be uploaded")
+    release.add_argument("--calib", help="override the recipe's calibration text")
+    _add_data_args(release)
+    release.set_defaults(func=cmd_release)
+
     for p in (tiny, data, get, info, export, gguf, onnx, quantize, *method_parsers, bench,
-              generate, synth, plan):
+              generate, synth, plan, release):
         p._kvant_parent = parser
     return parser
 

@@ -131,6 +131,9 @@ def _kind_of(name: str, entry: dict) -> str | None:
     if fmt == "gguf":
         key = "gguf-" + name.rsplit("-", 1)[-1].lower()
         return key if key in kinds() else None
+    if fmt == "bnb":
+        mode = "int8" if name.endswith("int8") else "nf4"  # fp4 stores like nf4
+        return f"bnb-{mode}"
     return {"bf16": "bf16", "onnx": "onnx-int4-b32", "gptq": "gptq-4bit-g128"}.get(fmt)
 
 
