@@ -44,9 +44,8 @@ $(VENV)/.installed: pyproject.toml
 	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) -m pip install -q -e '.[all,dev]'
 	touch $@
 
-demo: setup ## build the NorMistral stand-in and describe it
-	@model=$$($(KVANT) tiny --train-text '$(TRAIN_TEXT)') && \
-	$(KVANT) info "$$model" && echo "stand-in model: $$model"
+demo: setup ## the whole release recipe on the NorMistral stand-in: artifacts, bench, cards
+	$(KVANT) release recipes/stand-in.toml --calib '$(TRAIN_TEXT)'
 
 test: setup ## run the test suite
 	$(PY) -m pytest
