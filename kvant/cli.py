@@ -120,26 +120,17 @@ def _default_out(model_dir: Path, source: dict, fmt: str) -> Path:
     return Path("out") / f"{Path(source.get('id', model_dir.name)).name}-{fmt}"
 
 
-def cmd_export_gguf(args: argparse.Namespace) -> str:
-    from kvant.export.gguf import GGUFSettings
-    from kvant.export.gguf_pipeline import export_gguf
+def cmd_pipeline(args: argparse.Namespace) -> str:
+    """kvant export gguf|onnx and kvant quantize gptq|bnb."""
+    from kvant.pipelines import PIPELINES
 
-    settings = settings_from_args(GGUFSettings, args)
+    pipeline = PIPELINES[args.pipeline]
+    settings = settings_from_args(pipeline.settings, args)
     model_dir, source = _model_source(args.model)
-    out = args.out or _default_out(model_dir, source, "gguf")
-    return str(export_gguf(model_dir, out, settings, source=source, cache_dir=cache_dir(),
-                           data_dir=args.data_dir, force=args.force,
-                           progress=not args.no_progress))
-
-
-def cmd_export_onnx(args: argparse.Namespace) -> str:
-    from kvant.export.onnx import ONNXSettings, run
-
-    settings = settings_from_args(ONNXSettings, args)
-    model_dir, source = _model_source(args.model)
-    out = args.out or _default_out(model_dir, source, f"onnx-{settings.precision}")
-    return str(run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
-                   data_dir=args.data_dir, force=args.force))
+    out = args.out or _default_out(model_dir, source, pipeline.folder(settings))
+    return str(pipeline.run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
+                            data_dir=args.data_dir, force=args.force,
+                            progress=not args.no_progress, device=_device(args.device)))
 
 
 def cmd_bench(args: argparse.Namespace) -> str:
@@ -233,18 +224,6 @@ def _device(requested: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cmd_quantize(args: argparse.Namespace) -> str:
-    import importlib
-
-    module = importlib.import_module(f"kvant.quantize.{args.method}")
-    settings = settings_from_args(args.settings_cls, args)
-    model_dir, source = _model_source(args.model)
-    out = args.out or _default_out(model_dir, source, args.method)
-    return str(module.run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
-                          data_dir=args.data_dir, force=args.force,
-                          device=_device(args.device)))
 
 
 def cmd_data_get(args: argparse.Namespace) -> str:
@@ -345,46 +324,27 @@ def build_parser() -> KvantParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
-    quantize = sub.add_parser("quantize", help="pre-quantized checkpoints that load in "
-                              "transformers")
-    quantize_sub = quantize.add_subparsers(dest="method", metavar="METHOD",
-                                           parser_class=KvantParser)
-    quantize_sub.required = True
-    from kvant.quantize.bnb import BnbSettings
-    from kvant.quantize.gptq import GPTQSettings
+    from kvant.pipelines import PIPELINES
 
-    method_parsers = []
-    for method, cls, text in (
-            ("gptq", GPTQSettings, "GPTQ through GPTQModel, calibrated on Norwegian text"),
-            ("bnb", BnbSettings, "bitsandbytes nf4 / fp4 / int8")):
-        parser_m = quantize_sub.add_parser(method, help=text)
-        _add_model_out_args(parser_m)
-        _add_data_args(parser_m)
-        parser_m.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto "
-                              "(default: cuda when available)")
-        add_dataclass_args(parser_m, cls)
-        parser_m.set_defaults(func=cmd_quantize, settings_cls=cls)
-        method_parsers.append(parser_m)
-
-    export = sub.add_parser("export", help="export to another runtime's format")
-    export_sub = export.add_subparsers(dest="format", metavar="FORMAT", parser_class=KvantParser)
-    export_sub.required = True
-    from kvant.export.gguf import GGUFSettings
-
-    gguf = export_sub.add_parser("gguf", help="GGUF for llama.cpp: bf16 and llama.cpp's quant "
-                                 "types, Norwegian importance matrix, every file validated")
-    _add_model_out_args(gguf)
-    _add_data_args(gguf)
-    add_dataclass_args(gguf, GGUFSettings)
-    gguf.set_defaults(func=cmd_export_gguf)
-    from kvant.export.onnx import ONNXSettings
-
-    onnx = export_sub.add_parser("onnx", help="ONNX Runtime GenAI: fp32/fp16/int4 with KV "
-                                 "cache, logits-verified")
-    _add_model_out_args(onnx)
-    _add_data_args(onnx)
-    add_dataclass_args(onnx, ONNXSettings)
-    onnx.set_defaults(func=cmd_export_onnx)
+    pipeline_parsers = []
+    for group, text in (("quantize", "pre-quantized checkpoints that load in transformers"),
+                        ("export", "export to another runtime's format")):
+        group_parser = sub.add_parser(group, help=text)
+        group_sub = group_parser.add_subparsers(dest="pipeline", metavar="FORMAT",
+                                                parser_class=KvantParser)
+        group_sub.required = True
+        pipeline_parsers.append(group_parser)
+        for key, pipeline in PIPELINES.items():
+            if pipeline.group != group:
+                continue
+            parser_p = group_sub.add_parser(key, help=pipeline.help)
+            _add_model_out_args(parser_p)
+            _add_data_args(parser_p)
+            parser_p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or "
+                                  "auto (default: cuda when available)")
+            add_dataclass_args(parser_p, pipeline.settings)
+            parser_p.set_defaults(func=cmd_pipeline)
+            pipeline_parsers.append(parser_p)
 
     from kvant.bench.run import BenchSettings
 
@@ -440,8 +400,7 @@ def build_parser() -> KvantParser:
     _add_data_args(release)
     release.set_defaults(func=cmd_release)
 
-    for p in (tiny, data, get, info, export, gguf, onnx, quantize, *method_parsers, bench,
-              generate, synth, plan, release):
+    for p in (tiny, data, get, info, *pipeline_parsers, bench, generate, synth, plan, release):
         p._kvant_parent = parser
     return parser
 

@@ -129,22 +129,10 @@ def _complete(folder: Path) -> bool:
 
 def _build(kind: str, model: Path, out: Path, settings, source: dict, cache_dir: Path,
            data_dir: Path | None, progress: bool) -> None:
-    if kind == "gguf":
-        from kvant.export.gguf_pipeline import export_gguf
+    from kvant.pipelines import PIPELINES
 
-        export_gguf(model, out, settings, source=source, cache_dir=cache_dir,
-                    data_dir=data_dir, force=True, progress=progress)
-    elif kind == "onnx":
-        from kvant.export.onnx import run
-
-        run(model, out, settings, source=source, cache_dir=cache_dir, data_dir=data_dir,
-            force=True)
-    else:
-        import importlib
-
-        module = importlib.import_module(f"kvant.quantize.{kind}")
-        module.run(model, out, settings, source=source, cache_dir=cache_dir,
-                   data_dir=data_dir, force=True, device=_device())
+    PIPELINES[kind].run(model, out, settings, source=source, cache_dir=cache_dir,
+                        data_dir=data_dir, force=True, progress=progress, device=_device())
 
 
 def _device() -> str:
