@@ -9,7 +9,6 @@ prefill, the median of repeats reported.
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ def measure(spec: dict) -> dict:
     """spec: target (dict), ids (list[int], at least ctx long), ctx, n_new, repeats, device,
     threads. Returns times in seconds, rates in tokens per second, memory in MiB."""
     from kvant.bench.backends import Target, load
+    from kvant.memory import peak_rss_mib
 
     target = Target(**{**spec["target"], "path": Path(spec["target"]["path"])})
     ctx, n_new, repeats = spec["ctx"], spec["n_new"], spec["repeats"]
@@ -38,7 +38,7 @@ def measure(spec: dict) -> dict:
         "prefill_tok_s": round(ctx / statistics.median(prefill), 2),
         "decode_s": round(statistics.median(decode), 4),
         "decode_tok_s": round(n_new / statistics.median(decode), 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss_mib(),
     }
     if device.startswith("cuda"):
         result.update(_cuda_memory())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -73,6 +73,8 @@ from onnxruntime_genai.models.builder import create_model, parse_extra_options
 model, out, precision, provider, cache = sys.argv[1:6]
 opts = parse_extra_options(model, model, out, precision, provider, cache, sys.argv[6:])
 create_model(model, model, out, precision, provider, cache, **opts)
+from kvant.memory import peak_rss_mib
+print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
 """
 
 
@@ -80,7 +82,8 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings) -> dict:
     """Run the GenAI model builder in a child process; return its time and peak RSS.
 
     A child process, so that its peak memory is its own (the builder loads the whole
-    checkpoint through transformers) and its prints stay out of ours.
+    checkpoint through transformers; the child reports its VmHWM, see kvant.memory) and its
+    prints stay out of ours.
     """
     extra = [] if settings.precision != "int4" else [
         f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}"]
@@ -90,14 +93,15 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings) -> dict:
         proc = subprocess.Popen([sys.executable, "-c", _BUILD, str(model_dir), str(out_dir),
                                  settings.precision, settings.provider, cache, *extra],
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
+        log.seek(0)
+        text = log.read()
         if proc.returncode:
-            log.seek(0)
-            tail = " | ".join(log.read().strip().splitlines()[-3:])
+            tail = " | ".join(text.strip().splitlines()[-3:])
             raise KvantError(f"the ONNX Runtime GenAI builder failed: {tail}")
+    peak = re.findall(r"KVANT_PEAK_RSS_MIB ([0-9.]+)", text)
     return {"build_seconds": round(time.perf_counter() - started, 1),
-            "builder_peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}  # Linux: KiB
+            "builder_peak_rss_mib": float(peak[-1]) if peak else None}
 
 
 def og_tokenizer_json(exact: dict) -> dict:

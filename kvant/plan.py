@@ -4,9 +4,10 @@ peak = weights + KV cache + backend overhead, where
 - weights come from the real bits per weight of each type on this architecture's tensors
   (which tensors a format leaves in 16/32 bits matters: embeddings are 0.5 GB at 11.4B);
 - KV cache = 2 x layers x kv_heads x head_dim x bytes x context;
-- overhead = base + per-token x context per backend, fitted to `kvant bench` measurements
-  (results.json) when given, else the defaults below, measured by the bench on this project's
-  2-core CPU machine.
+- overhead = base + logits x context per runtime stack (transformers alone, with
+  bitsandbytes, with GPTQModel; llama.cpp; ORT GenAI), the base fitted to `kvant bench`
+  measurements (results.json) when given, else the defaults below, measured by the bench on
+  this project's 2-core CPU machine.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Kind:
     """How one artifact type stores each tensor group (bits per weight) and its KV cache."""
 
     backend: str
+    stack: str
+    """backend/format: what the process imports (transformers+bnb, +GPTQModel, ...)."""
     linear_bpw: float
     embed_bpw: float
     head_bpw: float
@@ -40,29 +43,31 @@ class Kind:
 
 def kinds() -> dict[str, Kind]:
     out = {
-        "bf16": Kind("torch", 16, 16, 16, 2),
+        "bf16": Kind("torch", "torch/bf16", 16, 16, 16, 2),
         # bnb: absmax fp32 per 64 weights (nf4), 8-bit double-quantized scales with --double-quant;
         # int8: one fp32 scale per row. Embeddings and lm_head stay bf16.
-        "bnb-int8": Kind("torch", 8.0, 16, 16, 2),
-        "bnb-nf4": Kind("torch", 4 + 32 / 64, 16, 16, 2),
+        "bnb-int8": Kind("torch", "torch/bnb", 8.0, 16, 16, 2),
+        "bnb-nf4": Kind("torch", "torch/bnb", 4 + 32 / 64, 16, 16, 2),
         # GPTQ 4-bit g128: fp16 scale + 4-bit zero per 128 weights; embeddings/lm_head bf16.
-        "gptq-4bit-g128": Kind("torch", 4 + 20 / 128, 16, 16, 2),
+        "gptq-4bit-g128": Kind("torch", "torch/gptq", 4 + 20 / 128, 16, 16, 2),
         # ONNX int4 (CPU): MatMulNBits with fp32 scales per 32 weights, lm_head too;
         # the embedding stays fp32 (the GenAI builder's CPU io dtype); fp32 KV cache.
-        "onnx-int4-b32": Kind("onnxruntime-genai", 4 + 32 / 32, 32, 4 + 32 / 32, 4),
+        "onnx-int4-b32": Kind("onnxruntime-genai", "onnxruntime-genai/onnx", 4 + 32 / 32, 32,
+                              4 + 32 / 32, 4),
     }
     for name, bpw in GGUF_BPW.items():  # whole-file bpw; f16 KV cache in llama.cpp
-        out[f"gguf-{name}"] = Kind("llama.cpp", bpw, bpw, bpw, 2)
+        out[f"gguf-{name}"] = Kind("llama.cpp", "llama.cpp/gguf", bpw, bpw, bpw, 2)
     return out
 
 
-# Backend overhead: (base MiB, bytes per context token per vocabulary entry). The bases are
-# `kvant bench` peak RSS minus weights and KV cache on the stand-in on this machine (imports
-# and runtime: torch 445, llama.cpp 62, ORT GenAI 515 MiB). The per-token term is the float32
-# logits a full prefill returns: transformers and ORT keep (context x vocab), llama.cpp only
-# its batch's rows (constant, in the base).
-DEFAULT_OVERHEAD = {"torch": (445.0, 4.0), "llama.cpp": (62.0, 0.0),
-                    "onnxruntime-genai": (515.0, 4.0)}
+# Overhead per runtime stack: (base MiB, bytes per context token per vocabulary entry). The
+# bases are `kvant bench` peak RSS minus weights and KV cache on the stand-in on this machine
+# (what each stack imports and allocates at start). The per-token term is the float32 logits
+# a full prefill returns: transformers and ORT keep (context x vocab), llama.cpp only its
+# batch's rows (constant, inside the base).
+DEFAULT_OVERHEAD = {"torch/bf16": (363.0, 4.0), "torch/bnb": (405.0, 4.0),
+                    "torch/gptq": (569.0, 4.0), "llama.cpp/gguf": (51.0, 0.0),
+                    "onnxruntime-genai/onnx": (61.0, 4.0)}
 
 
 def shape_of(config: dict) -> Shape:
@@ -86,8 +91,8 @@ def kv_bytes(shape: Shape, kind: Kind, ctx: int) -> float:
     return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * kind.kv_bytes * ctx
 
 
-def overhead_bytes(backend: str, ctx: int, vocab: int, fitted: dict | None = None) -> float:
-    base_mib, per_logit = {**DEFAULT_OVERHEAD, **(fitted or {})}[backend]
+def overhead_bytes(stack: str, ctx: int, vocab: int, fitted: dict | None = None) -> float:
+    base_mib, per_logit = {**DEFAULT_OVERHEAD, **(fitted or {})}[stack]
     return base_mib * MIB + per_logit * ctx * vocab
 
 
@@ -97,33 +102,33 @@ def predict(shape: Shape, ctxs: list[int], fitted: dict | None = None) -> dict:
     for name, kind in kinds().items():
         w = weight_bytes(shape, kind)
         out[name] = {ctx: w + kv_bytes(shape, kind, ctx)
-                     + overhead_bytes(kind.backend, ctx, shape.vocab, fitted) for ctx in ctxs}
+                     + overhead_bytes(kind.stack, ctx, shape.vocab, fitted) for ctx in ctxs}
     return out
 
 
-def fit_overhead(results: dict, shape: Shape) -> tuple[dict, set[str]]:
-    """Backend overhead from bench results, and the targets used to fit it.
+def fit_overhead(results: dict, shape: Shape) -> tuple[dict, set[tuple[str, str]]]:
+    """Each runtime stack's base overhead from bench results, and the measurements used.
 
-    Per backend, the target with the fewest weight bytes is the calibration target: a
-    straight line of (peak RSS - weights - KV cache) over its context lengths. Every other
-    target is held out for checking the prediction.
+    Per stack, one measurement calibrates: the smallest-context run of its smallest target,
+    (peak RSS - weights - KV cache - logits). Every other measurement is held out for checking
+    the prediction, other context lengths of the same target included.
     """
     calibration: dict[str, tuple[str, dict]] = {}
     for name, entry in sorted(results["targets"].items(), key=lambda kv: kv[1]["size_bytes"]):
-        if _kind_of(name, entry) is not None:
-            calibration.setdefault(entry["backend"], (name, entry))
-    fitted = {}
-    for backend, (name, entry) in calibration.items():
+        kind = _kind_of(name, entry)
+        if kind is not None and any("error" not in s for s in entry.get("speed", {}).values()):
+            calibration.setdefault(kinds()[kind].stack, (name, entry))
+    fitted, used = {}, set()
+    for stack, (name, entry) in calibration.items():
         kind = kinds()[_kind_of(name, entry)]
-        pts = sorted((int(ctx), s["peak_rss_mib"] * MIB - entry["size_bytes"]
-                      - kv_bytes(shape, kind, int(ctx)))
-                     for ctx, s in entry.get("speed", {}).items() if "error" not in s)
-        if not pts:
-            continue
-        (c0, r0), (c1, r1) = pts[0], pts[-1]
-        slope = max(0.0, (r1 - r0) / (c1 - c0)) if c1 != c0 else 0.0
-        fitted[backend] = ((r0 - slope * c0) / MIB, slope / shape.vocab)
-    return fitted, {name for name, _ in calibration.values()}
+        ctx, s = min(((int(c), s) for c, s in entry["speed"].items() if "error" not in s),
+                     key=lambda cs: cs[0])
+        per_logit = DEFAULT_OVERHEAD[stack][1]
+        rest = (s["peak_rss_mib"] * MIB - entry["size_bytes"] - kv_bytes(shape, kind, ctx)
+                - per_logit * ctx * shape.vocab)
+        fitted[stack] = (rest / MIB, per_logit)
+        used.add((name, str(ctx)))
+    return fitted, used
 
 
 def _kind_of(name: str, entry: dict) -> str | None:
@@ -138,17 +143,17 @@ def _kind_of(name: str, entry: dict) -> str | None:
 
 
 def prediction_errors(results: dict, shape: Shape, fitted: dict,
-                      skip: set[str] = frozenset()) -> list[dict]:
+                      skip: set[tuple[str, str]] = frozenset()) -> list[dict]:
     """Predicted versus measured peak for every held-out bench measurement of a known kind."""
     rows = []
     for name, entry in results["targets"].items():
-        kind = _kind_of(name, entry) if name not in skip else None
+        kind = _kind_of(name, entry)
         for ctx, s in entry.get("speed", {}).items():
-            if kind is None or "error" in s:
+            if kind is None or "error" in s or (name, ctx) in skip:
                 continue
             measured = s["peak_rss_mib"] * MIB
             predicted = (entry["size_bytes"] + kv_bytes(shape, kinds()[kind], int(ctx))
-                         + overhead_bytes(entry["backend"], int(ctx), shape.vocab, fitted))
+                         + overhead_bytes(kinds()[kind].stack, int(ctx), shape.vocab, fitted))
             rows.append({"target": name, "ctx": int(ctx), "measured_mib": round(measured / MIB),
                          "predicted_mib": round(predicted / MIB),
                          "error_pct": round(100 * (predicted / measured - 1), 2)})

@@ -216,7 +216,8 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
         kind = kind_of(tname, entry)
         if kind:
             predicted[tname] = (entry["size_bytes"] + kv_bytes(shape, kinds()[kind], 4096)
-                                + overhead_bytes(entry["backend"], 4096, shape.vocab, fitted))
+                                + overhead_bytes(kinds()[kind].stack, 4096, shape.vocab,
+                                                 fitted))
     folders = {f: [t.name for t in find_targets(root / f)] for f in artifacts}
     plots = {p: root / "bench" / p for p in PLOTS}
     for folder, names in folders.items():

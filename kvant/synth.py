@@ -188,8 +188,10 @@ def synthesize(out: Path, shape_name: str, texts: list[str], layers: int | None 
         art.source = {"id": f"synthetic:{shape_name}", "layers": shape.n_layers}
         art.settings = {"shape": shape_name, "layers": shape.n_layers, "seed": 0,
                         "synthetic": True}
+        from kvant.memory import peak_rss_mib
+
         art.validation = {"n_params": shape.n_params(), "weight_bytes": total,
-                          "synthetic": True}
+                          "synthetic": True, "peak_rss_mib": peak_rss_mib()}
         art.tags = ["synthetic"]
         art.title = f"Synthetic {shape_name} ({shape.n_layers} layers)"
         art.card_body = (f"**Random weights** with the exact shapes of {shape_name} "

@@ -133,9 +133,9 @@ def quantize_gptq(model_dir: Path, out_dir: Path, settings: GPTQSettings, sample
 
 
 def _peak_rss_mib() -> float:
-    import resource
+    from kvant.memory import peak_rss_mib
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    return peak_rss_mib()
 
 
 

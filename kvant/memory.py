@@ -1,0 +1,22 @@
+"""Peak resident memory of this process, measured the way that survives fork and exec.
+
+getrusage's ru_maxrss is carried across fork and execve, so a child started by a large
+parent (a Python process with torch loaded) reports the parent's RSS as its own peak. The
+kernel's VmHWM belongs to the address space, which exec replaces, so it is the child's own.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS in MiB (VmHWM on Linux, else ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
