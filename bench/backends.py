@@ -181,7 +181,7 @@ class OnnxBackend:
     def __init__(self, target: Target, device: str = "cpu", threads: int = 0):
         import onnxruntime_genai as og
 
-        from kvant.export.onnx import og_model, ort_session
+        from kvant.export.onnx import og_model
 
         config_path = target.path / "genai_config.json"
         decoder = json.loads(config_path.read_text())["model"]["decoder"]
@@ -191,14 +191,13 @@ class OnnxBackend:
             self.model = og.Model(str(target.path))
         else:
             self.model = og_model(target.path)
-        self._session_factory = lambda: ort_session(target.path)
-        self._session = None
+        self._session = None  # plain onnxruntime, opened on the first logits() call
 
     def logits(self, win: list[int]) -> np.ndarray:
-        from kvant.export.onnx import ort_logits
+        from kvant.export.onnx import ort_logits, ort_session
 
         if self._session is None:
-            self._session = self._session_factory()
+            self._session = ort_session(self.target.path)
         return ort_logits(self._session, [win], self.kv_shape)[0]
 
     def _generator(self, max_length: int):

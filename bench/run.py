@@ -150,17 +150,13 @@ def run_bench(artifacts: list[Path], reference: Path, settings: BenchSettings, o
     from tqdm.auto import tqdm
 
     from kvant.bench.report import write_report
-    from kvant.model import model_info
+    from kvant.model import model_info, pick_device
     from kvant.scoring import hf_logits, windows
 
     if settings.quality and model_info(reference).synthetic:
         raise SettingsError(f"'{reference}' has synthetic weights: perplexity and KLD would "
                             "mean nothing; bench speed with --no-quality, or use a real checkpoint")
-    device = settings.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(settings.device)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvant.data import DEFAULT_CALIB
+from kvant.data import DEFAULT_CALIB, EvalSettings
 from kvant.errors import KvantError, SettingsError
 from kvant.registry import unknown_key_message
 
@@ -35,11 +34,10 @@ QUANT_TYPES = {
 }
 DIRECT = ("f32", "f16", "bf16")
 DEFAULT_TYPES = ("bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "iq4_xs")
-EVAL_LANGS = ("nob", "nno", "sme", "dan", "swe")
 
 
 @dataclass(frozen=True)
-class GGUFSettings:
+class GGUFSettings(EvalSettings):
     """What `kvant export gguf` makes; stored in the manifest."""
 
     types: tuple[str, ...] = DEFAULT_TYPES
@@ -50,16 +48,13 @@ class GGUFSettings:
     imatrix_ctx: int = 512
     pre: str = "ufakzeka"
     """tokenizer.ggml.pre for stock llama.cpp users (ufakzeka, or tekken for old builds)."""
-    eval_langs: tuple[str, ...] = EVAL_LANGS
-    eval_tokens: int = 2048
-    """Held-out tokens per language scored for KLD and top-1 agreement."""
-    eval_ctx: int = 256
     threads: int = 0
     """0: all cores."""
 
     def __post_init__(self) -> None:
         from kvant.export.gguf_tokenizer import PRE_TOKENIZERS
 
+        super().__post_init__()
         object.__setattr__(self, "types", tuple(t.lower() for t in self.types))  # Q4_K_M ok
         for t in self.types:
             if t not in DIRECT and t not in QUANT_TYPES:
@@ -70,8 +65,8 @@ class GGUFSettings:
                                 "choose k-quant types")
         if self.pre not in PRE_TOKENIZERS:
             raise SettingsError(unknown_key_message("pre-tokenizer", self.pre, PRE_TOKENIZERS))
-        if min(self.eval_tokens, self.eval_ctx, self.imatrix_chunks, self.imatrix_ctx) <= 0:
-            raise SettingsError("eval and imatrix sizes must be positive")
+        if min(self.imatrix_chunks, self.imatrix_ctx) <= 0:
+            raise SettingsError("imatrix sizes must be positive")
 
     @property
     def n_threads(self) -> int:
@@ -164,6 +159,3 @@ def scratch_dir(near: Path) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=".kvant-gguf-", dir=near)
 
 
-def copy_imatrix(src: Path, dest: Path) -> Path:
-    shutil.copyfile(src, dest)
-    return dest

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvant.data import EVAL_SETS
+from kvant.data import EvalSettings
 from kvant.errors import KvantError, SettingsError
 from kvant.registry import unknown_key_message
 
@@ -39,7 +39,7 @@ EXACT_TOKENIZER = "tokenizer.normistral.json"
 
 
 @dataclass(frozen=True)
-class ONNXSettings:
+class ONNXSettings(EvalSettings):
     """ONNX export settings; stored in the manifest."""
 
     precision: str = "int4"
@@ -49,11 +49,9 @@ class ONNXSettings:
     """int4: weights per scale (MatMulNBits block); 32 is more accurate, 128 smaller."""
     accuracy_level: int = 4
     """int4 on CPU: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
-    eval_langs: tuple[str, ...] = EVAL_SETS
-    eval_tokens: int = 2048
-    eval_ctx: int = 256
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.precision not in PRECISIONS:
             raise SettingsError(unknown_key_message("precision", self.precision, PRECISIONS))
         if self.provider not in PROVIDERS:

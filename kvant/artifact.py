@@ -244,19 +244,24 @@ def _yaml_list(key: str, values) -> str:
     return f"{key}:\n" + "".join(f"- {json.dumps(v)}\n" for v in values)
 
 
+def card_metadata(base_model: str | None, tags) -> str:
+    """The YAML front matter of a Hugging Face model card (base_model only for a hub id)."""
+    from kvant.model import looks_like_hub_id
+
+    base = (f"base_model: {json.dumps(base_model)}\n"
+            if base_model and looks_like_hub_id(base_model) else "")
+    all_tags = list(dict.fromkeys(["kvant", "normistral", *tags]))
+    return ("---\n" + base + "license: apache-2.0\n" + _yaml_list("language", CARD_LANGUAGES)
+            + _yaml_list("tags", all_tags) + "---\n")
+
+
 def write_model_card(folder: Path, *, title: str, fmt: str, base_model: str | None, tags,
                      command: str, body: str) -> Path:
     """A Hugging Face model card: YAML metadata, then what the artifact is and how it was made.
 
     ``base_model`` is written only when it is a hub id (a local path means nothing on the Hub).
     """
-    from kvant.model import looks_like_hub_id
-
-    base = (f"base_model: {json.dumps(base_model)}\n"
-            if base_model and looks_like_hub_id(base_model) else "")
-    all_tags = list(dict.fromkeys(["kvant", "normistral", fmt, *tags]))
-    meta = ("---\n" + base + "license: apache-2.0\n" + _yaml_list("language", CARD_LANGUAGES)
-            + _yaml_list("tags", all_tags) + "---\n")
+    meta = card_metadata(base_model, [fmt, *tags])
     made_by = command or "(library call)"
     text = (f"{meta}\n# {title}\n\n{body.strip()}\n\n## How it was made\n\n"
             f"Made with Kvant {__version__} (format `{fmt}`):\n\n```\n{made_by}\n```\n\n"

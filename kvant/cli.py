@@ -105,48 +105,41 @@ def cmd_tiny(args: argparse.Namespace) -> str:
     return str(build_tiny(out, train, held_out, recipe, force=args.force, progress=progress))
 
 
-def _model_source(model: str) -> tuple[Path, dict]:
-    """The local folder and the manifest's source entry (hub revision or content hash)."""
-    from kvant.model import content_hash, looks_like_hub_id, resolve_model
-
-    path = resolve_model(model)
-    if not Path(model).expanduser().exists() and looks_like_hub_id(model):
-        return path, {"id": model, "revision": path.name}  # snapshot folder = commit hash
-    return path, {"id": str(Path(model).expanduser().resolve()),
-                  "content_hash": content_hash(path)}
-
-
 def _default_out(model_dir: Path, source: dict, fmt: str) -> Path:
     return Path("out") / f"{Path(source.get('id', model_dir.name)).name}-{fmt}"
 
 
 def cmd_pipeline(args: argparse.Namespace) -> str:
     """kvant export gguf|onnx and kvant quantize gptq|bnb."""
+    from kvant.model import model_source, pick_device
     from kvant.pipelines import PIPELINES
 
     pipeline = PIPELINES[args.pipeline]
     settings = settings_from_args(pipeline.settings, args)
-    model_dir, source = _model_source(args.model)
+    model_dir, source = model_source(args.model)
     out = args.out or _default_out(model_dir, source, pipeline.folder(settings))
     return str(pipeline.run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
                             data_dir=args.data_dir, force=args.force,
-                            progress=not args.no_progress, device=_device(args.device)))
+                            progress=not args.no_progress, device=pick_device(args.device)))
 
 
 def cmd_bench(args: argparse.Namespace) -> str:
     from kvant.bench.run import BenchSettings, run_bench
+    from kvant.model import model_source
 
     settings = settings_from_args(BenchSettings, args)
-    reference, _ = _model_source(args.reference)
+    reference, _ = model_source(args.reference)
     return str(run_bench(args.artifacts, reference, settings, args.out, cache_dir=cache_dir(),
                          data_dir=args.data_dir, progress=not args.no_progress) / "report.md")
 
 
 def cmd_generate(args: argparse.Namespace) -> str:
     from kvant.bench.generate import generate
+    from kvant.model import pick_device
 
     for piece in generate(args.artifact, args.prompt, args.max_new_tokens,
-                          stop_at_newline=args.stop_at_newline, device=_device(args.device)):
+                          stop_at_newline=args.stop_at_newline,
+                          device=pick_device(args.device)):
         sys.__stdout__.write(piece)  # stream past the stdout guard in main()
         sys.__stdout__.flush()
     sys.__stdout__.write("\n")
@@ -216,14 +209,6 @@ def cmd_release(args: argparse.Namespace) -> str:
                               token=os.environ.get("HF_TOKEN"), progress=not args.no_progress)
     return "\n".join([*lines, f"release: {root}", f"index card: {root / 'README.md'}",
                       f"report: {root / 'bench' / 'report.md'}"])
-
-
-def _device(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_data_get(args: argparse.Namespace) -> str:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvant.artifact import sha256_file
-from kvant.errors import DataError
+from kvant.errors import DataError, SettingsError
 from kvant.registry import Registry, unknown_key_message
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,21 @@ for _set in (
     TEXT_SETS.add(_set.name, _set)
 
 EVAL_SETS = tuple(k for k, s in TEXT_SETS.items() if s.role == "eval")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The held-out text every pipeline scores its own output on (the base of each
+    pipeline's settings)."""
+
+    eval_langs: tuple[str, ...] = EVAL_SETS
+    eval_tokens: int = 2048
+    """Held-out tokens per language scored for KLD and top-1 agreement."""
+    eval_ctx: int = 256
+
+    def __post_init__(self) -> None:
+        if min(self.eval_tokens, self.eval_ctx) <= 1:
+            raise SettingsError("--eval-tokens and --eval-ctx must be above 1")
 
 
 @dataclass(frozen=True)
@@ -237,6 +252,15 @@ def get_text(name_or_path: str | Path, cache_dir: Path, data_dir: Path | None = 
         raise DataError(f"text file '{key}' not found")
     raise DataError(unknown_key_message("text set", key, TEXT_SETS.keys())
                     + " or pass a path to a UTF-8 text file")
+
+
+def encode_stream(tokenizer, units: list[str]) -> list[int]:
+    """Token ids of ``units`` (paragraphs) concatenated, each starting with <s> (NorMistral's
+    post-processor adds it); ``tokenizer`` is a `tokenizers.Tokenizer`."""
+    ids: list[int] = []
+    for enc in tokenizer.encode_batch(units):
+        ids.extend(enc.ids)
+    return ids
 
 
 def paragraphs(text: str) -> list[str]:

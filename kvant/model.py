@@ -84,6 +84,25 @@ def resolve_model(model: str | Path, revision: str | None = None) -> Path:
     return validate_model_dir(Path(local))
 
 
+def model_source(model: str) -> tuple[Path, dict]:
+    """The local folder of ``model`` and the manifest's source entry: the hub revision for a
+    hub id (the snapshot folder is named by its commit), else the content hash."""
+    path = resolve_model(model)
+    if not Path(model).expanduser().exists() and looks_like_hub_id(str(model)):
+        return path, {"id": str(model), "revision": path.name}
+    return path, {"id": str(Path(model).expanduser().resolve()),
+                  "content_hash": content_hash(path)}
+
+
+def pick_device(requested: str = "auto") -> str:
+    """``requested``, or for "auto" cuda when torch sees a GPU, else cpu."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def read_config(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():

@@ -129,21 +129,17 @@ def _complete(folder: Path) -> bool:
 
 def _build(kind: str, model: Path, out: Path, settings, source: dict, cache_dir: Path,
            data_dir: Path | None, progress: bool) -> None:
+    from kvant.model import pick_device
     from kvant.pipelines import PIPELINES
 
     PIPELINES[kind].run(model, out, settings, source=source, cache_dir=cache_dir,
-                        data_dir=data_dir, force=True, progress=progress, device=_device())
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+                        data_dir=data_dir, force=True, progress=progress,
+                        device=pick_device())
 
 
 def _model(release: dict, calib: str, cache_dir: Path, data_dir: Path | None,
            progress: bool) -> tuple[Path, dict]:
-    from kvant.model import content_hash, looks_like_hub_id, resolve_model
+    from kvant.model import content_hash, model_source
 
     spec = release["model"]
     if spec == "@stand-in":
@@ -156,10 +152,7 @@ def _model(release: dict, calib: str, cache_dir: Path, data_dir: Path | None,
                           get_text("nob", cache_dir, data_dir, progress), recipe,
                           progress=progress)
         return path, {"id": "kvant-stand-in", "content_hash": content_hash(path)}
-    path = resolve_model(spec)
-    if looks_like_hub_id(spec) and not Path(spec).exists():
-        return path, {"id": spec, "revision": path.name}
-    return path, {"id": str(Path(spec).resolve()), "content_hash": content_hash(path)}
+    return model_source(spec)
 
 
 def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = None,

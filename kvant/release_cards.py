@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kvant.artifact import card_metadata
 from kvant.release import _FORBIDDEN_SUFFIXES, BUDGETS_GB
 
 PLOTS = ("frontier.png", "decode.png", "memory.png")
@@ -58,19 +59,7 @@ def index_card(name: str, model_id: str, recipe_text: str, targets: dict,
                         f" | {predicted.get(n, float('nan')) / 1e9:.2f} |")
     picks = "\n".join(f"- **{gb} GB**: {pick}" for gb, pick in recommendations(targets,
                                                                                 predicted))
-    return f"""---
-license: apache-2.0
-base_model: "{model_id}"
-language:
-- "no"
-- "nb"
-- "nn"
-- "se"
-tags:
-- "kvant"
-- "normistral"
----
-
+    return f"""{card_metadata(model_id, ["release"])}
 # {name}: every format, measured
 
 Quantized and exported files of `{model_id}`, each in its own folder with a model card,

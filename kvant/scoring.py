@@ -35,12 +35,12 @@ def eval_windows(model_dir, texts: dict, n_tokens: int, n_ctx: int) -> dict[str,
 
     from tokenizers import Tokenizer
 
-    from kvant.data import paragraphs
+    from kvant.data import encode_stream, paragraphs
 
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
     out = {}
     for lang, text in texts.items():
-        ids = [i for enc in tok.encode_batch(paragraphs(text.read())) for i in enc.ids]
+        ids = encode_stream(tok, paragraphs(text.read()))
         out[lang] = windows(ids[:n_tokens], n_ctx)
     return out
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from kvant.artifact import ArtifactWriter, read_manifest
-from kvant.data import TextFile, paragraphs
+from kvant.data import TextFile, encode_stream, paragraphs
 from kvant.errors import ArtifactError, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -165,14 +165,6 @@ def model_config(recipe: TinyRecipe):
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim")
     return MistralConfig(**{k: getattr(recipe, k) for k in keys}, **NORMISTRAL)
-
-
-def encode_stream(tokenizer, texts: list[str]) -> list[int]:
-    """Token ids of ``texts`` concatenated, each starting with <s> (the post-processor's)."""
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch(texts):
-        ids.extend(enc.ids)
-    return ids
 
 
 def perplexity(model, ids, window: int) -> float:

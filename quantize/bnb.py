@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvant.data import EVAL_SETS
+from kvant.data import EvalSettings
 from kvant.errors import SettingsError
 from kvant.registry import unknown_key_message
 
@@ -27,7 +27,7 @@ COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
-class BnbSettings:
+class BnbSettings(EvalSettings):
     """bitsandbytes settings; stored in the manifest."""
 
     mode: str = "nf4"
@@ -35,11 +35,9 @@ class BnbSettings:
     """Quantize the 4-bit scales too (about 0.4 bits/weight less)."""
     compute_dtype: str = "bf16"
     """dtype of the 4-bit matmuls (bf16, fp16, fp32)."""
-    eval_langs: tuple[str, ...] = EVAL_SETS
-    eval_tokens: int = 2048
-    eval_ctx: int = 256
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in MODES:
             raise SettingsError(unknown_key_message("bnb mode", self.mode, MODES))
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -47,8 +45,6 @@ class BnbSettings:
                                                     COMPUTE_DTYPES))
         if self.mode == "int8" and self.double_quant:
             raise SettingsError("--double-quant applies to nf4/fp4, not int8")
-        if min(self.eval_tokens, self.eval_ctx) <= 1:
-            raise SettingsError("eval sizes must be positive")
 
 
 def bnb_config(settings: BnbSettings):

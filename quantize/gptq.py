@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvant.data import DEFAULT_CALIB, EVAL_SETS, get_mix
+from kvant.data import DEFAULT_CALIB, EvalSettings, get_mix
 from kvant.errors import DataError, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 @dataclass(frozen=True)
-class GPTQSettings:
+class GPTQSettings(EvalSettings):
     """GPTQ settings; stored in the manifest."""
 
     bits: int = 4
@@ -45,11 +45,9 @@ class GPTQSettings:
     calib: str = DEFAULT_CALIB
     samples: int = 256
     seqlen: int = 512
-    eval_langs: tuple[str, ...] = EVAL_SETS
-    eval_tokens: int = 2048
-    eval_ctx: int = 256
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.bits not in (2, 3, 4, 8):
             raise SettingsError(f"--bits {self.bits}: GPTQ kernels take 2, 3, 4 or 8")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % 32):
@@ -83,10 +81,10 @@ def calibration_samples(model_dir: Path, text: str, samples: int, seqlen: int) -
     """Cut the calibration text into ``samples`` windows of exactly ``seqlen`` HF tokens."""
     from tokenizers import Tokenizer
 
-    from kvant.data import paragraphs
+    from kvant.data import encode_stream, paragraphs
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    ids = [i for enc in tok.encode_batch(paragraphs(text)) for i in enc.ids]
+    ids = encode_stream(tok, paragraphs(text))
     n = min(samples, len(ids) // seqlen)
     if n == 0:
         raise DataError(f"the calibration text gives {len(ids)} tokens, fewer than one "
