@@ -50,8 +50,9 @@ demo: setup ## the whole release recipe on the NorMistral stand-in: artifacts, b
 test: setup ## run the test suite
 	$(PY) -m pytest
 
-lint: setup ## ruff
+lint: setup ## ruff, and the architecture's layers (tools/check_architecture.py)
 	$(VENV)/bin/ruff check .
+	$(PY) tools/check_architecture.py
 
 clean: ## remove build and test leftovers
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,68 @@
+"""The layers hold: core <- pipelines <- app, no cycles, no private reach-ins, and the
+parser builds without the engines."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("check_architecture",
+                                               REPO / "tools" / "check_architecture.py")
+arch = importlib.util.module_from_spec(_spec)
+sys.modules["check_architecture"] = arch  # dataclasses look their module up there
+_spec.loader.exec_module(arch)
+
+
+def test_the_tree_respects_its_layers():
+    assert arch.check() == []
+
+
+def test_every_mapped_package_is_walked():
+    names = set(arch.modules())
+    assert {"kvant.cli", "kvant.runtimes", "kvant.runtimes.llamacpp", "kvant.quantize.gptq",
+            "kvant.export.gguf_pipeline", "kvant.bench.run"} <= names
+    assert arch.layer("kvant.runtimes.hf") == "core"
+    assert arch.layer("kvant.export.onnx") == "pipeline"
+    assert arch.layer("kvant.bench.worker") == "app"
+
+
+def _copy(tmp_path):
+    for name in ("kvant", "quantize", "export", "bench"):
+        shutil.copytree(REPO / name, tmp_path / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    return tmp_path
+
+
+def _append(path, text):
+    path.write_text(path.read_text() + text)
+
+
+def test_planted_violations_are_each_caught(tmp_path):
+    root = _copy(tmp_path)
+    _append(root / "kvant" / "scoring.py", "\n\ndef _up():\n    from kvant.bench import run\n")
+    _append(root / "export" / "onnx.py", "\nfrom kvant.quantize.gptq import GPTQSettings\n")
+    _append(root / "kvant" / "data.py", "\nfrom kvant.scoring import windows\n")  # a cycle
+    _append(root / "quantize" / "bnb.py", "\nfrom kvant.tiny import _train\n")
+    _append(root / "kvant" / "plan.py",
+            "\n\ndef _lazy():\n    from kvant.errors import KvantError\n")
+    problems = "\n".join(arch.check(root))
+    assert "core module kvant.scoring imports app module kvant.bench.run" in problems
+    assert "(quantize and export are independent)" in problems
+    cycles = [line for line in problems.splitlines() if line.startswith("import cycle: ")]
+    assert any("kvant.data <->" in c and "kvant.scoring" in c for c in cycles)
+    assert "private name _train imported from kvant.tiny" in problems
+    assert "function-local import of kvant.errors, which is light" in problems
+
+
+def test_building_the_parser_loads_no_engine():
+    code = ("import sys\nfrom kvant.cli import build_parser\nbuild_parser()\n"
+            "heavy = [m for m in ('torch', 'transformers', 'llama_cpp', 'onnxruntime', "
+            "'gptqmodel', 'numpy') if m in sys.modules]\nprint(','.join(heavy))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == ""

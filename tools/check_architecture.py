@@ -1,0 +1,189 @@
+"""Kvant's layering, checked from the source (function-local imports included).
+
+    python tools/check_architecture.py        # exit 1 and one line per violation
+
+Why not import-linter alone: Kvant maps quantize/, export/ and bench/ at the repository
+root into the `kvant` package (setuptools package-dir), and import-linter's graph builder
+(grimp) finds subpackages by walking the package's own folder, so it would not see them.
+This script walks the same mapping from pyproject.toml and parses every module with `ast`.
+
+Rules:
+1. Layers: core (kvant/*) imports no pipeline and no app module; pipelines (quantize/,
+   export/) import no app module; quantize/ and export/ do not import each other.
+   App: kvant.cli, kvant.pipelines, kvant.release, kvant.release_cards and bench/.
+2. No import cycles between Kvant modules.
+3. No private names across modules (`from kvant.x import _y`).
+4. A function-local import of a Kvant module only in the app layer, or of a module that
+   is heavy (imports an engine such as torch or llama_cpp at its top, directly or through
+   other Kvant modules): anything else buys nothing and hides the dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = {"kvant.cli", "kvant.pipelines", "kvant.release", "kvant.release_cards"}
+APP_PACKAGES = ("kvant.bench",)
+PIPELINE_PACKAGES = ("kvant.quantize", "kvant.export")
+# Engines and other imports that cost a second or more, or pull in a GPU stack.
+HEAVY = {"torch", "transformers", "gptqmodel", "llama_cpp", "onnxruntime",
+         "onnxruntime_genai", "bitsandbytes", "accelerate", "optimum", "matplotlib",
+         "huggingface_hub", "gguf", "tokenizers", "safetensors", "numpy", "tqdm"}
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # the importing module
+    target: str  # the imported module (or module.name; resolved against known modules)
+    names: tuple[str, ...]
+    line: int
+    local: bool  # inside a function
+
+
+def modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every Kvant module name -> file, following pyproject's package-dir mapping."""
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {pkg: root / pkg.replace(".", "/") for pkg in config["packages"]}
+    dirs.update({pkg: root / d for pkg, d in config.get("package-dir", {}).items()})
+    out = {}
+    for pkg, folder in dirs.items():
+        for file in sorted(folder.glob("*.py")):
+            out[pkg if file.stem == "__init__" else f"{pkg}.{file.stem}"] = file
+        for sub in sorted(p for p in folder.iterdir() if (p / "__init__.py").is_file()):
+            name = f"{pkg}.{sub.name}"
+            if name not in dirs:  # a subpackage not listed (kvant.runtimes)
+                for file in sorted(sub.glob("*.py")):
+                    out[name if file.stem == "__init__" else f"{name}.{file.stem}"] = file
+    return out
+
+
+def imports(name: str, file: Path) -> list[Import]:
+    tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
+    found = []
+
+    def visit(node, local):
+        for child in ast.iter_child_nodes(node):
+            inner = local or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    found.append(Import(name, alias.name, (), child.lineno, local))
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                found.append(Import(name, child.module, tuple(a.name for a in child.names),
+                                    child.lineno, local))
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+def layer(module: str) -> str:
+    if module in APP or module.startswith(APP_PACKAGES):
+        return "app"
+    if module.startswith(PIPELINE_PACKAGES):
+        return "pipeline"
+    return "core"
+
+
+def _resolve(imp: Import, known: dict[str, Path]) -> list[str]:
+    """The Kvant modules an import statement loads (from kvant.x import y may name a module)."""
+    if imp.target != "kvant" and not imp.target.startswith("kvant."):
+        return []
+    out = [imp.target] if imp.target in known else []
+    out += [f"{imp.target}.{n}" for n in imp.names if f"{imp.target}.{n}" in known]
+    return out
+
+
+def check(root: Path = ROOT) -> list[str]:
+    known = modules(root)
+    graph: dict[str, list[tuple[str, Import]]] = {}
+    problems = []
+    top_heavy: dict[str, bool] = {}
+    for name, file in known.items():
+        found = imports(name, file)
+        graph[name] = [(t, imp) for imp in found for t in _resolve(imp, known) if t != name]
+        top_heavy[name] = any(i.target.split(".")[0] in HEAVY for i in found if not i.local)
+
+    def heavy(module: str, seen=()) -> bool:
+        if top_heavy[module]:
+            return True
+        return any(heavy(t, (*seen, module)) for t, imp in graph[module]
+                   if not imp.local and t not in seen and t != module)
+
+    order = {"core": 0, "pipeline": 1, "app": 2}
+    for name, edges in graph.items():
+        where = f"{known[name].relative_to(root)}"
+        for target, imp in edges:
+            if target == "kvant":
+                continue
+            a, b = layer(name), layer(target)
+            if order[b] > order[a]:
+                problems.append(f"{where}:{imp.line}: {a} module {name} imports {b} module "
+                                f"{target}")
+            if a == b == "pipeline" and target.split(".")[1] != name.split(".")[1]:
+                problems.append(f"{where}:{imp.line}: {name} imports {target} "
+                                "(quantize and export are independent)")
+            private = [n for n in imp.names if n.startswith("_")]
+            if private:
+                problems.append(f"{where}:{imp.line}: private name {', '.join(private)} "
+                                f"imported from {imp.target}")
+            if imp.local and a != "app" and not heavy(target):
+                problems.append(f"{where}:{imp.line}: function-local import of {target}, "
+                                "which is light: import it at the top")
+    problems += _cycles(graph, known, root)
+    return problems
+
+
+def _cycles(graph, known, root) -> list[str]:
+    """One line per import cycle (Tarjan's strongly connected components)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def strong(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w, _ in graph[v]:
+            if w == "kvant":
+                continue
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1:
+                out.append("import cycle: " + " <-> ".join(sorted(part)))
+
+    sys.setrecursionlimit(10000)
+    for v in graph:
+        if v not in index:
+            strong(v)
+    return out
+
+
+def main() -> int:
+    problems = check()
+    for line in problems:
+        sys.stdout.write(line + "\n")
+    if problems:
+        sys.stdout.write(f"{len(problems)} architecture violation(s); see "
+                         "tools/check_architecture.py for the rules\n")
+        return 1
+    sys.stdout.write(f"architecture: {len(modules())} modules, layers respected, no cycles\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
