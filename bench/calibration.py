@@ -16,27 +16,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from tokenizers import Tokenizer
 
-def compare(model_dir: Path, calibs: list[str], gguf_type: str, cache_dir: Path,
-            data_dir: Path | None, settings=None) -> dict:
-    """{calibration label: {language: drift dict}} for ``gguf_type``."""
-    from kvant.data import get_mix, get_text
-    from kvant.export.gguf import GGUFSettings, compute_imatrix, quantize
-    from kvant.export.gguf_convert import convert
-    from kvant.scoring import drift, eval_windows, hf_logits, llama_logits
+from kvant.data import get_mix, get_text
+from kvant.export.gguf import GGUFSettings
+from kvant.export.gguf_convert import convert
+from kvant.export.gguf_quantize import compute_imatrix, quantize
+from kvant.model import refuse_synthetic
+from kvant.paths import cache_dir, default_data_dir
+from kvant.quantize.gptq import GPTQSettings
+from kvant.quantize.gptq_pipeline import calibration_samples, quantize_gptq
+from kvant.runtimes import reference_logits, score_target, targets
+from kvant.scoring import drift, eval_windows
 
-    settings = settings or GGUFSettings(types=(gguf_type,))
-    texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
+
+def _reference(model_dir: Path, settings, cache: Path, data_dir: Path | None):
+    refuse_synthetic(model_dir)
+    texts = {lang: get_text(lang, cache, data_dir) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
-    ref = {lang: hf_logits(model_dir, w) for lang, w in wins.items()}
-    from tokenizers import Tokenizer
+    return wins, reference_logits(model_dir, wins)
 
+
+def _drifts(ref: dict, logits: dict, wins: dict) -> dict:
+    return {lang: drift(ref[lang], logits[lang], w).as_dict() for lang, w in wins.items()}
+
+
+def compare(model_dir: Path, calibs: list[str], gguf_type: str, cache: Path,
+            data_dir: Path | None, settings: GGUFSettings | None = None) -> dict:
+    """{calibration label: {language: drift dict}} for ``gguf_type``."""
+    settings = settings or GGUFSettings(types=(gguf_type,))
+    wins, ref = _reference(model_dir, settings, cache, data_dir)
     normalizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")).normalizer
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,28 +59,21 @@ def compare(model_dir: Path, calibs: list[str], gguf_type: str, cache_dir: Path,
         for label in calibs:
             imatrix = None
             if label != "none":
-                text = get_mix(label, cache_dir, data_dir)
+                text = get_mix(label, cache, data_dir)
                 imatrix = Path(tmp) / f"{len(results)}.imatrix.gguf"
                 compute_imatrix(base, text.read(), imatrix, settings, normalizer)
             quant = Path(tmp) / f"{len(results)}.gguf"
             quantize(base, quant, gguf_type, imatrix, settings.n_threads)
-            results[_label(label)] = {
-                lang: drift(ref[lang], llama_logits(quant, w), w).as_dict()
-                for lang, w in wins.items()}
+            results[_label(label)] = _drifts(ref, score_target(targets(quant)[0], wins), wins)
     return results
 
 
-def compare_gptq(model_dir: Path, calibs: list[str], cache_dir: Path, data_dir: Path | None,
-                 settings=None) -> dict:
+def compare_gptq(model_dir: Path, calibs: list[str], cache: Path, data_dir: Path | None,
+                 settings: GPTQSettings | None = None) -> dict:
     """{calibration label: {language: drift dict}} for GPTQ, same token count for each text."""
-    from kvant.data import get_mix
-    from kvant.quantize.gptq import GPTQSettings, calibration_samples, quantize_gptq
-    from kvant.scoring import drift, hf_logits, reference
-
     settings = settings or GPTQSettings()
-    _, wins, ref = reference(model_dir, settings.eval_langs, settings.eval_tokens,
-                             settings.eval_ctx, cache_dir, data_dir)
-    texts = {label: get_mix(label, cache_dir, data_dir).read() for label in calibs}
+    wins, ref = _reference(model_dir, settings, cache, data_dir)
+    texts = {label: get_mix(label, cache, data_dir).read() for label in calibs}
     sample_sets = {label: calibration_samples(model_dir, text, settings.samples,
                                               settings.seqlen) for label, text in texts.items()}
     n = min(len(s) for s in sample_sets.values())  # same token count for every text
@@ -76,9 +83,9 @@ def compare_gptq(model_dir: Path, calibs: list[str], cache_dir: Path, data_dir: 
             out = Path(tmp) / str(i)
             out.mkdir()
             quantize_gptq(model_dir, out, settings, samples[:n])
-            results[_label(label)] = {
-                lang: drift(ref[lang], hf_logits(out, w, dtype=None), w).as_dict()
-                for lang, w in wins.items()}
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                (out / name).write_bytes((model_dir / name).read_bytes())
+            results[_label(label)] = _drifts(ref, score_target(targets(out)[0], wins), wins)
     return results
 
 
@@ -102,9 +109,6 @@ def to_markdown(results: dict, gguf_type: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvant.cli import ENV_DATA_DIR, cache_dir
-    from kvant.export.gguf import GGUFSettings
-
     parser = argparse.ArgumentParser(prog="python -m kvant.bench.calibration")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calib", action="append", required=True,
@@ -113,12 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128, help="gptq: samples per text")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--imatrix-chunks", type=int, default=64)
-    parser.add_argument("--data-dir", type=Path, default=os.environ.get(ENV_DATA_DIR))
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.type == "gptq":
-        from kvant.quantize.gptq import GPTQSettings
-
         settings = GPTQSettings(samples=args.samples, seqlen=256, eval_tokens=args.eval_tokens)
         results = compare_gptq(args.model, args.calib, cache_dir(), args.data_dir, settings)
     else:

@@ -1,7 +1,7 @@
 """`kvant generate`: stream text from any artifact, tokenized exactly as NorMistral does.
 
 GGUF files carry the exact HF tokenizer (tokenizer.huggingface.json) and ONNX artifacts ship
-tokenizer.normistral.json, so every backend gets the same ids the model was trained on.
+tokenizer.normistral.json, so every runtime gets the same ids the model was trained on.
 """
 
 from __future__ import annotations
@@ -9,22 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvant.bench.backends import load, targets
 from kvant.errors import SettingsError
+from kvant.runtimes import open_runtime, targets
+from kvant.tokenization import exact_tokenizer
 
-
-def exact_tokenizer(path: Path):
-    """The NorMistral tokenizer that belongs to an artifact (file or folder)."""
-    from tokenizers import Tokenizer
-
-    if path.suffix == ".gguf":
-        from kvant.export.gguf_tokenizer import _hf_tokenizer_from_gguf
-
-        return _hf_tokenizer_from_gguf(str(path), path.stat().st_mtime_ns)
-    for name in ("tokenizer.normistral.json", "tokenizer.json"):
-        if (path / name).is_file():
-            return Tokenizer.from_file(str(path / name))
-    raise SettingsError(f"'{path}' has no tokenizer.json; pass a model or artifact folder")
+EOS_ID = 2  # </s> in NorMistral's vocabulary
 
 
 def generate(artifact: Path, prompt: str, max_new_tokens: int, stop_at_newline: bool = False,
@@ -40,13 +29,13 @@ def generate(artifact: Path, prompt: str, max_new_tokens: int, stop_at_newline: 
     target = found[0]
     tokenizer = exact_tokenizer(target.path)
     ids = tokenizer.encode(prompt).ids
-    backend = load(target, device, 0, n_ctx=len(ids) + max_new_tokens + 8)
+    runtime = open_runtime(target, device, 0, n_ctx=len(ids) + max_new_tokens + 8)
     prefix = tokenizer.decode(ids, skip_special_tokens=True)
     new: list[int] = []
     shown = ""
     try:
-        for token in backend.greedy(ids):
-            if token == 2 or len(new) >= max_new_tokens:  # </s>
+        for token in runtime.greedy(ids):
+            if token == EOS_ID or len(new) >= max_new_tokens:
                 break
             new.append(token)
             # decode prompt + continuation together: NorMistral's decoder strips the
@@ -63,5 +52,4 @@ def generate(artifact: Path, prompt: str, max_new_tokens: int, stop_at_newline: 
                 yield text[len(shown):]
             shown = text
     finally:
-        if hasattr(backend, "close"):
-            backend.close()
+        runtime.close()

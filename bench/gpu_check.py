@@ -16,14 +16,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from kvant.bench.run import run_bench
+from kvant.bench.settings import BenchSettings
+from kvant.data import get_mix, get_text
+from kvant.paths import cache_dir
+from kvant.quantize import bnb_pipeline, gptq_pipeline
+from kvant.quantize.bnb import BnbSettings
+from kvant.quantize.gptq import GPTQSettings
+from kvant.tiny import TinyRecipe, build_tiny, default_dir
+
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from kvant.bench.run import BenchSettings, run_bench
-    from kvant.cli import cache_dir
-    from kvant.quantize import bnb, gptq
-
     parser = argparse.ArgumentParser(prog="python -m kvant.bench.gpu_check")
     parser.add_argument("--model", type=Path, help="default: the stand-in, built now")
     parser.add_argument("--out", type=Path, required=True)
@@ -42,15 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("nf4", "int8"):
         out = args.out / f"bnb-{mode}"
         t = time.perf_counter()
-        bnb.run(model, out, bnb.BnbSettings(mode=mode, eval_langs=("nob",), eval_tokens=1024),
+        bnb_pipeline.run(model, out, BnbSettings(mode=mode, eval_langs=("nob",), eval_tokens=1024),
                 source={"id": str(model)}, cache_dir=cache_dir(), data_dir=args.data_dir,
                 force=True, device="cuda")
         log["steps"][f"bnb-{mode}"] = round(time.perf_counter() - t, 1)
         artifacts.append(out)
     out = args.out / "gptq-4bit"
     t = time.perf_counter()
-    gptq.run(model, out, gptq.GPTQSettings(calib=args.calib, samples=64, seqlen=512,
-                                           eval_langs=("nob",), eval_tokens=1024),
+    gptq_pipeline.run(model, out, GPTQSettings(calib=args.calib, samples=64, seqlen=512,
+                                               eval_langs=("nob",), eval_tokens=1024),
              source={"id": str(model)}, cache_dir=cache_dir(), data_dir=args.data_dir,
              force=True, device="cuda")
     log["steps"]["gptq-4bit"] = round(time.perf_counter() - t, 1)
@@ -72,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _kernels(artifacts: list[Path]) -> dict:
     """Which linear class each artifact runs on CUDA (Marlin / ExLlama / bnb kernels)."""
-    from transformers import AutoModelForCausalLM
-
     out = {}
     for path in artifacts:
         model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")
@@ -83,10 +87,6 @@ def _kernels(artifacts: list[Path]) -> dict:
 
 
 def _tiny(data_dir: Path, calib: str) -> Path:
-    from kvant.cli import cache_dir
-    from kvant.data import get_mix, get_text
-    from kvant.tiny import TinyRecipe, build_tiny, default_dir
-
     train = get_mix(calib, cache_dir(), data_dir)
     recipe = TinyRecipe()
     return build_tiny(default_dir(cache_dir(), recipe, train), train,

@@ -6,7 +6,8 @@ the same thing the same way, so this module reproduces their protocols:
 - llama-perplexity (tools/perplexity/perplexity.cpp): tokenize the whole text with
   llama.cpp's tokenizer, cut it into n_ctx chunks (the remainder dropped), put BOS first in
   each chunk, and score only the second half (`first = n_ctx/2`, n_ctx - 1 - first tokens).
-- llama-bench: prompt processing (pp) and token generation (tg) rates at given sizes.
+- llama-bench: prompt processing (pp) from an empty cache and token generation (tg) at a
+  depth, on the same device, offload and threads as Kvant's own measurement.
 """
 
 from __future__ import annotations
@@ -20,19 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from kvant.errors import KvantError
-from kvant.export.gguf import llama_tool, run_tool
+from kvant.runtimes.llamacpp import LlamaCppRuntime, gpu_layers, llama_tool, run_tool
 from kvant.scoring import log_softmax
 
 
 def kvant_perplexity_llama_protocol(gguf: Path, text: str, n_ctx: int, chunks: int,
                                     threads: int = 0) -> float:
     """Perplexity of ``gguf`` on ``text`` by llama-perplexity's protocol, computed by Kvant."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                          verbose=False, n_threads=threads or os.cpu_count())
+    runtime = LlamaCppRuntime(gguf, threads=threads, n_ctx=n_ctx)
     try:
-        tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        tokens = runtime.stock_tokenize(text)
         n_chunk = min(chunks, len(tokens) // n_ctx)
         if n_chunk < 1:
             raise KvantError(f"text gives {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
@@ -40,16 +38,14 @@ def kvant_perplexity_llama_protocol(gguf: Path, text: str, n_ctx: int, chunks: i
         nll, count = 0.0, 0
         for i in range(n_chunk):
             chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
-            chunk[0] = llm.token_bos()
-            llm.reset()
-            llm.eval(chunk)
-            lp = log_softmax(np.array(llm.scores[first:n_ctx - 1]))
+            chunk[0] = runtime.llm.token_bos()
+            lp = log_softmax(runtime.logits(chunk)[first:n_ctx - 1])
             targets = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
             nll -= lp[np.arange(len(targets)), targets].sum()
             count += n_ctx - 1 - first
         return math.exp(nll / count)
     finally:
-        llm.close()
+        runtime.close()
 
 
 def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
@@ -70,16 +66,24 @@ def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
     return float(value), int(index)
 
 
-def llama_bench(gguf: Path, n_prompt: int, n_gen: int, threads: int = 0,
+def llama_bench(gguf: Path, n_prompt: int, n_gen: int, device: str = "cpu", threads: int = 0,
                 repetitions: int = 3) -> dict:
-    """llama-bench's prefill (pp) and decode (tg) tokens/s for one file."""
+    """llama-bench like Kvant's own rows: prefill of ``n_prompt`` tokens from an empty cache,
+    decode of ``n_gen`` tokens at depth ``n_prompt``; same device offload and threads."""
+    threads = threads or os.cpu_count()
+    ngl = 99 if gpu_layers(device) < 0 else 0  # llama-bench's "all layers" is a count
     log = run_tool([llama_tool("llama-bench"), "-m", gguf, "-p", n_prompt, "-n", n_gen,
-                "-t", threads or os.cpu_count(), "-r", repetitions, "-ngl", "0", "-o", "json"])
+                    "-d", f"0,{n_prompt}", "-t", threads, "-r", repetitions, "-ngl", ngl,
+                    "-o", "json"])
     rows = json.loads(log[log.index("["):log.rindex("]") + 1])
-    out = {}
+    out = {"n_prompt": n_prompt, "n_gen": n_gen, "decode_depth": n_prompt, "threads": threads,
+           "n_gpu_layers": ngl, "device": device}
     for row in rows:
-        if row.get("n_prompt") and not row.get("n_gen"):
+        depth = row.get("n_depth", 0)
+        if row.get("n_prompt") and not row.get("n_gen") and depth == 0:
             out["prefill_tok_s"] = round(row["avg_ts"], 2)
-        elif row.get("n_gen") and not row.get("n_prompt"):
+            out["prefill_tok_s_stddev"] = round(row.get("stddev_ts", 0.0), 2)
+        elif row.get("n_gen") and not row.get("n_prompt") and depth == n_prompt:
             out["decode_tok_s"] = round(row["avg_ts"], 2)
+            out["decode_tok_s_stddev"] = round(row.get("stddev_ts", 0.0), 2)
     return out

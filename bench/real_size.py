@@ -23,6 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvant.bench.run import speed
+from kvant.bench.settings import BenchSettings
+from kvant.machine import machine
+from kvant.runtimes import targets
+from kvant.runtimes.llamacpp import llama_tool
+
 _LLAMA_CONVERT = """
 import sys
 src = sys.argv[1]
@@ -56,8 +62,6 @@ def timed(cmd: list[str]) -> dict:
 
 
 def run(layers: int, work: Path, train_text: str, llama_src: Path | None, decode: bool) -> dict:
-    from kvant.export.gguf import llama_tool
-
     kvant = [sys.executable, "-m", "kvant.cli", "--no-progress"]
     synth = work / f"synth-{layers}"
     result = {"layers": layers}
@@ -83,9 +87,6 @@ def run(layers: int, work: Path, train_text: str, llama_src: Path | None, decode
     result["q4_k_m_gib"] = round(q4.stat().st_size / 2**30, 3)
     bf16.unlink()
     if decode:
-        from kvant.bench.backends import targets
-        from kvant.bench.run import BenchSettings, speed
-
         target = targets(q4)[0]
         settings = BenchSettings(ctx=("512",), n_new=16, repeats=3)
         result["q4_k_m_speed"] = speed(target, list(range(16, 16 + 512)), 512, settings, "cpu")
@@ -106,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    from kvant.bench.run import machine
-
     results = {"machine": machine(), "runs": []}
     for layers in (int(n) for n in args.layers.split(",")):
         results["runs"].append(run(layers, args.work, args.train_text, args.llama_cpp_src,

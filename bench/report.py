@@ -31,19 +31,38 @@ def _quality_tables(results: dict) -> list[str]:
     return lines
 
 
+def speed_cell(s: dict, phase: str) -> str:
+    """``median (min-max)`` tokens/s of a speed row, with ⚠ when the row is noisy."""
+    if f"{phase}_tok_s" not in s:
+        return "-"
+    cell = f"{s[f'{phase}_tok_s']:,.2f}"
+    if f"{phase}_tok_s_min" in s and s.get("repeats", 1) > 1:
+        cell += f" ({s[f'{phase}_tok_s_min']:,.2f}-{s[f'{phase}_tok_s_max']:,.2f})"
+    return cell + (" ⚠" if s.get("noisy") else "")
+
+
 def _speed_table(results: dict) -> list[str]:
     lines = ["| target | backend | context | load (s) | prefill tok/s | decode tok/s | "
-             "peak RSS (MiB) | peak VRAM (MiB) |", "|---|---|---|---|---|---|---|---|"]
+             "other CPU % | peak RSS (MiB) | peak VRAM (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    noisy = []
     for name, entry in results["targets"].items():
         for ctx, s in entry.get("speed", {}).items():
             if "error" in s:
                 lines.append(f"| {name} | {entry['backend']} | {ctx} | failed: {s['error']} "
-                             "| | | | |")
+                             "| | | | | |")
                 continue
+            if s.get("noisy"):
+                noisy.append(f"{name} at {ctx} ({'; '.join(s.get('noise', []))}, "
+                             f"{s.get('attempts', 1)} attempts)")
             vram = s.get("process_vram_mib", s.get("peak_vram_reserved_mib", "-"))
             lines.append(f"| {name} | {entry['backend']} | {ctx} | {s['load_s']:.2f} | "
-                         f"{s['prefill_tok_s']:,.1f} | {s['decode_tok_s']:,.2f} | "
-                         f"{s['peak_rss_mib']:,.0f} | {vram} |")
+                         f"{speed_cell(s, 'prefill')} | {speed_cell(s, 'decode')} | "
+                         f"{s.get('other_cpu_pct', 0):.0f} | {s['peak_rss_mib']:,.0f} | "
+                         f"{vram} |")
+    if noisy:
+        lines += ["", "**⚠ noisy rows** (kept after repeated attempts; treat as lower bounds): "
+                  + "; ".join(noisy) + "."]
     return lines
 
 
@@ -55,17 +74,28 @@ def _peer_table(results: dict) -> list[str]:
              "| file | Kvant PPL | llama-perplexity | diff | Kvant prefill tok/s | "
              "llama-bench pp | Kvant decode tok/s | llama-bench tg |",
              "|---|---|---|---|---|---|---|---|"]
+    bench = rows[0][1]["llama_bench"]
     for name, p in rows:
-        speed = results["targets"][name]["speed"].get(str(p["llama_bench"]["n_prompt"]), {})
+        b = p["llama_bench"]
+        speed = results["targets"][name]["speed"].get(str(b["n_prompt"]), {})
         lines.append(f"| {name} | {p['perplexity']['kvant']:.4f} | "
                      f"{p['perplexity']['llama_perplexity']:.4f} | "
                      f"{p['perplexity']['relative_diff_pct']:.3f}% | "
-                     f"{speed.get('prefill_tok_s', '-')} | "
-                     f"{p['llama_bench'].get('prefill_tok_s', '-')} | "
-                     f"{speed.get('decode_tok_s', '-')} | "
-                     f"{p['llama_bench'].get('decode_tok_s', '-')} |")
+                     f"{speed_cell(speed, 'prefill')} | {_pm(b, 'prefill')} | "
+                     f"{speed_cell(speed, 'decode')} | {_pm(b, 'decode')} |")
     return [*lines, "", "Perplexity by llama-perplexity's protocol (its tokenizer, n_ctx chunks, "
-            "second half scored); speed at llama-bench's prompt size and generation length.", ""]
+            "second half scored). Speed like with like: both on device "
+            f"`{bench.get('device', 'cpu')}` with {bench.get('n_gpu_layers', 0)} GPU layers and "
+            f"{bench.get('threads', '?')} threads; prefill of {bench['n_prompt']} tokens from an "
+            f"empty cache; decode of {bench['n_gen']} tokens at depth "
+            f"{bench.get('decode_depth', 0)}. Kvant: median (min-max); llama-bench: mean ± "
+            "standard deviation.", ""]
+
+
+def _pm(b: dict, phase: str) -> str:
+    if f"{phase}_tok_s" not in b:
+        return "-"
+    return f"{b[f'{phase}_tok_s']:,.2f} ± {b.get(f'{phase}_tok_s_stddev', 0):,.2f}"
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -80,12 +110,87 @@ def write_report(results: dict, out: Path) -> None:
              "## Quality per language", "", *_quality_tables(results),
              "## Speed and memory", "", *_speed_table(results), "",
              "Fresh process per row; median of "
-             f"{results['settings']['repeats']} after a warm-up; decode is "
-             f"{results['settings']['n_new']} greedy tokens at the given depth.", "",
+             f"{results['settings']['repeats']} (min-max) after a warm-up; decode is "
+             f"{results['settings']['n_new']} greedy tokens at the given depth. `other CPU %`: "
+             "the share of the machine other programs used meanwhile (a row over "
+             f"{results['settings'].get('max_other_cpu_pct', 10):g}% or with repeats spread "
+             f"over {results['settings'].get('max_spread_pct', 25):g}% is measured again, up "
+             f"to {results['settings'].get('max_attempts', 1)} times, and flagged ⚠ if it "
+             "stays so).", "",
              *_peer_table(results),
              "## Plots", "", *(f"![{p}]({p})" for p in PLOTS), ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     _plots(results, out)
+
+
+MARKERS = {"bf16": "*", "gguf": "o", "gptq": "s", "bnb": "D", "onnx": "^"}
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points no other point beats on both size and KLD, by increasing size."""
+    front, best = [], float("inf")
+    for x, y, name in sorted(points):
+        if y < best:
+            front.append((x, y, name))
+            best = y
+    return front
+
+
+def _overlaps(a, b) -> bool:
+    return not (a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0)
+
+
+def place_labels(ax, points: list[tuple[float, float, str]], fontsize: int = 7) -> list:
+    """Annotate each point at the first of several offsets where its label overlaps no
+    label placed before it (nor a marker); returns the labels' display boxes."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    markers = [ax.transData.transform((x, y)) for x, y, _ in points]
+    offsets = [(6, 4), (6, -11), (-6, 4), (-6, -11), (6, 14), (-6, 14), (6, -21), (-6, -21),
+               (6, 24), (-6, 24), (6, -31), (-6, -31), (6, 34), (-6, 34), (6, -41), (-6, -41)]
+    placed = []
+    for x, y, name in sorted(points, key=lambda p: (p[0], p[1])):
+        for k, (dx, dy) in enumerate(offsets):
+            label = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points",
+                                fontsize=fontsize, ha="left" if dx > 0 else "right")
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            hits_marker = any(box.x0 <= mx <= box.x1 and box.y0 <= my <= box.y1
+                              for mx, my in markers)
+            if not any(_overlaps(box, other) for other in placed) and not hits_marker \
+                    or k == len(offsets) - 1:
+                placed.append(box)
+                break
+            label.remove()
+    return placed
+
+
+def frontier_figure(targets: dict, plt):
+    """Quality against size: one marker per format, the Pareto frontier drawn, every point
+    labelled without overlaps. Returns (figure, axes, label boxes)."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    points = []
+    for fmt in dict.fromkeys(e["format"] for e in targets.values()):
+        pts = []
+        for name, e in targets.items():
+            if e["format"] == fmt and e.get("quality"):
+                mean = sum(d["mean_kld"] for d in e["quality"].values()) / len(e["quality"])
+                pts.append((e["size_bytes"] / 2**20, max(mean, 1e-7), name))
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=36, label=fmt,
+                       marker=MARKERS.get(fmt, "o"), zorder=3)
+            points += pts
+    front = pareto(points)
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.5",
+                linestyle="--", linewidth=1, label="Pareto frontier", zorder=2)
+    ax.set(xlabel="size (MiB)", ylabel="mean KLD vs reference (log)", yscale="log",
+           title="Quality / size: lower-left is better")
+    ax.margins(x=0.15, y=0.25)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
+    fig.tight_layout()
+    boxes = place_labels(ax, points)
+    return fig, ax, boxes
 
 
 def _plots(results: dict, out: Path) -> None:
@@ -95,20 +200,7 @@ def _plots(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     targets = results["targets"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    langs = sorted({lang for e in targets.values() for lang in e.get("quality", {})})
-    for lang in langs:
-        pts = sorted((e["size_bytes"] / 2**20, e["quality"][lang]["mean_kld"], n)
-                     for n, e in targets.items() if lang in e.get("quality", {}))
-        ax.plot([p[0] for p in pts], [max(p[1], 1e-7) for p in pts], "o-", label=lang)
-    for name, e in targets.items():
-        if e.get("quality"):
-            mean = sum(d["mean_kld"] for d in e["quality"].values()) / len(e["quality"])
-            ax.annotate(name, (e["size_bytes"] / 2**20, max(mean, 1e-7)), fontsize=7)
-    ax.set(xlabel="size (MiB)", ylabel="mean KLD vs reference", yscale="log",
-           title="Quality / size frontier")
-    ax.legend()
-    fig.tight_layout()
+    fig, _, _ = frontier_figure(targets, plt)
     fig.savefig(out / "frontier.png", dpi=120)
     plt.close(fig)
 

@@ -3,58 +3,79 @@
 A fresh process per (target, context length), as optimum-benchmark and llama-bench do, so
 that peak memory belongs to this measurement alone and no warm state leaks between targets.
 Warm-up first, the device synchronised before each clock read, decode timed apart from
-prefill, the median of repeats reported.
+prefill; every repeat is kept with the CPU time other programs took meanwhile
+(kvant.machine.CpuWatch), and the median, min and max are reported.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from kvant.machine import CpuWatch
+from kvant.memory import peak_rss_mib
+from kvant.runtimes import Target, open_runtime
+
+
+def _rates(tokens: int, seconds: list[float]) -> dict:
+    rates = sorted(tokens / s for s in seconds)
+    median = tokens / statistics.median(seconds)  # the rate of the median run
+    return {"median": round(median, 2), "min": round(rates[0], 2), "max": round(rates[-1], 2),
+            "spread_pct": round(100 * (rates[-1] - rates[0]) / median, 1)}
+
 
 def measure(spec: dict) -> dict:
     """spec: target (dict), ids (list[int], at least ctx long), ctx, n_new, repeats, device,
-    threads. Returns times in seconds, rates in tokens per second, memory in MiB."""
-    from kvant.bench.backends import Target, load
-    from kvant.memory import peak_rss_mib
-
-    target = Target(**{**spec["target"], "path": Path(spec["target"]["path"])})
+    threads. Returns times in seconds, rates in tokens per second, memory in MiB, and the
+    other programs' share of the CPU during the timed runs (percent of the machine)."""
+    target = Target(**{**spec["target"], "path": Path(spec["target"]["path"]),
+                       "files": tuple(spec["target"]["files"])})
     ctx, n_new, repeats = spec["ctx"], spec["n_new"], spec["repeats"]
     ids = spec["ids"][:ctx]
     device = spec["device"]
     started = time.perf_counter()
-    backend = load(target, device, spec["threads"], n_ctx=ctx + n_new + 8, all_logits=False)
+    runtime = open_runtime(target, device, spec["threads"], n_ctx=ctx + n_new + 8,
+                           all_logits=False)
     load_s = time.perf_counter() - started
-    backend.prefill(ids[: min(32, ctx)])  # warm-up: first-call allocations and kernel choice
-    prefill = [backend.prefill(ids) for _ in range(repeats)]
-    decode = [backend.decode(ids, n_new) for _ in range(repeats)]
+    runtime.prefill(ids[: min(32, ctx)])  # warm-up: first-call allocations and kernel choice
+    prefill, decode, other = [], [], []
+    for _ in range(repeats):
+        with CpuWatch() as watch:
+            prefill.append(runtime.prefill(ids))
+        other.append(watch.share.other_pct)
+    for _ in range(repeats):
+        with CpuWatch() as watch:
+            decode.append(runtime.decode(ids, n_new))
+        other.append(watch.share.other_pct)
+    pre, dec = _rates(ctx, prefill), _rates(n_new, decode)
     result = {
         "ctx": ctx, "n_new": n_new, "repeats": repeats, "device": device,
-        "threads": spec["threads"], "load_s": round(load_s, 3),
-        "prefill_s": round(statistics.median(prefill), 4),
-        "prefill_tok_s": round(ctx / statistics.median(prefill), 2),
-        "decode_s": round(statistics.median(decode), 4),
-        "decode_tok_s": round(n_new / statistics.median(decode), 2),
+        "threads": spec["threads"] or os.cpu_count(), "load_s": round(load_s, 3),
+        "prefill_s": round(statistics.median(prefill), 6), "prefill_tok_s": pre["median"],
+        "prefill_tok_s_min": pre["min"], "prefill_tok_s_max": pre["max"],
+        "prefill_spread_pct": pre["spread_pct"],
+        "decode_s": round(statistics.median(decode), 6), "decode_tok_s": dec["median"],
+        "decode_tok_s_min": dec["min"], "decode_tok_s_max": dec["max"],
+        "decode_spread_pct": dec["spread_pct"],
+        "other_cpu_pct": max(other), "other_cpu_pct_per_run": other,
         "peak_rss_mib": peak_rss_mib(),
     }
     if device.startswith("cuda"):
         result.update(_cuda_memory())
-    if hasattr(backend, "close"):
-        backend.close()
+    runtime.close()
     return result
 
 
 def _cuda_memory() -> dict:
-    import torch
+    import torch  # only on a GPU, where the torch runtime (or llama.cpp's CUDA) is in use
 
     out = {"peak_vram_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
            "peak_vram_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
     try:  # the whole process's device memory (llama.cpp and ORT allocate outside torch)
-        import os
-
         import pynvml
 
         pynvml.nvmlInit()

@@ -1,27 +1,17 @@
-"""`kvant export gguf`: NorMistral to GGUF for llama.cpp, every file validated.
+"""`kvant export gguf` settings: which files, which importance matrix, which tokenizer metadata.
 
-Steps: convert the checkpoint to a bf16 GGUF with our converter (gguf-py; exact tokenizer
-embedded), compute a Norwegian importance matrix with llama.cpp's llama-imatrix, make every
-other type with llama.cpp's own quantizer (llama-quantize from the llama-cpp-python wheel),
-then load each file back in llama.cpp and score it on the HF tokenizer's ids against the
-transformers model: logits parity for f32, mean KLD and top-1 agreement for the rest.
+A light module (no engine imports) so the CLI builds its flags from :class:`GGUFSettings`;
+the work is in gguf_pipeline.py (convert, imatrix, quantize, validate, card).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from kvant.data import DEFAULT_CALIB, EvalSettings
-from kvant.errors import KvantError, SettingsError
+from kvant.errors import SettingsError
 from kvant.registry import unknown_key_message
-
-logger = logging.getLogger(__name__)
 
 # llama.cpp's type names (tools/quantize) in lower case -> gguf.LlamaFileType member
 QUANT_TYPES = {
@@ -34,6 +24,10 @@ QUANT_TYPES = {
 }
 DIRECT = ("f32", "f16", "bf16")
 DEFAULT_TYPES = ("bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "iq4_xs")
+# llama.cpp's pre-tokenizer names (src/llama-vocab.cpp). `ufakzeka` has no case split, so
+# all-caps words with Æ Ø Å or Sámi letters survive (`EØS`); `tekken` is the fallback for
+# older llama.cpp builds.
+PRE_TOKENIZERS = ("ufakzeka", "tekken")
 
 
 @dataclass(frozen=True)
@@ -52,8 +46,6 @@ class GGUFSettings(EvalSettings):
     """0: all cores."""
 
     def __post_init__(self) -> None:
-        from kvant.export.gguf_tokenizer import PRE_TOKENIZERS
-
         super().__post_init__()
         object.__setattr__(self, "types", tuple(t.lower() for t in self.types))  # Q4_K_M ok
         for t in self.types:
@@ -72,90 +64,21 @@ class GGUFSettings(EvalSettings):
     def n_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
 
+    def kinds(self, model_name: str) -> dict[str, str]:
+        """{target name: artifact kind} of the files these settings make."""
+        return {file_stem(model_name, t): kind(t) for t in self.types}
+
+
+def kind(gguf_type: str) -> str:
+    """The artifact kind of one GGUF type (kvant.plan's key): gguf-q4_k_m."""
+    return f"gguf-{gguf_type.lower()}"
+
+
+def file_stem(model_name: str, gguf_type: str) -> str:
+    """The hub's naming without the suffix: ``<model>-<TYPE>``."""
+    return f"{model_name}-{gguf_type.upper()}"
+
 
 def file_name(model_name: str, gguf_type: str) -> str:
     """The hub's naming: ``<model>-<TYPE>.gguf`` (normistral-11b-long-Q4_K_M.gguf)."""
-    return f"{model_name}-{gguf_type.upper()}.gguf"
-
-
-def llama_tool(name: str) -> Path:
-    """A llama.cpp tool shipped in the llama-cpp-python wheel (site-packages/bin)."""
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise KvantError("llama-cpp-python is not installed; run `make setup` (it builds it "
-                         "with llama.cpp's tools)") from exc
-    tool = Path(llama_cpp.__file__).resolve().parents[1] / "bin" / name
-    if not tool.is_file():
-        raise KvantError(f"{name} is missing from the llama-cpp-python install; reinstall it "
-                         "with LLAMA_BUILD_TOOLS=ON as the Makefile's setup does")
-    return tool
-
-
-def run_tool(cmd: list[str]) -> str:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise KvantError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}): "
-                         + " | ".join(tail))
-    return proc.stdout + proc.stderr
-
-
-def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettings,
-                    normalizer=None) -> dict:
-    """llama-imatrix over the calibration text; returns what it used.
-
-    llama-imatrix tokenizes with llama.cpp's tokenizer; the text is pre-normalized with
-    NorMistral's own normalizer first, which brings that tokenization to 96-99.8% identical
-    paragraphs (statistics of activations barely notice the rest).
-    """
-    text = normalizer.normalize_str(calib_text) if normalizer is not None else calib_text
-    with tempfile.TemporaryDirectory() as tmp:
-        calib = Path(tmp) / "calib.txt"
-        calib.write_text(text, encoding="utf-8")
-        log = run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib, "-o", out,
-                    "-c", settings.imatrix_ctx, "--chunks", settings.imatrix_chunks,
-                    "-t", settings.n_threads, "-ngl", "0"])
-    chunks = re.findall(r"compute_imatrix: computing over (\d+) chunks", log)
-    return {"file": out.name, "chunks": int(chunks[-1]) if chunks else None,
-            "ctx": settings.imatrix_ctx}
-
-
-def quantize(base: Path, out: Path, gguf_type: str, imatrix: Path | None, threads: int) -> dict:
-    """llama-quantize one type; count the tensors that fell back to another type."""
-    cmd = [llama_tool("llama-quantize")]
-    if imatrix is not None:
-        cmd += ["--imatrix", imatrix]
-    log = run_tool([*cmd, base, out, gguf_type.upper(), threads])
-    # llama-quant.cpp's summary: "WARNING: N of M tensor(s) required fallback quantization"
-    summary = re.search(r"(\d+) of \d+ tensor\(s\) required fallback quantization", log)
-    return {"fallback_tensors": int(summary.group(1)) if summary else 0}
-
-
-def tensor_types(path: Path) -> dict[str, int]:
-    """How many tensors of each GGML type a file holds."""
-    import gguf
-
-    counts: dict[str, int] = {}
-    for tensor in gguf.GGUFReader(str(path)).tensors:
-        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
-    return counts
-
-
-def bits_per_weight(path: Path) -> float:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    n = sum(int(t.n_elements) for t in reader.tensors)
-    nbytes = sum(int(t.n_bytes) for t in reader.tensors)
-    return round(8 * nbytes / n, 3)
-
-
-
-
-def scratch_dir(near: Path) -> tempfile.TemporaryDirectory:
-    """A work folder on the output's disk (GGUF intermediates are model-sized)."""
-    near.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=".kvant-gguf-", dir=near)
-
-
+    return file_stem(model_name, gguf_type) + ".gguf"

@@ -16,8 +16,14 @@ import json
 import logging
 from pathlib import Path
 
+import gguf
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
 from kvant.errors import ModelError
-from kvant.model import rope_theta, weight_files
+from kvant.export.gguf_tokenizer import add_tokenizer
+from kvant.model import read_safetensors_header, rope_theta, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +44,6 @@ def permute_qk(weight, n_head: int):
 
 def _plan(model_dir: Path, config: dict, out_type: str):
     """[(gguf name, hf name, shape, ggml type)] and the tensors left out, from headers only."""
-    import gguf
-
-    from kvant.model import read_safetensors_header
-
     n_layers = config["num_hidden_layers"]
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     qtype = gguf.GGMLQuantizationType[DIRECT_TYPES[out_type][0]]
@@ -84,8 +86,6 @@ def read_tensor(file: Path, name: str):
     until unmapped, so streaming a 23 GB checkpoint through maps shows RSS growing toward the
     model size; plain reads keep the peak at one tensor.
     """
-    import torch
-
     base, header = raw_header(file)
     entry = header[name]
     if entry["dtype"] not in _TORCH_DTYPES:
@@ -102,9 +102,6 @@ def read_tensor(file: Path, name: str):
 
 def _as_numpy(tensor, ttype):
     """A torch tensor as the numpy array of the GGML type's bytes."""
-    import gguf
-    import torch
-
     if ttype == gguf.GGMLQuantizationType.BF16:
         return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("<u2")
     if ttype == gguf.GGMLQuantizationType.F16:
@@ -114,8 +111,6 @@ def _as_numpy(tensor, ttype):
 
 def add_hparams(writer, config: dict, file_type) -> None:
     """Every hyperparameter llama.cpp's llama architecture reads."""
-    import gguf
-
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     writer.add_context_length(config.get("max_position_embeddings", 32768))
@@ -140,12 +135,6 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = 
 
     >>> convert(Path("normistral-11b-long"), Path("nm-BF16.gguf"))  # doctest: +SKIP
     """
-    import gguf
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from kvant.export.gguf_tokenizer import add_tokenizer
-
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     plan, skipped = _plan(model_dir, config, out_type)
     file_type = gguf.LlamaFileType[DIRECT_TYPES[out_type][1]]

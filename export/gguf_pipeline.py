@@ -1,4 +1,11 @@
-"""The whole `kvant export gguf` run: convert, imatrix, quantize, validate, card."""
+"""The whole `kvant export gguf` run: convert, imatrix, quantize, validate, card.
+
+Steps: convert the checkpoint to a bf16 GGUF with Kvant's converter (gguf-py; exact tokenizer
+embedded), compute a Norwegian importance matrix with llama.cpp's llama-imatrix, make every
+other type with llama.cpp's own quantizer, then load each file back in llama.cpp and score it
+on the HF tokenizer's ids against the transformers model: logits parity for f32, mean KLD and
+top-1 agreement for the rest.
+"""
 
 from __future__ import annotations
 
@@ -6,71 +13,69 @@ import json
 import logging
 from pathlib import Path
 
-from kvant.artifact import (
-    ArtifactWriter,
-    check_free_space,
-    refuse_existing,
-    settings_dict,
-)
-from kvant.data import get_mix, get_text, paragraphs
-from kvant.export.gguf import (
-    DIRECT,
-    GGUFSettings,
+from tokenizers import Tokenizer
+
+from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
+from kvant.data import TextFile, get_mix, get_text, paragraphs
+from kvant.export.gguf import DIRECT, GGUFSettings, file_name, kind
+from kvant.export.gguf_convert import convert
+from kvant.export.gguf_quantize import (
     bits_per_weight,
     compute_imatrix,
-    file_name,
     quantize,
     scratch_dir,
     tensor_types,
 )
-from kvant.export.gguf_convert import convert
-from kvant.export.gguf_tokenizer import stock_fidelity, tokenize
 from kvant.model import model_info, refuse_quantized
-from kvant.scoring import (
-    drift_per_language,
-    eval_windows,
-    hf_logits,
-    llama_logits,
-    sequence_nll_bits,
-)
+from kvant.runtimes import reference_logits
+from kvant.runtimes.llamacpp import LlamaCppRuntime, vocab_only
+from kvant.scoring import drift_per_language, eval_windows, max_abs_diff, sequence_nll_bits
+from kvant.tokenization import exact_tokenizer, fidelity
 
 logger = logging.getLogger(__name__)
 
+MAX_UNIT_TOKENS = 1024  # longer paragraphs are left out of the bits-per-byte score
 
-def tokenizer_report(base: Path, texts: dict, settings: GGUFSettings) -> dict:
+
+def tokenizer_report(base: Path, texts: dict[str, TextFile], settings: GGUFSettings) -> dict:
     """Per language: what stock llama.cpp tokenization gives, and what it costs in bits/byte.
 
     Identical share and aligned agreement are over every paragraph. Bits per byte score the
     first paragraphs (up to eval_tokens tokens) under both tokenizations with the same file.
+    Each paragraph is tokenized once per tokenizer and the vocabulary opened once.
     """
-    import llama_cpp
-
-    report = {}
-    vocab = llama_cpp.Llama(str(base), vocab_only=True, verbose=False)
+    exact_tok = exact_tokenizer(base)
+    stock_tok = vocab_only(base)
     try:
-        for lang, text in texts.items():
-            units = paragraphs(text.read())
-            fid = stock_fidelity(base, units)
-            exact, stock, n_bytes, n_tokens = [], [], 0, 0
-            for unit in units:
-                ids = tokenize(base, unit)
-                if len(ids) > 1024:
+        units = {lang: paragraphs(text.read()) for lang, text in texts.items()}
+        exact = {lang: [e.ids for e in exact_tok.encode_batch(u)] for lang, u in units.items()}
+        stock = {lang: [stock_tok.tokenize(x.encode("utf-8"), add_bos=True, special=False)
+                        for x in u] for lang, u in units.items()}
+    finally:
+        stock_tok.close()
+    report = {}
+    runtime = LlamaCppRuntime(base, threads=settings.n_threads, n_ctx=2 * MAX_UNIT_TOKENS)
+    try:
+        for lang in texts:
+            fid = fidelity(exact[lang], stock[lang])
+            bits_exact = bits_stock = 0.0
+            n_bytes = n_tokens = 0
+            for unit, ids, ids_stock in zip(units[lang], exact[lang], stock[lang], strict=True):
+                if max(len(ids), len(ids_stock)) > MAX_UNIT_TOKENS:
                     continue
-                exact.append(ids)
-                stock.append(vocab.tokenize(unit.encode("utf-8"), add_bos=True, special=False))
+                bits_exact += sequence_nll_bits(runtime.logits(ids), ids)
+                bits_stock += sequence_nll_bits(runtime.logits(ids_stock), ids_stock)
                 n_bytes += len(unit.encode("utf-8"))
                 n_tokens += len(ids)
                 if n_tokens >= settings.eval_tokens:
                     break
-            bpb_exact = sequence_nll_bits(base, exact, settings.n_threads) / n_bytes
-            bpb_stock = sequence_nll_bits(base, stock, settings.n_threads) / n_bytes
             report[lang] = {"paragraphs": fid.units, "stock_identical_pct": fid.identical_pct,
                             "stock_aligned_pct": fid.aligned_pct,
-                            "bpb_exact_ids": round(bpb_exact, 4),
-                            "bpb_stock_llama_cpp": round(bpb_stock, 4),
+                            "bpb_exact_ids": round(bits_exact / n_bytes, 4),
+                            "bpb_stock_llama_cpp": round(bits_stock / n_bytes, 4),
                             "scored_bytes": n_bytes}
     finally:
-        vocab.close()
+        runtime.close()
     return report
 
 
@@ -83,10 +88,13 @@ def validate(path: Path, ref: dict, wins: dict, settings: GGUFSettings) -> dict:
              "tensor_types": tensor_types(path)}
     if not wins:
         return facts
-    logits = {lang: llama_logits(path, w, settings.n_threads) for lang, w in wins.items()}
-    diffs = [float(abs(a - b).max()) for lang in wins
-             for a, b in zip(ref[lang], logits[lang], strict=True)]
-    return {**facts, "max_abs_logit_diff": round(max(diffs), 6),
+    n_ctx = max(len(w) for lang_wins in wins.values() for w in lang_wins)
+    runtime = LlamaCppRuntime(path, threads=settings.n_threads, n_ctx=n_ctx)
+    try:
+        logits = {lang: [runtime.logits(w) for w in lang_wins] for lang, lang_wins in wins.items()}
+    finally:
+        runtime.close()
+    return {**facts, "max_abs_logit_diff": max_abs_diff(ref, logits),
             **drift_per_language(ref, logits, wins)}
 
 
@@ -107,7 +115,8 @@ def _card(name: str, files: dict, tok_report: dict, imatrix: dict | None, calib)
                         f"{r['bpb_stock_llama_cpp']:.4f} |")
     imat = (f"Importance matrix: `{imatrix['file']}`, computed with llama-imatrix on "
             f"`{calib.name}` ({imatrix['chunks']} chunks of {imatrix['ctx']} tokens)."
-            if imatrix else "No importance matrix was used.")
+            if imatrix and calib else f"Importance matrix: `{imatrix['file']}`." if imatrix
+            else "No importance matrix was used.")
     return f"""GGUF files of `{name}` for llama.cpp and the apps built on it, made by Kvant.
 
 KLD and top-1 agreement are measured against the transformers model on identical token ids
@@ -122,7 +131,7 @@ of held-out text (mean over languages; per language in `manifest.json`).
 NorMistral's tokenizer normalizes text (a prepended space, NFKC, a newline rule) and cuts
 pre-tokens into 24-character chunks; stock llama.cpp does neither. These files carry the best
 metadata llama.cpp reads (`gpt2` BPE, pre-tokenizer `ufakzeka`) and the exact Hugging Face
-tokenizer under `tokenizer.huggingface.json`. Kvant (`kvant.export.gguf_tokenizer.tokenize`)
+tokenizer under `tokenizer.huggingface.json`. Kvant (`kvant.tokenization.tokenize`)
 uses it for exact ids; llama-cli, Ollama and LM Studio tokenize on their own, which gives:
 
 {chr(10).join(tok_rows)}
@@ -131,8 +140,8 @@ uses it for exact ids; llama-cli, Ollama and LM Studio tokenize on their own, wh
 
 def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
                 cache_dir: Path, data_dir: Path | None = None, force: bool = False,
-                progress: bool = False) -> Path:
-    """Convert, quantize and validate; publish ``out`` atomically. Returns ``out``."""
+                progress: bool = False, device: str = "cpu") -> Made:
+    """Convert, quantize and validate; publish ``out`` atomically."""
     refuse_existing(out, force)
     refuse_quantized(model_dir)
     info = model_info(model_dir)
@@ -144,7 +153,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
     langs = () if info.synthetic else settings.eval_langs
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
-    ref = {lang: hf_logits(model_dir, w) for lang, w in wins.items()}
+    ref = reference_logits(model_dir, wins) if wins else {}
     calib = None
     with ArtifactWriter(out, fmt="gguf", force=force) as art, scratch_dir(out.parent) as work:
         paths: dict[str, Path] = {}
@@ -162,8 +171,6 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
             if settings.imatrix == "auto":
                 calib = get_mix(settings.calib, cache_dir, data_dir, progress)
                 art.data.append(calib.as_manifest())
-                from tokenizers import Tokenizer
-
                 normalizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")).normalizer
                 imatrix_path = art.dir / f"{name}.imatrix.gguf"
                 imatrix = compute_imatrix(base, calib.read(), imatrix_path, settings, normalizer)
@@ -178,12 +185,13 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                 art.warn(f"{gguf_type}: {q['fallback_tensors']} tensor(s) fell back to another "
                          "type (rows not divisible by the block size)")
             files[gguf_type] = q
-        files = {t: {"file": paths[t].name, **files.get(t, {}),
+        files = {t: {"file": paths[t].name, "kind": kind(t), **files.get(t, {}),
                      **validate(paths[t], ref, wins, settings)} for t in settings.types}
         tok_report = tokenizer_report(base, texts, settings)
         if info.synthetic:
             art.warn("synthetic weights: files converted and quantized, quality not measured")
         art.data += [t.as_manifest() for t in texts.values()]
+        art.kinds = settings.kinds(name)
         art.validation = {"reference": "transformers, float32 compute", "files": files,
                           "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report},
                           "imatrix": imatrix, "eval_ctx": settings.eval_ctx}
@@ -191,4 +199,4 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         art.title = f"{name} GGUF"
         art.card_body = _card(name, files, tok_report, imatrix, calib)
     logger.info("GGUF export: %s", json.dumps({t: f.get("mean_kld") for t, f in files.items()}))
-    return out
+    return Made(out, art.kinds)

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from kvant import __version__
 from kvant.errors import ArtifactError
+from kvant.files import sha256_file
+from kvant.paths import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +43,6 @@ TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "acce
 CARD_LANGUAGES = ("no", "nb", "nn", "se")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def library_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0], "kvant": __version__}
     for name in TRACKED_LIBRARIES:
@@ -63,8 +55,6 @@ def library_versions() -> dict[str, str]:
 
 def settings_dict(settings) -> dict:
     """A settings dataclass as JSON-ready dict (tuples as lists), for manifests."""
-    from dataclasses import asdict
-
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
 
 
@@ -119,6 +109,9 @@ class ArtifactWriter:
     validation: dict = field(default_factory=dict)
     data: list[dict] = field(default_factory=list)
     """Text sets used (calibration, evaluation), each with its sha256."""
+    kinds: dict[str, str] = field(default_factory=dict)
+    """What each model in the folder is: {target name: kind key}, e.g.
+    {"normistral-11b-long-Q4_K_M": "gguf-q4_k_m"} (kvant.plan reads these, never file names)."""
     warnings: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     title: str = ""
@@ -170,7 +163,8 @@ class ArtifactWriter:
                          command=self.command, body=self.card_body)
         manifest = build_manifest(self.dir, fmt=self.fmt, source=self.source,
                                   settings=self.settings, validation=self.validation,
-                                  data=self.data, warnings=self.warnings, command=self.command)
+                                  data=self.data, warnings=self.warnings, command=self.command,
+                                  kinds=self.kinds)
         (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
         if self.out.exists():  # --force: swap, then drop the old folder
@@ -189,7 +183,8 @@ def _artifact_files(folder: Path) -> list[Path]:
 
 
 def build_manifest(folder: Path, *, fmt: str, source: dict, settings: dict, validation: dict,
-                   data: list[dict], warnings: list[str], command: str) -> dict:
+                   data: list[dict], warnings: list[str], command: str,
+                   kinds: dict[str, str] | None = None) -> dict:
     """The manifest of ``folder``; also writes SHA256SUMS (``sha256sum -c`` format)."""
     files = []
     for path in _artifact_files(folder):
@@ -201,6 +196,7 @@ def build_manifest(folder: Path, *, fmt: str, source: dict, settings: dict, vali
         "schema_version": SCHEMA_VERSION,
         "kvant_version": __version__,
         "format": fmt,
+        "kinds": dict(kinds or {}),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "source": source,
@@ -246,8 +242,6 @@ def _yaml_list(key: str, values) -> str:
 
 def card_metadata(base_model: str | None, tags) -> str:
     """The YAML front matter of a Hugging Face model card (base_model only for a hub id)."""
-    from kvant.model import looks_like_hub_id
-
     base = (f"base_model: {json.dumps(base_model)}\n"
             if base_model and looks_like_hub_id(base_model) else "")
     all_tags = list(dict.fromkeys(["kvant", "normistral", *tags]))
@@ -290,8 +284,17 @@ def amend_artifact(folder: Path, *, card_section: str, files: dict[str, Path],
     fresh = build_manifest(folder, fmt=manifest["format"], source=manifest["source"],
                            settings=manifest["settings"], validation=manifest["validation"],
                            data=manifest["data"], warnings=manifest["warnings"],
-                           command=manifest["command"])
+                           command=manifest["command"], kinds=manifest.get("kinds"))
     fresh["created_utc"] = manifest["created_utc"]
     tmp = folder / (MANIFEST + ".part")
     tmp.write_text(json.dumps(fresh, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(folder / MANIFEST)
+
+
+@dataclass(frozen=True)
+class Made:
+    """What a pipeline made: the published folder and the kind of each model in it."""
+
+    out: Path
+    kinds: dict[str, str]
+    """{target name: artifact kind}, as recorded in the manifest (e.g. gguf-q4_k_m)."""

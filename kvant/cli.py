@@ -1,6 +1,9 @@
 """The `kvant` command line: the only place that reads argv and the environment and prints.
 
-Heavy libraries are imported inside the command functions, so `kvant --help` is instant.
+App layer. The parser is built from light modules only (settings dataclasses, the
+registries); each command imports its implementation, which brings torch, llama.cpp or
+ONNX Runtime, when it runs, so `kvant --help` is instant (a test checks that torch is not
+loaded by building the parser).
 """
 
 from __future__ import annotations
@@ -16,20 +19,18 @@ import sys
 from pathlib import Path
 
 from kvant import DEFAULT_MODEL, __version__
-from kvant.errors import KvantError
+from kvant.bench.settings import BenchSettings
+from kvant.data import TEXT_SETS, get_mix, get_text, paragraphs
+from kvant.errors import KvantError, SettingsError
+from kvant.model import model_info, model_source, pick_device, read_config, resolve_model
+from kvant.paths import ENV_DATA_DIR, cache_dir, default_data_dir
+from kvant.pipelines import PIPELINES
+from kvant.plan import fit_overhead, load_results, plan_table, prediction_errors, shape_of
 from kvant.registry import nearest
+from kvant.synth import SHAPES, synthesize
+from kvant.tiny import TinyRecipe, build_tiny, default_dir
 
 logger = logging.getLogger("kvant")
-
-ENV_DATA_DIR = "KVANT_DATA_DIR"
-ENV_CACHE_DIR = "KVANT_CACHE_DIR"
-
-
-def cache_dir() -> Path:
-    """$KVANT_CACHE_DIR, else $XDG_CACHE_HOME/kvant, else ~/.cache/kvant."""
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "kvant"
 
 
 class KvantParser(argparse.ArgumentParser):
@@ -88,15 +89,12 @@ def settings_from_args(cls, args: argparse.Namespace):
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=os.environ.get(ENV_DATA_DIR) or None,
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
                         help=f"offline: read the raw text-set files from this folder instead of "
                              f"downloading them (env {ENV_DATA_DIR})")
 
 
 def cmd_tiny(args: argparse.Namespace) -> str:
-    from kvant.data import get_mix, get_text
-    from kvant.tiny import TinyRecipe, build_tiny, default_dir
-
     recipe = settings_from_args(TinyRecipe, args)
     progress = not args.no_progress
     train = get_mix(args.train_text, cache_dir(), args.data_dir, progress)
@@ -105,37 +103,31 @@ def cmd_tiny(args: argparse.Namespace) -> str:
     return str(build_tiny(out, train, held_out, recipe, force=args.force, progress=progress))
 
 
-def _default_out(model_dir: Path, source: dict, fmt: str) -> Path:
-    return Path("out") / f"{Path(source.get('id', model_dir.name)).name}-{fmt}"
-
-
 def cmd_pipeline(args: argparse.Namespace) -> str:
     """kvant export gguf|onnx and kvant quantize gptq|bnb."""
-    from kvant.model import model_source, pick_device
-    from kvant.pipelines import PIPELINES
-
     pipeline = PIPELINES[args.pipeline]
     settings = settings_from_args(pipeline.settings, args)
     model_dir, source = model_source(args.model)
-    out = args.out or _default_out(model_dir, source, pipeline.folder(settings))
-    return str(pipeline.run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
-                            data_dir=args.data_dir, force=args.force,
-                            progress=not args.no_progress, device=pick_device(args.device)))
+    name = Path(source.get("id", model_dir.name)).name
+    out = args.out or Path("out") / pipeline.folder(name, settings)
+    made = pipeline.run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
+                        data_dir=args.data_dir, force=args.force,
+                        progress=not args.no_progress, device=pick_device(args.device))
+    return str(made.out)
 
 
 def cmd_bench(args: argparse.Namespace) -> str:
-    from kvant.bench.run import BenchSettings, run_bench
-    from kvant.model import model_source
+    from kvant.bench.run import run_bench  # opens runtimes: numpy, tokenizers, engines
 
     settings = settings_from_args(BenchSettings, args)
-    reference, _ = model_source(args.reference)
-    return str(run_bench(args.artifacts, reference, settings, args.out, cache_dir=cache_dir(),
+    reference = args.reference or (DEFAULT_MODEL if settings.quality else None)
+    ref_dir = model_source(reference)[0] if reference else None
+    return str(run_bench(args.artifacts, ref_dir, settings, args.out, cache_dir=cache_dir(),
                          data_dir=args.data_dir, progress=not args.no_progress) / "report.md")
 
 
 def cmd_generate(args: argparse.Namespace) -> str:
-    from kvant.bench.generate import generate
-    from kvant.model import pick_device
+    from kvant.bench.generate import generate  # opens a runtime
 
     for piece in generate(args.artifact, args.prompt, args.max_new_tokens,
                           stop_at_newline=args.stop_at_newline,
@@ -147,25 +139,12 @@ def cmd_generate(args: argparse.Namespace) -> str:
 
 
 def cmd_synth(args: argparse.Namespace) -> str:
-    from kvant.data import get_mix, paragraphs
-    from kvant.synth import synthesize
-
     text = get_mix(args.train_text, cache_dir(), args.data_dir, not args.no_progress)
     return str(synthesize(args.out, args.shape, paragraphs(text.read())[:20000], args.layers,
                           force=args.force, progress=not args.no_progress))
 
 
 def cmd_plan(args: argparse.Namespace) -> str:
-    from kvant.model import read_config, resolve_model
-    from kvant.plan import (
-        fit_overhead,
-        load_results,
-        plan_table,
-        prediction_errors,
-        shape_of,
-    )
-    from kvant.synth import SHAPES
-
     if args.model:
         shape = shape_of(read_config(resolve_model(args.model)))
     else:
@@ -194,15 +173,13 @@ def _bench_config(results: dict) -> dict:
 def _parse_size(text: str) -> float:
     match = re.fullmatch(r"([0-9.]+)\s*(GiB|GB|MiB|MB)?", text.strip(), re.IGNORECASE)
     if not match:
-        from kvant.errors import SettingsError
-
         raise SettingsError(f"--budget {text}: write it like 8GiB or 24GB")
     unit = (match.group(2) or "GiB").lower()
     return float(match.group(1)) * {"gib": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit]
 
 
 def cmd_release(args: argparse.Namespace) -> str:
-    from kvant.release import run_release
+    from kvant.release import run_release  # drives every pipeline and the bench
 
     root, lines = run_release(args.recipe, cache_dir=cache_dir(), data_dir=args.data_dir,
                               calib=args.calib, push_org=args.push,
@@ -212,14 +189,10 @@ def cmd_release(args: argparse.Namespace) -> str:
 
 
 def cmd_data_get(args: argparse.Namespace) -> str:
-    from kvant.data import get_mix
-
     return str(get_mix(args.name, cache_dir(), args.data_dir, not args.no_progress).path)
 
 
 def cmd_data_list(args: argparse.Namespace) -> str:
-    from kvant.data import TEXT_SETS
-
     lines = []
     for name, text_set in TEXT_SETS.items():
         pinned = text_set.sha256[:12] if text_set.sha256 else "recorded at download"
@@ -229,8 +202,6 @@ def cmd_data_list(args: argparse.Namespace) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> str:
-    from kvant.model import model_info, resolve_model
-
     info = model_info(resolve_model(args.model))
     if args.json:
         return json.dumps(info.as_dict(), indent=2)
@@ -266,8 +237,6 @@ def _add_model_out_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> KvantParser:
-    from kvant.tiny import TinyRecipe
-
     parser = KvantParser(prog="kvant", description="Quantize, export and benchmark "
                          "NorMistral-11b-long (and llama-family models) for laptops and GPUs.")
     parser.add_argument("--version", action="version", version=f"kvant {__version__}")
@@ -309,8 +278,6 @@ def build_parser() -> KvantParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
-    from kvant.pipelines import PIPELINES
-
     pipeline_parsers = []
     for group, text in (("quantize", "pre-quantized checkpoints that load in transformers"),
                         ("export", "export to another runtime's format")):
@@ -331,14 +298,12 @@ def build_parser() -> KvantParser:
             parser_p.set_defaults(func=cmd_pipeline)
             pipeline_parsers.append(parser_p)
 
-    from kvant.bench.run import BenchSettings
-
     bench = sub.add_parser("bench", help="speed, memory and perplexity drift of artifacts, "
                            "with a report and plots")
     bench.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT",
                        help="artifact folders (every .gguf of a GGUF folder) or .gguf files")
-    bench.add_argument("--reference", default=DEFAULT_MODEL,
-                       help="the bf16 model to compare with (folder or hub id)")
+    bench.add_argument("--reference", help="the bf16 model to compare with (folder or hub "
+                       f"id; default {DEFAULT_MODEL}); not needed with --no-quality")
     bench.add_argument("--out", type=Path, default=Path("out/bench"),
                        help="report folder; a rerun resumes (default out/bench)")
     _add_data_args(bench)

@@ -20,8 +20,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvant.artifact import sha256_file
 from kvant.errors import DataError, SettingsError
+from kvant.files import sha256_file, sha256_text
 from kvant.registry import Registry, unknown_key_message
 
 logger = logging.getLogger(__name__)
@@ -325,11 +325,8 @@ def get_mix(spec: str, cache_dir: Path, data_dir: Path | None = None,
     files = [get_text(name, cache_dir, data_dir, progress) for name, _ in parts]
     if len(files) == 1:
         return files[0]
-    import hashlib
-
     weights = [w for _, w in parts]
-    key = "|".join(f"{f.sha256}:{w}" for f, w in zip(files, weights, strict=True))
-    digest = hashlib.sha256(key.encode()).hexdigest()
+    digest = sha256_text("|".join(f"{f.sha256}:{w}" for f, w in zip(files, weights, strict=True)))
     out = Path(cache_dir) / "text" / f"mix-{digest[:12]}.txt"
     if not out.is_file():
         mixed = _weighted_interleave([paragraphs(f.read()) for f in files], weights)

@@ -11,17 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvant.errors import ModelError
+from kvant.errors import ModelError, SettingsError
+from kvant.files import sha256_file
+from kvant.paths import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("MistralForCausalLM", "LlamaForCausalLM")
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what the pipelines read: never optimizer states, original/ folders or .bin duplicates.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.md"]
 
@@ -51,11 +51,6 @@ class ModelInfo:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def looks_like_hub_id(model: str) -> bool:
-    """True for ``owner/name`` ids; paths that start with ``.``, ``/`` or ``~`` are never ids."""
-    return bool(_HUB_ID.match(model)) and not model.startswith((".", "/", "~"))
 
 
 def resolve_model(model: str | Path, revision: str | None = None) -> Path:
@@ -172,6 +167,13 @@ def validate_model_dir(path: Path) -> Path:
     return path
 
 
+def refuse_synthetic(path: Path) -> None:
+    """Perplexity and KL divergence of random weights mean nothing: refuse to measure them."""
+    if read_config(Path(path)).get("kvant_synthetic"):
+        raise SettingsError(f"'{path}' has synthetic (random) weights: perplexity and KL "
+                            "divergence would mean nothing; quantize a real checkpoint")
+
+
 def refuse_quantized(path: Path) -> None:
     """Quantizing or exporting an already-quantized checkpoint compounds the error: refuse."""
     quant = read_config(path).get("quantization_config")
@@ -255,8 +257,6 @@ def content_hash(path: Path) -> str:
     Streams the files (about 25 s for 23 GB from a fast disk); a hub revision is recorded
     instead where there is one.
     """
-    from kvant.artifact import sha256_file
-
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for file in weight_files(path):
         digest.update(sha256_file(file).encode())

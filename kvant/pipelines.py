@@ -1,59 +1,76 @@
 """The registry of pipelines: one key names the module, the CLI verb and the artifact folder.
 
-Modules are imported only when a pipeline is used, so `kvant --help` stays instant.
+App layer. The settings classes are light modules imported here; each pipeline's
+implementation imports its engines (torch, GPTQModel, llama.cpp, ONNX Runtime) at its top,
+so it is imported inside the runner below, only when that pipeline runs.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvant.artifact import Made
+from kvant.export.gguf import GGUFSettings
+from kvant.export.onnx import ONNXSettings
+from kvant.quantize.bnb import BnbSettings
+from kvant.quantize.gptq import GPTQSettings
 from kvant.registry import Registry
+
+
+def _run_gguf(model_dir: Path, out: Path, settings: GGUFSettings, **kwargs) -> Made:
+    from kvant.export.gguf_pipeline import export_gguf  # heavy: gguf-py, torch, llama.cpp
+
+    return export_gguf(model_dir, out, settings, **kwargs)
+
+
+def _run_onnx(model_dir: Path, out: Path, settings: ONNXSettings, **kwargs) -> Made:
+    from kvant.export.onnx_pipeline import run  # heavy: onnxruntime, transformers
+
+    return run(model_dir, out, settings, **kwargs)
+
+
+def _run_gptq(model_dir: Path, out: Path, settings: GPTQSettings, **kwargs) -> Made:
+    from kvant.quantize.gptq_pipeline import run  # heavy: GPTQModel
+
+    return run(model_dir, out, settings, **kwargs)
+
+
+def _run_bnb(model_dir: Path, out: Path, settings: BnbSettings, **kwargs) -> Made:
+    from kvant.quantize.bnb_pipeline import run  # heavy: transformers, bitsandbytes
+
+    return run(model_dir, out, settings, **kwargs)
 
 
 @dataclass(frozen=True)
 class Pipeline:
     group: str
     """CLI group: export or quantize."""
-    settings_path: str
-    """module:Class of its frozen settings dataclass."""
-    run_path: str
-    """module:function(model_dir, out, settings, *, source, cache_dir, data_dir, force, ...)."""
-    folder: Callable[[object], str]
-    """The artifact folder's suffix for given settings."""
+    settings: type
+    """Its frozen settings dataclass (the CLI's flags are made from its fields)."""
+    run: Callable[..., Made]
+    """run(model_dir, out, settings, *, source, cache_dir, data_dir, force, progress, device)."""
+    suffix: Callable[[object], str]
+    """The artifact folder's suffix for given settings: <model>-<suffix>."""
     help: str
 
-    def _load(self, path: str):
-        module, name = path.split(":")
-        return getattr(importlib.import_module(module), name)
-
-    @property
-    def settings(self):
-        return self._load(self.settings_path)
-
-    def run(self, model_dir: Path, out: Path, settings, **kwargs) -> Path:
-        """Run with the keyword arguments its function takes (progress, device, ...)."""
-        function = self._load(self.run_path)
-        accepted = inspect.signature(function).parameters
-        return function(model_dir, out, settings,
-                        **{k: v for k, v in kwargs.items() if k in accepted})
+    def folder(self, model_name: str, settings) -> str:
+        """The one naming rule for artifact folders (CLI default and release alike)."""
+        return f"{model_name}-{self.suffix(settings)}"
 
 
 PIPELINES: Registry[Pipeline] = Registry("pipeline")
 PIPELINES.add("gguf", Pipeline(
-    "export", "kvant.export.gguf:GGUFSettings", "kvant.export.gguf_pipeline:export_gguf",
-    lambda s: "gguf", "GGUF for llama.cpp: bf16 and llama.cpp's quant types, Norwegian "
-    "importance matrix, every file validated"))
+    "export", GGUFSettings, _run_gguf, lambda s: "gguf",
+    "GGUF for llama.cpp: bf16 and llama.cpp's quant types, Norwegian importance matrix, "
+    "every file validated"))
 PIPELINES.add("onnx", Pipeline(
-    "export", "kvant.export.onnx:ONNXSettings", "kvant.export.onnx:run",
-    lambda s: f"onnx-{s.precision}", "ONNX Runtime GenAI: fp32/fp16/int4 with KV cache, "
-    "logits-verified"))
+    "export", ONNXSettings, _run_onnx, lambda s: f"onnx-{s.precision}",
+    "ONNX Runtime GenAI: fp32/fp16/int4 with KV cache, logits-verified"))
 PIPELINES.add("gptq", Pipeline(
-    "quantize", "kvant.quantize.gptq:GPTQSettings", "kvant.quantize.gptq:run",
-    lambda s: f"gptq-{s.bits}bit", "GPTQ through GPTQModel, calibrated on Norwegian text"))
+    "quantize", GPTQSettings, _run_gptq, lambda s: f"gptq-{s.bits}bit",
+    "GPTQ through GPTQModel, calibrated on Norwegian text"))
 PIPELINES.add("bnb", Pipeline(
-    "quantize", "kvant.quantize.bnb:BnbSettings", "kvant.quantize.bnb:run",
-    lambda s: f"bnb-{s.mode}", "bitsandbytes nf4 / fp4 / int8"))
+    "quantize", BnbSettings, _run_bnb, lambda s: f"bnb-{s.mode}",
+    "bitsandbytes nf4 / fp4 / int8"))

@@ -13,6 +13,7 @@ peak = weights + KV cache + backend overhead, where
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,23 +42,57 @@ class Kind:
     kv_bytes: int
 
 
+_GPTQ = re.compile(r"gptq-(\d+)bit-g(-?\d+)")
+_ONNX = re.compile(r"onnx-(fp32|fp16|int4)(?:-b(\d+))?")
+
+
+def kind(key: str, file_bpw: float | None = None) -> Kind | None:
+    """The storage of an artifact kind key (as pipelines record it in manifests).
+
+    ``file_bpw``: a GGUF file's measured bits per weight, used for a type the table below
+    does not list. None when the key names nothing Kvant makes.
+
+    >>> kind("gptq-4bit-g128").linear_bpw
+    4.15625
+    """
+    if key == "bf16":
+        return Kind("torch", "torch/bf16", 16, 16, 16, 2)
+    if key.startswith("gguf-"):  # whole-file bpw; f16 KV cache in llama.cpp
+        bpw = GGUF_BPW.get(key.removeprefix("gguf-"), file_bpw)
+        return Kind("llama.cpp", "llama.cpp/gguf", bpw, bpw, bpw, 2) if bpw else None
+    if key.startswith("bnb-"):
+        # nf4/fp4: an fp32 absmax per 64 weights, or with double quant an 8-bit absmax plus
+        # an fp32 scale per 256 of those; int8: an fp32 scale per row (about 8 bits).
+        # Embeddings and lm_head stay bf16.
+        linear = {"bnb-int8": 8.0, "bnb-nf4": 4 + 32 / 64, "bnb-fp4": 4 + 32 / 64,
+                  "bnb-nf4-dq": 4 + 8 / 64 + 32 / (64 * 256),
+                  "bnb-fp4-dq": 4 + 8 / 64 + 32 / (64 * 256)}.get(key)
+        return Kind("torch", "torch/bnb", linear, 16, 16, 2) if linear else None
+    if match := _GPTQ.fullmatch(key):
+        # an fp16 scale and a packed `bits`-wide zero point per group; embeddings/lm_head bf16
+        bits, group = int(match.group(1)), int(match.group(2))
+        linear = bits + (16 + bits) / group if group > 0 else float(bits)
+        return Kind("torch", "torch/gptq", linear, 16, 16, 2)
+    if match := _ONNX.fullmatch(key):
+        # int4 (CPU): MatMulNBits with fp32 scales per block, lm_head too; the embedding
+        # stays fp32 (the GenAI builder's CPU io dtype); fp32 KV cache. fp16 is all fp16.
+        precision, block = match.group(1), int(match.group(2) or 32)
+        if precision == "int4":
+            q = 4 + 32 / block
+            return Kind("onnxruntime-genai", "onnxruntime-genai/onnx", q, 32, q, 4)
+        width = 32 if precision == "fp32" else 16
+        return Kind("onnxruntime-genai", "onnxruntime-genai/onnx", width, width, width,
+                    width // 8)
+    return None
+
+
+# The kinds `kvant plan` lists when no measurements are given: what a release makes.
+PLAN_KINDS = ("bf16", "bnb-int8", "bnb-nf4", "gptq-4bit-g128", "onnx-int4-b32",
+              *(f"gguf-{t}" for t in GGUF_BPW))
+
+
 def kinds() -> dict[str, Kind]:
-    out = {
-        "bf16": Kind("torch", "torch/bf16", 16, 16, 16, 2),
-        # bnb: absmax fp32 per 64 weights (nf4), 8-bit double-quantized scales with --double-quant;
-        # int8: one fp32 scale per row. Embeddings and lm_head stay bf16.
-        "bnb-int8": Kind("torch", "torch/bnb", 8.0, 16, 16, 2),
-        "bnb-nf4": Kind("torch", "torch/bnb", 4 + 32 / 64, 16, 16, 2),
-        # GPTQ 4-bit g128: fp16 scale + 4-bit zero per 128 weights; embeddings/lm_head bf16.
-        "gptq-4bit-g128": Kind("torch", "torch/gptq", 4 + 20 / 128, 16, 16, 2),
-        # ONNX int4 (CPU): MatMulNBits with fp32 scales per 32 weights, lm_head too;
-        # the embedding stays fp32 (the GenAI builder's CPU io dtype); fp32 KV cache.
-        "onnx-int4-b32": Kind("onnxruntime-genai", "onnxruntime-genai/onnx", 4 + 32 / 32, 32,
-                              4 + 32 / 32, 4),
-    }
-    for name, bpw in GGUF_BPW.items():  # whole-file bpw; f16 KV cache in llama.cpp
-        out[f"gguf-{name}"] = Kind("llama.cpp", "llama.cpp/gguf", bpw, bpw, bpw, 2)
-    return out
+    return {key: kind(key) for key in PLAN_KINDS}
 
 
 # Overhead per runtime stack: (base MiB, bytes per context token per vocabulary entry). The
@@ -96,14 +131,26 @@ def overhead_bytes(stack: str, ctx: int, vocab: int, fitted: dict | None = None)
     return base_mib * MIB + per_logit * ctx * vocab
 
 
+def peak_bytes(shape: Shape, kind: Kind, ctx: int, weights: float | None = None,
+               fitted: dict | None = None) -> float:
+    """The one formula: weights (measured file size when known, else predicted) + KV cache
+    + the runtime stack's overhead, at context ``ctx``."""
+    weights = weight_bytes(shape, kind) if weights is None else weights
+    return weights + kv_bytes(shape, kind, ctx) + overhead_bytes(kind.stack, ctx, shape.vocab,
+                                                                 fitted)
+
+
 def predict(shape: Shape, ctxs: list[int], fitted: dict | None = None) -> dict:
     """{kind: {ctx: predicted peak bytes}}."""
-    out = {}
-    for name, kind in kinds().items():
-        w = weight_bytes(shape, kind)
-        out[name] = {ctx: w + kv_bytes(shape, kind, ctx)
-                     + overhead_bytes(kind.stack, ctx, shape.vocab, fitted) for ctx in ctxs}
-    return out
+    return {name: {ctx: peak_bytes(shape, k, ctx, fitted=fitted) for ctx in ctxs}
+            for name, k in kinds().items()}
+
+
+def entry_kind(entry: dict, shape: Shape) -> Kind | None:
+    """The Kind of a bench results entry, from the kind its artifact's manifest records."""
+    if not entry.get("kind"):
+        return None
+    return kind(entry["kind"], file_bpw=8 * entry["size_bytes"] / shape.n_params())
 
 
 def fit_overhead(results: dict, shape: Shape) -> tuple[dict, set[tuple[str, str]]]:
@@ -113,33 +160,20 @@ def fit_overhead(results: dict, shape: Shape) -> tuple[dict, set[tuple[str, str]
     (peak RSS - weights - KV cache - logits). Every other measurement is held out for checking
     the prediction, other context lengths of the same target included.
     """
-    calibration: dict[str, tuple[str, dict]] = {}
+    calibration: dict[str, tuple[str, dict, Kind]] = {}
     for name, entry in sorted(results["targets"].items(), key=lambda kv: kv[1]["size_bytes"]):
-        kind = _kind_of(name, entry)
-        if kind is not None and any("error" not in s for s in entry.get("speed", {}).values()):
-            calibration.setdefault(kinds()[kind].stack, (name, entry))
+        k = entry_kind(entry, shape)
+        if k is not None and any("error" not in s for s in entry.get("speed", {}).values()):
+            calibration.setdefault(k.stack, (name, entry, k))
     fitted, used = {}, set()
-    for stack, (name, entry) in calibration.items():
-        kind = kinds()[_kind_of(name, entry)]
+    for stack, (name, entry, k) in calibration.items():
         ctx, s = min(((int(c), s) for c, s in entry["speed"].items() if "error" not in s),
                      key=lambda cs: cs[0])
-        per_logit = DEFAULT_OVERHEAD[stack][1]
-        rest = (s["peak_rss_mib"] * MIB - entry["size_bytes"] - kv_bytes(shape, kind, ctx)
-                - per_logit * ctx * shape.vocab)
-        fitted[stack] = (rest / MIB, per_logit)
+        base = peak_bytes(shape, k, ctx, entry["size_bytes"], {stack: (0.0, DEFAULT_OVERHEAD[
+            stack][1])})
+        fitted[stack] = ((s["peak_rss_mib"] * MIB - base) / MIB, DEFAULT_OVERHEAD[stack][1])
         used.add((name, str(ctx)))
     return fitted, used
-
-
-def _kind_of(name: str, entry: dict) -> str | None:
-    fmt = entry["format"]
-    if fmt == "gguf":
-        key = "gguf-" + name.rsplit("-", 1)[-1].lower()
-        return key if key in kinds() else None
-    if fmt == "bnb":
-        mode = "int8" if name.endswith("int8") else "nf4"  # fp4 stores like nf4
-        return f"bnb-{mode}"
-    return {"bf16": "bf16", "onnx": "onnx-int4-b32", "gptq": "gptq-4bit-g128"}.get(fmt)
 
 
 def prediction_errors(results: dict, shape: Shape, fitted: dict,
@@ -147,13 +181,12 @@ def prediction_errors(results: dict, shape: Shape, fitted: dict,
     """Predicted versus measured peak for every held-out bench measurement of a known kind."""
     rows = []
     for name, entry in results["targets"].items():
-        kind = _kind_of(name, entry)
+        k = entry_kind(entry, shape)
         for ctx, s in entry.get("speed", {}).items():
-            if kind is None or "error" in s or (name, ctx) in skip:
+            if k is None or "error" in s or (name, ctx) in skip:
                 continue
             measured = s["peak_rss_mib"] * MIB
-            predicted = (entry["size_bytes"] + kv_bytes(shape, kinds()[kind], int(ctx))
-                         + overhead_bytes(kinds()[kind].stack, int(ctx), shape.vocab, fitted))
+            predicted = peak_bytes(shape, k, int(ctx), entry["size_bytes"], fitted)
             rows.append({"target": name, "ctx": int(ctx), "measured_mib": round(measured / MIB),
                          "predicted_mib": round(predicted / MIB),
                          "error_pct": round(100 * (predicted / measured - 1), 2)})
@@ -165,12 +198,12 @@ def plan_table(shape: Shape, ctxs: list[int], budget: float, fitted: dict | None
     lines = ["| artifact | backend | weights (GiB) | " + " | ".join(
         f"peak @ {c:,} (GiB)" for c in ctxs) + " |", "|---|---|---|" + "---|" * len(ctxs)]
     for name, by_ctx in pred.items():
-        kind = kinds()[name]
+        k = kinds()[name]
         cells = []
         for c in ctxs:
             gib = by_ctx[c] / GIB
             cells.append(f"{gib:.2f} {'fits' if by_ctx[c] <= budget else 'too big'}")
-        lines.append(f"| {name} | {kind.backend} | {weight_bytes(shape, kind) / GIB:.2f} | "
+        lines.append(f"| {name} | {k.backend} | {weight_bytes(shape, k) / GIB:.2f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 

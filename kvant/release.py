@@ -1,6 +1,6 @@
 """`kvant release RECIPE`: build, benchmark and card every artifact of a recipe.
 
-The top of the import chain: it drives quantize/, export/ and bench/ (imported lazily).
+App layer: it drives the pipelines (through kvant.pipelines) and the bench.
 Every artifact is an atomic Kvant folder, so a killed release resumes: finished artifacts
 whose checksums verify are kept, the rest are built. `--push ORG` uploads with
 huggingface_hub; without it the exact upload list is printed instead.
@@ -19,13 +19,24 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import tomllib
 
+from kvant.artifact import amend_artifact, verify_artifact
+from kvant.bench.run import run_bench
+from kvant.bench.settings import BenchSettings
+from kvant.data import get_mix, get_text
 from kvant.errors import ArtifactError, SettingsError
+from kvant.files import sha256_file
+from kvant.model import content_hash, model_source, pick_device, read_config
+from kvant.pipelines import PIPELINES
+from kvant.plan import entry_kind, fit_overhead, peak_bytes, shape_of
 from kvant.registry import nearest
+from kvant.release_cards import PLOTS, artifact_section, index_card, upload_plan, write_json
+from kvant.runtimes import targets as find_targets
+from kvant.tiny import TinyRecipe, build_tiny, default_dir
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +49,7 @@ RECIPE_SCHEMA = {
     "bench": {"ctx", "n_new", "repeats", "quality_ctx", "quality_tokens", "peer_checks",
               "threads"},
 }
-BUDGETS_GB = (8, 12, 16, 24)
-# Never published: the evaluation and calibration texts may not be republished stand-alone.
-_FORBIDDEN_SUFFIXES = (".conllu", ".ud-test.txt", ".calib-1000.txt", ".narc-train.txt")
+PLAN_CTX = 4096  # the context "Which to pick" plans for
 
 
 @dataclass
@@ -85,67 +94,45 @@ def _tuple(value):
 
 
 def plan_artifacts(recipe: Recipe) -> dict[str, tuple[str, object]]:
-    """{artifact folder name: (kind, settings)} in build order."""
-    from kvant.export.gguf import GGUFSettings
-    from kvant.export.onnx import ONNXSettings
-    from kvant.quantize.bnb import BnbSettings
-    from kvant.quantize.gptq import GPTQSettings
-
+    """{artifact folder name: (pipeline key, settings)} in build order."""
     rel = recipe.release
     name = rel["name"]
     common = {"eval_langs": _tuple(rel.get("langs", ["nob", "nno", "sme", "dan", "swe"])),
               "eval_tokens": rel.get("eval_tokens", 2048)}
-    calib = rel.get("calib")
+    calib = {"calib": rel["calib"]} if rel.get("calib") else {}
+    wanted: list[tuple[str, dict]] = []
+    if (g := recipe.get("gguf")) is not None:
+        wanted.append(("gguf", {**{k: _tuple(v) for k, v in g.items()}, **common, **calib}))
+    if (q := recipe.get("gptq")) is not None:
+        wanted.append(("gptq", {**q, **common, **calib}))
+    if (b := recipe.get("bnb")) is not None:
+        extra = {k: v for k, v in b.items() if k != "modes"}
+        for mode in b.get("modes", ["nf4"]):
+            wanted.append(("bnb", {"mode": mode, **({} if mode == "int8" else extra), **common}))
+    if (o := recipe.get("onnx")) is not None:
+        wanted.append(("onnx", {**o, **common}))
     out: dict[str, tuple[str, object]] = {}
-    try:
-        if (g := recipe.get("gguf")) is not None:
-            args = {k: _tuple(v) for k, v in g.items()}
-            out[f"{name}-gguf"] = ("gguf", GGUFSettings(**args, **common,
-                                                        **({"calib": calib} if calib else {})))
-        if (q := recipe.get("gptq")) is not None:
-            out[f"{name}-gptq-{q.get('bits', 4)}bit"] = ("gptq", GPTQSettings(
-                **q, **common, **({"calib": calib} if calib else {})))
-        if (b := recipe.get("bnb")) is not None:
-            extra = {k: v for k, v in b.items() if k != "modes"}
-            for mode in b.get("modes", ["nf4"]):
-                out[f"{name}-bnb-{mode}"] = ("bnb", BnbSettings(
-                    mode=mode, **({} if mode == "int8" else extra), **common))
-        if (o := recipe.get("onnx")) is not None:
-            out[f"{name}-onnx-{o.get('precision', 'int4')}"] = ("onnx",
-                                                                 ONNXSettings(**o, **common))
-    except TypeError as exc:
-        raise SettingsError(f"recipe '{recipe.path}': {exc}") from None
+    for key, args in wanted:
+        pipeline = PIPELINES[key]
+        try:
+            settings = pipeline.settings(**args)
+        except TypeError as exc:
+            raise SettingsError(f"recipe '{recipe.path}': {exc}") from None
+        out[pipeline.folder(name, settings)] = (key, settings)
     return out
 
 
 def _complete(folder: Path) -> bool:
-    from kvant.artifact import verify_artifact
-
     try:
         return folder.is_dir() and verify_artifact(folder) == []
     except ArtifactError:
         return False
 
 
-def _build(kind: str, model: Path, out: Path, settings, source: dict, cache_dir: Path,
-           data_dir: Path | None, progress: bool) -> None:
-    from kvant.model import pick_device
-    from kvant.pipelines import PIPELINES
-
-    PIPELINES[kind].run(model, out, settings, source=source, cache_dir=cache_dir,
-                        data_dir=data_dir, force=True, progress=progress,
-                        device=pick_device())
-
-
 def _model(release: dict, calib: str, cache_dir: Path, data_dir: Path | None,
            progress: bool) -> tuple[Path, dict]:
-    from kvant.model import content_hash, model_source
-
     spec = release["model"]
     if spec == "@stand-in":
-        from kvant.data import get_mix, get_text
-        from kvant.tiny import TinyRecipe, build_tiny, default_dir
-
         train = get_mix(calib, cache_dir, data_dir, progress)
         recipe = TinyRecipe()
         path = build_tiny(default_dir(cache_dir, recipe, train), train,
@@ -159,22 +146,6 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
                 calib: str | None = None, push_org: str | None = None,
                 token: str | None = None, progress: bool = False) -> tuple[Path, list[str]]:
     """Build, bench and card everything; return the release folder and the upload lines."""
-    from dataclasses import replace
-
-    from kvant.artifact import amend_artifact, sha256_file
-    from kvant.bench.backends import targets as find_targets
-    from kvant.bench.run import BenchSettings, run_bench
-    from kvant.model import read_config
-    from kvant.plan import _kind_of as kind_of
-    from kvant.plan import fit_overhead, kinds, kv_bytes, overhead_bytes, shape_of
-    from kvant.release_cards import (
-        PLOTS,
-        artifact_section,
-        index_card,
-        upload_plan,
-        write_json,
-    )
-
     recipe = load_recipe(recipe_path)
     rel = recipe.release
     if calib:
@@ -185,13 +156,15 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
     model, source = _model(rel, rel.get("calib", "nob-train,nno-train"), cache_dir, data_dir,
                            progress)
     artifacts = plan_artifacts(recipe)
-    for folder, (kind, settings) in artifacts.items():
+    for folder, (key, settings) in artifacts.items():
         out = root / folder
         if _complete(out):
             logger.info("keeping finished %s", out)
             continue
         logger.info("building %s", out)
-        _build(kind, model, out, settings, source, cache_dir, data_dir, progress)
+        PIPELINES[key].run(model, out, settings, source=source, cache_dir=cache_dir,
+                           data_dir=data_dir, force=True, progress=progress,
+                           device=pick_device())
 
     bench_args = {k: (tuple(str(c) for c in v) if k == "ctx" else v)
                   for k, v in (recipe.get("bench") or {}).items()}
@@ -202,16 +175,15 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
     results = json.loads((root / "bench" / "results.json").read_text())
     targets = results["targets"]
     ctx = bench_settings.ctx[0]
+    folders = {f: [t.name for t in find_targets(root / f)] for f in artifacts}
     shape = shape_of(read_config(model))
     fitted, _ = fit_overhead(results, shape)
+    shipped = {n for names in folders.values() for n in names}  # never the reference model
     predicted = {}
-    for tname, entry in targets.items():
-        kind = kind_of(tname, entry)
-        if kind:
-            predicted[tname] = (entry["size_bytes"] + kv_bytes(shape, kinds()[kind], 4096)
-                                + overhead_bytes(kinds()[kind].stack, 4096, shape.vocab,
-                                                 fitted))
-    folders = {f: [t.name for t in find_targets(root / f)] for f in artifacts}
+    for tname in shipped:
+        if (k := entry_kind(targets[tname], shape)) is not None:
+            predicted[tname] = peak_bytes(shape, k, PLAN_CTX, targets[tname]["size_bytes"],
+                                          fitted)
     plots = {p: root / "bench" / p for p in PLOTS}
     for folder, names in folders.items():
         amend_artifact(root / folder, card_section=artifact_section(targets, names, ctx),
@@ -219,7 +191,8 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
     recipe_text = Path(recipe_path).read_text(encoding="utf-8")
     (root / "recipe.toml").write_text(recipe_text, encoding="utf-8")
     (root / "README.md").write_text(index_card(name, source["id"], recipe_text, targets,
-                                               folders, predicted, ctx), encoding="utf-8")
+                                               folders, predicted, ctx, PLAN_CTX),
+                                    encoding="utf-8")
     index_files = [root / "README.md", root / "recipe.toml",
                    *sorted((root / "bench").glob("*"))]
     (root / "SHA256SUMS").write_text("".join(

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 from kvant.artifact import card_metadata
-from kvant.release import _FORBIDDEN_SUFFIXES, BUDGETS_GB
+from kvant.bench.report import PLOTS, speed_cell
 
-PLOTS = ("frontier.png", "decode.png", "memory.png")
+BUDGETS_GB = (8, 12, 16, 24)
+# Never published: the evaluation and calibration texts may not be republished stand-alone.
+FORBIDDEN_SUFFIXES = (".conllu", ".ud-test.txt", ".calib-1000.txt", ".narc-train.txt")
 
 
 def _mean(values) -> float:
@@ -28,15 +30,23 @@ def artifact_section(targets: dict, names: list[str], ctx: str) -> str:
                     f"{_mean(d['mean_kld'] for d in q.values()):.5f} | "
                     f"{_mean(d['top1_agreement_pct'] for d in q.values()):.2f}% | "
                     f"{_mean(d['delta_ppl_pct'] for d in q.values()):+.3f}% | "
-                    f"{s.get('prefill_tok_s', '-')} | {s.get('decode_tok_s', '-')} | "
+                    f"{speed_cell(s, 'prefill')} | {speed_cell(s, 'decode')} | "
                     f"{s.get('peak_rss_mib', '-')} |")
+    noisy = [n for n in names if targets[n].get("speed", {}).get(ctx, {}).get("noisy")]
+    warning = ("\n\n**⚠ noisy**: the speed of " + ", ".join(noisy) + " was measured while "
+               "other programs used the CPU or its repeats spread widely, even after "
+               "repeated attempts; treat it as a lower bound." if noisy else "")
     return ("Measured by `kvant bench` against the bf16 model (means over languages; per "
-            f"language in the release's `bench/report.md`), speed at context {ctx}:\n\n"
-            + "\n".join(rows) + "\n\n" + "\n".join(f"![{p}]({p})" for p in PLOTS))
+            f"language in the release's `bench/report.md`), speed at context {ctx} as median "
+            "(min-max over repeats):\n\n"
+            + "\n".join(rows) + warning + "\n\n" + "\n".join(f"![{p}]({p})" for p in PLOTS))
 
 
 def recommendations(targets: dict, predicted: dict[str, float]) -> list[tuple[int, str]]:
-    """For each memory budget, the most faithful target whose predicted peak fits."""
+    """For each memory budget, the most faithful target whose predicted peak fits.
+
+    ``predicted`` holds only what the release ships (the reference model is not a pick).
+    """
     picks = []
     for gb in BUDGETS_GB:
         fitting = [(_mean(d["mean_kld"] for d in targets[n]["quality"].values()), n)
@@ -47,16 +57,18 @@ def recommendations(targets: dict, predicted: dict[str, float]) -> list[tuple[in
 
 
 def index_card(name: str, model_id: str, recipe_text: str, targets: dict,
-               folders: dict[str, list[str]], predicted: dict[str, float], ctx: str) -> str:
+               folders: dict[str, list[str]], predicted: dict[str, float], ctx: str,
+               plan_ctx: int) -> str:
     rows = ["| artifact | target | format | size (MiB) | mean KLD | decode tok/s | "
-            "predicted peak @ 4k ctx (GB) |", "|---|---|---|---|---|---|---|"]
+            f"predicted peak @ {plan_ctx:,} ctx (GB) |", "|---|---|---|---|---|---|---|"]
     for folder, names in folders.items():
         for n in names:
             e = targets[n]
             kld = _mean(d["mean_kld"] for d in e.get("quality", {}).values())
+            peak = f"{predicted[n] / 1e9:.2f}" if n in predicted else "-"
             rows.append(f"| {folder} | {n} | {e['format']} | {e['size_bytes'] / 2**20:,.1f} | "
-                        f"{kld:.5f} | {e.get('speed', {}).get(ctx, {}).get('decode_tok_s', '-')}"
-                        f" | {predicted.get(n, float('nan')) / 1e9:.2f} |")
+                        f"{kld:.5f} | {speed_cell(e.get('speed', {}).get(ctx, {}), 'decode')}"
+                        f" | {peak} |")
     picks = "\n".join(f"- **{gb} GB**: {pick}" for gb, pick in recommendations(targets,
                                                                                 predicted))
     return f"""{card_metadata(model_id, ["release"])}
@@ -70,7 +82,7 @@ held-out Norwegian, Sámi, Danish and Swedish token ids (`bench/report.md`).
 
 ## Which to pick
 
-The most faithful artifact (lowest mean KLD) whose predicted peak memory at a 4,096-token
+The most faithful artifact (lowest mean KLD) whose predicted peak memory at a {plan_ctx:,}-token
 context fits (`kvant plan`, fitted to this release's measurements):
 
 {picks}
@@ -95,7 +107,7 @@ def upload_plan(root: Path, org: str, name: str, folders: list[str]) -> list[dic
             rel = file.relative_to(path).as_posix()
             if path == root and rel.split("/")[0] in folders:
                 continue  # artifact folders go to their own repos
-            if file.name.endswith(_FORBIDDEN_SUFFIXES):
+            if file.name.endswith(FORBIDDEN_SUFFIXES):
                 raise ValueError(f"refusing to publish '{file}': the UD/NDT texts may not be "
                                  "republished as stand-alone texts")
             plan.append({"repo": repo, "path": rel, "local": str(file),

@@ -1,15 +1,18 @@
-"""Scoring on given token ids: logits, perplexity, KL divergence, top-1 agreement.
+"""Scoring on given token ids: windows, perplexity, KL divergence, top-1 agreement.
 
-Pipelines validate their own output with these (quantize/ and export/ never import bench/):
-every backend scores the same ids in the same windows, so numbers compare across formats.
+Pure arithmetic on logits that a runtime (kvant.runtimes) produced: every format scores the
+same ids in the same windows, so the numbers compare across formats.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+
+from kvant.data import TextFile, encode_stream, paragraphs
 
 
 def windows(ids: list[int], n_ctx: int, max_windows: int | None = None) -> list[list[int]]:
@@ -25,56 +28,24 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def eval_windows(model_dir, texts: dict, n_tokens: int, n_ctx: int) -> dict[str, list]:
+def eval_windows(model_dir: Path, texts: dict[str, TextFile], n_tokens: int,
+                 n_ctx: int) -> dict[str, list[list[int]]]:
     """Per language: the HF tokenizer's ids of its held-out text, cut into scoring windows.
 
     Paragraphs are encoded one by one (each starts with <s>) and concatenated; the first
-    ``n_tokens`` are kept. Every backend scores exactly these ids.
+    ``n_tokens`` are kept. Every runtime scores exactly these ids.
     """
-    from pathlib import Path
-
-    from tokenizers import Tokenizer
-
-    from kvant.data import encode_stream, paragraphs
+    from tokenizers import Tokenizer  # Rust extension; only needed here
 
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-    out = {}
-    for lang, text in texts.items():
-        ids = encode_stream(tok, paragraphs(text.read()))
-        out[lang] = windows(ids[:n_tokens], n_ctx)
-    return out
+    return {lang: windows(encode_stream(tok, paragraphs(text.read()))[:n_tokens], n_ctx)
+            for lang, text in texts.items()}
 
 
-def hf_logits(model_dir, wins: list[list[int]], dtype: str | None = "float32",
-              model=None) -> list[np.ndarray]:
-    """Transformers logits for each window: a list of (len(window), vocab) float32 arrays.
-
-    ``dtype`` None keeps the checkpoint's own (quantized checkpoints choose theirs).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if model is None:
-        kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"device_map": "cpu"}
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for win in wins:
-            logits = model(torch.tensor([win], device=model.device)).logits[0]
-            out.append(logits.float().cpu().numpy())
-    return out
-
-
-def drift_per_language(ref: dict, logits: dict, wins: dict) -> dict:
-    """{language: Drift dict} plus the means over languages."""
-    per = {lang: drift(ref[lang], logits[lang], wins[lang]).as_dict() for lang in wins}
-    n = len(per)
-    return {"per_language": per,
-            "mean_kld": round(sum(d["mean_kld"] for d in per.values()) / n, 6),
-            "top1_agreement_pct": round(sum(d["top1_agreement_pct"] for d in per.values()) / n,
-                                        3),
-            "delta_ppl_pct": round(sum(d["delta_ppl_pct"] for d in per.values()) / n, 3)}
+def sequence_nll_bits(logits: np.ndarray, ids: list[int]) -> float:
+    """Negative log-likelihood in bits of ``ids[1:]`` given (len(ids), vocab) logits."""
+    lp = log_softmax(logits[: len(ids) - 1])
+    return float(-lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].sum() / math.log(2))
 
 
 @dataclass(frozen=True)
@@ -119,64 +90,21 @@ def drift(ref_logits: list[np.ndarray], logits: list[np.ndarray],
                  top1_agreement_pct=round(100 * agree / n, 3))
 
 
-def llama_logits(gguf_path, wins: list[list[int]], n_threads: int = 0) -> list[np.ndarray]:
-    """llama.cpp logits for each window (fresh KV cache per window), via llama-cpp-python."""
-    import os
-
-    import llama_cpp
-
-    n_ctx = max(len(w) for w in wins)
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                          n_threads=n_threads or os.cpu_count(), verbose=False)
-    try:
-        out = []
-        for win in wins:
-            llm.reset()
-            llm.eval(win)
-            out.append(np.array(llm.scores[:len(win)], dtype=np.float32))
-        return out
-    finally:
-        llm.close()
+def drift_per_language(ref: dict, logits: dict, wins: dict) -> dict:
+    """{language: Drift dict} plus the means over languages."""
+    per = {lang: drift(ref[lang], logits[lang], wins[lang]).as_dict() for lang in wins}
+    n = len(per)
+    return {"per_language": per,
+            "mean_kld": round(sum(d["mean_kld"] for d in per.values()) / n, 6),
+            "top1_agreement_pct": round(sum(d["top1_agreement_pct"] for d in per.values()) / n,
+                                        3),
+            "delta_ppl_pct": round(sum(d["delta_ppl_pct"] for d in per.values()) / n, 3)}
 
 
-def sequence_nll_bits(gguf_path, sequences: list[list[int]], n_threads: int = 0) -> float:
-    """Total negative log-likelihood in bits of each sequence after its first token."""
-    import os
-
-    import llama_cpp
-
-    n_ctx = max(len(s) for s in sequences)
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                          n_threads=n_threads or os.cpu_count(), verbose=False)
-    try:
-        total = 0.0
-        for seq in sequences:
-            llm.reset()
-            llm.eval(seq)
-            lp = log_softmax(np.array(llm.scores[:len(seq) - 1]))
-            total -= lp[np.arange(len(seq) - 1), np.asarray(seq[1:])].sum()
-        return total / math.log(2)
-    finally:
-        llm.close()
-
-
-def reference(model_dir, langs, n_tokens: int, n_ctx: int, cache_dir, data_dir=None):
-    """(texts, windows, reference logits) per language, for validating an artifact of
-    ``model_dir`` against the model itself in float32. Refuses synthetic weights."""
-    from pathlib import Path
-
-    from kvant.data import get_text
-    from kvant.errors import SettingsError
-    from kvant.model import read_config
-
-    if read_config(Path(model_dir)).get("kvant_synthetic"):
-        raise SettingsError(f"'{model_dir}' has synthetic (random) weights: perplexity and KL "
-                            "divergence would mean nothing; quantize a real checkpoint")
-
-    texts = {lang: get_text(lang, cache_dir, data_dir) for lang in langs}
-    wins = eval_windows(model_dir, texts, n_tokens, n_ctx)
-    ref = {lang: hf_logits(model_dir, w) for lang, w in wins.items()}
-    return texts, wins, ref
+def max_abs_diff(ref: dict, logits: dict) -> float:
+    """Largest |logit difference| over every window of every language."""
+    return round(max(float(np.abs(a - b).max()) for lang in ref
+                     for a, b in zip(ref[lang], logits[lang], strict=True)), 6)
 
 
 def drift_table(validation: dict) -> str:

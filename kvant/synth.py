@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kvant.artifact import ArtifactWriter, check_free_space
 from kvant.errors import SettingsError
+from kvant.memory import peak_rss_mib
 from kvant.registry import Registry
+from kvant.tokenization import build_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +157,6 @@ def synthetic_tokenizer(texts: list[str], vocab: int):
     """NorMistral's pipeline trained on ``texts``, padded with <unused_N> to ``vocab``."""
     from tokenizers import AddedToken
 
-    from kvant.tiny import build_tokenizer
-
     tok = build_tokenizer(texts, vocab)
     missing = vocab - tok.get_vocab_size()
     if missing > 0:
@@ -167,11 +168,6 @@ def synthetic_tokenizer(texts: list[str], vocab: int):
 def synthesize(out: Path, shape_name: str, texts: list[str], layers: int | None = None,
                force: bool = False, progress: bool = False) -> Path:
     """`kvant synth`: a synthetic checkpoint of ``shape_name`` (optionally fewer layers)."""
-    from dataclasses import replace
-
-    from kvant.artifact import ArtifactWriter, check_free_space
-    from kvant.tiny import _hf_tokenizer, _portable_tokenizer_config
-
     shape = SHAPES[shape_name]
     if layers is not None:
         if not 1 <= layers <= shape.n_layers:
@@ -183,13 +179,10 @@ def synthesize(out: Path, shape_name: str, texts: list[str], layers: int | None 
         config = shape.config()
         (art.dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tok = synthetic_tokenizer(texts, shape.vocab)
-        _hf_tokenizer(tok).save_pretrained(art.dir)
-        _portable_tokenizer_config(art.dir)
+        save_tokenizer(tok, art.dir, shape.context)
         art.source = {"id": f"synthetic:{shape_name}", "layers": shape.n_layers}
         art.settings = {"shape": shape_name, "layers": shape.n_layers, "seed": 0,
                         "synthetic": True}
-        from kvant.memory import peak_rss_mib
-
         art.validation = {"n_params": shape.n_params(), "weight_bytes": total,
                           "synthetic": True, "peak_rss_mib": peak_rss_mib()}
         art.tags = ["synthetic"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from kvant.artifact import ArtifactWriter, read_manifest
 from kvant.data import TextFile, encode_stream, paragraphs
 from kvant.errors import ArtifactError, SettingsError
+from kvant.tokenization import SPECIAL_TOKENS, build_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ RECIPE_VERSION = 1  # bump when the build changes in a way the recipe fields do 
 NORMISTRAL = {"rope_theta": 1_000_000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768,
               "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "mask_token_id": 4,
               "tie_word_embeddings": False, "hidden_act": "silu", "sliding_window": None}
-# NorMistral's Tekken-style split regex, verbatim from stage_1_tokenizer_change.py.
-TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-CHUNK_REGEX = ".{1,24}"
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>", *(f"<special_{i}>" for i in range(11))]
-
-
 @dataclass(frozen=True)
 class TinyRecipe:
     """How the stand-in is built; its hash names the cached folder."""
@@ -103,60 +96,6 @@ def recipe_hash(recipe: TinyRecipe, train_text: TextFile) -> str:
 def default_dir(cache_dir: Path, recipe: TinyRecipe, train_text: TextFile) -> Path:
     """Where the stand-in of this recipe lives in the cache; its name names the GGUF files."""
     return Path(cache_dir) / "tiny" / f"normistral-tiny-{recipe_hash(recipe, train_text)}"
-
-
-def build_tokenizer(texts: list[str], vocab_size: int):
-    """Train a tokenizer with NorMistral's exact pipeline on ``texts``."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-    from tokenizers.trainers import BpeTrainer
-
-    tok = Tokenizer(BPE(unk_token="<unk>", byte_fallback=False, fuse_unk=False,
-                        ignore_merges=True))
-    tok.normalizer = normalizers.Sequence([
-        normalizers.Prepend(" "),
-        normalizers.NFKC(),
-        normalizers.Replace(Regex("\n"), "\n "),
-        normalizers.Replace(Regex(" *\n"), "\n"),
-    ])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(TEKKEN_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=True),
-        pre_tokenizers.Split(Regex(CHUNK_REGEX), behavior="isolated", invert=False),
-    ])
-    tok.decoder = decoders.Sequence([
-        decoders.ByteLevel(add_prefix_space=False, use_regex=False),
-        decoders.Strip(" ", 1, 0),
-        decoders.Replace("\n ", "\n"),
-    ])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                         show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
-def _hf_tokenizer(tok):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-                                   model_max_length=NORMISTRAL["max_position_embeddings"])
-
-
-def _portable_tokenizer_config(folder: Path) -> None:
-    """Name the generic fast-tokenizer class, which transformers 4 and 5 both load as is.
-
-    transformers 5 writes its own class name (TokenizersBackend), which 4.x cannot read;
-    tokenizer.json itself carries the whole pipeline either way.
-    """
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config.pop("backend", None)
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def model_config(recipe: TinyRecipe):
@@ -252,8 +191,7 @@ def build_tiny(out: Path, train_text: TextFile, eval_text: TextFile,
 
     with ArtifactWriter(out, fmt="tiny", force=True) as art:
         model.to(torch.bfloat16).save_pretrained(art.dir)
-        _hf_tokenizer(tok).save_pretrained(art.dir)
-        _portable_tokenizer_config(art.dir)
+        save_tokenizer(tok, art.dir, NORMISTRAL["max_position_embeddings"])
         GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3).save_pretrained(art.dir)
         reloaded = AutoModelForCausalLM.from_pretrained(art.dir, dtype=torch.bfloat16)
         ppl_trained = perplexity(reloaded, eval_ids, recipe.seq_len)

@@ -41,15 +41,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not UD_DIR.is_dir():
-        pytest.skip("../shared/data (UD files and calibration text) is not beside the checkout")
+    """../shared/data must be there: a suite that skips most of itself is not a green run."""
+    missing = [p for p in (UD_DIR / "no_bokmaal-ud-test.conllu", CALIB_FILE, EVAL_DIR)
+               if not p.exists()]
+    if missing:
+        pytest.fail(f"missing {', '.join(map(str, missing))}: put the project's shared/data "
+                    "(UD test treebanks, calibration text) beside the checkout", pytrace=False)
     return SHARED
 
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """The user cache (or $KVANT_CACHE_DIR): the stand-in is cached there by recipe hash."""
-    from kvant.cli import cache_dir as user_cache
+    from kvant.paths import cache_dir as user_cache
 
     return user_cache()
 
@@ -83,9 +87,8 @@ def gguf_artifact(tiny_model, cache_dir, tmp_path_factory):
     settings = GGUFSettings(types=GGUF_TYPES, calib=str(CALIB_FILE), imatrix_chunks=32,
                             eval_tokens=1024)
     out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
-    export_gguf(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
-                data_dir=UD_DIR)
-    return out
+    return export_gguf(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
+                       data_dir=UD_DIR).out
 
 
 @pytest.fixture(scope="session")
@@ -102,24 +105,26 @@ def gptq_artifact(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bnb_artifacts(tiny_model, cache_dir, tmp_path_factory):
-    from kvant.quantize.bnb import BnbSettings, run
+    from kvant.quantize.bnb import BnbSettings
+    from kvant.quantize.bnb_pipeline import run
 
     root = tmp_path_factory.mktemp("bnb")
     settings = {m: BnbSettings(mode=m, eval_tokens=1024) for m in BNB_MODES}
     return {m: run(tiny_model, root / m, settings[m], source={"id": "tiny"},
-                   cache_dir=cache_dir, data_dir=UD_DIR) for m in BNB_MODES}
+                   cache_dir=cache_dir, data_dir=UD_DIR).out for m in BNB_MODES}
 
 
 @pytest.fixture(scope="session")
 def onnx_artifacts(tiny_model, cache_dir, tmp_path_factory):
-    from kvant.export.onnx import ONNXSettings, run
+    from kvant.export.onnx import ONNXSettings
+    from kvant.export.onnx_pipeline import run
 
     variants = {"fp32": ONNXSettings(precision="fp32", eval_tokens=1024),
                 "fp16": ONNXSettings(precision="fp16", provider="cuda", eval_tokens=1024),
                 "int4-b128": ONNXSettings(precision="int4", block_size=128, eval_tokens=1024)}
     root = tmp_path_factory.mktemp("onnx")
     outs = {name: run(tiny_model, root / name, settings, source={"id": "tiny"},
-                      cache_dir=cache_dir, data_dir=UD_DIR)
+                      cache_dir=cache_dir, data_dir=UD_DIR).out
             for name, settings in variants.items()}
     # int4 block 32 through the console script, as a user runs it
     outs["int4-b32"] = root / "int4-b32"
@@ -128,6 +133,24 @@ def onnx_artifacts(tiny_model, cache_dir, tmp_path_factory):
                        "--eval-tokens", "1024", env={"KVANT_DATA_DIR": str(UD_DIR)})
     assert result.returncode == 0, result.stderr[-2000:]
     return outs
+
+
+def logits_of(path: Path, wins: list[list[int]], dtype: str = "float32") -> list:
+    """Logits of each window from any model path, through Kvant's one runtime layer."""
+    from kvant.runtimes import score_target, targets
+
+    return score_target(targets(path)[0], {"w": wins}, dtype=dtype)["w"]
+
+
+def reference_for(model: Path, langs, n_tokens: int, n_ctx: int, cache: Path):
+    """(windows, float32 reference logits) per language, as every pipeline computes them."""
+    from kvant.data import get_text
+    from kvant.runtimes import reference_logits
+    from kvant.scoring import eval_windows
+
+    texts = {lang: get_text(lang, cache, UD_DIR) for lang in langs}
+    wins = eval_windows(model, texts, n_tokens, n_ctx)
+    return wins, reference_logits(model, wins)
 
 
 def run_kvant(*args: str, env: dict | None = None, timeout: int = 900):

@@ -65,12 +65,13 @@ def test_full_shape_is_11_4b_parameters():
 
 
 def test_quality_measurements_refuse_synthetic_weights(synth_one_layer, cache_dir, tmp_path):
-    from kvant.quantize import gptq
+    from kvant.quantize.gptq import GPTQSettings
+    from kvant.quantize.gptq_pipeline import run
 
     out = synth_one_layer[0]
     with pytest.raises(SettingsError, match="synthetic \\(random\\) weights"):
-        gptq.run(out, tmp_path / "g", gptq.GPTQSettings(calib=str(CALIB_FILE)), source={},
-                 cache_dir=cache_dir, data_dir=UD_DIR)
+        run(out, tmp_path / "g", GPTQSettings(calib=str(CALIB_FILE)), source={},
+            cache_dir=cache_dir, data_dir=UD_DIR)
 
 
 def test_gguf_export_of_synthetic_converts_but_scores_nothing(synth_one_layer, cache_dir,
@@ -82,7 +83,7 @@ def test_gguf_export_of_synthetic_converts_but_scores_nothing(synth_one_layer, c
     out = synth_one_layer[0]
     settings = GGUFSettings(types=("bf16", "q4_k_m"), imatrix="none")
     art = export_gguf(out, tmp_path / "gguf", settings, source={"id": "synthetic"},
-                      cache_dir=cache_dir, data_dir=UD_DIR)
+                      cache_dir=cache_dir, data_dir=UD_DIR).out
     manifest = read_manifest(art)
     files = manifest["validation"]["files"]
     assert "mean_kld" not in files["q4_k_m"]
@@ -98,3 +99,17 @@ def test_plan_formulas():
     assert pred["gguf-q4_k_m"][4096] < 8 * GIB < pred["bf16"][4096]
     for name in pred:  # more context never needs less memory
         assert pred[name][32768] > pred[name][4096]
+
+
+def test_plan_kinds_follow_the_recorded_settings():
+    from kvant.plan import kind
+
+    # GPTQ: smaller groups store more scales; each group size gets its own bits per weight
+    assert kind("gptq-4bit-g32").linear_bpw > kind("gptq-4bit-g128").linear_bpw > 4
+    assert kind("gptq-8bit-g-1").linear_bpw == 8
+    assert kind("onnx-int4-b128").linear_bpw < kind("onnx-int4-b32").linear_bpw
+    assert kind("bnb-nf4-dq").linear_bpw < kind("bnb-nf4").linear_bpw
+    # a GGUF type outside the table is planned from the file's own bits per weight
+    assert kind("gguf-q2_k") is None
+    assert kind("gguf-q2_k", file_bpw=3.0).linear_bpw == 3.0
+    assert kind("something-else") is None

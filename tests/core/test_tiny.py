@@ -10,7 +10,8 @@ from kvant.artifact import read_manifest, verify_artifact
 from kvant.data import paragraphs
 from kvant.errors import SettingsError
 from kvant.model import rope_theta
-from kvant.tiny import TEKKEN_REGEX, TinyRecipe, build_tiny, model_config, perplexity
+from kvant.tiny import TinyRecipe, build_tiny, model_config, perplexity
+from kvant.tokenization import TEKKEN_REGEX
 
 
 def test_tokenizer_json_has_normistrals_pipeline(tiny_model):

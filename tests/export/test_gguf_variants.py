@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from kvant.export.gguf import quantize
 from kvant.export.gguf_convert import convert
-from kvant.scoring import hf_logits, llama_logits
+from kvant.export.gguf_quantize import quantize
+from tests.conftest import logits_of
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def test_tied_llama_converts_and_matches_transformers(tied_llama, tmp_path):
     field = gguf.GGUFReader(str(f32)).get_field("llama.rope.freq_base").contents()
     assert field == 500000.0 and summary["skipped_tensors"] == []
     ids = list(range(16, 16 + 200))
-    ref = hf_logits(tied_llama, [ids])[0]
-    got = llama_logits(f32, [ids])[0]
+    ref = logits_of(tied_llama, [ids])[0]
+    got = logits_of(f32, [ids])[0]
     assert float(np.abs(ref - got).max()) < 1e-3 * float(np.abs(ref).max())
 
 

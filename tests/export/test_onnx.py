@@ -8,7 +8,9 @@ import pytest
 
 from kvant.artifact import read_manifest, verify_artifact
 from kvant.errors import SettingsError
-from kvant.export.onnx import EXACT_TOKENIZER, ONNXSettings, og_model
+from kvant.export.onnx import ONNXSettings
+from kvant.export.onnx_pipeline import EXACT_TOKENIZER
+from kvant.runtimes.onnx import og_model
 from tests.conftest import run_kvant
 
 
@@ -25,6 +27,9 @@ def test_files_and_genai_config(onnx_artifacts):
         decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
         assert (decoder["num_key_value_heads"], decoder["head_size"]) == (1, 128)
         assert "past_key_names" in decoder["inputs"]  # KV cache
+    for name, kind in (("fp32", "onnx-fp32"), ("fp16", "onnx-fp16"),
+                       ("int4-b32", "onnx-int4-b32"), ("int4-b128", "onnx-int4-b128")):
+        assert read_manifest(onnx_artifacts[name])["kinds"] == {name: kind}
     cuda = json.loads((onnx_artifacts["fp16"] / "genai_config.json").read_text())
     assert "cuda" in json.dumps(cuda["model"]["decoder"]["session_options"])
 

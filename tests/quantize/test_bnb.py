@@ -8,7 +8,8 @@ import pytest
 
 from kvant.artifact import read_manifest, verify_artifact
 from kvant.errors import ArtifactError, ModelError, SettingsError
-from kvant.quantize.bnb import BnbSettings, run
+from kvant.quantize.bnb import BnbSettings
+from kvant.quantize.bnb_pipeline import run
 from tests.conftest import UD_DIR, run_kvant
 
 
@@ -28,6 +29,7 @@ def test_checkpoints_load_pre_quantized(bnb_artifacts):
             weight = model.model.layers[0].mlp.down_proj.weight
             assert weight.dtype == torch.uint8  # stored packed, not re-quantized at load
         assert read_manifest(out)["validation"]["reloaded_from_disk"] is True
+        assert read_manifest(out)["kinds"] == {out.name: f"bnb-{mode}"}
 
 
 def test_int8_beats_nf4_beats_fp4(bnb_artifacts):

@@ -8,9 +8,17 @@ import pytest
 
 from kvant.artifact import read_manifest, verify_artifact
 from kvant.errors import DataError, SettingsError
-from kvant.quantize.gptq import GPTQSettings, calibration_samples, check_divides
-from kvant.scoring import drift_per_language, hf_logits, reference
-from tests.conftest import CALIB_FILE, GPTQ_EVAL_TOKENS, UD_DIR, run_kvant
+from kvant.quantize.gptq import GPTQSettings, check_divides
+from kvant.quantize.gptq_pipeline import calibration_samples
+from kvant.scoring import drift_per_language
+from tests.conftest import (
+    CALIB_FILE,
+    GPTQ_EVAL_TOKENS,
+    UD_DIR,
+    logits_of,
+    reference_for,
+    run_kvant,
+)
 
 
 def _rtn_4bit_g128(model):
@@ -46,15 +54,17 @@ def test_checkpoint_format_and_reload(gptq_artifact, tiny_model):
     assert validation["reloaded_from_disk"] and validation["calibration_samples"] == 32
 
 
-def test_gptq_beats_round_to_nearest(gptq_artifact, tiny_model, cache_dir):
+def test_gptq_beats_round_to_nearest(gptq_artifact, tiny_model, cache_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
     settings = GPTQSettings()
-    _, wins, ref = reference(tiny_model, settings.eval_langs, GPTQ_EVAL_TOKENS, settings.eval_ctx,
-                             cache_dir, UD_DIR)
+    wins, ref = reference_for(tiny_model, settings.eval_langs, GPTQ_EVAL_TOKENS,
+                              settings.eval_ctx, cache_dir)
     rtn = _rtn_4bit_g128(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
-    rtn_logits = {lang: hf_logits(None, w, model=rtn) for lang, w in wins.items()}
+    rtn.save_pretrained(tmp_path / "rtn")
+    (tmp_path / "rtn" / "tokenizer.json").write_bytes((tiny_model / "tokenizer.json").read_bytes())
+    rtn_logits = {lang: logits_of(tmp_path / "rtn", w) for lang, w in wins.items()}
     rtn_kld = drift_per_language(ref, rtn_logits, wins)["mean_kld"]
     gptq_kld = read_manifest(gptq_artifact)["validation"]["mean_kld"]
     assert gptq_kld < rtn_kld

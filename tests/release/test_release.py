@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -85,27 +86,71 @@ def test_index_card_and_root_checksums(release):
         assert hashlib.sha256((out / path).read_bytes()).hexdigest() == digest
 
 
+def _planned(stdout: str) -> list[tuple[str, str]]:
+    """(repo, path) of every `would upload REPO: PATH (N bytes)` line."""
+    lines = [line for line in stdout.splitlines() if line.startswith("would upload ")]
+    return [(line.split(": ", 1)[0].removeprefix("would upload "),
+             line.split(": ", 1)[1].rsplit(" (", 1)[0]) for line in lines]
+
+
 def test_push_dry_run_lists_every_file_and_no_text(release):
     out, _, stdout = release
-    lines = [line for line in stdout.splitlines() if line.startswith("would upload ")]
+    planned = _planned(stdout)
     for folder in FOLDERS:
-        files = [p for p in (out / folder).rglob("*") if p.is_file()]
-        repo_lines = [x for x in lines if x.startswith(f"would upload ORG/{folder}: ")]
-        assert len(repo_lines) == len(files), folder
-    assert any(x.startswith("would upload ORG/mini-kvant: README.md") for x in lines)
-    assert not any(x.split(": ")[1].endswith((".txt ", ".conllu")) for x in lines)
+        files = sorted(p.relative_to(out / folder).as_posix()
+                       for p in (out / folder).rglob("*") if p.is_file())
+        assert sorted(path for repo, path in planned if repo == f"ORG/{folder}") == files
+    assert ("ORG/mini-kvant", "README.md") in planned
+    assert not [path for _, path in planned if path.endswith((".txt", ".conllu"))]
     assert stdout.strip().splitlines()[-1] == f"report: {out / 'bench' / 'report.md'}"
 
 
-def test_killed_release_resumes_from_finished_artifacts(release, cache_dir):
-    import shutil
+def test_upload_plan_refuses_the_texts(release, tmp_path):
+    from kvant.release_cards import upload_plan
 
+    out, _, _ = release
+    shutil.copytree(out / "mini-bnb-int8", tmp_path / "mini-bnb-int8")
+    (tmp_path / "mini-bnb-int8" / "nob.ud-test.txt").write_text("Ein setning.\n")
+    with pytest.raises(ValueError, match="may not be republished"):
+        upload_plan(tmp_path, "ORG", "mini", ["mini-bnb-int8"])
+
+
+def test_reference_is_never_a_pick(release):
+    from kvant.release_cards import recommendations
+
+    out, _, _ = release
+    index = (out / "README.md").read_text()
+    picks = [line for line in index.splitlines() if line.startswith("- **")]
+    assert picks and not any("reference" in line for line in picks)
+    results = json.loads((out / "bench" / "results.json").read_text())
+    targets = results["targets"]
+    # even when only the reference would fit, it is not offered: it is not in the release
+    assert recommendations(targets, {}) == [(gb, "none fits") for gb in (8, 12, 16, 24)]
+    assert "reference-bf16" in targets
+
+
+def test_killed_release_resumes_from_finished_artifacts(release, cache_dir):
     out, recipe, _ = release
     gguf_file = out / "mini-gguf" / "kvant-stand-in-Q8_0.gguf"
     before = gguf_file.stat().st_mtime_ns
     shutil.rmtree(out / "mini-bnb-int8")
     (out / "mini-gptq-4bit" / "model.safetensors").write_bytes(b"torn")  # a broken one
+    def weights(folder):
+        return {f["path"]: f["sha256"] for f in read_manifest(folder)["files"]
+                if f["path"].endswith(".safetensors")}
+
+    gptq_weights = weights(out / "mini-gptq-4bit")
+    keys = {n: e["key"] for n, e in json.loads(
+        (out / "bench" / "results.json").read_text())["targets"].items()}
     root, _ = run_release(recipe, cache_dir=cache_dir, data_dir=UD_DIR, calib=str(CALIB_FILE))
+    after = json.loads((out / "bench" / "results.json").read_text())["targets"]
+    # the card carries the numbers measured on the artifact as it now is: its key is the
+    # rebuilt files' digest (equal to the old one only where the rebuild is byte-identical)
+    same_bytes = weights(out / "mini-gptq-4bit") == gptq_weights
+    assert (after["mini-gptq-4bit"]["key"] == keys["mini-gptq-4bit"]) == same_bytes
+    assert read_manifest(out / "mini-gptq-4bit")["validation"]["bench"]["mini-gptq-4bit"][
+        "key"] == after["mini-gptq-4bit"]["key"]
+    assert after["kvant-stand-in-Q8_0"]["key"] == keys["kvant-stand-in-Q8_0"]
     assert verify_artifact(out / "mini-bnb-int8") == []
     assert verify_artifact(out / "mini-gptq-4bit") == []  # rebuilt, not trusted
     # the GGUF folder was finished: kept as it was (only its card took the new bench)

@@ -1,0 +1,56 @@
+"""`kvant bench` settings: a light module, so the CLI builds its flags without engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvant.data import EVAL_SETS
+from kvant.errors import SettingsError
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What `kvant bench` measures; stored in results.json."""
+
+    langs: tuple[str, ...] = EVAL_SETS
+    """Text set names or paths of UTF-8 files (scored under the file name)."""
+    ctx: tuple[str, ...] = ("512", "2048", "8192")
+    """Context lengths for prefill, decode depth and memory."""
+    n_new: int = 32
+    """Tokens generated per decode measurement."""
+    repeats: int = 3
+    quality_ctx: int = 512
+    quality_tokens: int = 4096
+    """Held-out tokens scored per language."""
+    quality: bool = True
+    """Score perplexity drift (off for synthetic checkpoints: speed and memory only)."""
+    peer_checks: bool = True
+    """GGUF: compare perplexity with llama-perplexity and speed with llama-bench."""
+    device: str = "auto"
+    threads: int = 0
+    max_attempts: int = 3
+    """A speed row measured while other programs used the CPU, or whose repeats spread
+    widely, is measured again, up to this many times in all; if it stays noisy it is kept
+    with `noisy: true` and flagged in the report and cards."""
+    max_other_cpu_pct: float = 10.0
+    """Other programs' CPU use (percent of the machine) above which a row is noisy."""
+    max_spread_pct: float = 25.0
+    """(max - min) / median of the repeats above which a row is noisy."""
+
+    def __post_init__(self) -> None:
+        try:
+            ctxs = [int(c) for c in self.ctx]
+        except ValueError:
+            raise SettingsError(f"--ctx {','.join(self.ctx)}: give token counts") from None
+        if min(ctxs) < 2 or min(self.n_new, self.repeats, self.quality_ctx,
+                                 self.quality_tokens, self.max_attempts) < 1:
+            raise SettingsError("context lengths and counts must be positive")
+        if self.quality_tokens < self.quality_ctx:
+            raise SettingsError("--quality-tokens must be at least --quality-ctx")
+        if self.max_other_cpu_pct <= 0 or self.max_spread_pct <= 0:
+            raise SettingsError("--max-other-cpu-pct and --max-spread-pct must be positive")
+
+    def measurement_key(self) -> dict:
+        """The settings a speed or quality number depends on (results are keyed by them)."""
+        return {"quality": [list(self.langs), self.quality_ctx, self.quality_tokens],
+                "speed": [self.n_new, self.repeats, self.threads]}

@@ -1,0 +1,181 @@
+"""`kvant export onnx`: ONNX Runtime (GenAI) models with KV cache, fp32 / fp16 / int4.
+
+Through onnxruntime-genai's model builder (called through its Python API; its `--help`
+crashes in 0.18.0): MatMulNBits int4 with KV cache and the genai_config.json that ONNX
+Runtime GenAI apps (Windows/DirectML, mobile, CPU) load. Not optimum-onnx: 0.1.0 pins
+transformers < 4.58, which cannot live beside GPTQModel.
+
+Tokenizer: onnxruntime-extensions ignores NorMistral's normalizer and runs `.{1,24}` in
+std::regex over UTF-8 bytes, where a cut inside a multi-byte character makes `encode` crash.
+The artifact's `tokenizer.json` (what GenAI apps read) uses a split that never cuts inside a
+character; `tokenizer.normistral.json` is the exact HF tokenizer, which Kvant's own ONNX
+paths use (they feed HF ids; og.Tokenizer also leaves out <s>).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from kvant.artifact import ArtifactWriter, Made, refuse_existing, settings_dict
+from kvant.data import get_text, paragraphs
+from kvant.errors import KvantError
+from kvant.export.onnx import ONNXSettings
+from kvant.model import refuse_quantized, refuse_synthetic
+from kvant.runtimes import reference_logits
+from kvant.runtimes.hf import TorchRuntime
+from kvant.runtimes.onnx import GenaiRuntime, OrtRuntime
+from kvant.scoring import drift_per_language, drift_table, eval_windows, max_abs_diff
+from kvant.tokenization import ONNX_EXACT_TOKENIZER, fidelity
+
+OG_SPLIT = r"[\s\S]{1,24}(?![\x80-\xBF])"  # 24 bytes, never ending inside a UTF-8 character
+EXACT_TOKENIZER = ONNX_EXACT_TOKENIZER
+
+_BUILD = """
+import sys
+from onnxruntime_genai.models.builder import create_model, parse_extra_options
+model, out, precision, provider, cache = sys.argv[1:6]
+opts = parse_extra_options(model, model, out, precision, provider, cache, sys.argv[6:])
+create_model(model, model, out, precision, provider, cache, **opts)
+from kvant.memory import peak_rss_mib
+print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
+"""
+
+
+def build(model_dir: Path, out_dir: Path, settings: ONNXSettings) -> dict:
+    """Run the GenAI model builder in a child process; return its time and peak RSS.
+
+    A child process, so that its peak memory is its own (the builder loads the whole
+    checkpoint through transformers; the child reports its VmHWM, see kvant.memory) and its
+    prints stay out of ours.
+    """
+    extra = [] if settings.precision != "int4" else [
+        f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}"]
+    with tempfile.TemporaryDirectory(prefix="kvant-onnx-") as cache, \
+            tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", _BUILD, str(model_dir), str(out_dir),
+                                 settings.precision, settings.provider, cache, *extra],
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc.wait()
+        log.seek(0)
+        text = log.read()
+        if proc.returncode:
+            tail = " | ".join(text.strip().splitlines()[-3:])
+            raise KvantError(f"the ONNX Runtime GenAI builder failed: {tail}")
+    peak = re.findall(r"KVANT_PEAK_RSS_MIB ([0-9.]+)", text)
+    return {"build_seconds": round(time.perf_counter() - started, 1),
+            "builder_peak_rss_mib": float(peak[-1]) if peak else None}
+
+
+def og_tokenizer_json(exact: dict) -> dict:
+    """The most faithful tokenizer.json onnxruntime-extensions can run without crashing."""
+    spec = json.loads(json.dumps(exact))
+    for step in spec["pre_tokenizer"]["pretokenizers"]:
+        if step["type"] == "Split" and step["pattern"].get("Regex") == ".{1,24}":
+            step["pattern"] = {"Regex": OG_SPLIT}
+    return spec
+
+
+def og_fidelity(runtime: GenaiRuntime, exact_tokenizer, units: list[str]) -> dict:
+    """What og.Tokenizer gives on raw text against the HF ids (without <s>, which og
+    leaves out): identical units, token-weighted aligned agreement, crashes."""
+    tok = runtime.tokenizer()
+    exact, got, crashes = [], [], 0
+    for unit in units:
+        try:
+            ids = [int(i) for i in tok.encode(unit)]
+        except RuntimeError:
+            crashes += 1
+            continue
+        exact.append(exact_tokenizer.encode(unit).ids[1:])
+        got.append(ids)
+    fid = fidelity(exact, got)
+    return {"units": len(units), "og_identical_pct": round(fid.identical_pct * fid.units
+                                                           / max(len(units), 1), 2),
+            "og_aligned_pct": fid.aligned_pct, "og_crashes": crashes}
+
+
+def _card(name: str, settings: ONNXSettings, validation: dict) -> str:
+    fid_rows = ["| language | paragraphs | identical | aligned agreement | crashes |",
+                "|---|---|---|---|---|"]
+    for lang, f in validation["og_tokenizer"].items():
+        fid_rows.append(f"| {lang} | {f['units']} | {f['og_identical_pct']:.1f}% | "
+                        f"{f['og_aligned_pct']:.2f}% | {f['og_crashes']} |")
+    block = (f", MatMulNBits block {settings.block_size}, accuracy level "
+             f"{settings.accuracy_level}" if settings.precision == "int4" else "")
+    return f"""ONNX Runtime GenAI model of `{name}`: {settings.precision} for the
+`{settings.provider}` execution provider{block}, with KV cache (`genai_config.json`).
+
+Scored with plain onnxruntime on the HF tokenizer's ids against the transformers model
+(float32); max |Δlogit| {validation['max_abs_logit_diff']:.5f}; greedy generation of
+{validation['greedy_tokens']} tokens through onnxruntime-genai matched transformers on
+{validation['greedy_match_pct']:.0f}% of tokens.
+
+{drift_table(validation)}
+
+## Tokenization
+
+Feed token ids from `{EXACT_TOKENIZER}` (the exact NorMistral tokenizer) and prepend `<s>`
+(id 1). `tokenizer.json` is for ONNX Runtime GenAI apps: onnxruntime-extensions ignores
+NorMistral's normalizer (prepended space, NFKC, newline rule), so its ids differ; its chunk
+split is rewritten so that it never cuts inside a character (the original crashes `encode`
+on some words). What `og.Tokenizer` gives on raw held-out text, against the exact ids:
+
+{chr(10).join(fid_rows)}
+"""
+
+
+def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cache_dir: Path,
+        data_dir: Path | None = None, force: bool = False, progress: bool = False,
+        device: str = "cpu") -> Made:
+    """`kvant export onnx`: build, rewrite the tokenizer, validate, publish ``out``."""
+    refuse_existing(out, force)
+    refuse_quantized(model_dir)
+    refuse_synthetic(model_dir)
+    texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
+    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
+    ref = reference_logits(model_dir, wins)
+    exact = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    with ArtifactWriter(out, fmt="onnx", force=force) as art:
+        facts = build(model_dir, art.dir, settings)
+        spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        (art.dir / EXACT_TOKENIZER).write_text(json.dumps(spec, ensure_ascii=False),
+                                               encoding="utf-8")
+        (art.dir / "tokenizer.json").write_text(
+            json.dumps(og_tokenizer_json(spec), ensure_ascii=False), encoding="utf-8")
+        ort = OrtRuntime(art.dir)
+        logits = {lang: [ort.logits(w) for w in lang_wins] for lang, lang_wins in wins.items()}
+        ort.close()
+        genai = GenaiRuntime(art.dir)
+        prompt = wins[settings.eval_langs[0]][0][:32]
+        greedy = [t for t, _ in zip(genai.greedy(prompt, len(prompt) + 16), range(16),
+                                    strict=False)]
+        hf = TorchRuntime(model_dir, dtype="float32")
+        hf_greedy = hf.generate(prompt, 16)
+        hf.close()
+        same = sum(a == b for a, b in zip(greedy, hf_greedy, strict=False))
+        art.validation = {
+            "reference": "transformers, float32", "runtime": "onnxruntime (CPU)", **facts,
+            "max_abs_logit_diff": max_abs_diff(ref, logits), "greedy_tokens": len(hf_greedy),
+            "greedy_match_pct": round(100 * same / len(hf_greedy), 1),
+            "greedy_identical": greedy == hf_greedy,
+            **drift_per_language(ref, logits, wins),
+            "og_tokenizer": {lang: og_fidelity(genai, exact, paragraphs(t.read()))
+                             for lang, t in texts.items()}}
+        genai.close()
+        art.source, art.settings = source, settings_dict(settings)
+        art.kinds = {out.name: settings.kind}
+        art.data = [t.as_manifest() for t in texts.values()]
+        art.tags = ["onnx", "onnxruntime-genai", settings.precision]
+        name = Path(source.get("id", model_dir.name)).name
+        art.title = f"{name} ONNX {settings.precision} ({settings.provider})"
+        art.card_body = _card(name, settings, art.validation)
+    return Made(out, art.kinds)

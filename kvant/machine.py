@@ -1,0 +1,88 @@
+"""What the machine is, and how busy other programs kept it while something was measured.
+
+Timing on shared cores needs a witness: llama.cpp's threads spin-wait when the cores are
+oversubscribed, and a decode can look hundreds of times slower with nothing in the numbers
+to say why. :class:`CpuWatch` reads the kernel's CPU accounting (/proc/stat, all cores) and
+subtracts this process's own CPU time (all its threads), so what is left is the CPU time
+that other processes took while the measurement ran.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine() -> dict:
+    """CPU, cores, RAM, platform (and the GPU, when torch is already loaded and sees one)."""
+    import sys
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or "?",
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().split()[1]
+        info["ram_gib"] = round(int(mem) / 2**20, 1)
+    except OSError:
+        pass
+    torch = sys.modules.get("torch")  # never import torch just to describe the machine
+    if torch is not None and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _proc_stat() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of all cores since boot, or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks) - idle) / _CLK_TCK, sum(ticks) / _CLK_TCK
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system  # every thread of this process
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """CPU use during one measurement, as percentages of the whole machine's capacity."""
+
+    wall_s: float
+    own_pct: float
+    other_pct: float
+    """What other processes used: 25 on a 2-core machine is half a core taken away."""
+
+
+class CpuWatch:
+    """``with CpuWatch() as w: ...`` then ``w.share``: who used the CPU meanwhile."""
+
+    def __enter__(self) -> CpuWatch:
+        self._stat = _proc_stat()
+        self._own = _own_cpu_s()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._wall
+        own = _own_cpu_s() - self._own
+        stat = _proc_stat()
+        if self._stat is None or stat is None or stat[1] <= self._stat[1]:
+            self.share = CpuShare(round(wall, 6), 0.0, 0.0)
+            return
+        busy, total = stat[0] - self._stat[0], stat[1] - self._stat[1]
+        # /proc/stat ticks at 1/CLK_TCK s: own time can exceed the busy delta by a tick
+        other = max(0.0, busy - own)
+        self.share = CpuShare(round(wall, 6), round(100 * min(own, total) / total, 2),
+                              round(100 * other / total, 2))

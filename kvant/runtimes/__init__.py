@@ -1,0 +1,188 @@
+"""One way to run every format: a runtime per engine behind one small protocol.
+
+    runtime = open_runtime(target, device="cpu")
+    logits = runtime.logits(ids)        # (len(ids), vocab) float32, fresh cache per call
+    seconds = runtime.prefill(ids)      # timed prompt processing
+    seconds = runtime.decode(ids, 32)   # timed greedy decode of 32 tokens after ids
+    runtime.close()
+
+Pipelines validate their output with these runtimes and the bench measures with them, so a
+GGUF, an ONNX folder or a GPTQ checkpoint yields logits one way only. The engines (torch,
+llama.cpp, ONNX Runtime) are heavy imports: each lives in its own module, imported when a
+runtime of that kind is opened.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from kvant.errors import ArtifactError, SettingsError
+from kvant.files import sha256_file, sha256_text
+from kvant.model import read_config
+
+BACKENDS = ("torch", "llama.cpp", "onnxruntime-genai", "onnxruntime")
+MODEL_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".data")
+
+
+class Runtime(Protocol):
+    """What every engine offers for one loaded model."""
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """(len(ids), vocab) float32 logits from an empty cache."""
+
+    def prefill(self, ids: list[int]) -> float:
+        """Seconds to process ``ids`` from an empty cache."""
+
+    def decode(self, ids: list[int], n_new: int) -> float:
+        """Seconds to generate ``n_new`` greedy tokens after ``ids`` (prefill not counted)."""
+
+    def greedy(self, ids: list[int]) -> Iterator[int]:
+        """Greedy next tokens after ``ids``, one at a time, until the caller stops."""
+
+    def close(self) -> None:
+        """Free the engine's memory."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to run: a model folder, one .gguf file, or an ONNX folder."""
+
+    name: str
+    path: Path
+    backend: str
+    """torch, llama.cpp or onnxruntime-genai."""
+    fmt: str
+    """bf16, bnb, gptq, gguf or onnx: how it was made."""
+    size_bytes: int
+    kind: str | None = None
+    """The artifact kind its manifest records (e.g. gguf-q4_k_m, gptq-4bit-g128), or for a
+    plain checkpoint bf16; None when nothing says (kvant.plan then does not predict it)."""
+    files: tuple[str, ...] = field(default=(), compare=False)
+    """The model files it consists of, relative to the folder (for its identity digest)."""
+
+    def digest(self) -> str:
+        """sha256 identity of what is measured: from the manifest's checksums when the
+        target sits in a Kvant artifact, else computed from the files."""
+        folder = self.path.parent if self.path.is_file() else self.path
+        manifest = folder / "manifest.json"
+        listed = {}
+        if manifest.is_file():
+            listed = {f["path"]: f["sha256"] for f in json.loads(
+                manifest.read_text(encoding="utf-8"))["files"]}
+        parts = [f"{name}:{listed.get(name) or sha256_file(folder / name)}"
+                 for name in sorted(self.files)]
+        return sha256_text("|".join(parts))
+
+
+def _model_files(folder: Path) -> tuple[str, ...]:
+    return tuple(sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                        if p.is_file() and p.suffix in MODEL_SUFFIXES))
+
+
+def _size(folder: Path, files: tuple[str, ...]) -> int:
+    return sum((folder / f).stat().st_size for f in files)
+
+
+def gguf_kind(path: Path) -> str | None:
+    """The kind of a bare .gguf from its own `general.file_type` (no file-name parsing)."""
+    import gguf  # gguf-py: numpy only, but not needed unless a bare file is given
+
+    field_ = gguf.GGUFReader(str(path)).get_field("general.file_type")
+    if field_ is None:
+        return None
+    name = gguf.LlamaFileType(int(field_.contents())).name  # e.g. MOSTLY_Q4_K_M
+    return "gguf-" + name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
+def targets(path: Path) -> list[Target]:
+    """The runnable targets in ``path``: every model file of a GGUF artifact, else one."""
+    path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        kinds = _manifest(path.parent).get("kinds", {})
+        return [Target(path.stem, path, "llama.cpp", "gguf", path.stat().st_size,
+                       kinds.get(path.stem) or gguf_kind(path), (path.name,))]
+    if not path.is_dir():
+        raise ArtifactError(f"'{path}' is neither an artifact folder nor a .gguf file")
+    manifest = _manifest(path)
+    fmt = manifest.get("format", "bf16")
+    kinds = manifest.get("kinds", {})
+    ggufs = [f for f in sorted(path.glob("*.gguf")) if not f.name.endswith("imatrix.gguf")]
+    if fmt == "gguf" or ggufs and not (path / "config.json").exists():
+        return [Target(f.stem, f, "llama.cpp", "gguf", f.stat().st_size,
+                       kinds.get(f.stem) or gguf_kind(f), (f.name,)) for f in ggufs]
+    files = _model_files(path)
+    if fmt == "onnx" or (path / "genai_config.json").is_file():
+        return [Target(path.name, path, "onnxruntime-genai", "onnx", _size(path, files),
+                       kinds.get(path.name), files)]
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"'{path}' holds no model Kvant can run (no config.json, "
+                            "*.gguf or genai_config.json)")
+    if fmt in ("bf16", "tiny", "synthetic"):  # a plain checkpoint: the reference kind
+        kind = None if read_config(path).get("quantization_config") else "bf16"
+        return [Target(path.name, path, "torch", "bf16", _size(path, files), kind, files)]
+    return [Target(path.name, path, "torch", fmt, _size(path, files), kinds.get(path.name),
+                   files)]
+
+
+def _manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: int = 0,
+                 all_logits: bool = True, dtype: str = "bfloat16") -> Runtime:
+    """Load ``target`` in its engine.
+
+    ``all_logits`` False keeps only the last position's logits (speed runs: copying
+    (tokens x vocab) floats would be measured as compute); ``dtype`` applies to plain
+    (unquantized) torch checkpoints.
+    """
+    # Each engine module imports its engine (torch, llama_cpp, onnxruntime) at its top:
+    # imported here, on first use, so that opening a GGUF never loads torch.
+    if target.backend == "torch":
+        from kvant.runtimes.hf import TorchRuntime
+
+        return TorchRuntime(target.path, device, threads, dtype)
+    if target.backend == "llama.cpp":
+        from kvant.runtimes.llamacpp import LlamaCppRuntime
+
+        return LlamaCppRuntime(target.path, device, threads, n_ctx, all_logits)
+    if target.backend == "onnxruntime-genai":
+        from kvant.runtimes.onnx import GenaiRuntime
+
+        return GenaiRuntime(target.path, device, threads)
+    if target.backend == "onnxruntime":
+        from kvant.runtimes.onnx import OrtRuntime
+
+        return OrtRuntime(target.path)
+    raise SettingsError(f"unknown backend '{target.backend}' (valid: {', '.join(BACKENDS)})")
+
+
+def logits_per_language(runtime: Runtime, wins: dict[str, list[list[int]]]) -> dict:
+    """{language: [logits of each window]} from one loaded runtime."""
+    return {lang: [runtime.logits(w) for w in lang_wins] for lang, lang_wins in wins.items()}
+
+
+def score_target(target: Target, wins: dict[str, list[list[int]]], device: str = "cpu",
+                 threads: int = 0, dtype: str = "bfloat16") -> dict:
+    """Open ``target``, compute logits for every window of every language, close it."""
+    n_ctx = max((len(w) for lang_wins in wins.values() for w in lang_wins), default=0)
+    runtime = open_runtime(target, device, threads, n_ctx=n_ctx + 8, dtype=dtype)
+    try:
+        return logits_per_language(runtime, wins)
+    finally:
+        runtime.close()
+
+
+def reference_logits(model_dir: Path, wins: dict[str, list[list[int]]],
+                     device: str = "cpu") -> dict:
+    """The reference distributions every artifact is compared with: the source checkpoint in
+    transformers, float32 compute, loaded once for all languages."""
+    target = targets(model_dir)[0]
+    return score_target(target, wins, device, dtype="float32")

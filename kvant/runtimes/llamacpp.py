@@ -1,0 +1,101 @@
+"""The llama.cpp runtime (llama-cpp-python), and where llama.cpp's own tools live."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from kvant.errors import KvantError
+
+
+def llama_tool(name: str) -> Path:
+    """A llama.cpp tool shipped in the llama-cpp-python wheel (site-packages/bin)."""
+    tool = Path(llama_cpp.__file__).resolve().parents[1] / "bin" / name
+    if not tool.is_file():
+        raise KvantError(f"{name} is missing from the llama-cpp-python install; reinstall it "
+                         "with LLAMA_BUILD_TOOLS=ON as the Makefile's setup does")
+    return tool
+
+
+def run_tool(cmd: list) -> str:
+    """Run a llama.cpp tool; its output, or one error line with the end of its log."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise KvantError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}): "
+                         + " | ".join(tail))
+    return proc.stdout + proc.stderr
+
+
+def gpu_layers(device: str) -> int:
+    """llama.cpp's offload for a device: every layer on a GPU, none on the CPU."""
+    return -1 if device.startswith("cuda") else 0
+
+
+class LlamaCppRuntime:
+    """One GGUF file in llama.cpp."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0, n_ctx: int = 0,
+                 all_logits: bool = True, n_batch: int = 512):
+        threads = threads or os.cpu_count()
+        n_ctx = n_ctx or 4096
+        # Scoring evaluates a whole window at once (n_batch = n_ctx); speed runs use
+        # llama.cpp's default batch of 512, as llama-bench does.
+        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx,
+                                   n_batch=n_ctx if all_logits else n_batch,
+                                   logits_all=all_logits, verbose=False,
+                                   n_gpu_layers=gpu_layers(device), n_threads=threads,
+                                   n_threads_batch=threads)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        return time.perf_counter() - start
+
+    def _last_logits(self) -> np.ndarray:
+        """The newest position's logits straight from llama.cpp (valid with or without
+        logits_all; llama-cpp-python's `scores` buffer is only n_batch rows without it)."""
+        pointer = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),))
+
+    def decode(self, ids: list[int], n_new: int) -> float:
+        self.llm.reset()
+        self.llm.eval(ids)
+        token = int(np.argmax(self._last_logits()))
+        start = time.perf_counter()
+        for _ in range(n_new):
+            self.llm.eval([token])
+            token = int(np.argmax(self._last_logits()))
+        return time.perf_counter() - start
+
+    def greedy(self, ids: list[int]) -> Iterator[int]:
+        self.llm.reset()
+        self.llm.eval(ids)
+        while True:
+            token = int(np.argmax(self._last_logits()))
+            yield token
+            self.llm.eval([token])
+
+    def stock_tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own tokenization (what llama-cli and Ollama get), with <s>."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def vocab_only(path: Path) -> llama_cpp.Llama:
+    """The file's vocabulary alone (no weights): for tokenizer checks."""
+    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)

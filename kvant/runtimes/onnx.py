@@ -1,0 +1,119 @@
+"""The ONNX runtimes: plain onnxruntime (logits of a window) and ONNX Runtime GenAI
+(generation with its KV cache, as GenAI apps run the model)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import onnxruntime_genai as og
+
+from kvant.errors import SettingsError
+
+
+def kv_shape(model_dir: Path) -> tuple[int, int]:
+    """(num_key_value_heads, head_size) from genai_config.json."""
+    decoder = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
+    return decoder["num_key_value_heads"], decoder["head_size"]
+
+
+class OrtRuntime:
+    """model.onnx in a plain InferenceSession on the CPU: each window from an empty cache."""
+
+    def __init__(self, path: Path):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(Path(path) / "model.onnx"), options,
+                                            providers=["CPUExecutionProvider"])
+        self.kv_shape = kv_shape(path)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        feeds = {}
+        for inp in self.session.get_inputs():
+            if inp.name == "input_ids":
+                feeds[inp.name] = np.array([ids], dtype=np.int64)
+            elif inp.name == "attention_mask":
+                feeds[inp.name] = np.ones((1, len(ids)), dtype=np.int64)
+            else:  # past_key_values.N.key/value: (batch, kv_heads, 0, head_dim)
+                dtype = np.float16 if "float16" in inp.type else np.float32
+                feeds[inp.name] = np.zeros((1, self.kv_shape[0], 0, self.kv_shape[1]),
+                                           dtype=dtype)
+        return self.session.run(["logits"], feeds)[0][0].astype(np.float32)
+
+    def prefill(self, ids: list[int]) -> float:
+        start = time.perf_counter()
+        self.logits(ids)
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], n_new: int) -> float:
+        raise SettingsError("plain onnxruntime has no KV-cache loop here; use the "
+                            "onnxruntime-genai runtime for decode speed")
+
+    def greedy(self, ids: list[int]) -> Iterator[int]:
+        raise SettingsError("use the onnxruntime-genai runtime to generate")
+
+    def close(self) -> None:
+        del self.session
+
+
+def og_model(model_dir: Path, device: str = "cpu"):
+    """An onnxruntime-genai model; on the CPU whatever provider it was built for."""
+    if device.startswith("cuda"):
+        return og.Model(str(model_dir))
+    config = og.Config(str(model_dir))
+    config.clear_providers()
+    return og.Model(config)
+
+
+class GenaiRuntime:
+    """An ONNX folder in ONNX Runtime GenAI; logits come from plain onnxruntime on the same
+    model.onnx (GenAI exposes only the newest position's logits)."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0):
+        self.path = Path(path)
+        self.model = og_model(path, device)
+        self._ort: OrtRuntime | None = None  # opened on the first logits() call
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        if self._ort is None:
+            self._ort = OrtRuntime(self.path)
+        return self._ort.logits(ids)
+
+    def _generator(self, max_length: int):
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        return og.Generator(self.model, params)
+
+    def prefill(self, ids: list[int]) -> float:
+        generator = self._generator(len(ids) + 1)
+        start = time.perf_counter()
+        generator.append_tokens(np.array(ids, dtype=np.int32))
+        return time.perf_counter() - start
+
+    def decode(self, ids: list[int], n_new: int) -> float:
+        generator = self._generator(len(ids) + n_new)
+        generator.append_tokens(np.array(ids, dtype=np.int32))
+        start = time.perf_counter()
+        for _ in range(n_new):
+            generator.generate_next_token()
+        return time.perf_counter() - start
+
+    def greedy(self, ids: list[int], max_length: int = 32768) -> Iterator[int]:
+        generator = self._generator(max_length)
+        generator.append_tokens(np.array(ids, dtype=np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
+
+    def tokenizer(self):
+        """GenAI's own tokenizer (what GenAI apps use on raw text)."""
+        return og.Tokenizer(self.model)
+
+    def close(self) -> None:
+        if self._ort is not None:
+            self._ort.close()
+        del self.model

@@ -1,0 +1,144 @@
+"""NorMistral's exact tokenizer, wherever an artifact keeps it, and how to compare tokenizations.
+
+A Kvant GGUF embeds the HF ``tokenizer.json`` under ``tokenizer.huggingface.json``; an ONNX
+folder ships it as ``tokenizer.normistral.json``; a checkpoint has ``tokenizer.json``.
+:func:`exact_tokenizer` finds it, so every path that feeds a runtime uses the ids the model
+was trained on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvant.errors import ModelError
+
+GGUF_HF_JSON = "tokenizer.huggingface.json"  # gguf.Keys.Tokenizer.HF_JSON
+ONNX_EXACT_TOKENIZER = "tokenizer.normistral.json"
+
+# NorMistral's Tekken-style split regex, verbatim from stage_1_tokenizer_change.py.
+TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+CHUNK_REGEX = ".{1,24}"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>", *(f"<special_{i}>" for i in range(11))]
+
+
+@functools.lru_cache(maxsize=8)
+def _from_gguf(path: str, mtime_ns: int):
+    import gguf  # gguf-py reads the metadata without loading tensors
+    from tokenizers import Tokenizer
+
+    field = gguf.GGUFReader(path).get_field(GGUF_HF_JSON)
+    if field is None:
+        raise ModelError(f"'{path}' carries no {GGUF_HF_JSON}; re-export it with "
+                         "`kvant export gguf` to get exact NorMistral tokenization")
+    return Tokenizer.from_str(field.contents())
+
+
+def exact_tokenizer(path: Path):
+    """The NorMistral `tokenizers.Tokenizer` that belongs to a .gguf file or a folder."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return _from_gguf(str(path), path.stat().st_mtime_ns)
+    for name in (ONNX_EXACT_TOKENIZER, "tokenizer.json"):
+        if (path / name).is_file():
+            return Tokenizer.from_file(str(path / name))
+    raise ModelError(f"'{path}' has no tokenizer.json; pass a model or artifact folder")
+
+
+def tokenize(path: str | Path, text: str) -> list[int]:
+    """Exactly the HF tokenizer's ids (with <s>) for ``text``, from the artifact alone.
+
+    >>> tokenize("normistral-11b-long-Q4_K_M.gguf", "Hei, verden!")  # doctest: +SKIP
+    [1, 12345, ...]
+    """
+    return exact_tokenizer(Path(path)).encode(text).ids
+
+
+def aligned_matches(reference: list[int], other: list[int]) -> tuple[int, int]:
+    """(tokens the other sequence reproduces in order, the longer length): an LCS-style count."""
+    matcher = difflib.SequenceMatcher(None, reference, other, autojunk=False)
+    matched = sum(block.size for block in matcher.get_matching_blocks())
+    return matched, max(len(reference), len(other))
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """Train a tokenizer with NorMistral's exact pipeline on ``texts``."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(BPE(unk_token="<unk>", byte_fallback=False, fuse_unk=False,
+                        ignore_merges=True))
+    tok.normalizer = normalizers.Sequence([
+        normalizers.Prepend(" "),
+        normalizers.NFKC(),
+        normalizers.Replace(Regex("\n"), "\n "),
+        normalizers.Replace(Regex(" *\n"), "\n"),
+    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(TEKKEN_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False, trim_offsets=True),
+        pre_tokenizers.Split(Regex(CHUNK_REGEX), behavior="isolated", invert=False),
+    ])
+    tok.decoder = decoders.Sequence([
+        decoders.ByteLevel(add_prefix_space=False, use_regex=False),
+        decoders.Strip(" ", 1, 0),
+        decoders.Replace("\n ", "\n"),
+    ])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                         show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def save_tokenizer(tok, folder: Path, max_length: int) -> None:
+    """Save ``tok`` as a transformers fast tokenizer that transformers 4 and 5 both load.
+
+    transformers 5 writes its own class name (TokenizersBackend), which 4.x cannot read, so
+    tokenizer_config.json names the generic fast-tokenizer class; tokenizer.json itself
+    carries the whole pipeline either way.
+    """
+    from transformers import PreTrainedTokenizerFast  # heavy: only when saving
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                            model_max_length=max_length).save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("backend", None)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """What another tokenizer gives on one language, against NorMistral's exact ids.
+
+    identical_pct: units (paragraphs) tokenized exactly alike; aligned_pct: tokens matched in
+    order over all units (token-weighted, so one-word headings do not dominate).
+    """
+
+    units: int
+    identical_pct: float
+    aligned_pct: float
+
+
+def fidelity(exact: list[list[int]], other: list[list[int]]) -> Fidelity:
+    """Compare two tokenizations of the same units, unit by unit."""
+    identical = matched = total = 0
+    for want, got in zip(exact, other, strict=True):
+        identical += want == got
+        m, n = aligned_matches(want, got)
+        matched, total = matched + m, total + n
+    return Fidelity(len(exact), round(100 * identical / max(len(exact), 1), 2),
+                    round(100 * matched / max(total, 1), 3))

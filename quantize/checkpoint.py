@@ -1,0 +1,71 @@
+"""The one quantize-then-verify path that every transformers-checkpoint method shares.
+
+A method (GPTQ, bitsandbytes) only quantizes into a folder and says what it did; this module
+checks the input, computes the reference distributions first (so a bad eval setting fails
+before hours of work), copies the original tokenizer, reloads the saved checkpoint from disk,
+scores it against the reference on identical ids and publishes the artifact atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvant.artifact import ArtifactWriter, Made, refuse_existing, settings_dict
+from kvant.data import EvalSettings, TextFile, get_text
+from kvant.model import refuse_quantized, refuse_synthetic
+from kvant.runtimes import Target, reference_logits, score_target
+from kvant.scoring import drift_per_language, drift_table, eval_windows
+
+# Shipped from the source, never re-saved: GPTQModel's re-save switches on transformers'
+# Mistral regex "fix", which would change NorMistral's pre-tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class Quantized:
+    """What a method reports about the checkpoint it wrote."""
+
+    facts: dict
+    """Into the manifest's validation (time, device, peak memory, ...)."""
+    description: str
+    """The model card's first paragraphs: what it is and how to load it."""
+    title: str
+    tags: list[str]
+    data: list[TextFile] = field(default_factory=list)
+    """Calibration texts used."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, fmt: str,
+                        kind: str, source: dict, cache_dir: Path, data_dir: Path | None,
+                        force: bool, quantize: Callable[[Path], Quantized]) -> Made:
+    """Run ``quantize(folder)`` into a staging folder and publish ``out`` once verified."""
+    refuse_existing(out, force)
+    refuse_quantized(model_dir)
+    refuse_synthetic(model_dir)
+    texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
+    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
+    ref = reference_logits(model_dir, wins)
+    with ArtifactWriter(out, fmt=fmt, force=force) as art:
+        done = quantize(art.dir)
+        for message in done.warnings:
+            art.warn(message)
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, art.dir / name)
+        # Every number comes from the checkpoint as saved: reloaded from disk, never the
+        # in-memory model (GPTQModel's is invalid after quantize(); bnb's must not run first).
+        target = Target(out.name, art.dir, "torch", fmt, 0, kind)
+        logits = score_target(target, wins)
+        art.validation = {"reference": "source model, float32", "reloaded_from_disk": True,
+                          **done.facts, **drift_per_language(ref, logits, wins)}
+        art.source, art.settings = source, settings_dict(settings)
+        art.kinds = {out.name: kind}
+        art.data = [t.as_manifest() for t in [*done.data, *texts.values()]]
+        art.tags, art.title = done.tags, done.title
+        art.card_body = (done.description.strip() + "\n\nDrift against the source model on "
+                         "identical held-out token ids:\n\n" + drift_table(art.validation))
+    return Made(out, art.kinds)
