@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -70,11 +71,38 @@ def check_free_space(folder: Path, need_bytes: int) -> None:
                             "another disk")
 
 
-def refuse_existing(out: Path, force: bool) -> None:
-    """Re-runs refuse rather than overwrite; call it first, before hours of work."""
-    if Path(out).exists() and not force:
+def is_kvant_artifact(folder: Path) -> bool:
+    """A finished folder Kvant wrote: its manifest.json names the schema, Kvant's version
+    and the files it holds."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"schema_version", "kvant_version",
+                                           "files"} <= set(manifest)
+
+
+def refuse_existing(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> None:
+    """Re-runs refuse rather than overwrite; call it first, before hours of work.
+
+    ``--force`` replaces only a finished Kvant artifact, and never a folder in ``protect``
+    (the input model) nor one that contains it.
+    """
+    out = Path(out)
+    for kept in protect:
+        kept = Path(kept).resolve()
+        if out.resolve() == kept or out.resolve() in kept.parents:
+            raise ArtifactError(f"--out '{out}' is the input model '{kept}' or holds it; "
+                                "choose another --out")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
         raise ArtifactError(f"'{out}' already exists; pass --force to replace it or choose "
                             "another --out")
+    if not out.is_dir() or out.is_symlink() or not is_kvant_artifact(out):
+        raise ArtifactError(f"--force replaces only a finished Kvant artifact, and '{out}' is "
+                            "not one (no Kvant manifest.json); move it away yourself or "
+                            "choose another --out")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,12 +116,28 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_partials(out: Path) -> None:
-    """Delete partial folders of ``out`` left by runs that were killed."""
-    for partial in out.parent.glob(f".{out.name}.partial-*"):
-        pid = partial.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            logger.warning("removing %s left by an interrupted run", partial)
-            shutil.rmtree(partial, ignore_errors=True)
+    """Delete the staging (and swapped-out) folders of ``out`` left by runs that were killed:
+    only Kvant names them so, and only for processes that no longer run."""
+    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):
+        for partial in out.parent.glob(pattern):
+            pid = partial.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                logger.warning("removing %s left by an interrupted run", partial)
+                shutil.rmtree(partial, ignore_errors=True)
+
+
+# Below this much free space a failure is taken for a full disk: tools (llama-quantize) and
+# numpy's tofile report it without errno ("1048576 requested and 848864 written").
+DISK_FULL_MARGIN = 16 * 2**20
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < DISK_FULL_MARGIN
+    except OSError:
+        return False
 
 
 @dataclass
@@ -117,16 +161,26 @@ class ArtifactWriter:
     title: str = ""
     card_body: str = ""
     command: str = ""
+    protect: tuple[Path, ...] = ()
+    """Folders --force must never replace (the input model)."""
     dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if not self.command:
-            self.command = " ".join(["kvant", *sys.argv[1:]]) if sys.argv[0].endswith(
+        if not self.command:  # shell-quoted, so that it reruns as written
+            self.command = shlex.join(["kvant", *sys.argv[1:]]) if sys.argv[0].endswith(
                 "kvant") else ""
 
+    @property
+    def scratch(self) -> Path:
+        """Work space inside the staging folder: gone with it on failure, removed before
+        publishing, and cleaned with it by the next run if this one is killed."""
+        path = self.dir / ".scratch"
+        path.mkdir(exist_ok=True)
+        return path
+
     def __enter__(self) -> ArtifactWriter:
-        refuse_existing(self.out, self.force)
+        refuse_existing(self.out, self.force, self.protect)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(self.out)
         self.dir = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
@@ -145,19 +199,21 @@ class ArtifactWriter:
                 self._publish()
                 return False
             except BaseException as publish_exc:
-                shutil.rmtree(self.dir, ignore_errors=True)
-                self._raise_if_disk_full(publish_exc)
+                self._fail(publish_exc)
                 raise
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self._raise_if_disk_full(exc)
+        self._fail(exc)
         return False
 
-    def _raise_if_disk_full(self, exc: BaseException) -> None:
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    def _fail(self, exc: BaseException) -> None:
+        """Remove the staging folder; a full disk becomes one clear error."""
+        full = not isinstance(exc, KeyboardInterrupt) and _disk_full(exc, self.dir.parent)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if full:
             raise ArtifactError(f"disk full while writing '{self.out}'; free space or pass "
                                 "--out on another disk (nothing was published)") from exc
 
     def _publish(self) -> None:
+        shutil.rmtree(self.dir / ".scratch", ignore_errors=True)
         write_model_card(self.dir, title=self.title or self.out.name, fmt=self.fmt,
                          base_model=self.source.get("id"), tags=self.tags,
                          command=self.command, body=self.card_body)
