@@ -17,18 +17,14 @@ from tokenizers import Tokenizer
 
 from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
 from kvant.data import TextFile, get_mix, get_text, paragraphs
+from kvant.errors import DataError
 from kvant.export.gguf import DIRECT, GGUFSettings, file_name, kind
 from kvant.export.gguf_convert import convert
-from kvant.export.gguf_quantize import (
-    bits_per_weight,
-    compute_imatrix,
-    quantize,
-    scratch_dir,
-    tensor_types,
-)
-from kvant.model import model_info, refuse_quantized
+from kvant.export.gguf_quantize import bits_per_weight, compute_imatrix, quantize, tensor_types
+from kvant.model import model_info, read_config, refuse_quantized, require_tokenizer
+from kvant.plan import disk_need
 from kvant.runtimes import reference_logits
-from kvant.runtimes.llamacpp import LlamaCppRuntime, vocab_only
+from kvant.runtimes.llamacpp import LlamaCppRuntime, StockTokenizer
 from kvant.scoring import drift_per_language, eval_windows, max_abs_diff, sequence_nll_bits
 from kvant.tokenization import exact_tokenizer, fidelity
 
@@ -45,12 +41,11 @@ def tokenizer_report(base: Path, texts: dict[str, TextFile], settings: GGUFSetti
     Each paragraph is tokenized once per tokenizer and the vocabulary opened once.
     """
     exact_tok = exact_tokenizer(base)
-    stock_tok = vocab_only(base)
+    stock_tok = StockTokenizer(base)
     try:
         units = {lang: paragraphs(text.read()) for lang, text in texts.items()}
         exact = {lang: [e.ids for e in exact_tok.encode_batch(u)] for lang, u in units.items()}
-        stock = {lang: [stock_tok.tokenize(x.encode("utf-8"), add_bos=True, special=False)
-                        for x in u] for lang, u in units.items()}
+        stock = {lang: [stock_tok.tokenize(x) for x in u] for lang, u in units.items()}
     finally:
         stock_tok.close()
     report = {}
@@ -142,23 +137,39 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                 cache_dir: Path, data_dir: Path | None = None, force: bool = False,
                 progress: bool = False, device: str = "cpu") -> Made:
     """Convert, quantize and validate; publish ``out`` atomically."""
-    refuse_existing(out, force)
+    refuse_existing(out, force, protect=(model_dir,))
     refuse_quantized(model_dir)
+    require_tokenizer(model_dir)
     info = model_info(model_dir)
     name = Path(source.get("id", model_dir.name)).name
     base_type = "bf16"
     quant_types = [t for t in settings.types if t not in DIRECT]
-    check_free_space(out.parent, int(info.size_bytes * (1 + len(settings.types))))
+    imatrix_file = None
+    if quant_types and settings.imatrix not in ("auto", "none"):
+        imatrix_file = Path(settings.imatrix).expanduser()
+        if not imatrix_file.is_file():
+            raise DataError(f"--imatrix '{settings.imatrix}' not found; pass an existing "
+                            "imatrix file, auto (compute one) or none")
+    check_free_space(out.parent, disk_need(
+        read_config(model_dir), [kind(t) for t in settings.types],
+        scratch=[] if base_type in settings.types else [kind(base_type)]))
+    calib = None
+    if quant_types and settings.imatrix == "auto":  # checked before any work
+        calib = get_mix(settings.calib, cache_dir, data_dir, progress)
+        calib_tokens = len(exact_tokenizer(model_dir).encode(calib.read()).ids)
+        if calib_tokens < settings.imatrix_ctx:
+            raise DataError(f"calibration text '{calib.name}' gives {calib_tokens} tokens, "
+                            f"fewer than one --imatrix-ctx {settings.imatrix_ctx} chunk; pass "
+                            "a longer --calib text or --imatrix none")
     # synthetic weights: convert and quantize for speed and memory, but score nothing
     langs = () if info.synthetic else settings.eval_langs
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     ref = reference_logits(model_dir, wins) if wins else {}
-    calib = None
-    with ArtifactWriter(out, fmt="gguf", force=force) as art, scratch_dir(out.parent) as work:
+    with ArtifactWriter(out, fmt="gguf", force=force, protect=(model_dir,)) as art:
         paths: dict[str, Path] = {}
-        base = (art.dir if base_type in settings.types else Path(work)) / file_name(name,
-                                                                                     base_type)
+        base = (art.dir if base_type in settings.types else art.scratch) / file_name(name,
+                                                                                      base_type)
         art.settings = settings_dict(settings)
         art.source = source
         conv = convert(model_dir, base, base_type, settings.pre, name, progress)
@@ -168,14 +179,14 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
             convert(model_dir, paths[direct], direct, settings.pre, name, progress)
         imatrix_path, imatrix = None, None
         if quant_types and settings.imatrix != "none":
-            if settings.imatrix == "auto":
-                calib = get_mix(settings.calib, cache_dir, data_dir, progress)
+            if calib is not None:
                 art.data.append(calib.as_manifest())
                 normalizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")).normalizer
                 imatrix_path = art.dir / f"{name}.imatrix.gguf"
-                imatrix = compute_imatrix(base, calib.read(), imatrix_path, settings, normalizer)
+                imatrix = compute_imatrix(base, calib.read(), imatrix_path, settings, normalizer,
+                                          art.scratch)
             else:
-                imatrix_path = Path(settings.imatrix)
+                imatrix_path = imatrix_file
                 imatrix = {"file": imatrix_path.name, "chunks": None, "ctx": None}
         files = {}
         for gguf_type in quant_types:

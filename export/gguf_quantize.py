@@ -13,7 +13,7 @@ from kvant.runtimes.llamacpp import llama_tool, run_tool
 
 
 def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettings,
-                    normalizer=None) -> dict:
+                    normalizer=None, scratch: Path | None = None) -> dict:
     """llama-imatrix over the calibration text; returns what it used.
 
     llama-imatrix tokenizes with llama.cpp's tokenizer; the text is pre-normalized with
@@ -21,7 +21,7 @@ def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettin
     paragraphs (statistics of activations barely notice the rest).
     """
     text = normalizer.normalize_str(calib_text) if normalizer is not None else calib_text
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         calib = Path(tmp) / "calib.txt"
         calib.write_text(text, encoding="utf-8")
         log = run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib, "-o", out,
@@ -57,8 +57,3 @@ def bits_per_weight(path: Path) -> float:
     nbytes = sum(int(t.n_bytes) for t in reader.tensors)
     return round(8 * nbytes / n, 3)
 
-
-def scratch_dir(near: Path) -> tempfile.TemporaryDirectory:
-    """A work folder on the output's disk (GGUF intermediates are model-sized)."""
-    near.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix=".kvant-gguf-", dir=near)

@@ -36,6 +36,11 @@ class ONNXSettings(EvalSettings):
         if self.precision == "fp16" and self.provider == "cpu":
             raise SettingsError("fp16 is built for --provider cuda or dml (ONNX Runtime's CPU "
                                 "path is fp32 or int4); on a CPU use fp32 or int4")
+        if self.precision == "fp32" and self.provider != "cpu":
+            # the GenAI builder's CUDA/DirectML graphs are fp16 or int4: an fp32 build for
+            # them was reported to end in ONNX Runtime's "invalid model", after 51 s of work
+            raise SettingsError(f"fp32 is built for --provider cpu only; for {self.provider} "
+                                "use --precision fp16 or int4")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise SettingsError(f"--block-size {self.block_size}: use 16, 32, 64, 128 or 256")
         if self.accuracy_level not in range(5):

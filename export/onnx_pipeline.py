@@ -24,11 +24,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kvant.artifact import ArtifactWriter, Made, refuse_existing, settings_dict
+from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
 from kvant.data import get_text, paragraphs
 from kvant.errors import KvantError
 from kvant.export.onnx import ONNXSettings
-from kvant.model import refuse_quantized, refuse_synthetic
+from kvant.model import read_config, refuse_quantized, refuse_synthetic, require_tokenizer
+from kvant.plan import disk_need
 from kvant.runtimes import reference_logits
 from kvant.runtimes.hf import TorchRuntime
 from kvant.runtimes.onnx import GenaiRuntime, OrtRuntime
@@ -49,7 +50,7 @@ print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
 """
 
 
-def build(model_dir: Path, out_dir: Path, settings: ONNXSettings) -> dict:
+def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path) -> dict:
     """Run the GenAI model builder in a child process; return its time and peak RSS.
 
     A child process, so that its peak memory is its own (the builder loads the whole
@@ -58,7 +59,7 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings) -> dict:
     """
     extra = [] if settings.precision != "int4" else [
         f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}"]
-    with tempfile.TemporaryDirectory(prefix="kvant-onnx-") as cache, \
+    with tempfile.TemporaryDirectory(prefix="builder-", dir=scratch) as cache, \
             tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", _BUILD, str(model_dir), str(out_dir),
@@ -137,15 +138,17 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
         data_dir: Path | None = None, force: bool = False, progress: bool = False,
         device: str = "cpu") -> Made:
     """`kvant export onnx`: build, rewrite the tokenizer, validate, publish ``out``."""
-    refuse_existing(out, force)
+    refuse_existing(out, force, protect=(model_dir,))
     refuse_quantized(model_dir)
     refuse_synthetic(model_dir)
+    require_tokenizer(model_dir)
+    check_free_space(out.parent, disk_need(read_config(model_dir), [settings.kind]))
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     ref = reference_logits(model_dir, wins)
     exact = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    with ArtifactWriter(out, fmt="onnx", force=force) as art:
-        facts = build(model_dir, art.dir, settings)
+    with ArtifactWriter(out, fmt="onnx", force=force, protect=(model_dir,)) as art:
+        facts = build(model_dir, art.dir, settings, art.scratch)
         spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
         (art.dir / EXACT_TOKENIZER).write_text(json.dumps(spec, ensure_ascii=False),
                                                encoding="utf-8")

@@ -277,20 +277,30 @@ DEFAULT_CALIB = "nob-train:0.5,nno-train:0.3,sme-train:0.1,eng:0.1"
 
 
 def _parse_mix(spec: str) -> list[tuple[str, float]]:
-    parts = []
+    parts, shared = [], []
     for item in (p.strip() for p in str(spec).split(",")):
         if not item:
             continue
-        name, _, weight = item.rpartition(":") if re.fullmatch(r".+:[0-9.]+", item) else (
-            item, "", "1")
+        weighted = re.fullmatch(r"(.+):([-+]?[0-9.]+)", item)
+        name, weight = weighted.groups() if weighted else (item, "1")
+        shared.append(bool(weighted))
         try:
             parts.append((name, float(weight)))
         except ValueError:
-            raise DataError(f"bad weight in '{item}'; write name:0.3") from None
+            raise DataError(f"bad share in '{item}'; write name:0.3") from None
         if parts[-1][1] <= 0:
-            raise DataError(f"weight of '{name}' must be positive")
+            raise DataError(f"the share of '{name}' is {weight}; shares must be positive "
+                            "(name:0.3)")
     if not parts:
         raise DataError("empty text list; pass a set name such as nob or a path")
+    if any(shared):
+        if not all(shared):
+            raise DataError(f"'{spec}' gives shares to some texts only; give each a share "
+                            "(nob-train:0.7,sme-train:0.3) or none (round-robin)")
+        total = sum(w for _, w in parts)
+        if total > 1 + 1e-9:
+            raise DataError(f"the shares in '{spec}' add up to {total:g}; they are fractions "
+                            "of the mix's characters and must add up to at most 1")
     return parts
 
 

@@ -167,6 +167,13 @@ def validate_model_dir(path: Path) -> Path:
     return path
 
 
+def require_tokenizer(path: Path) -> None:
+    """Every pipeline tokenizes with the model's own tokenizer.json: say so up front."""
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise ModelError(f"'{path}' has no tokenizer.json; pass a complete model folder "
+                         "(NorMistral's tokenizer.json is in its hub repository)")
+
+
 def refuse_synthetic(path: Path) -> None:
     """Perplexity and KL divergence of random weights mean nothing: refuse to measure them."""
     if read_config(Path(path)).get("kvant_synthetic"):

@@ -25,7 +25,7 @@ MIB = 2**20
 # Bits per weight of the quantized matmul weights.
 # GGUF: llama.cpp tools/quantize README (whole-file bpw on Llama-3-8B, a 128k vocabulary
 # whose embedding and output tensors weigh on these like NorMistral's 51,200 x 5,120 do).
-GGUF_BPW = {"f16": 16.0, "bf16": 16.0, "q8_0": 8.50, "q6_k": 6.56, "q5_k_m": 5.70,
+GGUF_BPW = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.50, "q6_k": 6.56, "q5_k_m": 5.70,
             "q4_k_m": 4.89, "q3_k_m": 4.00, "iq4_xs": 4.46}
 
 
@@ -206,6 +206,15 @@ def plan_table(shape: Shape, ctxs: list[int], budget: float, fitted: dict | None
         lines.append(f"| {name} | {k.backend} | {weight_bytes(shape, k) / GIB:.2f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def disk_need(config: dict, kinds_made: list[str], scratch: list[str] = ()) -> int:
+    """Bytes a pipeline writes: every artifact kind it makes plus its model-sized scratch
+    files, with 2% and 64 MiB for metadata, tokenizer and cards. Unlisted GGUF types are
+    counted at 8.5 bits per weight (Q8_0, the largest quantized type)."""
+    shape = shape_of(config)
+    total = sum(weight_bytes(shape, kind(k, file_bpw=8.5)) for k in [*kinds_made, *scratch])
+    return int(total * 1.02) + 64 * MIB
 
 
 def load_results(path: Path | None) -> dict | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kvant.data import TextFile, encode_stream, paragraphs
+from kvant.errors import DataError
 
 
 def windows(ids: list[int], n_ctx: int, max_windows: int | None = None) -> list[list[int]]:
@@ -38,8 +39,20 @@ def eval_windows(model_dir: Path, texts: dict[str, TextFile], n_tokens: int,
     from tokenizers import Tokenizer  # Rust extension; only needed here
 
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-    return {lang: windows(encode_stream(tok, paragraphs(text.read()))[:n_tokens], n_ctx)
-            for lang, text in texts.items()}
+    out = {}
+    for lang, text in texts.items():
+        ids = encode_stream(tok, paragraphs(text.read()))
+        out[lang] = require_windows(lang, windows(ids[:n_tokens], n_ctx), len(ids), n_ctx)
+    return out
+
+
+def require_windows(name: str, wins: list[list[int]], n_ids: int, n_ctx: int) -> list:
+    """``wins``, or one clear error when a text is too short for a single window."""
+    if not wins:
+        raise DataError(f"held-out text '{name}' gives {n_ids} tokens, fewer than one "
+                        f"{n_ctx}-token scoring window; pass a longer text or a smaller "
+                        "window (--eval-ctx / --quality-ctx)")
+    return wins
 
 
 def sequence_nll_bits(logits: np.ndarray, ids: list[int]) -> float:

@@ -48,7 +48,7 @@ def run(model_dir: Path, out: Path, settings: BnbSettings, *, source: dict, cach
         device: str = "cpu") -> Made:
     """`kvant quantize bnb`: quantize, save, reload from disk, score, publish ``out``."""
 
-    def quantize(folder: Path) -> Quantized:
+    def quantize(folder: Path, scratch: Path) -> Quantized:
         name = Path(source.get("id", model_dir.name)).name
         return Quantized(
             facts=quantize_bnb(model_dir, folder, settings, device),

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvant.artifact import ArtifactWriter, Made, refuse_existing, settings_dict
+from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
 from kvant.data import EvalSettings, TextFile, get_text
-from kvant.model import refuse_quantized, refuse_synthetic
+from kvant.model import read_config, refuse_quantized, refuse_synthetic, require_tokenizer
+from kvant.plan import disk_need
 from kvant.runtimes import Target, reference_logits, score_target
 from kvant.scoring import drift_per_language, drift_table, eval_windows
 
@@ -41,16 +42,19 @@ class Quantized:
 
 def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, fmt: str,
                         kind: str, source: dict, cache_dir: Path, data_dir: Path | None,
-                        force: bool, quantize: Callable[[Path], Quantized]) -> Made:
-    """Run ``quantize(folder)`` into a staging folder and publish ``out`` once verified."""
-    refuse_existing(out, force)
+                        force: bool, quantize: Callable[[Path, Path], Quantized]) -> Made:
+    """Run ``quantize(folder, scratch)`` into a staging folder and publish ``out`` once
+    verified (``scratch``: work space inside the staging folder, removed before publishing)."""
+    refuse_existing(out, force, protect=(model_dir,))
     refuse_quantized(model_dir)
     refuse_synthetic(model_dir)
+    require_tokenizer(model_dir)
+    check_free_space(out.parent, disk_need(read_config(model_dir), [kind]))
     texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     ref = reference_logits(model_dir, wins)
-    with ArtifactWriter(out, fmt=fmt, force=force) as art:
-        done = quantize(art.dir)
+    with ArtifactWriter(out, fmt=fmt, force=force, protect=(model_dir,)) as art:
+        done = quantize(art.dir, art.scratch)
         for message in done.warnings:
             art.warn(message)
         for name in TOKENIZER_FILES:

@@ -38,8 +38,10 @@ class GPTQSettings(EvalSettings):
                                 "multiple of 32 (128 is the usual choice)")
         if not 0 < self.damp < 1:
             raise SettingsError(f"--damp {self.damp}: use a fraction such as 0.01")
-        if min(self.samples, self.seqlen, self.eval_tokens, self.eval_ctx) <= 10:
-            raise SettingsError("samples, seqlen and the eval sizes must be above 10")
+        for option in ("samples", "seqlen", "eval_tokens", "eval_ctx"):
+            if getattr(self, option) <= 10:
+                raise SettingsError(f"--{option.replace('_', '-')} {getattr(self, option)}: "
+                                    "GPTQ needs more than 10")
 
     @property
     def kind(self) -> str:

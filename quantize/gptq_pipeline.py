@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -66,20 +66,29 @@ def _working_dir(path: Path):
 
 
 def quantize_gptq(model_dir: Path, out_dir: Path, settings: GPTQSettings, samples: list[dict],
-                  device: str = "cpu") -> dict:
-    """Quantize and save into ``out_dir`` (which must exist); return timing facts."""
+                  device: str = "cpu", scratch: Path | None = None) -> dict:
+    """Quantize and save into ``out_dir`` (which must exist); return timing facts.
+
+    ``scratch`` holds GPTQModel's logs/ and its layer offload (model-sized for 11.4B);
+    default: a folder inside ``out_dir`` that is removed afterwards.
+    """
     gptqmodel = _gptqmodel()
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
+    own_scratch = scratch is None
+    scratch = Path(scratch or out_dir / ".scratch").resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
     config = gptqmodel.QuantizeConfig(bits=settings.bits, group_size=settings.group_size,
                                       desc_act=settings.desc_act, sym=settings.sym,
-                                      damp_percent=settings.damp)
-    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
+                                      damp_percent=settings.damp,
+                                      offload_to_disk_path=str(scratch / "offload"))
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="kvant-gptq-") as scratch, _working_dir(
-            Path(scratch)):
+    with _working_dir(scratch):
         model = gptqmodel.GPTQModel.load(str(model_dir), config, device=device)
         model.quantize(samples, batch_size=1, calibration_data_min_length=1)
         model.save(str(out_dir))
         del model  # its in-memory weights are not valid after quantize(); never score them
+    if own_scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - started
     (out_dir / "quant_log.csv").unlink(missing_ok=True)
     facts = {"quantize_seconds": round(seconds, 1), "device": device,
@@ -100,8 +109,8 @@ def run(model_dir: Path, out: Path, settings: GPTQSettings, *, source: dict, cac
     calib = get_mix(settings.calib, cache_dir, data_dir, progress)
     samples = calibration_samples(model_dir, calib.read(), settings.samples, settings.seqlen)
 
-    def quantize(folder: Path) -> Quantized:
-        facts = quantize_gptq(model_dir, folder, settings, samples, device)
+    def quantize(folder: Path, scratch: Path) -> Quantized:
+        facts = quantize_gptq(model_dir, folder, settings, samples, device, scratch)
         warnings = [] if len(samples) >= settings.samples else [
             f"calibration text gave {len(samples)} samples of {settings.seqlen} tokens, "
             f"fewer than the {settings.samples} asked for"]

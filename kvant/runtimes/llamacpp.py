@@ -96,6 +96,29 @@ class LlamaCppRuntime:
         self.llm.close()
 
 
-def vocab_only(path: Path) -> llama_cpp.Llama:
-    """The file's vocabulary alone (no weights): for tokenizer checks."""
-    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+class StockTokenizer:
+    """llama.cpp's own tokenizer from a file's vocabulary alone: what llama-cli, Ollama and
+    LM Studio get. Loads no weights and creates no context (llama_cpp.Llama(vocab_only=True)
+    still makes one, and its "n_ctx_train (0)" warning cluttered stderr)."""
+
+    def __init__(self, path: Path):
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise KvantError(f"llama.cpp could not read the vocabulary of '{path}'")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        room = len(data) + 2  # byte-level BPE: never more tokens than bytes, plus <s>
+        tokens = (llama_cpp.llama_token * room)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, room, add_bos, False)
+        if n < 0:
+            raise KvantError(f"llama.cpp's tokenizer needed {-n} tokens for {len(data)} bytes")
+        return list(tokens[:n])
+
+    def close(self) -> None:
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
