@@ -34,8 +34,8 @@ from kvant.errors import SettingsError
 from kvant.files import sha256_text
 from kvant.machine import machine
 from kvant.model import model_info, pick_device
-from kvant.runtimes import Target, reference_logits, score_target, targets
-from kvant.scoring import drift, windows
+from kvant.runtimes import Target, reference_logits, score_target, targets, verify
+from kvant.scoring import drift, require_windows, windows
 
 logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
@@ -157,8 +157,20 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
         all_targets.append(ref_target)
     for artifact in artifacts:
         all_targets += targets(artifact)
+    for target in all_targets:  # nothing corrupt is measured
+        verify(target, settings.verify)
     device = pick_device(settings.device)
-    out.mkdir(parents=True, exist_ok=True)
+    texts = _texts(settings.langs, cache_dir, data_dir) if settings.quality else {}
+    wins, bytes_per_token, ref = {}, {}, {}
+    if texts:
+        tokenizer = Tokenizer.from_file(str(reference / "tokenizer.json"))
+        for lang, text in texts.items():
+            ids, n_bytes = _quality_ids(tokenizer, text.read(), settings.quality_tokens)
+            wins[lang] = require_windows(lang, windows(ids[: settings.quality_tokens],
+                                                       settings.quality_ctx), len(ids),
+                                         settings.quality_ctx)
+            bytes_per_token[lang] = n_bytes / len(ids)
+    out.mkdir(parents=True, exist_ok=True)  # only now: an up-front error leaves nothing
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     if results.get("schema_version") != SCHEMA_VERSION:
@@ -169,14 +181,6 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
                                  for k, v in settings.__dict__.items()}})
     results.setdefault("targets", {})
 
-    texts = _texts(settings.langs, cache_dir, data_dir) if settings.quality else {}
-    wins, bytes_per_token, ref = {}, {}, {}
-    if texts:
-        tokenizer = Tokenizer.from_file(str(reference / "tokenizer.json"))
-        for lang, text in texts.items():
-            ids, n_bytes = _quality_ids(tokenizer, text.read(), settings.quality_tokens)
-            wins[lang] = windows(ids[: settings.quality_tokens], settings.quality_ctx)
-            bytes_per_token[lang] = n_bytes / len(ids)
     speed_ids = ([i for w in wins[next(iter(wins))] for i in w] if wins
                  else list(range(16, 16 + settings.quality_ctx)))
     max_ctx = max(int(c) for c in settings.ctx)

@@ -36,6 +36,9 @@ class BenchSettings:
     """Other programs' CPU use (percent of the machine) above which a row is noisy."""
     max_spread_pct: float = 25.0
     """(max - min) / median of the repeats above which a row is noisy."""
+    verify: bool = True
+    """Check every artifact's files against its manifest's sha256 before measuring (sizes are
+    always checked); --no-verify skips the hashing."""
 
     def __post_init__(self) -> None:
         try:

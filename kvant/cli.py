@@ -131,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> str:
 
     for piece in generate(args.artifact, args.prompt, args.max_new_tokens,
                           stop_at_newline=args.stop_at_newline,
-                          device=pick_device(args.device)):
+                          device=pick_device(args.device), check=args.verify):
         sys.__stdout__.write(piece)  # stream past the stdout guard in main()
         sys.__stdout__.flush()
     sys.__stdout__.write("\n")
@@ -183,7 +183,8 @@ def cmd_release(args: argparse.Namespace) -> str:
 
     root, lines = run_release(args.recipe, cache_dir=cache_dir(), data_dir=args.data_dir,
                               calib=args.calib, push_org=args.push,
-                              token=os.environ.get("HF_TOKEN"), progress=not args.no_progress)
+                              token=os.environ.get("HF_TOKEN"), public=args.public,
+                              progress=not args.no_progress)
     return "\n".join([*lines, f"release: {root}", f"index card: {root / 'README.md'}",
                       f"report: {root / 'bench' / 'report.md'}"])
 
@@ -318,6 +319,9 @@ def build_parser() -> KvantParser:
     generate.add_argument("--stop-at-newline", action="store_true",
                           help="stop at the first newline (as for 'Engelsk: ...\\nBokmål:')")
     generate.add_argument("--device", default="auto")
+    generate.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                          help="check the files' sha256 against the artifact's manifest "
+                               "first (default; sizes are always checked)")
     generate.set_defaults(func=cmd_generate)
 
     synth = sub.add_parser("synth", help="a checkpoint with NorMistral's exact shapes and random "
@@ -346,6 +350,8 @@ def build_parser() -> KvantParser:
     release.add_argument("recipe", type=Path, help="recipe TOML (see recipes/)")
     release.add_argument("--push", metavar="ORG", help="upload to this hub organisation "
                          "(token from HF_TOKEN); without it, print what would be uploaded")
+    release.add_argument("--public", action="store_true", help="create the hub repositories "
+                         "public (default: private, to review before publishing)")
     release.add_argument("--calib", help="override the recipe's calibration text")
     _add_data_args(release)
     release.set_defaults(func=cmd_release)

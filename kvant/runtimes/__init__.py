@@ -93,7 +93,7 @@ def gguf_kind(path: Path) -> str | None:
     """The kind of a bare .gguf from its own `general.file_type` (no file-name parsing)."""
     import gguf  # gguf-py: numpy only, but not needed unless a bare file is given
 
-    field_ = gguf.GGUFReader(str(path)).get_field("general.file_type")
+    field_ = _read_gguf(path).get_field("general.file_type")
     if field_ is None:
         return None
     name = gguf.LlamaFileType(int(field_.contents())).name  # e.g. MOSTLY_Q4_K_M
@@ -128,6 +128,45 @@ def targets(path: Path) -> list[Target]:
         return [Target(path.name, path, "torch", "bf16", _size(path, files), kind, files)]
     return [Target(path.name, path, "torch", fmt, _size(path, files), kinds.get(path.name),
                    files)]
+
+
+def verify(target: Target, checksums: bool = True) -> None:
+    """Refuse a target whose files are not what was published.
+
+    Inside a Kvant artifact every model file is checked against the manifest: its size
+    always, its sha256 unless ``checksums`` is False (``--no-verify``). A bare .gguf must
+    parse as GGUF (header, metadata and tensor table inside the file).
+    """
+    folder = target.path.parent if target.path.is_file() else target.path
+    manifest = _manifest(folder)
+    if manifest:
+        listed = {f["path"]: f for f in manifest.get("files", [])}
+        for name in target.files:
+            entry, path = listed.get(name), folder / name
+            if entry is None:
+                raise ArtifactError(f"'{path}' is not listed in {folder / 'manifest.json'}; "
+                                    "the artifact was changed after Kvant wrote it: rebuild it")
+            size = path.stat().st_size if path.is_file() else 0
+            if size != entry["size_bytes"]:
+                raise ArtifactError(f"'{path}' is incomplete ({size:,} of "
+                                    f"{entry['size_bytes']:,} bytes); download or build it again")
+            if checksums and sha256_file(path) != entry["sha256"]:
+                raise ArtifactError(f"'{path}' fails its sha256 check against the manifest "
+                                    "(corrupt); download or build it again (or pass "
+                                    "--no-verify to use it anyway)")
+        return
+    if target.backend == "llama.cpp":
+        _read_gguf(target.path)
+
+
+def _read_gguf(path: Path):
+    import gguf  # gguf-py checks the header and that every tensor lies inside the file
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # any parse failure means the same thing to a user
+        raise ArtifactError(f"'{path}' is not a readable GGUF file (truncated or corrupt: "
+                            f"{type(exc).__name__}); download or export it again") from exc
 
 
 def _manifest(folder: Path) -> dict:
