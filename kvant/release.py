@@ -34,7 +34,15 @@ from kvant.model import content_hash, model_source, pick_device, read_config
 from kvant.pipelines import PIPELINES
 from kvant.plan import entry_kind, fit_overhead, peak_bytes, shape_of
 from kvant.registry import nearest
-from kvant.release_cards import PLOTS, artifact_section, index_card, upload_plan, write_json
+from kvant.release_cards import (
+    INDEX_FILES,
+    PLOTS,
+    artifact_section,
+    index_card,
+    upload_plan,
+    verify_release,
+    write_json,
+)
 from kvant.runtimes import targets as find_targets
 from kvant.tiny import TinyRecipe, build_tiny, default_dir
 
@@ -144,7 +152,8 @@ def _model(release: dict, calib: str, cache_dir: Path, data_dir: Path | None,
 
 def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = None,
                 calib: str | None = None, push_org: str | None = None,
-                token: str | None = None, progress: bool = False) -> tuple[Path, list[str]]:
+                token: str | None = None, public: bool = False,
+                progress: bool = False) -> tuple[Path, list[str]]:
     """Build, bench and card everything; return the release folder and the upload lines."""
     recipe = load_recipe(recipe_path)
     rel = recipe.release
@@ -193,29 +202,33 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
     (root / "README.md").write_text(index_card(name, source["id"], recipe_text, targets,
                                                folders, predicted, ctx, PLAN_CTX),
                                     encoding="utf-8")
-    index_files = [root / "README.md", root / "recipe.toml",
-                   *sorted((root / "bench").glob("*"))]
-    (root / "SHA256SUMS").write_text("".join(
-        f"{sha256_file(f)}  {f.relative_to(root).as_posix()}\n" for f in index_files
-        if f.is_file()), encoding="utf-8")
     write_json(root / "release.json", {"name": name, "source": source,
                                        "artifacts": {f: k for f, (k, _) in artifacts.items()}})
-    plan = upload_plan(root, push_org or "ORG", name, list(artifacts))
+    (root / "SHA256SUMS").write_text("".join(
+        f"{sha256_file(root / rel)}  {rel}\n" for rel in INDEX_FILES
+        if rel != "SHA256SUMS" and (root / rel).is_file()), encoding="utf-8")
+    plan, left_out = upload_plan(root, push_org or "ORG", name, list(artifacts))
+    skipped = [f"not uploaded (not part of the release): {rel}" for rel in left_out]
     if push_org:
-        _push(plan, token)
-        return root, [f"uploaded {p['repo']}/{p['path']}" for p in plan]
-    return root, [f"would upload {p['repo']}: {p['path']} ({p['size_bytes']:,} bytes)"
-                  for p in plan]
+        problems = verify_release(root, list(artifacts))
+        if problems:  # before the first byte goes up
+            raise ArtifactError(f"not pushing: {problems[0]} ({len(problems)} problem(s)); "
+                                "rebuild with `kvant release` and push again")
+        _push(plan, token, public)
+        return root, [*skipped, *(f"uploaded {p['repo']}/{p['path']}" for p in plan)]
+    visibility = "public" if public else "private"
+    return root, [*skipped, *(f"would upload {p['repo']} ({visibility}): {p['path']} "
+                              f"({p['size_bytes']:,} bytes)" for p in plan)]
 
 
-def _push(plan: list[dict], token: str | None) -> None:
-    from huggingface_hub import HfApi
+def _push(plan: list[dict], token: str | None, public: bool) -> None:
+    from huggingface_hub import HfApi  # network client: only when pushing
 
     if not token:
         raise SettingsError("--push needs a Hugging Face token: set HF_TOKEN")
     api = HfApi(token=token)
     for repo in dict.fromkeys(p["repo"] for p in plan):
-        api.create_repo(repo, exist_ok=True)
+        api.create_repo(repo, exist_ok=True, private=not public)
         for item in (p for p in plan if p["repo"] == repo):
             api.upload_file(path_or_fileobj=item["local"], path_in_repo=item["path"],
                             repo_id=repo)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvant.artifact import card_metadata
+from kvant.artifact import CHECKSUMS, MANIFEST, card_metadata, read_manifest, verify_artifact
 from kvant.bench.report import PLOTS, speed_cell
+from kvant.errors import ArtifactError
+from kvant.files import sha256_file
 
 BUDGETS_GB = (8, 12, 16, 24)
 # Never published: the evaluation and calibration texts may not be republished stand-alone.
@@ -97,22 +99,64 @@ context fits (`kvant plan`, fitted to this release's measurements):
 """
 
 
-def upload_plan(root: Path, org: str, name: str, folders: list[str]) -> list[dict]:
-    """What --push uploads: one hub repo per artifact folder, plus the index repo."""
-    plan = []
-    repos = {f"{org}/{folder}": root / folder for folder in folders}
-    repos[f"{org}/{name}-kvant"] = root
-    for repo, path in repos.items():
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+INDEX_FILES = ("README.md", "recipe.toml", "release.json", "SHA256SUMS", "bench/report.md",
+               "bench/results.json", *(f"bench/{p}" for p in PLOTS))
+
+
+def upload_plan(root: Path, org: str, name: str, folders: list[str]) -> tuple[list[dict],
+                                                                             list[str]]:
+    """What --push uploads, and what it leaves out, as an allow-list.
+
+    One hub repo per artifact folder with exactly what the artifact is made of (the files
+    its manifest lists, the manifest, SHA256SUMS), and the index repo with the release's
+    own files (card, recipe, checksums, bench report). Anything else in those folders
+    (scratch, a user's notes, an .env) is left out and named. The held-out and calibration
+    texts may never be republished: one of them among the listed files is an error.
+    """
+    plan, left_out = [], []
+    repos = {f"{org}/{folder}": (root / folder, _artifact_files(root / folder))
+             for folder in folders}
+    repos[f"{org}/{name}-kvant"] = (root, set(INDEX_FILES))
+    for repo, (path, allowed) in repos.items():
+        for file in sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink()):
             rel = file.relative_to(path).as_posix()
             if path == root and rel.split("/")[0] in folders:
                 continue  # artifact folders go to their own repos
+            if rel not in allowed or file.is_symlink():
+                left_out.append(f"{path.name}/{rel}" if path != root else rel)
+                continue
             if file.name.endswith(FORBIDDEN_SUFFIXES):
-                raise ValueError(f"refusing to publish '{file}': the UD/NDT texts may not be "
-                                 "republished as stand-alone texts")
+                raise ArtifactError(f"refusing to publish '{file}': the UD/NDT texts may not "
+                                    "be republished as stand-alone texts; remove it from the "
+                                    "artifact")
             plan.append({"repo": repo, "path": rel, "local": str(file),
                          "size_bytes": file.stat().st_size})
-    return plan
+    return plan, left_out
+
+
+def _artifact_files(folder: Path) -> set[str]:
+    manifest = read_manifest(folder)
+    return {f["path"] for f in manifest["files"]} | {MANIFEST, CHECKSUMS}
+
+
+def verify_release(root: Path, folders: list[str]) -> list[str]:
+    """Every checksum of every artifact and of the index, checked (problems, or empty)."""
+    problems = [f"{folder}: {p}" for folder in folders for p in verify_artifact(root / folder)]
+    sums = root / CHECKSUMS
+    if not sums.is_file():
+        return [*problems, f"{sums} is missing"]
+    listed = {}
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        digest, rel = line.split("  ", 1)
+        listed[rel] = digest
+    for rel in INDEX_FILES:
+        if rel == CHECKSUMS or not (root / rel).is_file():
+            continue
+        if rel not in listed:
+            problems.append(f"{rel} is not in {CHECKSUMS}")
+        elif sha256_file(root / rel) != listed[rel]:
+            problems.append(f"checksum mismatch {rel}")
+    return problems
 
 
 def write_json(path: Path, data) -> None:
