@@ -88,12 +88,18 @@ def test_weighted_mix_follows_character_shares(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("\n".join(f"a{i:03d}" for i in range(100)) + "\n", encoding="utf-8")
     b.write_text("\n".join(f"b{i:03d}" for i in range(100)) + "\n", encoding="utf-8")
-    units = paragraphs(get_mix(f"{a}:3,{b}:1", tmp_path / "cache").read())
+    units = paragraphs(get_mix(f"{a}:0.75,{b}:0.25", tmp_path / "cache").read())
     share_a = sum(u.startswith("a") for u in units) / len(units)
     assert abs(share_a - 0.75) < 0.02
     assert units[:4] == ["a000", "b000", "a001", "a002"]
     with pytest.raises(DataError, match="must be positive"):
         get_mix(f"{a}:0", tmp_path / "cache")
+    with pytest.raises(DataError, match="'.*a.txt' is -0.3; shares must be positive"):
+        get_mix(f"{a}:-0.3,{b}:0.5", tmp_path / "cache")
+    with pytest.raises(DataError, match="add up to 1.5; they are fractions"):
+        get_mix(f"{a}:1,{b}:0.5", tmp_path / "cache")
+    with pytest.raises(DataError, match="gives shares to some texts only"):
+        get_mix(f"{a}:0.5,{b}", tmp_path / "cache")
 
 
 def test_conllu_without_markers_gives_one_sentence_per_line():

@@ -89,7 +89,7 @@ def test_index_card_and_root_checksums(release):
 def _planned(stdout: str) -> list[tuple[str, str]]:
     """(repo, path) of every `would upload REPO: PATH (N bytes)` line."""
     lines = [line for line in stdout.splitlines() if line.startswith("would upload ")]
-    return [(line.split(": ", 1)[0].removeprefix("would upload "),
+    return [(line.split(": ", 1)[0].removeprefix("would upload ").split(" (")[0],
              line.split(": ", 1)[1].rsplit(" (", 1)[0]) for line in lines]
 
 
@@ -105,14 +105,52 @@ def test_push_dry_run_lists_every_file_and_no_text(release):
     assert stdout.strip().splitlines()[-1] == f"report: {out / 'bench' / 'report.md'}"
 
 
-def test_upload_plan_refuses_the_texts(release, tmp_path):
+def test_upload_is_an_allow_list_and_refuses_the_texts(release, tmp_path):
+    from kvant.artifact import ArtifactWriter
+    from kvant.errors import ArtifactError
     from kvant.release_cards import upload_plan
 
     out, _, _ = release
     shutil.copytree(out / "mini-bnb-int8", tmp_path / "mini-bnb-int8")
+    (tmp_path / "mini-bnb-int8" / ".env").write_text("HF_TOKEN=hf_secret\n")
     (tmp_path / "mini-bnb-int8" / "nob.ud-test.txt").write_text("Ein setning.\n")
-    with pytest.raises(ValueError, match="may not be republished"):
-        upload_plan(tmp_path, "ORG", "mini", ["mini-bnb-int8"])
+    plan, left_out = upload_plan(tmp_path, "ORG", "mini", ["mini-bnb-int8"])
+    planned = {p["path"] for p in plan if p["repo"] == "ORG/mini-bnb-int8"}
+    listed = {f["path"] for f in read_manifest(out / "mini-bnb-int8")["files"]}
+    assert planned == listed | {"manifest.json", "SHA256SUMS"}
+    assert {"mini-bnb-int8/.env", "mini-bnb-int8/nob.ud-test.txt"} <= set(left_out)
+    # a text that an artifact itself lists is refused outright
+    with ArtifactWriter(tmp_path / "texty", fmt="test") as art:
+        (art.dir / "nob.ud-test.txt").write_text("Ein setning.\n")
+    with pytest.raises(ArtifactError, match="may not be republished"):
+        upload_plan(tmp_path, "ORG", "mini", ["texty"])
+
+
+def test_push_verifies_every_checksum_before_the_first_byte(release, cache_dir, monkeypatch,
+                                                            tmp_path):
+    from kvant import release as release_module
+    from kvant.errors import ArtifactError
+    from kvant.release_cards import verify_release
+
+    out, recipe, stdout = release
+    assert "would upload ORG/mini-gguf (private): " in stdout  # private unless --public
+    assert verify_release(out, list(FOLDERS)) == []
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with (copy / "mini-onnx-int4" / "README.md").open("a") as card:
+        card.write("tampered\n")
+    (copy / "bench" / "report.md").write_text("edited\n")
+    assert verify_release(copy, list(FOLDERS)) == [
+        "mini-onnx-int4: checksum mismatch README.md", "checksum mismatch bench/report.md"]
+    # and run_release checks before it pushes anything
+    pushed = []
+    monkeypatch.setattr(release_module, "_push", lambda *args: pushed.append(args))
+    monkeypatch.setattr(release_module, "verify_release",
+                        lambda root, folders: verify_release(copy, folders))
+    with pytest.raises(ArtifactError, match="not pushing: mini-onnx-int4: checksum mismatch"):
+        release_module.run_release(recipe, cache_dir=cache_dir, data_dir=UD_DIR,
+                                   calib=str(CALIB_FILE), push_org="ORG", token="t")
+    assert pushed == []
 
 
 def test_reference_is_never_a_pick(release):
