@@ -36,7 +36,7 @@ def speed_cell(s: dict, phase: str) -> str:
     if f"{phase}_tok_s" not in s:
         return "-"
     cell = f"{s[f'{phase}_tok_s']:,.2f}"
-    if f"{phase}_tok_s_min" in s and s.get("repeats", 1) > 1:
+    if f"{phase}_tok_s_min" in s and s[f"{phase}_tok_s_min"] != s[f"{phase}_tok_s_max"]:
         cell += f" ({s[f'{phase}_tok_s_min']:,.2f}-{s[f'{phase}_tok_s_max']:,.2f})"
     return cell + (" ⚠" if s.get("noisy") else "")
 
@@ -109,8 +109,10 @@ def write_report(results: dict, out: Path) -> None:
              f"{results['settings']['quality_ctx']}-token windows.", "",
              "## Quality per language", "", *_quality_tables(results),
              "## Speed and memory", "", *_speed_table(results), "",
-             "Fresh process per row; median of "
-             f"{results['settings']['repeats']} (min-max) after a warm-up; decode is "
+             "Fresh process per row; median (min-max) of at least "
+             f"{results['settings']['repeats']} runs after a warm-up (short runs are repeated "
+             "until a phase lasts 0.5 s, so the CPU accounting that witnesses it is not "
+             "rounding); decode is "
              f"{results['settings']['n_new']} greedy tokens at the given depth. `other CPU %`: "
              "the share of the machine other programs used meanwhile (a row over "
              f"{results['settings'].get('max_other_cpu_pct', 10):g}% or with repeats spread "

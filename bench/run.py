@@ -26,7 +26,6 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from kvant.bench import peers
 from kvant.bench.report import write_report
 from kvant.bench.settings import BenchSettings
 from kvant.data import get_text, paragraphs
@@ -223,6 +222,8 @@ def _gguf_extras(target: Target, entry: dict, texts: dict, settings: BenchSettin
         entry["tokenizer_agreement"] = tok.get("stock_llama_cpp", {})
     if not settings.peer_checks or "peers" in entry:
         return
+    from kvant.bench import peers  # llama.cpp's tools: only for GGUF (an optional extra)
+
     lang, text = next(iter(texts.items()))
     n_ctx = settings.quality_ctx
     tool_ppl, chunks = peers.llama_perplexity(target.path, text.path, n_ctx, 8,

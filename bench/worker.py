@@ -22,10 +22,35 @@ from kvant.runtimes import Target, open_runtime
 
 
 def _rates(tokens: int, seconds: list[float]) -> dict:
+    """Median, min and max tokens/s, and the spread: (max - min) / median over a few runs,
+    the 10th-90th percentile range over ten or more (one outlier among 200 short runs is
+    not the machine being noisy)."""
     rates = sorted(tokens / s for s in seconds)
     median = tokens / statistics.median(seconds)  # the rate of the median run
+    low, high = rates[0], rates[-1]
+    if len(rates) >= 10:
+        deciles = statistics.quantiles(rates, n=10)
+        low, high = deciles[0], deciles[-1]
     return {"median": round(median, 2), "min": round(rates[0], 2), "max": round(rates[-1], 2),
-            "spread_pct": round(100 * (rates[-1] - rates[0]) / median, 1)}
+            "spread_pct": round(100 * (high - low) / median, 1)}
+
+
+# The kernel's CPU accounting ticks at 1/100 s: a witness window shorter than this would be
+# mostly rounding (a 5 ms prefill reads as 0% or 50% "other"). Short runs are repeated until
+# the phase lasts this long, as timeit's autorange does, which also steadies their median.
+MIN_PHASE_S = 0.5
+MAX_REPEATS = 200
+
+
+def _timed_phase(run, repeats: int) -> tuple[list[float], float]:
+    """Seconds of each run (at least ``repeats``, more until the phase lasts MIN_PHASE_S),
+    and the other programs' share of the CPU over the whole phase."""
+    seconds = []
+    with CpuWatch() as watch:
+        while len(seconds) < repeats or (sum(seconds) < MIN_PHASE_S
+                                         and len(seconds) < MAX_REPEATS):
+            seconds.append(run())
+    return seconds, watch.share.other_pct
 
 
 def measure(spec: dict) -> dict:
@@ -42,18 +67,13 @@ def measure(spec: dict) -> dict:
                            all_logits=False)
     load_s = time.perf_counter() - started
     runtime.prefill(ids[: min(32, ctx)])  # warm-up: first-call allocations and kernel choice
-    prefill, decode, other = [], [], []
-    for _ in range(repeats):
-        with CpuWatch() as watch:
-            prefill.append(runtime.prefill(ids))
-        other.append(watch.share.other_pct)
-    for _ in range(repeats):
-        with CpuWatch() as watch:
-            decode.append(runtime.decode(ids, n_new))
-        other.append(watch.share.other_pct)
+    prefill, other_prefill = _timed_phase(lambda: runtime.prefill(ids), repeats)
+    decode, other_decode = _timed_phase(lambda: runtime.decode(ids, n_new), repeats)
+    other = [other_prefill, other_decode]
     pre, dec = _rates(ctx, prefill), _rates(n_new, decode)
     result = {
-        "ctx": ctx, "n_new": n_new, "repeats": repeats, "device": device,
+        "ctx": ctx, "n_new": n_new, "repeats": repeats, "runs": [len(prefill), len(decode)],
+        "device": device,
         "threads": spec["threads"] or os.cpu_count(), "load_s": round(load_s, 3),
         "prefill_s": round(statistics.median(prefill), 6), "prefill_tok_s": pre["median"],
         "prefill_tok_s_min": pre["min"], "prefill_tok_s_max": pre["max"],
@@ -61,7 +81,7 @@ def measure(spec: dict) -> dict:
         "decode_s": round(statistics.median(decode), 6), "decode_tok_s": dec["median"],
         "decode_tok_s_min": dec["min"], "decode_tok_s_max": dec["max"],
         "decode_spread_pct": dec["spread_pct"],
-        "other_cpu_pct": max(other), "other_cpu_pct_per_run": other,
+        "other_cpu_pct": max(other), "other_cpu_pct_per_phase": other,
         "peak_rss_mib": peak_rss_mib(),
     }
     if device.startswith("cuda"):

@@ -361,10 +361,30 @@ def build_parser() -> KvantParser:
     return parser
 
 
+class OnceFilter(logging.Filter):
+    """Let each distinct library message through once: bitsandbytes, for one, warns on every
+    forward pass ("inputs will be cast ... to float16"), hundreds of times per scoring run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("kvant"):
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(OnceFilter())
     if args.verbose < 2:  # import-time chatter of optional libraries, not about the user's run
         for noisy in ("torchao", "torch.utils._pytree", "gguf.gguf_writer", "gguf.vocab"):
             logging.getLogger(noisy).setLevel(logging.ERROR)

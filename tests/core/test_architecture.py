@@ -66,3 +66,15 @@ def test_building_the_parser_loads_no_engine():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == ""
+
+
+def test_each_optional_engine_stays_optional():
+    """A user with only torch (pip install kvant[bnb]) can still bench and release: no
+    module outside an engine's own imports llama.cpp, ONNX Runtime or GPTQModel."""
+    code = ("import sys\n"
+            "for m in ('llama_cpp', 'onnxruntime', 'onnxruntime_genai', 'gptqmodel', 'gguf'):\n"
+            "    sys.modules[m] = None  # import fails as if not installed\n"
+            "import kvant.bench.run, kvant.bench.generate, kvant.release, kvant.cli\n"
+            "import kvant.quantize.bnb_pipeline, kvant.runtimes.hf\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1500:]
