@@ -44,9 +44,14 @@ class GGUFSettings(EvalSettings):
     """tokenizer.ggml.pre for stock llama.cpp users (ufakzeka, or tekken for old builds)."""
     threads: int = 0
     """0: all cores."""
+    context_length: int = 0
+    """Trained context to write (0: NorMistral's known value, else config.json)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.context_length < 0:
+            raise SettingsError(f"--context-length {self.context_length}: give a token count, "
+                                "or 0 for the model's trained context")
         object.__setattr__(self, "types", tuple(t.lower() for t in self.types))  # Q4_K_M ok
         for t in self.types:
             if t not in DIRECT and t not in QUANT_TYPES:

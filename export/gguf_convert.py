@@ -12,6 +12,7 @@ bounded by the largest tensor (the 51,200 x 5,120 embedding: 500 MiB in bf16), n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -109,11 +110,11 @@ def _as_numpy(tensor, ttype):
     return tensor.to(torch.float32).contiguous().numpy()
 
 
-def add_hparams(writer, config: dict, file_type) -> None:
+def add_hparams(writer, config: dict, file_type, context_length: int = 0) -> None:
     """Every hyperparameter llama.cpp's llama architecture reads."""
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    writer.add_context_length(config.get("max_position_embeddings", 32768))
+    writer.add_context_length(context_length or config.get("max_position_embeddings", 32768))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
@@ -129,25 +130,9 @@ def add_hparams(writer, config: dict, file_type) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = "ufakzeka",
-            name: str = "", progress: bool = False) -> dict:
-    """Write ``out_file`` as a GGUF of ``out_type`` (f32, f16 or bf16); return a summary.
-
-    >>> convert(Path("normistral-11b-long"), Path("nm-BF16.gguf"))  # doctest: +SKIP
-    """
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    plan, skipped = _plan(model_dir, config, out_type)
-    file_type = gguf.LlamaFileType[DIRECT_TYPES[out_type][1]]
-    writer = gguf.GGUFWriter(str(out_file), "llama")
-    writer.add_name(name or model_dir.name)
-    add_hparams(writer, config, file_type)
-    tokenizer = add_tokenizer(writer, model_dir, pre)
-    for gguf_name, _, shape, ttype in plan:
-        itemsize = 4 if ttype == gguf.GGMLQuantizationType.F32 else 2
-        n_elements = int(np.prod(shape))
-        writer.add_tensor_info(gguf_name, shape, np.dtype("float32" if itemsize == 4 else
-                                                          "float16"), n_elements * itemsize,
-                               raw_dtype=ttype)
+def _write(writer, model_dir: Path, config: dict, plan: list, out_type: str,
+           progress: bool) -> None:
+    """Header, metadata, tensor table, then each tensor, read and written one at a time."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -164,6 +149,38 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = 
             tensor = permute_qk(tensor, n_kv)
         writer.write_tensor_data(_as_numpy(tensor, ttype))
         del tensor
+
+
+def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = "ufakzeka",
+            name: str = "", progress: bool = False, context_length: int = 0) -> dict:
+    """Write ``out_file`` as a GGUF of ``out_type`` (f32, f16 or bf16); return a summary.
+
+    ``context_length``: what llama.cpp reads as the trained context (default: config.json's
+    max_position_embeddings); llama.cpp tools that size their context from the model
+    allocate a KV cache of that many tokens.
+
+    >>> convert(Path("normistral-11b-long"), Path("nm-BF16.gguf"))  # doctest: +SKIP
+    """
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    plan, skipped = _plan(model_dir, config, out_type)
+    file_type = gguf.LlamaFileType[DIRECT_TYPES[out_type][1]]
+    writer = gguf.GGUFWriter(str(out_file), "llama")
+    writer.add_name(name or model_dir.name)
+    add_hparams(writer, config, file_type, context_length)
+    tokenizer = add_tokenizer(writer, model_dir, pre)
+    for gguf_name, _, shape, ttype in plan:
+        itemsize = 4 if ttype == gguf.GGMLQuantizationType.F32 else 2
+        n_elements = int(np.prod(shape))
+        writer.add_tensor_info(gguf_name, shape, np.dtype("float32" if itemsize == 4 else
+                                                          "float16"), n_elements * itemsize,
+                               raw_dtype=ttype)
+    try:
+        _write(writer, model_dir, config, plan, out_type, progress)
+    except BaseException:
+        # release the file even when the disk is full (closing flushes, which fails again)
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
     writer.close()
     if skipped:
         logger.warning("left out tensors llama.cpp does not use: %s", ", ".join(skipped))

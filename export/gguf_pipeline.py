@@ -21,7 +21,14 @@ from kvant.errors import DataError
 from kvant.export.gguf import DIRECT, GGUFSettings, file_name, kind
 from kvant.export.gguf_convert import convert
 from kvant.export.gguf_quantize import bits_per_weight, compute_imatrix, quantize, tensor_types
-from kvant.model import model_info, read_config, refuse_quantized, require_tokenizer
+from kvant.model import (
+    model_info,
+    read_config,
+    refuse_quantized,
+    refuse_sliding_window,
+    require_tokenizer,
+    trained_context,
+)
 from kvant.plan import disk_need
 from kvant.runtimes import reference_logits
 from kvant.runtimes.llamacpp import LlamaCppRuntime, StockTokenizer
@@ -140,8 +147,12 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
     refuse_existing(out, force, protect=(model_dir,))
     refuse_quantized(model_dir)
     require_tokenizer(model_dir)
+    config = read_config(model_dir)
+    refuse_sliding_window(config, model_dir, "GGUF")
     info = model_info(model_dir)
     name = Path(source.get("id", model_dir.name)).name
+    context, context_warning = trained_context(config, source.get("id", model_dir.name),
+                                               settings.context_length)
     base_type = "bf16"
     quant_types = [t for t in settings.types if t not in DIRECT]
     imatrix_file = None
@@ -151,7 +162,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
             raise DataError(f"--imatrix '{settings.imatrix}' not found; pass an existing "
                             "imatrix file, auto (compute one) or none")
     check_free_space(out.parent, disk_need(
-        read_config(model_dir), [kind(t) for t in settings.types],
+        config, [kind(t) for t in settings.types],
         scratch=[] if base_type in settings.types else [kind(base_type)]))
     calib = None
     if quant_types and settings.imatrix == "auto":  # checked before any work
@@ -172,11 +183,13 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                                                                                       base_type)
         art.settings = settings_dict(settings)
         art.source = source
-        conv = convert(model_dir, base, base_type, settings.pre, name, progress)
+        if context_warning:
+            art.warn(context_warning)
+        conv = convert(model_dir, base, base_type, settings.pre, name, progress, context)
         paths[base_type] = base
         for direct in (t for t in settings.types if t in DIRECT and t != base_type):
             paths[direct] = art.dir / file_name(name, direct)
-            convert(model_dir, paths[direct], direct, settings.pre, name, progress)
+            convert(model_dir, paths[direct], direct, settings.pre, name, progress, context)
         imatrix_path, imatrix = None, None
         if quant_types and settings.imatrix != "none":
             if calib is not None:
@@ -205,7 +218,8 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         art.kinds = settings.kinds(name)
         art.validation = {"reference": "transformers, float32 compute", "files": files,
                           "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report},
-                          "imatrix": imatrix, "eval_ctx": settings.eval_ctx}
+                          "imatrix": imatrix, "eval_ctx": settings.eval_ctx,
+                          "context_length": context}
         art.tags = ["gguf", "llama.cpp"]
         art.title = f"{name} GGUF"
         art.card_body = _card(name, files, tok_report, imatrix, calib)

@@ -26,9 +26,15 @@ class ONNXSettings(EvalSettings):
     """int4: weights per scale (MatMulNBits block); 32 is more accurate, 128 smaller."""
     accuracy_level: int = 4
     """int4 on CPU: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
+    context_length: int = 0
+    """Trained context the model is built for (0: NorMistral's known value, else
+    config.json); GenAI's max_length and the rotary caches are sized from it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.context_length < 0:
+            raise SettingsError(f"--context-length {self.context_length}: give a token count, "
+                                "or 0 for the model's trained context")
         if self.precision not in PRECISIONS:
             raise SettingsError(unknown_key_message("precision", self.precision, PRECISIONS))
         if self.provider not in PROVIDERS:

@@ -28,7 +28,14 @@ from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existi
 from kvant.data import get_text, paragraphs
 from kvant.errors import KvantError
 from kvant.export.onnx import ONNXSettings
-from kvant.model import read_config, refuse_quantized, refuse_synthetic, require_tokenizer
+from kvant.model import (
+    read_config,
+    refuse_quantized,
+    refuse_sliding_window,
+    refuse_synthetic,
+    require_tokenizer,
+    trained_context,
+)
 from kvant.plan import disk_need
 from kvant.runtimes import reference_logits
 from kvant.runtimes.hf import TorchRuntime
@@ -48,6 +55,23 @@ create_model(model, model, out, precision, provider, cache, **opts)
 from kvant.memory import peak_rss_mib
 print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
 """
+
+
+def with_context(model_dir: Path, context: int, scratch: Path) -> Path:
+    """``model_dir`` as the builder should see it: when config.json states another context
+    than the trained one, a folder in scratch whose config.json says ``context`` and whose
+    other files link to the originals (no weight is copied)."""
+    config = read_config(model_dir)
+    if int(config.get("max_position_embeddings") or 0) == context:
+        return model_dir
+    view = scratch / "model"
+    view.mkdir()
+    for item in model_dir.iterdir():
+        if item.name != "config.json":
+            (view / item.name).symlink_to(item.resolve())
+    (view / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context},
+                                                 indent=2), encoding="utf-8")
+    return view
 
 
 def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path) -> dict:
@@ -142,13 +166,21 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
     refuse_quantized(model_dir)
     refuse_synthetic(model_dir)
     require_tokenizer(model_dir)
-    check_free_space(out.parent, disk_need(read_config(model_dir), [settings.kind]))
+    config = read_config(model_dir)
+    refuse_sliding_window(config, model_dir, "ONNX")
+    context, context_warning = trained_context(config, source.get("id", model_dir.name),
+                                               settings.context_length)
+    check_free_space(out.parent, disk_need(config, [settings.kind]))
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     ref = reference_logits(model_dir, wins)
     exact = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     with ArtifactWriter(out, fmt="onnx", force=force, protect=(model_dir,)) as art:
-        facts = build(model_dir, art.dir, settings, art.scratch)
+        if context_warning:
+            art.warn(context_warning)
+        facts = build(with_context(model_dir, context, art.scratch), art.dir, settings,
+                      art.scratch)
+        facts["context_length"] = context
         spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
         (art.dir / EXACT_TOKENIZER).write_text(json.dumps(spec, ensure_ascii=False),
                                                encoding="utf-8")

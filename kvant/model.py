@@ -190,6 +190,53 @@ def refuse_quantized(path: Path) -> None:
                          "checkpoint")
 
 
+# The context NorMistral checkpoints were trained for, where config.json states another:
+# norallm/normistral-11b-warm's config carries Mistral-Nemo's max_position_embeddings of
+# 1,024,000, and the -long card says it was extended to 32,768 tokens. Keyed by the
+# repository name, so a local copy in a folder of that name is recognised too.
+TRAINED_CONTEXT = {"normistral-11b-long": 32768}
+# Above this a config's context is taken for a placeholder and said so.
+SUSPICIOUS_CONTEXT = 131072
+
+
+def trained_context(config: dict, model_id: str, override: int = 0) -> tuple[int, str | None]:
+    """(context length to write into an export, a warning or None).
+
+    ``override`` (``--context-length``) wins; then the table above; then config.json's
+    max_position_embeddings, with a warning when it is implausibly large.
+    """
+    stated = int(config.get("max_position_embeddings") or 0)
+    name = Path(str(model_id)).name
+    if override:
+        return override, None
+    if name in TRAINED_CONTEXT:
+        known = TRAINED_CONTEXT[name]
+        if stated != known:
+            return known, (f"config.json says max_position_embeddings {stated:,}; {name} was "
+                           f"trained to {known:,} tokens, which is written instead "
+                           "(--context-length overrides)")
+        return known, None
+    if not stated:
+        raise ModelError(f"config.json of '{model_id}' states no max_position_embeddings; "
+                         "pass --context-length")
+    if stated > SUSPICIOUS_CONTEXT:
+        return stated, (f"config.json says max_position_embeddings {stated:,}, more than "
+                        "most models are trained for; apps that size their KV cache from it "
+                        "will try to allocate it all: pass --context-length with the trained "
+                        "context")
+    return stated, None
+
+
+def refuse_sliding_window(config: dict, model_dir: Path, fmt: str) -> None:
+    """Formats whose runtime would ignore a sliding window must not silently drop it."""
+    window = config.get("sliding_window")
+    context = int(config.get("max_position_embeddings") or 0)
+    if window and (not context or window < context):
+        raise ModelError(f"'{model_dir}' uses sliding-window attention ({window} tokens); "
+                         f"Kvant's {fmt} export would run it as full attention, so it refuses; "
+                         "NorMistral has none (sliding_window null)")
+
+
 def rope_theta(config: dict) -> float:
     """RoPE base from a config of transformers 4 (`rope_theta`) or 5 (`rope_parameters`)."""
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}

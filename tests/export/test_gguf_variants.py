@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -53,3 +54,50 @@ def test_k_quant_fallbacks_are_counted(tied_llama, tmp_path):
     result = quantize(bf16, tmp_path / "tied-Q4_K_M.gguf", "q4_k_m", None, 2)
     # ffn_down's rows are 320 wide in both layers: no 256-blocks, so they fall back
     assert result["fallback_tensors"] >= 2
+
+
+def _with_config(tiny_model, folder, **changes):
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_trained_context_not_the_placeholder_is_written(tiny_model, tmp_path, cache_dir):
+    """NorMistral-11b-warm's config says 1,024,000 (Mistral-Nemo's value): llama.cpp tools
+    would size a 160 GB KV cache from it. The -long model's trained 32,768 is written."""
+    import gguf
+
+    from kvant.export.gguf import GGUFSettings
+    from kvant.export.gguf_pipeline import export_gguf
+    from tests.conftest import UD_DIR
+
+    def context_of(folder, **settings):
+        out = tmp_path / f"{folder.name}-{len(list(tmp_path.iterdir()))}"
+        made = export_gguf(folder, out, GGUFSettings(types=("bf16",), imatrix="none",
+                                                     eval_langs=("nob",), eval_tokens=256,
+                                                     **settings),
+                           source={"id": str(folder)}, cache_dir=cache_dir, data_dir=UD_DIR)
+        manifest = json.loads((made.out / "manifest.json").read_text())
+        reader = gguf.GGUFReader(str(next(made.out.glob("*.gguf"))))
+        return int(reader.get_field("llama.context_length").contents()), manifest["warnings"]
+
+    long = _with_config(tiny_model, tmp_path / "src" / "normistral-11b-long",
+                        max_position_embeddings=1_024_000)
+    context, warnings = context_of(long)
+    assert context == 32768 and any("1,024,000" in w for w in warnings)
+    other = _with_config(tiny_model, tmp_path / "src" / "another-model",
+                         max_position_embeddings=1_024_000)
+    context, warnings = context_of(other)
+    assert context == 1_024_000 and any("--context-length" in w for w in warnings)
+    assert context_of(other, context_length=4096) == (4096, [])
+
+
+def test_sliding_window_is_refused_not_dropped(tiny_model, tmp_path):
+    from tests.conftest import run_kvant
+
+    model = _with_config(tiny_model, tmp_path / "swa", sliding_window=4096)
+    result = run_kvant("export", "gguf", "--model", str(model), "--out", str(tmp_path / "g"),
+                       "--types", "bf16", "--imatrix", "none")
+    assert result.returncode == 2 and "sliding-window attention (4096 tokens)" in result.stderr
+    assert not (tmp_path / "g").exists()

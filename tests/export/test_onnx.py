@@ -91,3 +91,27 @@ def test_settings_errors_and_cli(tiny_model, tmp_path, onnx_artifacts):
     again = run_kvant("export", "onnx", "--model", str(tiny_model), "--out",
                       str(onnx_artifacts["fp32"]))
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_built_for_the_trained_context(tiny_model, tmp_path, cache_dir):
+    """A config that says 1,024,000 positions: GenAI's max_length and the rotary caches are
+    built for NorMistral-11b-long's trained 32,768 instead."""
+    import shutil
+
+    from kvant.export.onnx_pipeline import run
+    from tests.conftest import UD_DIR
+
+    model = tmp_path / "normistral-11b-long"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config,
+                                                   "max_position_embeddings": 1_024_000}))
+    out = run(model, tmp_path / "onnx", ONNXSettings(eval_langs=("nob",), eval_tokens=256),
+              source={"id": str(model)}, cache_dir=cache_dir, data_dir=UD_DIR).out
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == 32768
+    assert genai["search"]["max_length"] <= 32768
+    manifest = read_manifest(out)
+    assert manifest["validation"]["context_length"] == 32768
+    assert any("1,024,000" in w for w in manifest["warnings"])
+    assert json.loads((model / "config.json").read_text())["max_position_embeddings"] == 1_024_000
