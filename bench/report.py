@@ -78,9 +78,10 @@ def _peer_table(results: dict) -> list[str]:
     for name, p in rows:
         b = p["llama_bench"]
         speed = results["targets"][name]["speed"].get(str(b["n_prompt"]), {})
-        lines.append(f"| {name} | {p['perplexity']['kvant']:.4f} | "
-                     f"{p['perplexity']['llama_perplexity']:.4f} | "
-                     f"{p['perplexity']['relative_diff_pct']:.3f}% | "
+        ppl = p.get("perplexity")
+        ppl_cells = (f"{ppl['kvant']:.4f} | {ppl['llama_perplexity']:.4f} | "
+                     f"{ppl['relative_diff_pct']:.3f}%" if ppl else "- | - | -")
+        lines.append(f"| {name} | {ppl_cells} | "
                      f"{speed_cell(speed, 'prefill')} | {_pm(b, 'prefill')} | "
                      f"{speed_cell(speed, 'decode')} | {_pm(b, 'decode')} |")
     return [*lines, "", "Perplexity by llama-perplexity's protocol (its tokenizer, n_ctx chunks, "
@@ -189,6 +190,11 @@ def frontier_figure(targets: dict, plt):
     ax.set(xlabel="size (MiB)", ylabel="mean KLD vs reference (log)", yscale="log",
            title="Quality / size: lower-left is better")
     ax.margins(x=0.15, y=0.25)
+    if not points:  # a speed-only run: say so rather than draw empty axes
+        ax.text(0.5, 0.5, "no quality measured (--no-quality)", ha="center",
+                transform=ax.transAxes)
+        fig.tight_layout()
+        return fig, ax, []
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
     fig.tight_layout()
     boxes = place_labels(ax, points)

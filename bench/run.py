@@ -207,7 +207,7 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
             if ctx not in entry["speed"] or "error" in entry["speed"][ctx]:
                 entry["speed"][ctx] = speed(target, speed_ids, int(ctx), settings, device)
                 _save(out, results)
-        if target.fmt == "gguf" and settings.quality:
+        if target.fmt == "gguf":
             _gguf_extras(target, entry, texts, settings, device, out, results)
     write_report(results, out)
     return out
@@ -224,18 +224,19 @@ def _gguf_extras(target: Target, entry: dict, texts: dict, settings: BenchSettin
         return
     from kvant.bench import peers  # llama.cpp's tools: only for GGUF (an optional extra)
 
-    lang, text = next(iter(texts.items()))
-    n_ctx = settings.quality_ctx
-    tool_ppl, chunks = peers.llama_perplexity(target.path, text.path, n_ctx, 8,
-                                              settings.threads)
-    kvant_ppl = peers.kvant_perplexity_llama_protocol(target.path, text.read(), n_ctx, chunks,
-                                                      settings.threads)
     ctx0 = int(settings.ctx[0])
-    entry["peers"] = {
-        "perplexity": {"text": lang, "n_ctx": n_ctx, "chunks": chunks, "kvant": kvant_ppl,
-                       "llama_perplexity": tool_ppl,
-                       "relative_diff_pct": round(100 * abs(kvant_ppl / tool_ppl - 1), 4)},
-        "llama_bench": peers.llama_bench(target.path, ctx0, settings.n_new, device,
-                                         settings.threads, settings.repeats),
-    }
+    entry["peers"] = {"llama_bench": peers.llama_bench(target.path, ctx0, settings.n_new,
+                                                       device, settings.threads,
+                                                       settings.repeats)}
+    if texts:  # perplexity needs text (not in a speed-only run)
+        lang, text = next(iter(texts.items()))
+        n_ctx = settings.quality_ctx
+        tool_ppl, chunks = peers.llama_perplexity(target.path, text.path, n_ctx, 8,
+                                                  settings.threads)
+        kvant_ppl = peers.kvant_perplexity_llama_protocol(target.path, text.read(), n_ctx,
+                                                          chunks, settings.threads)
+        entry["peers"]["perplexity"] = {
+            "text": lang, "n_ctx": n_ctx, "chunks": chunks, "kvant": kvant_ppl,
+            "llama_perplexity": tool_ppl,
+            "relative_diff_pct": round(100 * abs(kvant_ppl / tool_ppl - 1), 4)}
     _save(out, results)
