@@ -24,6 +24,8 @@ from kvant.errors import KvantError
 from kvant.runtimes.llamacpp import LlamaCppRuntime, gpu_layers, llama_tool, run_tool
 from kvant.scoring import log_softmax
 
+SPEED_FLASH_ATTN = int(LlamaCppRuntime.flash_attn(all_logits=False))  # as Kvant's speed rows
+
 
 def kvant_perplexity_llama_protocol(gguf: Path, text: str, n_ctx: int, chunks: int,
                                     threads: int = 0) -> float:
@@ -67,17 +69,19 @@ def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
 
 
 def llama_bench(gguf: Path, n_prompt: int, n_gen: int, device: str = "cpu", threads: int = 0,
-                repetitions: int = 3) -> dict:
+                repetitions: int = 3, repack: bool = False) -> dict:
     """llama-bench like Kvant's own rows: prefill of ``n_prompt`` tokens from an empty cache,
-    decode of ``n_gen`` tokens at depth ``n_prompt``; same device offload and threads."""
+    decode of ``n_gen`` tokens at depth ``n_prompt``; same device offload, threads and CPU
+    weight repacking."""
     threads = threads or os.cpu_count()
     ngl = 99 if gpu_layers(device) < 0 else 0  # llama-bench's "all layers" is a count
     log = run_tool([llama_tool("llama-bench"), "-m", gguf, "-p", n_prompt, "-n", n_gen,
                     "-d", f"0,{n_prompt}", "-t", threads, "-r", repetitions, "-ngl", ngl,
-                    "-o", "json"])
+                    "--repack", int(repack), "-fa", SPEED_FLASH_ATTN, "-o", "json"])
     rows = json.loads(log[log.index("["):log.rindex("]") + 1])
     out = {"n_prompt": n_prompt, "n_gen": n_gen, "decode_depth": n_prompt, "threads": threads,
-           "n_gpu_layers": ngl, "device": device}
+           "n_gpu_layers": ngl, "device": device, "repack": repack,
+           "flash_attn": bool(SPEED_FLASH_ATTN)}
     for row in rows:
         depth = row.get("n_depth", 0)
         if row.get("n_prompt") and not row.get("n_gen") and depth == 0:

@@ -86,9 +86,11 @@ def _peer_table(results: dict) -> list[str]:
                      f"{speed_cell(speed, 'decode')} | {_pm(b, 'decode')} |")
     return [*lines, "", "Perplexity by llama-perplexity's protocol (its tokenizer, n_ctx chunks, "
             "second half scored). Speed like with like: both on device "
-            f"`{bench.get('device', 'cpu')}` with {bench.get('n_gpu_layers', 0)} GPU layers and "
-            f"{bench.get('threads', '?')} threads; prefill of {bench['n_prompt']} tokens from an "
-            f"empty cache; decode of {bench['n_gen']} tokens at depth "
+            f"`{bench.get('device', 'cpu')}` with {bench.get('n_gpu_layers', 0)} GPU layers, "
+            f"{bench.get('threads', '?')} threads, CPU weight repacking "
+            f"{'on' if bench.get('repack') else 'off'}, flash attention "
+            f"{'on' if bench.get('flash_attn') else 'off'}; prefill of {bench['n_prompt']} tokens "
+            f"from an empty cache; decode of {bench['n_gen']} tokens at depth "
             f"{bench.get('decode_depth', 0)}. Kvant: median (min-max); llama-bench: mean ± "
             "standard deviation.", ""]
 

@@ -88,7 +88,7 @@ def measure_once(target: Target, ids: list[int], ctx: int, settings: BenchSettin
     spec = {"target": {**target.__dict__, "path": str(target.path),
                        "files": list(target.files)}, "ids": ids, "ctx": ctx,
             "n_new": settings.n_new, "repeats": settings.repeats, "device": device,
-            "threads": settings.threads}
+            "threads": settings.threads, "repack": settings.repack}
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_file.write_text(json.dumps(spec))
@@ -227,7 +227,7 @@ def _gguf_extras(target: Target, entry: dict, texts: dict, settings: BenchSettin
     ctx0 = int(settings.ctx[0])
     entry["peers"] = {"llama_bench": peers.llama_bench(target.path, ctx0, settings.n_new,
                                                        device, settings.threads,
-                                                       settings.repeats)}
+                                                       settings.repeats, settings.repack)}
     if texts:  # perplexity needs text (not in a speed-only run)
         lang, text = next(iter(texts.items()))
         n_ctx = settings.quality_ctx

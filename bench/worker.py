@@ -64,7 +64,7 @@ def measure(spec: dict) -> dict:
     device = spec["device"]
     started = time.perf_counter()
     runtime = open_runtime(target, device, spec["threads"], n_ctx=ctx + n_new + 8,
-                           all_logits=False)
+                           all_logits=False, repack=spec.get("repack", False))
     load_s = time.perf_counter() - started
     runtime.prefill(ids[: min(32, ctx)])  # warm-up: first-call allocations and kernel choice
     prefill, other_prefill = _timed_phase(lambda: runtime.prefill(ids), repeats)
@@ -73,7 +73,7 @@ def measure(spec: dict) -> dict:
     pre, dec = _rates(ctx, prefill), _rates(n_new, decode)
     result = {
         "ctx": ctx, "n_new": n_new, "repeats": repeats, "runs": [len(prefill), len(decode)],
-        "device": device,
+        "device": device, "repack": spec.get("repack", False),
         "threads": spec["threads"] or os.cpu_count(), "load_s": round(load_s, 3),
         "prefill_s": round(statistics.median(prefill), 6), "prefill_tok_s": pre["median"],
         "prefill_tok_s_min": pre["min"], "prefill_tok_s_max": pre["max"],

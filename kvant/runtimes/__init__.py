@@ -175,12 +175,14 @@ def _manifest(folder: Path) -> dict:
 
 
 def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: int = 0,
-                 all_logits: bool = True, dtype: str = "bfloat16") -> Runtime:
+                 all_logits: bool = True, dtype: str = "bfloat16",
+                 repack: bool = False) -> Runtime:
     """Load ``target`` in its engine.
 
     ``all_logits`` False keeps only the last position's logits (speed runs: copying
     (tokens x vocab) floats would be measured as compute); ``dtype`` applies to plain
-    (unquantized) torch checkpoints.
+    (unquantized) torch checkpoints; ``repack`` to llama.cpp's CPU weight repacking (see
+    kvant.runtimes.llamacpp).
     """
     # Each engine module imports its engine (torch, llama_cpp, onnxruntime) at its top:
     # imported here, on first use, so that opening a GGUF never loads torch.
@@ -191,7 +193,7 @@ def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: i
     if target.backend == "llama.cpp":
         from kvant.runtimes.llamacpp import LlamaCppRuntime
 
-        return LlamaCppRuntime(target.path, device, threads, n_ctx, all_logits)
+        return LlamaCppRuntime(target.path, device, threads, n_ctx, all_logits, repack=repack)
     if target.backend == "onnxruntime-genai":
         from kvant.runtimes.onnx import GenaiRuntime
 

@@ -80,7 +80,8 @@ def test_perplexity_agrees_with_llama_perplexity(bench):
         b = entry["peers"]["llama_bench"]
         # like with like: the prompt and depth of Kvant's first row, the same device and offload
         assert (b["n_prompt"], b["decode_depth"], b["n_gen"]) == (int(CTX[0]), int(CTX[0]), 8)
-        assert (b["device"], b["n_gpu_layers"]) == ("cpu", 0)
+        assert (b["device"], b["n_gpu_layers"], b["repack"], b["flash_attn"]) == ("cpu", 0, False,
+                                                                            True)
         assert {"prefill_tok_s", "decode_tok_s", "decode_tok_s_stddev"} <= set(b)
         assert set(entry["tokenizer_agreement"]) == {"nob", "nno", "sme", "dan", "swe"}
 
