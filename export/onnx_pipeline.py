@@ -28,6 +28,7 @@ from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existi
 from kvant.data import get_text, paragraphs
 from kvant.errors import KvantError
 from kvant.export.onnx import ONNXSettings
+from kvant.machine import die_with_parent
 from kvant.model import (
     read_config,
     refuse_quantized,
@@ -37,10 +38,10 @@ from kvant.model import (
     trained_context,
 )
 from kvant.plan import disk_need
-from kvant.runtimes import reference_logits
+from kvant.runtimes import Target, reference_logits, score_against
 from kvant.runtimes.hf import TorchRuntime
-from kvant.runtimes.onnx import GenaiRuntime, OrtRuntime
-from kvant.scoring import drift_per_language, drift_table, eval_windows, max_abs_diff
+from kvant.runtimes.onnx import GenaiRuntime
+from kvant.scoring import drift_table, eval_windows
 from kvant.tokenization import ONNX_EXACT_TOKENIZER, fidelity
 
 OG_SPLIT = r"[\s\S]{1,24}(?![\x80-\xBF])"  # 24 bytes, never ending inside a UTF-8 character
@@ -88,7 +89,8 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path)
         started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", _BUILD, str(model_dir), str(out_dir),
                                  settings.precision, settings.provider, cache, *extra],
-                                stdout=log, stderr=subprocess.STDOUT, text=True)
+                                stdout=log, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=die_with_parent)
         proc.wait()
         log.seek(0)
         text = log.read()
@@ -173,11 +175,11 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
     check_free_space(out.parent, disk_need(config, [settings.kind]))
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
-    ref = reference_logits(model_dir, wins)
     exact = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     with ArtifactWriter(out, fmt="onnx", force=force, protect=(model_dir,)) as art:
         if context_warning:
             art.warn(context_warning)
+        ref = reference_logits(model_dir, wins, art.scratch / "reference", device)
         facts = build(with_context(model_dir, context, art.scratch), art.dir, settings,
                       art.scratch)
         facts["context_length"] = context
@@ -186,9 +188,7 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
                                                encoding="utf-8")
         (art.dir / "tokenizer.json").write_text(
             json.dumps(og_tokenizer_json(spec), ensure_ascii=False), encoding="utf-8")
-        ort = OrtRuntime(art.dir)
-        logits = {lang: [ort.logits(w) for w in lang_wins] for lang, lang_wins in wins.items()}
-        ort.close()
+        scored = score_against(Target(out.name, art.dir, "onnxruntime", "onnx", 0), ref, wins)
         genai = GenaiRuntime(art.dir)
         prompt = wins[settings.eval_langs[0]][0][:32]
         greedy = [t for t, _ in zip(genai.greedy(prompt, len(prompt) + 16), range(16),
@@ -198,11 +198,10 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
         hf.close()
         same = sum(a == b for a, b in zip(greedy, hf_greedy, strict=False))
         art.validation = {
-            "reference": "transformers, float32", "runtime": "onnxruntime (CPU)", **facts,
-            "max_abs_logit_diff": max_abs_diff(ref, logits), "greedy_tokens": len(hf_greedy),
+            "reference": f"transformers, {ref.dtype} weights, float32 log-softmax",
+            "runtime": "onnxruntime (CPU)", **facts, "greedy_tokens": len(hf_greedy),
             "greedy_match_pct": round(100 * same / len(hf_greedy), 1),
-            "greedy_identical": greedy == hf_greedy,
-            **drift_per_language(ref, logits, wins),
+            "greedy_identical": greedy == hf_greedy, **scored,
             "og_tokenizer": {lang: og_fidelity(genai, exact, paragraphs(t.read()))
                              for lang, t in texts.items()}}
         genai.close()

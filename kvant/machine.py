@@ -18,6 +18,19 @@ from pathlib import Path
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for Kvant's child processes (the ONNX builder, llama.cpp's tools, bench
+    workers): on Linux the kernel kills the child when Kvant dies, so a killed run leaves no
+    orphan writing into a staging folder the next run has already removed."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):  # not Linux: the child outlives a kill, as before
+        pass
+
+
 def machine() -> dict:
     """CPU, cores, RAM, platform (and the GPU, when torch is already loaded and sees one)."""
     import sys

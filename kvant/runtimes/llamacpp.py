@@ -14,6 +14,7 @@ import llama_cpp
 import numpy as np
 
 from kvant.errors import KvantError
+from kvant.machine import die_with_parent
 
 
 def llama_tool(name: str) -> Path:
@@ -27,7 +28,8 @@ def llama_tool(name: str) -> Path:
 
 def run_tool(cmd: list) -> str:
     """Run a llama.cpp tool; its output, or one error line with the end of its log."""
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                          preexec_fn=die_with_parent)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise KvantError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}): "
