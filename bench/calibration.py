@@ -31,29 +31,29 @@ from kvant.model import refuse_synthetic
 from kvant.paths import cache_dir, default_data_dir
 from kvant.quantize.gptq import GPTQSettings
 from kvant.quantize.gptq_pipeline import calibration_samples, quantize_gptq
-from kvant.runtimes import reference_logits, score_target, targets
-from kvant.scoring import drift, eval_windows
+from kvant.runtimes import reference_logits, score_against, targets
+from kvant.scoring import eval_windows
 
 
-def _reference(model_dir: Path, settings, cache: Path, data_dir: Path | None):
+def _reference(model_dir: Path, settings, cache: Path, data_dir: Path | None, scratch: Path):
     refuse_synthetic(model_dir)
     texts = {lang: get_text(lang, cache, data_dir) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
-    return wins, reference_logits(model_dir, wins)
+    return wins, reference_logits(model_dir, wins, scratch / "reference")
 
 
-def _drifts(ref: dict, logits: dict, wins: dict) -> dict:
-    return {lang: drift(ref[lang], logits[lang], w).as_dict() for lang, w in wins.items()}
+def _drifts(path: Path, ref, wins: dict) -> dict:
+    return score_against(targets(path)[0], ref, wins)["per_language"]
 
 
 def compare(model_dir: Path, calibs: list[str], gguf_type: str, cache: Path,
             data_dir: Path | None, settings: GGUFSettings | None = None) -> dict:
     """{calibration label: {language: drift dict}} for ``gguf_type``."""
     settings = settings or GGUFSettings(types=(gguf_type,))
-    wins, ref = _reference(model_dir, settings, cache, data_dir)
     normalizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")).normalizer
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        wins, ref = _reference(model_dir, settings, cache, data_dir, Path(tmp))
         base = Path(tmp) / "base-BF16.gguf"
         convert(model_dir, base, "bf16")
         for label in calibs:
@@ -64,7 +64,7 @@ def compare(model_dir: Path, calibs: list[str], gguf_type: str, cache: Path,
                 compute_imatrix(base, text.read(), imatrix, settings, normalizer)
             quant = Path(tmp) / f"{len(results)}.gguf"
             quantize(base, quant, gguf_type, imatrix, settings.n_threads)
-            results[_label(label)] = _drifts(ref, score_target(targets(quant)[0], wins), wins)
+            results[_label(label)] = _drifts(quant, ref, wins)
     return results
 
 
@@ -72,20 +72,20 @@ def compare_gptq(model_dir: Path, calibs: list[str], cache: Path, data_dir: Path
                  settings: GPTQSettings | None = None) -> dict:
     """{calibration label: {language: drift dict}} for GPTQ, same token count for each text."""
     settings = settings or GPTQSettings()
-    wins, ref = _reference(model_dir, settings, cache, data_dir)
     texts = {label: get_mix(label, cache, data_dir).read() for label in calibs}
     sample_sets = {label: calibration_samples(model_dir, text, settings.samples,
                                               settings.seqlen) for label, text in texts.items()}
     n = min(len(s) for s in sample_sets.values())  # same token count for every text
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        wins, ref = _reference(model_dir, settings, cache, data_dir, Path(tmp))
         for i, (label, samples) in enumerate(sample_sets.items()):
             out = Path(tmp) / str(i)
             out.mkdir()
             quantize_gptq(model_dir, out, settings, samples[:n])
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 (out / name).write_bytes((model_dir / name).read_bytes())
-            results[_label(label)] = _drifts(ref, score_target(targets(out)[0], wins), wins)
+            results[_label(label)] = _drifts(out, ref, wins)
     return results
 
 

@@ -1,12 +1,12 @@
 """`kvant bench`: speed, memory and perplexity drift of every artifact against the reference.
 
 Quality runs in this process: every runtime scores the same HF token ids in the same windows
-(non-overlapping, `quality_ctx` long). Reference distributions are recomputed each run with
-transformers in float32 and held in memory (51,200 x tokens floats on the real model: 0.4 GB
-per 2,048 tokens), not stored. Speed and memory run in a fresh process per (target, context
-length), each with the CPU time other programs took meanwhile: a row measured on a busy
-machine, or whose repeats spread widely, is measured again and, if it stays so, kept with
-`noisy: true`.
+(non-overlapping, `quality_ctx` long). Reference distributions are computed once per run
+(kvant.runtimes.reference_logits) into scratch space inside --out, and each target is
+compared with them one language at a time. Speed and memory run in a fresh process per
+(target, context length), each with the CPU time other programs took meanwhile: a row
+measured on a busy machine, or whose repeats spread widely, is measured again and, if it
+stays so, kept with `noisy: true`.
 
 results.json is rewritten after every measurement and keyed by what was measured (the
 artifact's sha256, the reference's, the settings and the device): a rerun skips what it
@@ -31,10 +31,10 @@ from kvant.bench.settings import BenchSettings
 from kvant.data import get_text, paragraphs
 from kvant.errors import SettingsError
 from kvant.files import sha256_text
-from kvant.machine import machine
+from kvant.machine import die_with_parent, machine
 from kvant.model import model_info, pick_device
-from kvant.runtimes import Target, reference_logits, score_target, targets, verify
-from kvant.scoring import drift, require_windows, windows
+from kvant.runtimes import Target, reference_logits, score_against, targets, verify
+from kvant.scoring import require_windows, windows
 
 logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
@@ -57,18 +57,17 @@ def _quality_ids(tokenizer, text: str, n_tokens: int) -> tuple[list[int], int]:
     return ids, n_bytes
 
 
-def quality(target: Target, wins: dict, ref: dict, bytes_per_token: dict, device: str,
+def quality(target: Target, wins: dict, ref, bytes_per_token: dict, device: str,
             threads: int) -> dict:
     """Per language: drift against the reference plus bits per byte."""
-    logits = score_target(target, wins, device, threads)
-    out = {}
-    for lang, lang_wins in wins.items():
-        d = drift(ref[lang], logits[lang], lang_wins).as_dict()
-        # bits/byte: mean bits per scored token x tokens per byte of the text they came from
-        d["bits_per_byte"] = round(math.log2(d["ppl"]) / bytes_per_token[lang], 4)
-        d["bits_per_byte_ref"] = round(math.log2(d["ppl_ref"]) / bytes_per_token[lang], 4)
-        out[lang] = d
-    return out
+
+    def bits_per_byte(lang: str, d: dict) -> dict:
+        # mean bits per scored token x tokens per byte of the text they came from
+        return {"bits_per_byte": round(math.log2(d["ppl"]) / bytes_per_token[lang], 4),
+                "bits_per_byte_ref": round(math.log2(d["ppl_ref"]) / bytes_per_token[lang], 4)}
+
+    return score_against(target, ref, wins, device, threads,
+                         extra=bits_per_byte)["per_language"]
 
 
 def noise(row: dict, settings: BenchSettings) -> list[str]:
@@ -93,7 +92,8 @@ def measure_once(target: Target, ids: list[int], ctx: int, settings: BenchSettin
         spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_file.write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, "-m", "kvant.bench.worker", str(spec_file),
-                               str(result_file)], capture_output=True, text=True)
+                               str(result_file)], capture_output=True, text=True,
+                              preexec_fn=die_with_parent)
         if proc.returncode:
             tail = " | ".join(proc.stderr.strip().splitlines()[-2:])
             return {"error": f"worker failed: {tail}"}
@@ -160,7 +160,7 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
         verify(target, settings.verify)
     device = pick_device(settings.device)
     texts = _texts(settings.langs, cache_dir, data_dir) if settings.quality else {}
-    wins, bytes_per_token, ref = {}, {}, {}
+    wins, bytes_per_token = {}, {}
     if texts:
         tokenizer = Tokenizer.from_file(str(reference / "tokenizer.json"))
         for lang, text in texts.items():
@@ -185,6 +185,16 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
     max_ctx = max(int(c) for c in settings.ctx)
     speed_ids = (speed_ids * (max_ctx // max(len(speed_ids), 1) + 1))[:max_ctx]
 
+    with tempfile.TemporaryDirectory(prefix=".reference-", dir=out) as scratch:
+        _measure(all_targets, ref_target, settings, device, out, results, texts, wins,
+                 bytes_per_token, speed_ids, reference, Path(scratch), progress)
+    write_report(results, out)
+    return out
+
+
+def _measure(all_targets, ref_target, settings, device, out, results, texts, wins,
+             bytes_per_token, speed_ids, reference, scratch, progress) -> None:
+    ref = None  # computed on first need, into scratch (removed when the run ends)
     for target in tqdm(all_targets, desc="bench", disable=not progress):
         key = _key(target, ref_target, settings, device)
         entry = results["targets"].get(target.name, {})
@@ -197,8 +207,8 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
                       "format": target.fmt, "kind": target.kind,
                       "size_bytes": target.size_bytes})
         if settings.quality and "quality" not in entry:
-            if not ref:
-                ref = reference_logits(reference, wins, device)
+            if ref is None:
+                ref = reference_logits(reference, wins, scratch / "reference", device)
             entry["quality"] = quality(target, wins, ref, bytes_per_token, device,
                                        settings.threads)
             _save(out, results)
@@ -209,8 +219,6 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
                 _save(out, results)
         if target.fmt == "gguf":
             _gguf_extras(target, entry, texts, settings, device, out, results)
-    write_report(results, out)
-    return out
 
 
 def _gguf_extras(target: Target, entry: dict, texts: dict, settings: BenchSettings,

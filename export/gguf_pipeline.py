@@ -30,9 +30,9 @@ from kvant.model import (
     trained_context,
 )
 from kvant.plan import disk_need
-from kvant.runtimes import reference_logits
+from kvant.runtimes import Target, reference_logits, score_against
 from kvant.runtimes.llamacpp import LlamaCppRuntime, StockTokenizer
-from kvant.scoring import drift_per_language, eval_windows, max_abs_diff, sequence_nll_bits
+from kvant.scoring import eval_windows, sequence_nll_bits
 from kvant.tokenization import exact_tokenizer, fidelity
 
 logger = logging.getLogger(__name__)
@@ -90,14 +90,9 @@ def validate(path: Path, ref: dict, wins: dict, settings: GGUFSettings) -> dict:
              "tensor_types": tensor_types(path)}
     if not wins:
         return facts
-    n_ctx = max(len(w) for lang_wins in wins.values() for w in lang_wins)
-    runtime = LlamaCppRuntime(path, threads=settings.n_threads, n_ctx=n_ctx)
-    try:
-        logits = {lang: [runtime.logits(w) for w in lang_wins] for lang, lang_wins in wins.items()}
-    finally:
-        runtime.close()
-    return {**facts, "max_abs_logit_diff": max_abs_diff(ref, logits),
-            **drift_per_language(ref, logits, wins)}
+    target = Target(path.stem, path, "llama.cpp", "gguf", facts["size_bytes"], None,
+                    (path.name,))
+    return {**facts, **score_against(target, ref, wins, threads=settings.n_threads)}
 
 
 def _card(name: str, files: dict, tok_report: dict, imatrix: dict | None, calib) -> str:
@@ -176,8 +171,9 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
     langs = () if info.synthetic else settings.eval_langs
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
-    ref = reference_logits(model_dir, wins) if wins else {}
     with ArtifactWriter(out, fmt="gguf", force=force, protect=(model_dir,)) as art:
+        ref = reference_logits(model_dir, wins, art.scratch / "reference", device) \
+            if wins else None
         paths: dict[str, Path] = {}
         base = (art.dir if base_type in settings.types else art.scratch) / file_name(name,
                                                                                       base_type)
@@ -216,7 +212,8 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
             art.warn("synthetic weights: files converted and quantized, quality not measured")
         art.data += [t.as_manifest() for t in texts.values()]
         art.kinds = settings.kinds(name)
-        art.validation = {"reference": "transformers, float32 compute", "files": files,
+        art.validation = {"reference": f"transformers, {ref.dtype if ref else '-'} weights, "
+                                       "float32 log-softmax", "files": files,
                           "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report},
                           "imatrix": imatrix, "eval_ctx": settings.eval_ctx,
                           "context_length": context}

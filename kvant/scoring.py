@@ -103,9 +103,14 @@ def drift(ref_logits: list[np.ndarray], logits: list[np.ndarray],
                  top1_agreement_pct=round(100 * agree / n, 3))
 
 
-def drift_per_language(ref: dict, logits: dict, wins: dict) -> dict:
+def drift_per_language(ref, logits: dict, wins: dict) -> dict:
     """{language: Drift dict} plus the means over languages."""
-    per = {lang: drift(ref[lang], logits[lang], wins[lang]).as_dict() for lang in wins}
+    return mean_over_languages({lang: drift(ref[lang], logits[lang], wins[lang]).as_dict()
+                                for lang in wins})
+
+
+def mean_over_languages(per: dict) -> dict:
+    """{"per_language": per} plus the means of mean KLD, top-1 agreement and ΔPPL."""
     n = len(per)
     return {"per_language": per,
             "mean_kld": round(sum(d["mean_kld"] for d in per.values()) / n, 6),

@@ -61,4 +61,4 @@ def run(model_dir: Path, out: Path, settings: BnbSettings, *, source: dict, cach
 
     return quantize_checkpoint(model_dir, out, settings, fmt="bnb", kind=settings.kind,
                                source=source, cache_dir=cache_dir, data_dir=data_dir,
-                               force=force, quantize=quantize)
+                               force=force, quantize=quantize, device=device)

@@ -17,8 +17,8 @@ from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existi
 from kvant.data import EvalSettings, TextFile, get_text
 from kvant.model import read_config, refuse_quantized, refuse_synthetic, require_tokenizer
 from kvant.plan import disk_need
-from kvant.runtimes import Target, reference_logits, score_target
-from kvant.scoring import drift_per_language, drift_table, eval_windows
+from kvant.runtimes import Target, reference_logits, score_against
+from kvant.scoring import drift_table, eval_windows
 
 # Shipped from the source, never re-saved: GPTQModel's re-save switches on transformers'
 # Mistral regex "fix", which would change NorMistral's pre-tokenizer.
@@ -42,7 +42,8 @@ class Quantized:
 
 def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, fmt: str,
                         kind: str, source: dict, cache_dir: Path, data_dir: Path | None,
-                        force: bool, quantize: Callable[[Path, Path], Quantized]) -> Made:
+                        force: bool, quantize: Callable[[Path, Path], Quantized],
+                        device: str = "cpu") -> Made:
     """Run ``quantize(folder, scratch)`` into a staging folder and publish ``out`` once
     verified (``scratch``: work space inside the staging folder, removed before publishing)."""
     refuse_existing(out, force, protect=(model_dir,))
@@ -52,8 +53,8 @@ def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, f
     check_free_space(out.parent, disk_need(read_config(model_dir), [kind]))
     texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
-    ref = reference_logits(model_dir, wins)
     with ArtifactWriter(out, fmt=fmt, force=force, protect=(model_dir,)) as art:
+        ref = reference_logits(model_dir, wins, art.scratch / "reference", device)
         done = quantize(art.dir, art.scratch)
         for message in done.warnings:
             art.warn(message)
@@ -63,9 +64,9 @@ def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, f
         # Every number comes from the checkpoint as saved: reloaded from disk, never the
         # in-memory model (GPTQModel's is invalid after quantize(); bnb's must not run first).
         target = Target(out.name, art.dir, "torch", fmt, 0, kind)
-        logits = score_target(target, wins)
-        art.validation = {"reference": "source model, float32", "reloaded_from_disk": True,
-                          **done.facts, **drift_per_language(ref, logits, wins)}
+        art.validation = {"reference": f"source model, {ref.dtype} weights, float32 "
+                                       "log-softmax", "reloaded_from_disk": True,
+                          **done.facts, **score_against(target, ref, wins)}
         art.source, art.settings = source, settings_dict(settings)
         art.kinds = {out.name: kind}
         art.data = [t.as_manifest() for t in [*done.data, *texts.values()]]

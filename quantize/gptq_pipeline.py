@@ -129,4 +129,4 @@ def run(model_dir: Path, out: Path, settings: GPTQSettings, *, source: dict, cac
 
     return quantize_checkpoint(model_dir, out, settings, fmt="gptq", kind=settings.kind,
                                source=source, cache_dir=cache_dir, data_dir=data_dir,
-                               force=force, quantize=quantize)
+                               force=force, quantize=quantize, device=device)

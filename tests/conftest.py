@@ -142,15 +142,16 @@ def logits_of(path: Path, wins: list[list[int]], dtype: str = "float32") -> list
     return score_target(targets(path)[0], {"w": wins}, dtype=dtype)["w"]
 
 
-def reference_for(model: Path, langs, n_tokens: int, n_ctx: int, cache: Path):
-    """(windows, float32 reference logits) per language, as every pipeline computes them."""
+def reference_for(model: Path, langs, n_tokens: int, n_ctx: int, cache: Path, folder: Path):
+    """(windows, reference logits in ``folder``) per language, as every pipeline computes
+    them."""
     from kvant.data import get_text
     from kvant.runtimes import reference_logits
     from kvant.scoring import eval_windows
 
     texts = {lang: get_text(lang, cache, UD_DIR) for lang in langs}
     wins = eval_windows(model, texts, n_tokens, n_ctx)
-    return wins, reference_logits(model, wins)
+    return wins, reference_logits(model, wins, folder)
 
 
 def run_kvant(*args: str, env: dict | None = None, timeout: int = 900):

@@ -15,6 +15,7 @@ runtime of that kind is opened.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ import numpy as np
 
 from kvant.errors import ArtifactError, SettingsError
 from kvant.files import sha256_file, sha256_text
-from kvant.model import read_config
+from kvant.model import model_info, read_config
+from kvant.scoring import drift, mean_over_languages
 
 BACKENDS = ("torch", "llama.cpp", "onnxruntime-genai", "onnxruntime")
 MODEL_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".data")
@@ -221,9 +223,76 @@ def score_target(target: Target, wins: dict[str, list[list[int]]], device: str =
         runtime.close()
 
 
-def reference_logits(model_dir: Path, wins: dict[str, list[list[int]]],
-                     device: str = "cpu") -> dict:
-    """The reference distributions every artifact is compared with: the source checkpoint in
-    transformers, float32 compute, loaded once for all languages."""
-    target = targets(model_dir)[0]
-    return score_target(target, wins, device, dtype="float32")
+def reference_dtype(model_dir: Path, device: str = "cpu") -> str:
+    """float32 where the model fits in it with room to spare (the stand-in, small models),
+    else bfloat16: NorMistral-11b in float32 is 46 GB, twice its checkpoint. The logits are
+    turned into float32 either way (TorchRuntime.logits) before any log-softmax."""
+    need = 4 * model_info(model_dir).n_params
+    if device.startswith("cuda"):
+        import torch  # only asked when the reference runs on a GPU
+
+        room = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "float32" if need <= 0.4 * room else "bfloat16"
+
+
+class Reference:
+    """The reference distributions: logits of the source model for every window, computed
+    once per run (the model loaded once) and kept on disk as float32 .npy files (one per
+    window: 51,200 x 2,048 x 4 bytes = 0.4 GB per language at NorMistral's size), read back
+    memory-mapped one language at a time, so no run holds every language's full-vocabulary
+    distributions at once."""
+
+    def __init__(self, folder: Path, dtype: str):
+        self.folder, self.dtype = Path(folder), dtype
+
+    def __getitem__(self, lang: str) -> list[np.ndarray]:
+        files = sorted((self.folder / lang).glob("*.npy"), key=lambda p: int(p.stem))
+        return [np.load(f, mmap_mode="r") for f in files]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.rglob("*.npy"))
+
+
+def reference_logits(model_dir: Path, wins: dict[str, list[list[int]]], folder: Path,
+                     device: str = "cpu") -> Reference:
+    """Compute the reference distributions into ``folder`` (created; the caller owns it and
+    removes it) with the source checkpoint in transformers, loaded once for all languages."""
+    found = targets(model_dir)[0]
+    dtype = reference_dtype(model_dir, device)
+    n_ctx = max((len(w) for lang_wins in wins.values() for w in lang_wins), default=0)
+    runtime = open_runtime(found, device, n_ctx=n_ctx + 8, dtype=dtype)
+    try:
+        for lang, lang_wins in wins.items():
+            (Path(folder) / lang).mkdir(parents=True, exist_ok=True)
+            for i, win in enumerate(lang_wins):
+                np.save(Path(folder) / lang / f"{i}.npy", runtime.logits(win))
+    finally:
+        runtime.close()
+    return Reference(folder, dtype)
+
+
+def score_against(target: Target, ref, wins: dict[str, list[list[int]]], device: str = "cpu",
+                  threads: int = 0, dtype: str = "bfloat16", extra=None) -> dict:
+    """Drift of ``target`` against the reference, one language at a time: open the runtime
+    once, compute a language's logits, compare, let them go. Returns drift_per_language's
+    result plus the largest |logit difference|; ``extra(lang, logits)`` may add per-language
+    fields (bits per byte, ...)."""
+    n_ctx = max((len(w) for lang_wins in wins.values() for w in lang_wins), default=0)
+    runtime = open_runtime(target, device, threads, n_ctx=n_ctx + 8, dtype=dtype)
+    per, worst = {}, 0.0
+    try:
+        for lang, lang_wins in wins.items():
+            logits = [runtime.logits(w) for w in lang_wins]
+            reference = ref[lang]
+            worst = max([worst, *(float(np.abs(a - b).max())
+                                  for a, b in zip(reference, logits, strict=True))])
+            per[lang] = drift(reference, logits, lang_wins).as_dict()
+            if extra is not None:
+                per[lang].update(extra(lang, per[lang]))
+            del logits, reference
+    finally:
+        runtime.close()
+    return {**mean_over_languages(per), "max_abs_logit_diff": round(worst, 6)}

@@ -27,11 +27,15 @@ class TorchRuntime:
         config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
         if "quantization_config" in config:
             self.model = AutoModelForCausalLM.from_pretrained(path, device_map=device)
+        elif device.startswith("cuda"):
+            # accelerate places what fits on the GPU and offloads the rest to CPU memory
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, dtype), device_map="auto")
         else:
             self.model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
-        self.device = device
+        self.device = str(self.model.device) if device.startswith("cuda") else device
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with torch.no_grad():

@@ -60,7 +60,7 @@ def test_gptq_beats_round_to_nearest(gptq_artifact, tiny_model, cache_dir, tmp_p
 
     settings = GPTQSettings()
     wins, ref = reference_for(tiny_model, settings.eval_langs, GPTQ_EVAL_TOKENS,
-                              settings.eval_ctx, cache_dir)
+                              settings.eval_ctx, cache_dir, tmp_path / "reference")
     rtn = _rtn_4bit_g128(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
     rtn.save_pretrained(tmp_path / "rtn")
     (tmp_path / "rtn" / "tokenizer.json").write_bytes((tiny_model / "tokenizer.json").read_bytes())

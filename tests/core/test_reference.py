@@ -1,0 +1,40 @@
+"""The reference distributions: computed once, kept on disk, compared one language at a time."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from kvant.runtimes import reference_dtype, score_against, score_target, targets
+from kvant.scoring import drift_per_language
+from tests.conftest import reference_for
+
+
+def test_reference_is_streamed_from_disk_one_language_at_a_time(tiny_model, gguf_artifact,
+                                                                 cache_dir, tmp_path):
+    wins, ref = reference_for(tiny_model, ("nob", "sme"), 512, 128, cache_dir,
+                              tmp_path / "ref")
+    files = sorted((tmp_path / "ref").rglob("*.npy"))
+    assert {p.parent.name for p in files} == {"nob", "sme"}
+    assert len(files) == sum(len(w) for w in wins.values())
+    # float32 (tokens x vocab) per window, plus each .npy header
+    logits_bytes = sum(len(w) * 128 * 4096 * 4 for w in wins.values())
+    assert logits_bytes < ref.size_bytes < logits_bytes + 256 * len(files)
+    assert ref.dtype == "float32"  # the stand-in fits: scored from float32 weights
+    # streaming per language gives exactly what scoring everything in memory gives
+    target = targets(gguf_artifact / "tiny-Q4_K_M.gguf")[0]
+    streamed = score_against(target, ref, wins)
+    in_memory = drift_per_language({lang: [np.asarray(a) for a in ref[lang]] for lang in wins},
+                                   score_target(target, wins), wins)
+    assert streamed["per_language"] == in_memory["per_language"]
+    assert streamed["mean_kld"] == in_memory["mean_kld"] > 0
+
+
+def test_a_model_too_big_for_float32_is_scored_from_bf16(tiny_model, monkeypatch):
+    real = os.sysconf
+    ram = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 10_000}  # 40 MiB: the stand-in's float32
+    monkeypatch.setattr(os, "sysconf", lambda name: ram.get(name) or real(name))
+    assert reference_dtype(tiny_model) == "bfloat16"  # (23 MiB) is over 40% of it
+    ram["SC_PHYS_PAGES"] = 1_000_000
+    assert reference_dtype(tiny_model) == "float32"
