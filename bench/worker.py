@@ -66,7 +66,10 @@ def measure(spec: dict) -> dict:
     runtime = open_runtime(target, device, spec["threads"], n_ctx=ctx + n_new + 8,
                            all_logits=False, repack=spec.get("repack", False))
     load_s = time.perf_counter() - started
-    runtime.prefill(ids[: min(32, ctx)])  # warm-up: first-call allocations and kernel choice
+    # warm-up of both phases: first-call allocations and kernel choice (a single-token step
+    # runs other kernels than a prefill)
+    runtime.prefill(ids[: min(32, ctx)])
+    runtime.decode(ids[: min(32, ctx)], 2)
     prefill, other_prefill = _timed_phase(lambda: runtime.prefill(ids), repeats)
     decode, other_decode = _timed_phase(lambda: runtime.decode(ids, n_new), repeats)
     other = [other_prefill, other_decode]
