@@ -7,6 +7,7 @@ pinned URLs serve) through the offline data-dir override.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,14 @@ def tiny_model(shared_data, cache_dir, eval_text) -> Path:
     train = get_text(CALIB_FILE, cache_dir)
     recipe = TinyRecipe()
     return build_tiny(default_dir(cache_dir, recipe, train), train, eval_text, recipe)
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path) -> Path:
+    """A copy of the stand-in that a test may break (or check is left untouched)."""
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_model, dest)
+    return dest
 
 
 # Artifacts shared by the tests of their pipeline and by the bench tests: built once a session.

@@ -40,13 +40,6 @@ def one_line_error(result, text: str) -> str:
     return errors[0]
 
 
-@pytest.fixture
-def model_copy(tiny_model, tmp_path):
-    copy = tmp_path / "model"
-    shutil.copytree(tiny_model, copy)
-    return copy
-
-
 # 1. --force replaces only a finished Kvant artifact
 
 def test_force_never_replaces_the_input_model_or_its_parent(model_copy):

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from kvant.errors import ModelError
 from kvant.model import looks_like_hub_id, model_info, resolve_model
-
-
-@pytest.fixture
-def model_copy(tiny_model, tmp_path):
-    dest = tmp_path / "model"
-    shutil.copytree(tiny_model, dest)
-    return dest
 
 
 def test_info_reads_headers_without_loading(tiny_model):
