@@ -253,7 +253,7 @@ def build_manifest(folder: Path, *, fmt: str, source: dict, settings: dict, vali
         "kvant_version": __version__,
         "format": fmt,
         "kinds": dict(kinds or {}),
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": command,
         "source": source,
         "settings": settings,

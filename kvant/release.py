@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import tomllib
 
 from kvant.artifact import amend_artifact, verify_artifact
 from kvant.bench.run import run_bench

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import ast
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = {"kvant.cli", "kvant.pipelines", "kvant.release", "kvant.release_cards"}
