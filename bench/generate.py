@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 EOS_ID = 2  # </s> in NorMistral's vocabulary
 
 
-def trained_context(target: Target) -> int:
-    """The context the model was trained for, as its files state it."""
+def stated_context(target: Target) -> int:
+    """The context an artifact states it was made for (what its export wrote)."""
     if target.backend == "llama.cpp":
         import gguf  # reads the metadata only
 
@@ -56,7 +56,7 @@ def generate(artifact: Path, prompt: str, max_new_tokens: int, stop_at_newline: 
         raise SettingsError(f"--max-new-tokens {max_new_tokens}: ask for at least 1")
     tokenizer = exact_tokenizer(target.path)
     ids = tokenizer.encode(prompt).ids
-    context = trained_context(target)
+    context = stated_context(target)
     if len(ids) >= context:
         raise SettingsError(f"the prompt is {len(ids):,} tokens, and the model was trained "
                             f"for {context:,}; shorten the prompt")

@@ -124,11 +124,11 @@ def _save(out: Path, results: dict) -> None:
     tmp.replace(out / "results.json")
 
 
-def _key(target: Target, reference: Target | None, settings: BenchSettings,
+def _key(artifact_digest: str, reference_digest: str | None, settings: BenchSettings,
          device: str) -> str:
     """What a target's numbers depend on: change any of it and they are measured anew."""
-    return sha256_text(json.dumps({"artifact": target.digest(),
-                                   "reference": reference.digest() if reference else None,
+    return sha256_text(json.dumps({"artifact": artifact_digest,
+                                   "reference": reference_digest,
                                    "settings": settings.measurement_key(),
                                    "device": device}, sort_keys=True))[:16]
 
@@ -185,40 +185,42 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
     max_ctx = max(int(c) for c in settings.ctx)
     speed_ids = (speed_ids * (max_ctx // max(len(speed_ids), 1) + 1))[:max_ctx]
 
-    with tempfile.TemporaryDirectory(prefix=".reference-", dir=out) as scratch:
-        _measure(all_targets, ref_target, settings, device, out, results, texts, wins,
-                 bytes_per_token, speed_ids, reference, Path(scratch), progress)
+    # the reference's identity, once: without a manifest it means hashing the checkpoint
+    ref_digest = ref_target.digest() if ref_target else None
+    scratch = tempfile.TemporaryDirectory(prefix=".reference-", dir=out)
+    ref = None  # computed on first need, into scratch (removed when the run ends)
+    try:
+        for target in tqdm(all_targets, desc="bench", disable=not progress):
+            digest = ref_digest if target is ref_target else target.digest()
+            key = _key(digest, ref_digest, settings, device)
+            entry = results["targets"].get(target.name, {})
+            if entry.get("key") != key:
+                if entry:
+                    logger.info("%s: artifact or settings changed; measuring anew",
+                                target.name)
+                entry = {}
+            results["targets"][target.name] = entry
+            entry.update({"key": key, "path": str(target.path), "backend": target.backend,
+                          "format": target.fmt, "kind": target.kind,
+                          "size_bytes": target.size_bytes})
+            if settings.quality and "quality" not in entry:
+                if ref is None:
+                    ref = reference_logits(reference, wins, Path(scratch.name) / "reference",
+                                           device)
+                entry["quality"] = quality(target, wins, ref, bytes_per_token, device,
+                                           settings.threads)
+                _save(out, results)
+            entry.setdefault("speed", {})
+            for ctx in settings.ctx:
+                if ctx not in entry["speed"] or "error" in entry["speed"][ctx]:
+                    entry["speed"][ctx] = speed(target, speed_ids, int(ctx), settings, device)
+                    _save(out, results)
+            if target.fmt == "gguf":
+                _gguf_extras(target, entry, texts, settings, device, out, results)
+    finally:
+        scratch.cleanup()
     write_report(results, out)
     return out
-
-
-def _measure(all_targets, ref_target, settings, device, out, results, texts, wins,
-             bytes_per_token, speed_ids, reference, scratch, progress) -> None:
-    ref = None  # computed on first need, into scratch (removed when the run ends)
-    for target in tqdm(all_targets, desc="bench", disable=not progress):
-        key = _key(target, ref_target, settings, device)
-        entry = results["targets"].get(target.name, {})
-        if entry.get("key") != key:
-            if entry:
-                logger.info("%s: artifact or settings changed; measuring anew", target.name)
-            entry = {}
-        results["targets"][target.name] = entry
-        entry.update({"key": key, "path": str(target.path), "backend": target.backend,
-                      "format": target.fmt, "kind": target.kind,
-                      "size_bytes": target.size_bytes})
-        if settings.quality and "quality" not in entry:
-            if ref is None:
-                ref = reference_logits(reference, wins, scratch / "reference", device)
-            entry["quality"] = quality(target, wins, ref, bytes_per_token, device,
-                                       settings.threads)
-            _save(out, results)
-        entry.setdefault("speed", {})
-        for ctx in settings.ctx:
-            if ctx not in entry["speed"] or "error" in entry["speed"][ctx]:
-                entry["speed"][ctx] = speed(target, speed_ids, int(ctx), settings, device)
-                _save(out, results)
-        if target.fmt == "gguf":
-            _gguf_extras(target, entry, texts, settings, device, out, results)
 
 
 def _gguf_extras(target: Target, entry: dict, texts: dict, settings: BenchSettings,

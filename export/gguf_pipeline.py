@@ -30,7 +30,7 @@ from kvant.model import (
     trained_context,
 )
 from kvant.plan import disk_need
-from kvant.runtimes import Target, reference_logits, score_against
+from kvant.runtimes import Reference, Target, reference_logits, score_against
 from kvant.runtimes.llamacpp import LlamaCppRuntime, StockTokenizer
 from kvant.scoring import eval_windows, sequence_nll_bits
 from kvant.tokenization import exact_tokenizer, fidelity
@@ -81,7 +81,7 @@ def tokenizer_report(base: Path, texts: dict[str, TextFile], settings: GGUFSetti
     return report
 
 
-def validate(path: Path, ref: dict, wins: dict, settings: GGUFSettings) -> dict:
+def validate(path: Path, ref: Reference | None, wins: dict, settings: GGUFSettings) -> dict:
     """Load a file in llama.cpp and score it against the reference on identical ids.
 
     With no windows (a synthetic checkpoint: no quality to measure) only the file facts.

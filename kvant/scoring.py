@@ -119,12 +119,6 @@ def mean_over_languages(per: dict) -> dict:
             "delta_ppl_pct": round(sum(d["delta_ppl_pct"] for d in per.values()) / n, 3)}
 
 
-def max_abs_diff(ref: dict, logits: dict) -> float:
-    """Largest |logit difference| over every window of every language."""
-    return round(max(float(np.abs(a - b).max()) for lang in ref
-                     for a, b in zip(ref[lang], logits[lang], strict=True)), 6)
-
-
 def drift_table(validation: dict) -> str:
     """Markdown: one row per language of a drift_per_language result."""
     rows = ["| language | tokens | PPL reference | PPL | ΔPPL | mean KLD | p99 KLD | top-1 |",

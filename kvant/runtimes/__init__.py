@@ -72,11 +72,7 @@ class Target:
         """sha256 identity of what is measured: from the manifest's checksums when the
         target sits in a Kvant artifact, else computed from the files."""
         folder = self.path.parent if self.path.is_file() else self.path
-        manifest = folder / "manifest.json"
-        listed = {}
-        if manifest.is_file():
-            listed = {f["path"]: f["sha256"] for f in json.loads(
-                manifest.read_text(encoding="utf-8"))["files"]}
+        listed = {f["path"]: f["sha256"] for f in _manifest(folder).get("files", [])}
         parts = [f"{name}:{listed.get(name) or sha256_file(folder / name)}"
                  for name in sorted(self.files)]
         return sha256_text("|".join(parts))
@@ -207,18 +203,14 @@ def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: i
     raise SettingsError(f"unknown backend '{target.backend}' (valid: {', '.join(BACKENDS)})")
 
 
-def logits_per_language(runtime: Runtime, wins: dict[str, list[list[int]]]) -> dict:
-    """{language: [logits of each window]} from one loaded runtime."""
-    return {lang: [runtime.logits(w) for w in lang_wins] for lang, lang_wins in wins.items()}
-
-
 def score_target(target: Target, wins: dict[str, list[list[int]]], device: str = "cpu",
                  threads: int = 0, dtype: str = "bfloat16") -> dict:
     """Open ``target``, compute logits for every window of every language, close it."""
     n_ctx = max((len(w) for lang_wins in wins.values() for w in lang_wins), default=0)
     runtime = open_runtime(target, device, threads, n_ctx=n_ctx + 8, dtype=dtype)
     try:
-        return logits_per_language(runtime, wins)
+        return {lang: [runtime.logits(w) for w in lang_wins]
+                for lang, lang_wins in wins.items()}
     finally:
         runtime.close()
 
