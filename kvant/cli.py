@@ -55,7 +55,10 @@ class KvantParser(argparse.ArgumentParser):
             root = self
             while getattr(root, "_kvant_parent", None) is not None:
                 root = root._kvant_parent
-            if (best := nearest(match.group(1).split("=")[0], root._all_options())) is not None:
+            given = match.group(1).split("=")[0]
+            if given in [o for a in root._actions for o in a.option_strings]:
+                hint = f"; {given} goes before the command: kvant {given} COMMAND ..."
+            elif (best := nearest(given, root._all_options())) is not None:
                 hint = f"; did you mean '{best}'?"
         self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
@@ -184,7 +187,8 @@ def cmd_release(args: argparse.Namespace) -> str:
     root, lines = run_release(args.recipe, cache_dir=cache_dir(), data_dir=args.data_dir,
                               calib=args.calib, push_org=args.push,
                               token=os.environ.get("HF_TOKEN"), public=args.public,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, rehearse=args.rehearse,
+                              work=args.work)
     return "\n".join([*lines, f"release: {root}", f"index card: {root / 'README.md'}",
                       f"report: {root / 'bench' / 'report.md'}"])
 
@@ -353,6 +357,14 @@ def build_parser() -> KvantParser:
     release.add_argument("--public", action="store_true", help="create the hub repositories "
                          "public (default: private, to review before publishing)")
     release.add_argument("--calib", help="override the recipe's calibration text")
+    release.add_argument("--rehearse", type=int, metavar="LAYERS",
+                         help="run every step on a synthetic checkpoint of the recipe's model "
+                         "at real width with LAYERS layers: per-step time and peak memory "
+                         "beside kvant plan's prediction, carried to full depth "
+                         "(rehearsal.md); nothing is published")
+    release.add_argument("--work", type=float, default=1.0, metavar="FRACTION",
+                         help="with --rehearse: scale the recipe's counts (calibration "
+                         "samples, imatrix chunks, scored tokens) for a quicker run")
     _add_data_args(release)
     release.set_defaults(func=cmd_release)
 

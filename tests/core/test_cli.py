@@ -22,6 +22,8 @@ def test_mistyped_subcommand_and_option_get_suggestions():
     assert result.returncode == 2 and "did you mean 'tiny'?" in result.stderr
     result = run_kvant("info", "--jsn")
     assert result.returncode == 2 and "did you mean '--json'?" in result.stderr
+    result = run_kvant("info", "x", "--no-progress")  # a global option after the command
+    assert result.returncode == 2 and "--no-progress goes before the command" in result.stderr
 
 
 def test_info(tiny_model):
