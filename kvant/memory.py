@@ -7,6 +7,9 @@ kernel's VmHWM belongs to the address space, which exec replaces, so it is the c
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
 import resource
 from pathlib import Path
 
@@ -20,3 +23,18 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def ram_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def return_freed_memory() -> None:
+    """Hand memory that Python, torch and numpy have freed back to the kernel (glibc keeps
+    freed blocks in its arenas otherwise, and a long run's RSS only grows). No-op off glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,158 @@
+"""Wall time and peak memory of each step of a run, for `kvant release --rehearse`.
+
+    with recording() as log:
+        with step("gguf quantize q4_k_m", kind="llama-quantize"):
+            ...
+    log  # [{"step": ..., "wall_s": ..., "peak_rss_mib": ..., ...}]
+
+Outside ``recording()`` a step only hands freed memory back to the kernel (as it does
+inside), so a run and its rehearsal hold the same. A step's peak RAM is the most this
+process and every process below it (llama-quantize, the ONNX builder, bench workers) held:
+this process's own peak exactly (the kernel's VmHWM, reset at the step's start through
+/proc/self/clear_refs), its children's by sampling /proc every 20 ms. Written by hand
+because no library resets and reads a process tree's peak per step (psutil samples only,
+and is not a dependency). Steps do not nest: an inner step would reset the outer one's peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from kvant.errors import KvantError
+from kvant.memory import peak_rss_mib, return_freed_memory
+
+REHEARSAL_WARNING = ("rehearsal on synthetic weights: run for time and memory only, every "
+                     "quality number here is meaningless; never publish it")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_SAMPLE_S = 0.02
+_log: list[dict] | None = None
+_open = threading.local()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[dict]]:
+    """Record every step run inside the block into the list it yields."""
+    global _log
+    before, _log = _log, []
+    try:
+        yield _log
+    finally:
+        _log = before
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):  # the process just ended
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _tree_rss(pid: int) -> tuple[int, int]:
+    """(this process's RSS, its descendants' RSS together).
+
+    A child between fork and exec still maps its parent's pages and would count them twice
+    (a 2.3 GB parent starting a 0.6 GB bench worker measured as 4.3 GB): a child whose
+    command line is still its parent's is skipped until it has exec'd.
+    """
+    below, todo = 0, [(c, pid) for c in _children(pid)]
+    while todo:
+        child, parent = todo.pop()
+        if _cmdline(child) != _cmdline(parent):
+            below += _rss(child)
+        todo += [(c, child) for c in _children(child)]
+    return _rss(pid), below
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (Linux 4.0+)
+        return True
+    except OSError:
+        return False
+
+
+def _cuda():
+    torch = sys.modules.get("torch")  # only when something already loaded it
+    return torch if torch is not None and torch.cuda.is_available() else None
+
+
+@contextlib.contextmanager
+def step(name: str, **facts) -> Iterator[dict]:
+    """Measure the block as one step; ``facts`` (and what the block adds to the yielded
+    dict) are recorded with it."""
+    record = {"step": name, **facts}
+    return_freed_memory()  # what earlier steps freed is not this step's (nor kept by a run)
+    if _log is None:
+        yield record
+        return
+    if getattr(_open, "name", None):
+        raise KvantError(f"step '{name}' inside step '{_open.name}': steps do not nest")
+    _open.name = name
+    exact = _reset_hwm()
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(_SAMPLE_S):
+            own, below = _tree_rss(os.getpid())
+            peak[0] = max(peak[0], own + below)
+
+    torch = _cuda()
+    if torch is not None:
+        torch.cuda.reset_peak_memory_stats()
+    own, below = _tree_rss(os.getpid())
+    record["start_rss_mib"] = round((own + below) / 2**20, 1)
+    record["torch_loaded"] = "torch" in sys.modules  # its import is this step's if not
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        yield record
+    finally:
+        stop.set()
+        sampler.join()
+        _open.name = None
+        own, below = _tree_rss(os.getpid())
+        hwm = peak_rss_mib() * 2**20 if exact else None
+        record["wall_s"] = round(time.perf_counter() - started, 2)
+        record["peak_rss_mib"] = round(max(peak[0], own + below, hwm or 0) / 2**20, 1)
+        torch = _cuda()
+        if torch is not None:
+            record["peak_vram_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        _log.append(record)
+
+
+def shared_or_step(reference_dir: Path | None, ctx: int):
+    """The step that computes a pipeline's own reference; none when a release shares one
+    (computed, and recorded, once before the pipelines run)."""
+    if reference_dir is not None:
+        return contextlib.nullcontext()
+    return step("reference", kind="reference", ctx=ctx)
+
+
+def language_tokens(wins: dict[str, list[list[int]]]) -> int:
+    """The most tokens any one language's windows hold (a scoring step's reference share)."""
+    return max((sum(len(w) for w in ws) for ws in wins.values()), default=0)
