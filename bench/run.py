@@ -35,6 +35,7 @@ from kvant.machine import die_with_parent, machine
 from kvant.model import model_info, pick_device
 from kvant.runtimes import Target, reference_logits, score_against, targets, verify
 from kvant.scoring import require_windows, windows
+from kvant.steps import language_tokens, shared_or_step, step
 
 logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
@@ -55,6 +56,27 @@ def _quality_ids(tokenizer, text: str, n_tokens: int) -> tuple[list[int], int]:
         if len(ids) >= n_tokens:
             break
     return ids, n_bytes
+
+
+def quality_windows(reference: Path | None, texts: dict, settings: BenchSettings
+                    ) -> tuple[dict[str, list[list[int]]], dict[str, float]]:
+    """The bench's quality windows per language, and each text's bytes per token."""
+    wins, bytes_per_token = {}, {}
+    if not texts:
+        return wins, bytes_per_token
+    tokenizer = Tokenizer.from_file(str(reference / "tokenizer.json"))
+    for lang, text in texts.items():
+        ids, n_bytes = _quality_ids(tokenizer, text.read(), settings.quality_tokens)
+        wins[lang] = require_windows(lang, windows(ids[: settings.quality_tokens],
+                                                   settings.quality_ctx), len(ids),
+                                     settings.quality_ctx)
+        bytes_per_token[lang] = n_bytes / len(ids)
+    return wins, bytes_per_token
+
+
+def texts_for(settings: BenchSettings, cache_dir: Path, data_dir: Path | None) -> dict:
+    """The held-out texts a quality run scores (none for a speed-only run)."""
+    return _texts(settings.langs, cache_dir, data_dir) if settings.quality else {}
 
 
 def quality(target: Target, wins: dict, ref, bytes_per_token: dict, device: str,
@@ -135,16 +157,19 @@ def _key(artifact_digest: str, reference_digest: str | None, settings: BenchSett
 
 def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSettings,
               out: Path, *, cache_dir: Path, data_dir: Path | None = None,
-              progress: bool = False) -> Path:
+              progress: bool = False, reference_dir: Path | None = None,
+              rehearsal: bool = False) -> Path:
     """Measure everything, resuming from ``out/results.json``; write the report. Returns out.
 
     ``reference`` (the bf16 checkpoint) is needed for quality only: a speed-only run
-    (``settings.quality`` False) may pass None.
+    (``settings.quality`` False) may pass None. ``reference_dir``: reference distributions
+    shared with a release (else computed into scratch space); ``rehearsal``: a synthetic
+    reference is scored anyway, for time and memory only.
     """
     if settings.quality and reference is None:
         raise SettingsError("quality needs --reference (the bf16 model); pass one, or bench "
                             "speed alone with --no-quality")
-    if settings.quality and model_info(reference).synthetic:
+    if settings.quality and model_info(reference).synthetic and not rehearsal:
         raise SettingsError(f"'{reference}' has synthetic weights: perplexity and KLD would "
                             "mean nothing; bench speed with --no-quality, or use a real checkpoint")
     all_targets: list[Target] = []
@@ -159,16 +184,8 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
     for target in all_targets:  # nothing corrupt is measured
         verify(target, settings.verify)
     device = pick_device(settings.device)
-    texts = _texts(settings.langs, cache_dir, data_dir) if settings.quality else {}
-    wins, bytes_per_token = {}, {}
-    if texts:
-        tokenizer = Tokenizer.from_file(str(reference / "tokenizer.json"))
-        for lang, text in texts.items():
-            ids, n_bytes = _quality_ids(tokenizer, text.read(), settings.quality_tokens)
-            wins[lang] = require_windows(lang, windows(ids[: settings.quality_tokens],
-                                                       settings.quality_ctx), len(ids),
-                                         settings.quality_ctx)
-            bytes_per_token[lang] = n_bytes / len(ids)
+    texts = texts_for(settings, cache_dir, data_dir)
+    wins, bytes_per_token = quality_windows(reference, texts, settings)
     out.mkdir(parents=True, exist_ok=True)  # only now: an up-front error leaves nothing
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -205,15 +222,22 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
                           "size_bytes": target.size_bytes})
             if settings.quality and "quality" not in entry:
                 if ref is None:
-                    ref = reference_logits(reference, wins, Path(scratch.name) / "reference",
-                                           device)
-                entry["quality"] = quality(target, wins, ref, bytes_per_token, device,
-                                           settings.threads)
+                    with shared_or_step(reference_dir, settings.quality_ctx):
+                        ref = reference_logits(reference, wins, reference_dir
+                                               or Path(scratch.name) / "reference", device)
+                with step(f"bench quality {target.name}", kind=target.kind,
+                          ctx=settings.quality_ctx, weights=target.size_bytes,
+                          tokens_per_language=language_tokens(wins)):
+                    entry["quality"] = quality(target, wins, ref, bytes_per_token, device,
+                                               settings.threads)
                 _save(out, results)
             entry.setdefault("speed", {})
             for ctx in settings.ctx:
                 if ctx not in entry["speed"] or "error" in entry["speed"][ctx]:
-                    entry["speed"][ctx] = speed(target, speed_ids, int(ctx), settings, device)
+                    with step(f"bench speed {target.name} @{ctx}", kind=target.kind,
+                              ctx=int(ctx), weights=target.size_bytes, worker=True):
+                        entry["speed"][ctx] = speed(target, speed_ids, int(ctx), settings,
+                                                    device)
                     _save(out, results)
             if target.fmt == "gguf":
                 _gguf_extras(target, entry, texts, settings, device, out, results)

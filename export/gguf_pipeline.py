@@ -33,6 +33,7 @@ from kvant.plan import disk_need
 from kvant.runtimes import Reference, Target, reference_logits, score_against
 from kvant.runtimes.llamacpp import LlamaCppRuntime, StockTokenizer
 from kvant.scoring import eval_windows, sequence_nll_bits
+from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.tokenization import exact_tokenizer, fidelity
 
 logger = logging.getLogger(__name__)
@@ -61,10 +62,11 @@ def tokenizer_report(base: Path, texts: dict[str, TextFile], settings: GGUFSetti
         for lang in texts:
             fid = fidelity(exact[lang], stock[lang])
             bits_exact = bits_stock = 0.0
-            n_bytes = n_tokens = 0
+            n_bytes = n_tokens = longest = 0
             for unit, ids, ids_stock in zip(units[lang], exact[lang], stock[lang], strict=True):
                 if max(len(ids), len(ids_stock)) > MAX_UNIT_TOKENS:
                     continue
+                longest = max(longest, len(ids), len(ids_stock))
                 bits_exact += sequence_nll_bits(runtime.logits(ids), ids)
                 bits_stock += sequence_nll_bits(runtime.logits(ids_stock), ids_stock)
                 n_bytes += len(unit.encode("utf-8"))
@@ -75,7 +77,7 @@ def tokenizer_report(base: Path, texts: dict[str, TextFile], settings: GGUFSetti
                             "stock_aligned_pct": fid.aligned_pct,
                             "bpb_exact_ids": round(bits_exact / n_bytes, 4),
                             "bpb_stock_llama_cpp": round(bits_stock / n_bytes, 4),
-                            "scored_bytes": n_bytes}
+                            "scored_bytes": n_bytes, "longest_scored_tokens": longest}
     finally:
         runtime.close()
     return report
@@ -137,8 +139,10 @@ uses it for exact ids; llama-cli, Ollama and LM Studio tokenize on their own, wh
 
 def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
                 cache_dir: Path, data_dir: Path | None = None, force: bool = False,
-                progress: bool = False, device: str = "cpu") -> Made:
-    """Convert, quantize and validate; publish ``out`` atomically."""
+                progress: bool = False, device: str = "cpu", reference_dir: Path | None = None,
+                rehearsal: bool = False) -> Made:
+    """Convert, quantize and validate; publish ``out`` atomically (``reference_dir`` and
+    ``rehearsal``: see kvant.quantize.checkpoint)."""
     refuse_existing(out, force, protect=(model_dir,))
     refuse_quantized(model_dir)
     require_tokenizer(model_dir)
@@ -168,12 +172,15 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                             f"fewer than one --imatrix-ctx {settings.imatrix_ctx} chunk; pass "
                             "a longer --calib text or --imatrix none")
     # synthetic weights: convert and quantize for speed and memory, but score nothing
-    langs = () if info.synthetic else settings.eval_langs
+    langs = () if info.synthetic and not rehearsal else settings.eval_langs
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     with ArtifactWriter(out, fmt="gguf", force=force, protect=(model_dir,)) as art:
-        ref = reference_logits(model_dir, wins, art.scratch / "reference", device) \
-            if wins else None
+        ref = None
+        if wins:
+            with shared_or_step(reference_dir, settings.eval_ctx):
+                ref = reference_logits(model_dir, wins,
+                                       reference_dir or art.scratch / "reference", device)
         paths: dict[str, Path] = {}
         base = (art.dir if base_type in settings.types else art.scratch) / file_name(name,
                                                                                       base_type)
@@ -181,34 +188,49 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         art.source = source
         if context_warning:
             art.warn(context_warning)
-        conv = convert(model_dir, base, base_type, settings.pre, name, progress, context)
+        with step(f"gguf convert {base_type}", kind=kind(base_type)):
+            conv = convert(model_dir, base, base_type, settings.pre, name, progress, context)
         paths[base_type] = base
         for direct in (t for t in settings.types if t in DIRECT and t != base_type):
             paths[direct] = art.dir / file_name(name, direct)
-            convert(model_dir, paths[direct], direct, settings.pre, name, progress, context)
+            with step(f"gguf convert {direct}", kind=kind(direct)):
+                convert(model_dir, paths[direct], direct, settings.pre, name, progress, context)
         imatrix_path, imatrix = None, None
         if quant_types and settings.imatrix != "none":
             if calib is not None:
                 art.data.append(calib.as_manifest())
                 normalizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")).normalizer
                 imatrix_path = art.dir / f"{name}.imatrix.gguf"
-                imatrix = compute_imatrix(base, calib.read(), imatrix_path, settings, normalizer,
-                                          art.scratch)
+                with step("gguf imatrix", kind="imatrix", ctx=settings.imatrix_ctx):
+                    imatrix = compute_imatrix(base, calib.read(), imatrix_path, settings,
+                                              normalizer, art.scratch)
             else:
                 imatrix_path = imatrix_file
                 imatrix = {"file": imatrix_path.name, "chunks": None, "ctx": None}
-        files = {}
+        quantized = {}
         for gguf_type in quant_types:
             paths[gguf_type] = art.dir / file_name(name, gguf_type)
-            q = quantize(base, paths[gguf_type], gguf_type, imatrix_path, settings.n_threads)
+            with step(f"gguf quantize {gguf_type}", kind="llama-quantize"):
+                q = quantize(base, paths[gguf_type], gguf_type, imatrix_path,
+                             settings.n_threads)
             if q["fallback_tensors"]:
                 art.warn(f"{gguf_type}: {q['fallback_tensors']} tensor(s) fell back to another "
                          "type (rows not divisible by the block size)")
-            files[gguf_type] = q
-        files = {t: {"file": paths[t].name, "kind": kind(t), **files.get(t, {}),
-                     **validate(paths[t], ref, wins, settings)} for t in settings.types}
-        tok_report = tokenizer_report(base, texts, settings)
-        if info.synthetic:
+            quantized[gguf_type] = q
+        files = {}
+        for t in settings.types:
+            with step(f"gguf score {t}", kind=kind(t), ctx=settings.eval_ctx,
+                      weights=paths[t].stat().st_size, tokens_per_language=language_tokens(wins)):
+                files[t] = {"file": paths[t].name, "kind": kind(t), **quantized.get(t, {}),
+                            **validate(paths[t], ref, wins, settings)}
+        with step("gguf tokenizer report", kind=kind(base_type),
+                  weights=base.stat().st_size) as record:
+            tok_report = tokenizer_report(base, texts, settings)
+            record["ctx"] = max((r["longest_scored_tokens"] for r in tok_report.values()),
+                                default=0)
+        if rehearsal:
+            art.warn(REHEARSAL_WARNING)
+        elif info.synthetic:
             art.warn("synthetic weights: files converted and quantized, quality not measured")
         art.data += [t.as_manifest() for t in texts.values()]
         art.kinds = settings.kinds(name)
@@ -216,7 +238,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                                        "float32 log-softmax", "files": files,
                           "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report},
                           "imatrix": imatrix, "eval_ctx": settings.eval_ctx,
-                          "context_length": context}
+                          "context_length": context, "rehearsal": rehearsal}
         art.tags = ["gguf", "llama.cpp"]
         art.title = f"{name} GGUF"
         art.card_body = _card(name, files, tok_report, imatrix, calib)

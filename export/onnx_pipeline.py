@@ -39,9 +39,9 @@ from kvant.model import (
 )
 from kvant.plan import disk_need
 from kvant.runtimes import Target, reference_logits, score_against
-from kvant.runtimes.hf import TorchRuntime
-from kvant.runtimes.onnx import GenaiRuntime
+from kvant.runtimes.onnx import GenaiRuntime, OrtRuntime
 from kvant.scoring import drift_table, eval_windows
+from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.tokenization import ONNX_EXACT_TOKENIZER, fidelity
 
 OG_SPLIT = r"[\s\S]{1,24}(?![\x80-\xBF])"  # 24 bytes, never ending inside a UTF-8 character
@@ -105,9 +105,9 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path)
 def og_tokenizer_json(exact: dict) -> dict:
     """The most faithful tokenizer.json onnxruntime-extensions can run without crashing."""
     spec = json.loads(json.dumps(exact))
-    for step in spec["pre_tokenizer"]["pretokenizers"]:
-        if step["type"] == "Split" and step["pattern"].get("Regex") == ".{1,24}":
-            step["pattern"] = {"Regex": OG_SPLIT}
+    for part in spec["pre_tokenizer"]["pretokenizers"]:
+        if part["type"] == "Split" and part["pattern"].get("Regex") == ".{1,24}":
+            part["pattern"] = {"Regex": OG_SPLIT}
     return spec
 
 
@@ -143,8 +143,8 @@ def _card(name: str, settings: ONNXSettings, validation: dict) -> str:
 
 Scored with plain onnxruntime on the HF tokenizer's ids against the transformers model
 (float32); max |Δlogit| {validation['max_abs_logit_diff']:.5f}; greedy generation of
-{validation['greedy_tokens']} tokens through onnxruntime-genai matched transformers on
-{validation['greedy_match_pct']:.0f}% of tokens.
+{validation['greedy_tokens']} tokens through onnxruntime-genai (KV cache) matched the
+full-sequence greedy choice on {validation['greedy_match_pct']:.0f}% of tokens.
 
 {drift_table(validation)}
 
@@ -162,11 +162,14 @@ on some words). What `og.Tokenizer` gives on raw held-out text, against the exac
 
 def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cache_dir: Path,
         data_dir: Path | None = None, force: bool = False, progress: bool = False,
-        device: str = "cpu") -> Made:
-    """`kvant export onnx`: build, rewrite the tokenizer, validate, publish ``out``."""
+        device: str = "cpu", reference_dir: Path | None = None,
+        rehearsal: bool = False) -> Made:
+    """`kvant export onnx`: build, rewrite the tokenizer, validate, publish ``out``
+    (``reference_dir`` and ``rehearsal``: see kvant.quantize.checkpoint)."""
     refuse_existing(out, force, protect=(model_dir,))
     refuse_quantized(model_dir)
-    refuse_synthetic(model_dir)
+    if not rehearsal:
+        refuse_synthetic(model_dir)
     require_tokenizer(model_dir)
     config = read_config(model_dir)
     refuse_sliding_window(config, model_dir, "ONNX")
@@ -179,32 +182,47 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
     with ArtifactWriter(out, fmt="onnx", force=force, protect=(model_dir,)) as art:
         if context_warning:
             art.warn(context_warning)
-        ref = reference_logits(model_dir, wins, art.scratch / "reference", device)
-        facts = build(with_context(model_dir, context, art.scratch), art.dir, settings,
-                      art.scratch)
+        if rehearsal:
+            art.warn(REHEARSAL_WARNING)
+        with shared_or_step(reference_dir, settings.eval_ctx):
+            ref = reference_logits(model_dir, wins, reference_dir or art.scratch / "reference",
+                                   device)
+        with step(f"{settings.kind} build", kind="onnx-builder"):
+            facts = build(with_context(model_dir, context, art.scratch), art.dir, settings,
+                          art.scratch)
         facts["context_length"] = context
         spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
         (art.dir / EXACT_TOKENIZER).write_text(json.dumps(spec, ensure_ascii=False),
                                                encoding="utf-8")
         (art.dir / "tokenizer.json").write_text(
             json.dumps(og_tokenizer_json(spec), ensure_ascii=False), encoding="utf-8")
-        scored = score_against(Target(out.name, art.dir, "onnxruntime", "onnx", 0), ref, wins)
-        genai = GenaiRuntime(art.dir)
+        with step(f"{settings.kind} score", kind=settings.kind, ctx=settings.eval_ctx,
+                  tokens_per_language=language_tokens(wins)):
+            scored = score_against(Target(out.name, art.dir, "onnxruntime", "onnx", 0), ref,
+                                   wins)
         prompt = wins[settings.eval_langs[0]][0][:32]
-        greedy = [t for t, _ in zip(genai.greedy(prompt, len(prompt) + 16), range(16),
-                                    strict=False)]
-        hf = TorchRuntime(model_dir, dtype="float32")
-        hf_greedy = hf.generate(prompt, 16)
-        hf.close()
-        same = sum(a == b for a, b in zip(greedy, hf_greedy, strict=False))
+        with step(f"{settings.kind} greedy", kind=settings.kind, ctx=len(prompt) + 16):
+            genai = GenaiRuntime(art.dir)
+            greedy = [t for t, _ in zip(genai.greedy(prompt, len(prompt) + 16), range(16),
+                                        strict=False)]
+            og = {lang: og_fidelity(genai, exact, paragraphs(t.read()))
+                  for lang, t in texts.items()}
+            genai.close()  # before the reference loads: never both in memory
+        with step(f"{settings.kind} greedy check", kind=settings.kind, ctx=len(prompt) + 16):
+            # GenAI's cached decode against the same model's full-sequence argmax (plain
+            # onnxruntime, no cache), whose logits were just compared with the reference:
+            # the check needs no second load of the source model
+            full = OrtRuntime(art.dir)
+            expected = full.logits(prompt + greedy[:-1])[len(prompt) - 1:].argmax(-1).tolist()
+            expected = expected[:len(greedy)]  # nothing to check if GenAI stopped at once
+            full.close()
+        same = sum(a == b for a, b in zip(greedy, expected, strict=True))
         art.validation = {
             "reference": f"transformers, {ref.dtype} weights, float32 log-softmax",
-            "runtime": "onnxruntime (CPU)", **facts, "greedy_tokens": len(hf_greedy),
-            "greedy_match_pct": round(100 * same / len(hf_greedy), 1),
-            "greedy_identical": greedy == hf_greedy, **scored,
-            "og_tokenizer": {lang: og_fidelity(genai, exact, paragraphs(t.read()))
-                             for lang, t in texts.items()}}
-        genai.close()
+            "runtime": "onnxruntime (CPU)", **facts, "greedy_tokens": len(greedy),
+            "greedy_match_pct": round(100 * same / max(len(greedy), 1), 1),
+            "greedy_identical": greedy == expected, **scored, "rehearsal": rehearsal,
+            "og_tokenizer": og}
         art.source, art.settings = source, settings_dict(settings)
         art.kinds = {out.name: settings.kind}
         art.data = [t.as_manifest() for t in texts.values()]

@@ -45,7 +45,8 @@ def quantize_bnb(model_dir: Path, out_dir: Path, settings: BnbSettings,
 
 def run(model_dir: Path, out: Path, settings: BnbSettings, *, source: dict, cache_dir: Path,
         data_dir: Path | None = None, force: bool = False, progress: bool = False,
-        device: str = "cpu") -> Made:
+        device: str = "cpu", reference_dir: Path | None = None,
+        rehearsal: bool = False) -> Made:
     """`kvant quantize bnb`: quantize, save, reload from disk, score, publish ``out``."""
 
     def quantize(folder: Path, scratch: Path) -> Quantized:
@@ -61,4 +62,5 @@ def run(model_dir: Path, out: Path, settings: BnbSettings, *, source: dict, cach
 
     return quantize_checkpoint(model_dir, out, settings, fmt="bnb", kind=settings.kind,
                                source=source, cache_dir=cache_dir, data_dir=data_dir,
-                               force=force, quantize=quantize, device=device)
+                               force=force, quantize=quantize, device=device,
+                               reference_dir=reference_dir, rehearsal=rehearsal)

@@ -19,6 +19,7 @@ from kvant.model import read_config, refuse_quantized, refuse_synthetic, require
 from kvant.plan import disk_need
 from kvant.runtimes import Target, reference_logits, score_against
 from kvant.scoring import drift_table, eval_windows
+from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 
 # Shipped from the source, never re-saved: GPTQModel's re-save switches on transformers'
 # Mistral regex "fix", which would change NorMistral's pre-tokenizer.
@@ -43,19 +44,31 @@ class Quantized:
 def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, fmt: str,
                         kind: str, source: dict, cache_dir: Path, data_dir: Path | None,
                         force: bool, quantize: Callable[[Path, Path], Quantized],
-                        device: str = "cpu") -> Made:
+                        device: str = "cpu", reference_dir: Path | None = None,
+                        rehearsal: bool = False) -> Made:
     """Run ``quantize(folder, scratch)`` into a staging folder and publish ``out`` once
-    verified (``scratch``: work space inside the staging folder, removed before publishing)."""
+    verified (``scratch``: work space inside the staging folder, removed before publishing).
+
+    ``reference_dir``: a reference folder shared with the rest of a release (else one in
+    scratch); ``rehearsal``: synthetic weights are scored for time and memory only."""
     refuse_existing(out, force, protect=(model_dir,))
     refuse_quantized(model_dir)
-    refuse_synthetic(model_dir)
+    if not rehearsal:
+        refuse_synthetic(model_dir)
     require_tokenizer(model_dir)
     check_free_space(out.parent, disk_need(read_config(model_dir), [kind]))
     texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     with ArtifactWriter(out, fmt=fmt, force=force, protect=(model_dir,)) as art:
-        ref = reference_logits(model_dir, wins, art.scratch / "reference", device)
-        done = quantize(art.dir, art.scratch)
+        with shared_or_step(reference_dir, settings.eval_ctx):
+            ref = reference_logits(model_dir, wins, reference_dir or art.scratch / "reference",
+                                   device)
+        with step(f"{kind} quantize", kind=kind) as record:
+            done = quantize(art.dir, art.scratch)
+            record.update(samples=done.facts.get("calibration_samples"),
+                          seqlen=getattr(settings, "seqlen", None))
+        if rehearsal:
+            art.warn(REHEARSAL_WARNING)
         for message in done.warnings:
             art.warn(message)
         for name in TOKENIZER_FILES:
@@ -64,9 +77,12 @@ def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, f
         # Every number comes from the checkpoint as saved: reloaded from disk, never the
         # in-memory model (GPTQModel's is invalid after quantize(); bnb's must not run first).
         target = Target(out.name, art.dir, "torch", fmt, 0, kind)
+        with step(f"{kind} score", kind=kind, ctx=settings.eval_ctx,
+                  tokens_per_language=language_tokens(wins)):
+            scored = score_against(target, ref, wins)
         art.validation = {"reference": f"source model, {ref.dtype} weights, float32 "
                                        "log-softmax", "reloaded_from_disk": True,
-                          **done.facts, **score_against(target, ref, wins)}
+                          **done.facts, **scored, "rehearsal": rehearsal}
         art.source, art.settings = source, settings_dict(settings)
         art.kinds = {out.name: kind}
         art.data = [t.as_manifest() for t in [*done.data, *texts.values()]]

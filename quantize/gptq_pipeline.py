@@ -102,7 +102,8 @@ def quantize_gptq(model_dir: Path, out_dir: Path, settings: GPTQSettings, sample
 
 def run(model_dir: Path, out: Path, settings: GPTQSettings, *, source: dict, cache_dir: Path,
         data_dir: Path | None = None, force: bool = False, progress: bool = False,
-        device: str = "cpu") -> Made:
+        device: str = "cpu", reference_dir: Path | None = None,
+        rehearsal: bool = False) -> Made:
     """`kvant quantize gptq`: quantize, reload from disk, score, publish ``out``."""
     refuse_existing(out, force)
     check_divides(model_dir, settings.group_size)
@@ -129,4 +130,5 @@ def run(model_dir: Path, out: Path, settings: GPTQSettings, *, source: dict, cac
 
     return quantize_checkpoint(model_dir, out, settings, fmt="gptq", kind=settings.kind,
                                source=source, cache_dir=cache_dir, data_dir=data_dir,
-                               force=force, quantize=quantize, device=device)
+                               force=force, quantize=quantize, device=device,
+                               reference_dir=reference_dir, rehearsal=rehearsal)

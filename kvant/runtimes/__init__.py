@@ -15,7 +15,6 @@ runtime of that kind is opened.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from kvant.errors import ArtifactError, SettingsError
 from kvant.files import sha256_file, sha256_text
+from kvant.memory import ram_bytes
 from kvant.model import model_info, read_config
 from kvant.scoring import drift, mean_over_languages
 
@@ -225,45 +225,69 @@ def reference_dtype(model_dir: Path, device: str = "cpu") -> str:
 
         room = torch.cuda.get_device_properties(torch.device(device)).total_memory
     else:
-        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        room = ram_bytes()
     return "float32" if need <= 0.4 * room else "bfloat16"
 
 
 class Reference:
-    """The reference distributions: logits of the source model for every window, computed
-    once per run (the model loaded once) and kept on disk as float32 .npy files (one per
-    window: 51,200 x 2,048 x 4 bytes = 0.4 GB per language at NorMistral's size), read back
-    memory-mapped one language at a time, so no run holds every language's full-vocabulary
-    distributions at once."""
+    """The reference distributions: the source model's float32 logits for each window, kept
+    on disk as one .npy file per window (51,200 x 2,048 x 4 bytes = 0.4 GB at NorMistral's
+    size), named by the hash of the window's ids, and read back memory-mapped one language at
+    a time, so no run holds every language's full-vocabulary distributions at once. Keyed by
+    ids, one folder serves every pipeline and the bench of a release: the model is loaded
+    once, and only for windows no file holds yet."""
 
-    def __init__(self, folder: Path, dtype: str):
-        self.folder, self.dtype = Path(folder), dtype
+    def __init__(self, folder: Path, dtype: str, wins: dict[str, list[list[int]]]):
+        self.folder, self.dtype, self.wins = Path(folder), dtype, wins
+
+    def path(self, window: list[int]) -> Path:
+        return self.folder / f"{sha256_text(','.join(map(str, window)))[:24]}.npy"
 
     def __getitem__(self, lang: str) -> list[np.ndarray]:
-        files = sorted((self.folder / lang).glob("*.npy"), key=lambda p: int(p.stem))
-        return [np.load(f, mmap_mode="r") for f in files]
+        return [np.load(self.path(w), mmap_mode="r") for w in self.wins[lang]]
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.folder.rglob("*.npy"))
+        return sum(self.path(w).stat().st_size
+                   for w in {tuple(w): w for ws in self.wins.values() for w in ws}.values())
 
 
 def reference_logits(model_dir: Path, wins: dict[str, list[list[int]]], folder: Path,
                      device: str = "cpu") -> Reference:
-    """Compute the reference distributions into ``folder`` (created; the caller owns it and
-    removes it) with the source checkpoint in transformers, loaded once for all languages."""
-    found = targets(model_dir)[0]
-    dtype = reference_dtype(model_dir, device)
-    n_ctx = max((len(w) for lang_wins in wins.values() for w in lang_wins), default=0)
-    runtime = open_runtime(found, device, n_ctx=n_ctx + 8, dtype=dtype)
-    try:
-        for lang, lang_wins in wins.items():
-            (Path(folder) / lang).mkdir(parents=True, exist_ok=True)
-            for i, win in enumerate(lang_wins):
-                np.save(Path(folder) / lang / f"{i}.npy", runtime.logits(win))
-    finally:
-        runtime.close()
-    return Reference(folder, dtype)
+    """The reference distributions of ``wins`` in ``folder`` (created; the caller owns it and
+    removes it): windows already there are reused, the rest computed with the source
+    checkpoint in transformers, loaded once for all of them. A folder made from another
+    model is refused (its `reference.json` names the model's identity)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = {"model": str(Path(model_dir).resolve()),
+                "config": sha256_text(json.dumps(read_config(model_dir), sort_keys=True))}
+    stamp = folder / "reference.json"
+    if stamp.is_file():
+        stamped = json.loads(stamp.read_text(encoding="utf-8"))
+        if {k: stamped.get(k) for k in identity} != identity:
+            raise ArtifactError(f"reference folder '{folder}' was computed from "
+                                f"'{stamped.get('model')}', not '{model_dir}'")
+        dtype = stamped["dtype"]
+    else:
+        dtype = reference_dtype(model_dir, device)
+        stamp.write_text(json.dumps({**identity, "dtype": dtype}), encoding="utf-8")
+    ref = Reference(folder, dtype, wins)
+    missing = list({tuple(w): w for ws in wins.values() for w in ws
+                    if not ref.path(w).is_file()}.values())
+    if missing:
+        found = targets(model_dir)[0]
+        n_ctx = max(len(w) for w in missing)
+        runtime = open_runtime(found, device, n_ctx=n_ctx + 8, dtype=dtype)
+        try:
+            for win in missing:
+                part = ref.path(win).with_suffix(".part")
+                with open(part, "wb") as f:  # a killed run leaves no half file under .npy
+                    np.save(f, runtime.logits(win))
+                part.replace(ref.path(win))
+        finally:
+            runtime.close()
+    return ref
 
 
 def score_against(target: Target, ref, wins: dict[str, list[list[int]]], device: str = "cpu",

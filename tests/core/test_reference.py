@@ -5,8 +5,17 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
-from kvant.runtimes import reference_dtype, score_against, score_target, targets
+import kvant.runtimes
+from kvant.errors import ArtifactError
+from kvant.runtimes import (
+    reference_dtype,
+    reference_logits,
+    score_against,
+    score_target,
+    targets,
+)
 from kvant.scoring import drift_per_language
 from tests.conftest import reference_for
 
@@ -15,9 +24,8 @@ def test_reference_is_streamed_from_disk_one_language_at_a_time(tiny_model, gguf
                                                                  cache_dir, tmp_path):
     wins, ref = reference_for(tiny_model, ("nob", "sme"), 512, 128, cache_dir,
                               tmp_path / "ref")
-    files = sorted((tmp_path / "ref").rglob("*.npy"))
-    assert {p.parent.name for p in files} == {"nob", "sme"}
-    assert len(files) == sum(len(w) for w in wins.values())
+    files = sorted((tmp_path / "ref").glob("*.npy"))
+    assert len(files) == sum(len(w) for w in wins.values())  # one file per window
     # float32 (tokens x vocab) per window, plus each .npy header
     logits_bytes = sum(len(w) * 128 * 4096 * 4 for w in wins.values())
     assert logits_bytes < ref.size_bytes < logits_bytes + 256 * len(files)
@@ -38,3 +46,26 @@ def test_a_model_too_big_for_float32_is_scored_from_bf16(tiny_model, monkeypatch
     assert reference_dtype(tiny_model) == "bfloat16"  # (23 MiB) is over 40% of it
     ram["SC_PHYS_PAGES"] = 1_000_000
     assert reference_dtype(tiny_model) == "float32"
+
+
+def test_one_reference_folder_serves_every_scorer_without_loading_the_model_again(
+        tiny_model, cache_dir, tmp_path, monkeypatch):
+    wins, first = reference_for(tiny_model, ("nob", "sme"), 512, 128, cache_dir,
+                                tmp_path / "ref")
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although every window was on disk")
+
+    monkeypatch.setattr(kvant.runtimes, "open_runtime", no_second_load)
+    # a scorer asking for a subset (one language) and another asking for all of them
+    again = reference_logits(tiny_model, {"sme": wins["sme"]}, tmp_path / "ref")
+    assert all(np.array_equal(a, b) for a, b in zip(again["sme"], first["sme"], strict=True))
+    assert reference_logits(tiny_model, wins, tmp_path / "ref").dtype == first.dtype
+
+
+def test_a_reference_folder_of_another_model_is_refused(tiny_model, model_copy, cache_dir,
+                                                        tmp_path):
+    wins, _ = reference_for(tiny_model, ("nob",), 256, 128, cache_dir, tmp_path / "ref")
+    other = model_copy
+    with pytest.raises(ArtifactError, match="computed from"):
+        reference_logits(other, wins, tmp_path / "ref")
