@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvant.artifact import amend_artifact, verify_artifact
-from kvant.bench.run import run_bench
+from kvant.bench.run import quality_windows, run_bench, texts_for
 from kvant.bench.settings import BenchSettings
-from kvant.data import get_mix, get_text
+from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import ArtifactError, SettingsError
 from kvant.files import sha256_file
 from kvant.model import content_hash, model_source, pick_device, read_config
 from kvant.pipelines import PIPELINES
 from kvant.plan import entry_kind, fit_overhead, peak_bytes, shape_of
 from kvant.registry import nearest
+from kvant.rehearsal import REHEARSAL_TABLE, scale_work, write_rehearsal
 from kvant.release_cards import (
     INDEX_FILES,
     PLOTS,
@@ -42,7 +44,11 @@ from kvant.release_cards import (
     verify_release,
     write_json,
 )
+from kvant.runtimes import reference_logits
 from kvant.runtimes import targets as find_targets
+from kvant.scoring import eval_windows
+from kvant.steps import recording, step
+from kvant.synth import SHAPES, synthesize
 from kvant.tiny import TinyRecipe, build_tiny, default_dir
 
 logger = logging.getLogger(__name__)
@@ -149,39 +155,73 @@ def _model(release: dict, calib: str, cache_dir: Path, data_dir: Path | None,
     return model_source(spec)
 
 
-def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = None,
-                calib: str | None = None, push_org: str | None = None,
-                token: str | None = None, public: bool = False,
-                progress: bool = False) -> tuple[Path, list[str]]:
-    """Build, bench and card everything; return the release folder and the upload lines."""
-    recipe = load_recipe(recipe_path)
-    rel = recipe.release
-    if calib:
-        rel["calib"] = calib
-    name = rel["name"]
-    root = Path(rel.get("out", f"out/release/{name}"))
-    root.mkdir(parents=True, exist_ok=True)
-    model, source = _model(rel, rel.get("calib", "nob-train,nno-train"), cache_dir, data_dir,
-                           progress)
-    artifacts = plan_artifacts(recipe)
-    for folder, (key, settings) in artifacts.items():
-        out = root / folder
-        if _complete(out):
-            logger.info("keeping finished %s", out)
-            continue
-        logger.info("building %s", out)
-        PIPELINES[key].run(model, out, settings, source=source, cache_dir=cache_dir,
-                           data_dir=data_dir, force=True, progress=progress,
-                           device=pick_device())
+def _shared_reference(model: Path, artifacts: dict, bench: BenchSettings, folder: Path,
+                      cache_dir: Path, data_dir: Path | None) -> None:
+    """The reference distributions of every window any pipeline or the bench scores,
+    computed with the model loaded once (kvant.runtimes.reference_logits), into ``folder``."""
+    wins: dict[str, list[list[int]]] = {}
+    for _, settings in artifacts.values():
+        texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
+        for lang, lang_wins in eval_windows(model, texts, settings.eval_tokens,
+                                            settings.eval_ctx).items():
+            wins.setdefault(f"{lang}@{settings.eval_ctx}", lang_wins)
+    bench_wins, _ = quality_windows(model, texts_for(bench, cache_dir, data_dir), bench)
+    for lang, lang_wins in bench_wins.items():
+        wins.setdefault(f"bench {lang}", lang_wins)
+    if wins:
+        ctx = max(len(w) for ws in wins.values() for w in ws)
+        with step("reference", kind="reference", ctx=ctx) as record:
+            record["dtype"] = reference_logits(model, wins, folder, pick_device()).dtype
 
-    bench_args = {k: (tuple(str(c) for c in v) if k == "ctx" else v)
-                  for k, v in (recipe.get("bench") or {}).items()}
-    langs = tuple(rel.get("langs", ["nob", "nno", "sme", "dan", "swe"]))
-    # every artifact here was just verified against its manifest (_complete) or just written
-    # by this run: the bench checks sizes, not sha256 a second time (minutes at 11.4B)
-    bench_settings = replace(BenchSettings(**bench_args), langs=langs, verify=False)
-    run_bench([root / f for f in artifacts], model, bench_settings, root / "bench",
-              cache_dir=cache_dir, data_dir=data_dir, progress=progress)
+
+def _rehearsal_model(rel: dict, layers: int, calib: str, cache_dir: Path,
+                     data_dir: Path | None, progress: bool) -> tuple[Path, dict]:
+    """The recipe's model at real width with ``layers`` layers and random weights (built
+    once into the cache), and its source record."""
+    shape = "kvant-stand-in" if rel["model"] == "@stand-in" else Path(str(rel["model"])).name
+    if shape not in SHAPES:
+        raise SettingsError(f"--rehearse needs a model whose shapes Kvant knows "
+                            f"({', '.join(SHAPES)}); the recipe's model is '{rel['model']}'")
+    folder = cache_dir / "synth" / f"{shape}-{layers}l"
+    if not _complete(folder):
+        text = get_mix(calib, cache_dir, data_dir, progress)
+        synthesize(folder, shape, paragraphs(text.read())[:20000], layers, force=True,
+                   progress=progress)
+    return folder, {"id": f"kvant-synth/{shape}", "shape": shape, "layers": layers,
+                    "content_hash": content_hash(folder)}
+
+
+def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchSettings,
+           cache_dir: Path, data_dir: Path | None, progress: bool, rehearsal: bool) -> None:
+    """Every artifact (resuming: finished ones whose checksums verify are kept; a rehearsal
+    builds all anew), each scored against one shared reference, then the bench."""
+    reference = root / ".reference"  # scratch: the distributions every artifact is scored on
+    stamp = reference / "reference.json"
+    if stamp.is_file() and (rehearsal or json.loads(stamp.read_text()).get("model")
+                            != str(model.resolve())):
+        # Kvant's own scratch, left by a killed run: reused by a release that resumes, but
+        # not when it came from another model, nor by a rehearsal (which measures it)
+        shutil.rmtree(reference)
+    todo = {f: a for f, a in artifacts.items() if rehearsal or not _complete(root / f)}
+    for folder in artifacts.keys() - todo.keys():
+        logger.info("keeping finished %s", root / folder)
+    if rehearsal:
+        (root / "bench" / "results.json").unlink(missing_ok=True)  # measure every step anew
+    _shared_reference(model, todo, bench, reference, cache_dir, data_dir)
+    for folder, (key, settings) in todo.items():
+        logger.info("building %s", root / folder)
+        PIPELINES[key].run(model, root / folder, settings, source=source, cache_dir=cache_dir,
+                           data_dir=data_dir, force=True, progress=progress,
+                           device=pick_device(), reference_dir=reference, rehearsal=rehearsal)
+    run_bench([root / f for f in artifacts], model, bench, root / "bench", cache_dir=cache_dir,
+              data_dir=data_dir, progress=progress, reference_dir=reference,
+              rehearsal=rehearsal)
+    shutil.rmtree(reference, ignore_errors=True)
+
+
+def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
+           artifacts: dict, bench_settings: BenchSettings) -> None:
+    """Cards, plots and checksums of every artifact and the release's index."""
     results = json.loads((root / "bench" / "results.json").read_text())
     targets = results["targets"]
     ctx = bench_settings.ctx[0]
@@ -208,6 +248,62 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
     (root / "SHA256SUMS").write_text("".join(
         f"{sha256_file(root / rel)}  {rel}\n" for rel in INDEX_FILES
         if rel != "SHA256SUMS" and (root / rel).is_file()), encoding="utf-8")
+
+
+def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = None,
+                calib: str | None = None, push_org: str | None = None,
+                token: str | None = None, public: bool = False,
+                progress: bool = False, rehearse: int | None = None,
+                work: float = 1.0) -> tuple[Path, list[str]]:
+    """Build, bench and card everything; return the release folder and the upload lines.
+
+    ``rehearse``: run every step on a synthetic checkpoint of the recipe's model with this
+    many layers (kvant.rehearsal), into `<out>-rehearsal-<N>l`; nothing there is published.
+    ``work`` (rehearsals only) scales the recipe's counts (calibration samples, imatrix
+    chunks, scored tokens) for a quicker run.
+    """
+    recipe = load_recipe(recipe_path)
+    if work != 1.0:
+        if rehearse is None:
+            raise SettingsError("--work applies to --rehearse runs only")
+        recipe = scale_work(recipe, work)
+    rel = recipe.release
+    if calib:
+        rel["calib"] = calib
+    name = rel["name"]
+    root = Path(rel.get("out", f"out/release/{name}"))
+    calib_text = rel.get("calib", "nob-train,nno-train")
+    if rehearse is not None:
+        if push_org:
+            raise SettingsError("--rehearse runs on random weights and is never pushed; "
+                                "drop --push")
+        root = root.with_name(f"{root.name}-rehearsal-{rehearse}l")
+        model, source = _rehearsal_model(rel, rehearse, calib_text, cache_dir, data_dir,
+                                         progress)
+    else:
+        model, source = _model(rel, calib_text, cache_dir, data_dir, progress)
+    artifacts = plan_artifacts(recipe)
+    bench_args = {k: (tuple(str(c) for c in v) if k == "ctx" else v)
+                  for k, v in (recipe.get("bench") or {}).items()}
+    langs = tuple(rel.get("langs", ["nob", "nno", "sme", "dan", "swe"]))
+    # every artifact here was just verified against its manifest (_complete) or just written
+    # by this run: the bench checks sizes, not sha256 a second time (minutes at 11.4B)
+    bench_settings = replace(BenchSettings(**bench_args), langs=langs, verify=False)
+    root.mkdir(parents=True, exist_ok=True)
+    finished = False
+    with recording() as steps:
+        try:
+            _build(root, model, source, artifacts, bench_settings, cache_dir, data_dir,
+                   progress, rehearse is not None)
+            with step("cards"):
+                _cards(root, recipe_path, name, model, source, artifacts, bench_settings)
+            finished = True
+        finally:
+            if rehearse is not None:  # a failed rehearsal still shows the steps it ran
+                data = write_rehearsal(root, steps, read_config(model),
+                                       SHAPES[source["shape"]].n_layers, work, finished)
+    if rehearse is not None:
+        return root, [f"rehearsal: {root / REHEARSAL_TABLE}", f"rehearsal data: {data}"]
     plan, left_out = upload_plan(root, push_org or "ORG", name, list(artifacts))
     skipped = [f"not uploaded (not part of the release): {rel}" for rel in left_out]
     if push_org:

@@ -21,6 +21,7 @@ from kvant.artifact import ArtifactWriter, check_free_space
 from kvant.errors import SettingsError
 from kvant.memory import peak_rss_mib
 from kvant.registry import Registry
+from kvant.tiny import TinyRecipe
 from kvant.tokenization import build_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,12 @@ class Shape:
 SHAPES: Registry[Shape] = Registry("shape")
 # norallm/normistral-11b-long config.json (the -warm config with 32,768 positions)
 SHAPES.add("normistral-11b-long", Shape(40, 5120, 14336, 32, 8, 128, 51200, 32768))
+# the stand-in's shapes: `kvant release recipes/stand-in.toml --rehearse N` in seconds
+_TINY = TinyRecipe()
+SHAPES.add("kvant-stand-in", Shape(
+    _TINY.num_hidden_layers, _TINY.hidden_size, _TINY.intermediate_size,
+    _TINY.num_attention_heads, _TINY.num_key_value_heads, _TINY.head_dim, _TINY.vocab_size,
+    _TINY.seq_len))
 
 
 def _header(tensors, dtype: str = "BF16") -> tuple[bytes, list[int]]:

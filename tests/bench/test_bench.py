@@ -159,8 +159,8 @@ def test_plan_predicts_the_measured_peaks_within_10_percent(bench, tiny_model):
     results = _results(bench)
     shape = shape_of(json.loads((tiny_model / "config.json").read_text()))
     fitted, calibration = fit_overhead(results, shape)
-    assert set(fitted) == {"torch/bf16", "torch/bnb", "torch/gptq", "llama.cpp/gguf",
-                           "onnxruntime-genai/onnx"}
+    assert set(fitted) == {"torch/bf16", "torch/bnb", "torch/bnb-int8", "torch/gptq",
+                           "llama.cpp/gguf", "onnxruntime-genai/onnx"}
     errors = prediction_errors(results, shape, fitted, calibration)
     assert len(errors) >= 10  # held-out targets: every GGUF type, GPTQ
     assert all(abs(e["error_pct"]) < 10 for e in errors), errors

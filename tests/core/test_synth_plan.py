@@ -113,3 +113,30 @@ def test_plan_kinds_follow_the_recorded_settings():
     assert kind("gguf-q2_k") is None
     assert kind("gguf-q2_k", file_bpw=3.0).linear_bpw == 3.0
     assert kind("something-else") is None
+
+
+def test_the_plan_predicts_each_gguf_step_at_real_width(synth_one_layer, cache_dir, tmp_path):
+    """The release's GGUF steps on one real-width layer, each measured (kvant.steps) and
+    predicted by kvant.plan from the shapes alone: within the rehearsal's 15%."""
+    from kvant.export.gguf import GGUFSettings
+    from kvant.export.gguf_pipeline import export_gguf
+    from kvant.memory import ram_bytes
+    from kvant.model import read_config
+    from kvant.plan import MIB, shape_of, step_peak
+    from kvant.rehearsal import TOLERANCE_PCT
+    from kvant.steps import recording
+
+    out = synth_one_layer[0]
+    settings = GGUFSettings(types=("q8_0",), imatrix="none", eval_langs=("nob",),
+                            eval_tokens=256)
+    with recording() as steps:
+        export_gguf(out, tmp_path / "gguf", settings, source={"id": "rehearsal"},
+                    cache_dir=cache_dir, data_dir=UD_DIR, rehearsal=True)
+    assert [s["step"] for s in steps] == ["reference", "gguf convert bf16",
+                                          "gguf quantize q8_0", "gguf score q8_0",
+                                          "gguf tokenizer report"]
+    shape = shape_of(read_config(out))
+    for record in steps:
+        predicted = step_peak(record, shape, ram_bytes(), record["start_rss_mib"]) / MIB
+        error = 100 * (predicted / record["peak_rss_mib"] - 1)
+        assert abs(error) <= TOLERANCE_PCT, (record, predicted)

@@ -206,3 +206,34 @@ def test_recipe_errors(tmp_path):
         load_recipe(bad)
     result = run_kvant("release", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_rehearsal_runs_every_step_on_synthetic_weights_and_publishes_nothing(tmp_path,
+                                                                              cache_dir):
+    recipe = tmp_path / "mini.toml"
+    recipe.write_text(RECIPE.format(out=tmp_path / "out"))
+    result = run_kvant("--no-progress", "release", str(recipe), "--calib", str(CALIB_FILE),
+                       "--rehearse", "2", "--work", "0.5", env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path / "out-rehearsal-2l"
+    assert not (tmp_path / "out").exists()  # never the release's own folder
+    data = json.loads((root / "rehearsal.json").read_text())
+    assert data["finished"] and data["layers"] == 2 and data["full_layers"] == 4
+    names = [s["step"] for s in data["steps"]]
+    # one reference for the whole release, computed once before every pipeline
+    assert names[0] == "reference" and names.count("reference") == 1
+    for expected in ("gguf convert bf16", "gguf quantize q4_k_m", "gguf score q8_0",
+                     "gptq-4bit-g128 quantize", "gptq-4bit-g128 score", "bnb-int8 quantize",
+                     "onnx-int4-b32 build", "onnx-int4-b32 score", "cards"):
+        assert expected in names, expected
+    assert any(n.startswith("bench speed") for n in names)
+    for s in data["steps"]:
+        assert s["peak_rss_mib"] > 50 and s["wall_s"] >= 0
+        assert s["full_wall_s"] >= s["wall_s"]  # 4 layers touch more than 2
+    # the quality paths ran, on random weights: marked, warned, and not on any card
+    for folder in FOLDERS:
+        manifest = read_manifest(root / folder)
+        assert any("rehearsal" in w for w in manifest["warnings"]), folder
+    again = run_kvant("release", str(recipe), "--rehearse", "2", "--push", "someorg")
+    assert again.returncode == 2 and "never pushed" in again.stderr
+    assert run_kvant("release", str(recipe), "--work", "0.5").returncode == 2

@@ -1,0 +1,163 @@
+"""`kvant release RECIPE --rehearse LAYERS`: the release's steps measured at real width.
+
+A rehearsal runs every step of a recipe (reference, each artifact's quantization or export
+and its scoring, the bench, the cards) on a synthetic checkpoint with the real model's widths,
+vocabulary and tokenizer but LAYERS layers. Each step's wall time and peak RAM (and VRAM on a
+GPU) are recorded (kvant.steps) and set beside `kvant plan`'s prediction for the same step at
+LAYERS layers, then carried to the full depth: memory by the plan's own ratio of full depth
+to LAYERS applied to the measurement, time by the ratio of parameters the step touches.
+The quality numbers a rehearsal computes on random weights mean nothing; it records none.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from kvant.errors import SettingsError
+from kvant.machine import machine
+from kvant.memory import ram_bytes
+from kvant.plan import DEFAULT_FLOOR_MIB, GIB, MIB, shape_of, step_peak, step_work
+from kvant.synth import Shape
+
+REHEARSAL_JSON = "rehearsal.json"
+REHEARSAL_TABLE = "rehearsal.md"
+TOLERANCE_PCT = 15.0  # the planner's goal: every step's prediction within this of measured
+
+# the recipe counts a --work fraction scales (section, key, default when the recipe is silent)
+_COUNTS = (("release", "eval_tokens", 2048), ("gguf", "imatrix_chunks", 64),
+           ("gptq", "samples", 256), ("bench", "quality_tokens", 4096), ("bench", "repeats", 3))
+
+
+def scale_work(recipe, work: float):
+    """The recipe with its counts scaled by ``work`` (0 < work <= 1), for a quick rehearsal:
+    memory does not depend on them (one window, chunk, sample or repeat at a time) except
+    GPTQ's calibration cache, which the plan predicts from the count used."""
+    if not 0 < work <= 1:
+        raise SettingsError(f"--work {work}: use a fraction above 0, at most 1")
+    sections = json.loads(json.dumps(recipe.sections))
+    for section, key, default in _COUNTS:
+        if section in sections:
+            sections[section][key] = max(1, round(sections[section].get(key, default) * work))
+    return replace(recipe, sections=sections)
+
+
+def rows(steps: list[dict], shape: Shape, full: Shape, ram: int) -> list[dict]:
+    """Per step: measured, predicted at this depth, error, and both carried to full depth.
+
+    The plan predicts what a step adds to what the process tree holds when the step starts
+    (measured: the engines imported so far, 0.3-2.5 GB), at this depth and at full depth.
+    """
+    out = []
+    for record in steps:
+        row = {k: v for k, v in record.items() if k not in ("wall_s", "peak_rss_mib")}
+        floor = record.get("start_rss_mib", DEFAULT_FLOOR_MIB)
+        row.update(wall_s=record["wall_s"], peak_rss_mib=record["peak_rss_mib"],
+                   floor_mib=floor)
+        predicted = step_peak(record, shape, ram, floor)
+        if predicted is not None:
+            row["predicted_mib"] = round(predicted / MIB, 1)
+            row["error_pct"] = round(100 * (predicted / (record["peak_rss_mib"] * MIB) - 1), 1)
+            at_full = step_peak(_at_depth(record, shape, full), full, ram, floor)
+            row["full_predicted_gib"] = round(at_full / GIB, 2)
+            row["full_measured_gib"] = round(record["peak_rss_mib"] * MIB * at_full / predicted
+                                             / GIB, 2)
+            row["machines"] = {name: needs(row, m) for name, m in MACHINES.items()}
+        row["full_wall_s"] = round(record["wall_s"] * step_work(record, full)
+                                   / step_work(record, shape), 1)
+        out.append(row)
+    return out
+
+
+# The two machines the README plans the 40-layer release for: (RAM, VRAM) in bytes.
+MACHINES = {"24 GB CPU-only": (24 * 10**9, 0), "24 GB GPU + 32 GB RAM": (32 * 10**9, 24 * 10**9)}
+_ON_GPU = ("reference", "gptq", "bnb")  # steps a CUDA machine runs on the GPU
+
+
+def needs(row: dict, machine: tuple[int, int]) -> str:
+    """Whether a step's 40-layer prediction fits a machine, and on what. On a GPU machine
+    the torch steps (reference, GPTQ, bitsandbytes, their scoring) put the model on the GPU,
+    accelerate keeping in RAM what does not fit; GPTQModel keeps the bf16 model in RAM and
+    one layer on the GPU (kvant.quantize.gptq_pipeline)."""
+    ram, vram = machine
+    need = row["full_predicted_gib"] * GIB
+    floor = row["floor_mib"] * MIB
+    on_gpu = vram and (row.get("kind") or "").startswith(_ON_GPU) and not row.get("worker")
+    if not on_gpu:
+        return "fits" if need <= ram else f"needs {need / 1e9:.0f} GB RAM"
+    model = need - floor
+    if row["step"].endswith(" quantize") and row["kind"].startswith("gptq"):
+        return "fits" if need <= ram else f"needs {need / 1e9:.0f} GB RAM"
+    if model <= 0.9 * vram:
+        return "fits on the GPU"
+    spill = model - 0.9 * vram
+    return ("fits (accelerate keeps "f"{spill / 1e9:.0f} GB in RAM)" if floor + spill <= ram
+            else f"needs {(floor + spill) / 1e9:.0f} GB RAM beside the GPU")
+
+
+def _at_depth(record: dict, shape: Shape, full: Shape) -> dict:
+    """A step's facts at full depth: file sizes scale with the parameters they hold."""
+    if "weights" not in record:
+        return record
+    return {**record, "weights": record["weights"] * full.n_params() / shape.n_params()}
+
+
+def write_rehearsal(root: Path, steps: list[dict], config: dict, full_layers: int,
+                    work: float, finished: bool = True, ram: int | None = None) -> Path:
+    """rehearsal.json and rehearsal.md in ``root`` for a run on the model of ``config``
+    (``full_layers`` deep in reality); returns the JSON's path."""
+    shape = shape_of(config)
+    layers = shape.n_layers
+    full = replace(shape, n_layers=full_layers)
+    info = machine()
+    ram = ram or ram_bytes()  # predictions depend on it (the reference's dtype)
+    table = rows(steps, shape, full, ram)
+    data = {"layers": layers, "full_layers": full.n_layers, "work": work, "finished": finished,
+            "machine": info, "ram_bytes": ram, "config": config, "records": steps,
+            "tolerance_pct": TOLERANCE_PCT, "steps": table,
+            "within_tolerance": all(abs(r["error_pct"]) <= TOLERANCE_PCT
+                                    for r in table if "error_pct" in r)}
+    data["worst_error_pct"] = max((abs(r["error_pct"]) for r in table if "error_pct" in r),
+                                  default=None)
+    path = root / REHEARSAL_JSON
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (root / REHEARSAL_TABLE).write_text(markdown(data), encoding="utf-8")
+    return path
+
+
+def markdown(data: dict) -> str:
+    full = data["full_layers"]
+    machines = list(MACHINES)
+    lines = [f"# Rehearsal at {data['layers']} layer(s) of {full}",
+             "", *([] if data["finished"] else ["**Stopped early: the steps below are those "
+                                                "that ran.**", ""]),
+             f"Real widths, random weights; recipe counts x{data['work']:g}. Quality numbers "
+             "from this run mean nothing and are not shown. Peak RAM is the step's whole "
+             "process tree; the plan predicts what the step adds to what the tree held when it "
+             "started. At {full} layers the measurement is carried by the plan's own ratio "
+             "(memory) and by the parameters the step touches (time).".format(full=full),
+             "",
+             f"| step | wall (s) | peak RAM (MiB) | plan (MiB) | error | wall at {full} (s) | "
+             f"peak at {full} (GiB) | plan at {full} (GiB) | " + " | ".join(machines) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(machines)]
+    for r in data["steps"]:
+        err = f"{r['error_pct']:+.1f}%" if "error_pct" in r else "-"
+        verdicts = [r.get("machines", {}).get(m, "-") for m in machines]
+        lines.append(f"| {r['step']} | {r['wall_s']:.1f} | {r['peak_rss_mib']:,.0f} | "
+                     f"{r.get('predicted_mib', float('nan')):,.0f} | {err} | "
+                     f"{r['full_wall_s']:,.0f} | {r.get('full_measured_gib', float('nan')):.2f} "
+                     f"| {r.get('full_predicted_gib', float('nan')):.2f} | "
+                     + " | ".join(verdicts) + " |")
+    worst = data.get("worst_error_pct")
+    verdict = "within" if data["within_tolerance"] else "NOT all within"
+    lines += ["", f"Predictions {verdict} {data['tolerance_pct']:g}% of their measurements "
+              f"(worst {worst:.1f}%)." if worst is not None else "", ""]
+    return "\n".join(lines)
+
+
+def recompute(root: Path) -> Path:
+    """Rewrite a rehearsal's table from its recorded steps with today's planner."""
+    data = json.loads((Path(root) / REHEARSAL_JSON).read_text(encoding="utf-8"))
+    return write_rehearsal(Path(root), data["records"], data["config"], data["full_layers"],
+                           data["work"], data["finished"], data["ram_bytes"])
