@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from kvant.bench.peers import llama_bench
 from kvant.bench.run import speed
 from kvant.bench.settings import BenchSettings
 from kvant.machine import machine
@@ -61,6 +64,41 @@ def timed(cmd: list[str]) -> dict:
     return {"wall_s": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
+def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best of ``repeats`` copies of an ``n_bytes`` array, in GB/s moved (read + write)."""
+    src = np.ones(n_bytes // 8)
+    dst = np.empty_like(src)
+    best = min(_timed_copy(src, dst) for _ in range(repeats))
+    return 2 * n_bytes / best / 1e9
+
+
+def _timed_copy(src, dst) -> float:
+    started = time.perf_counter()
+    np.copyto(dst, src)
+    return time.perf_counter() - started
+
+
+def side_by_side(gguf: Path, ctx: int = 512, n_new: int = 32, repeats: int = 3) -> dict:
+    """`kvant bench`'s speed row and llama-bench on the same file, threads and depth, with
+    llama.cpp's CPU weight repacking off and on, and the bandwidth roofline for decode."""
+    target = targets(gguf)[0]
+    ids = list(range(16, 16 + ctx))
+    bandwidth = copy_bandwidth()
+    out = {"copy_bandwidth_gb_s": round(bandwidth, 1),
+           "roofline_decode_tok_s": round(bandwidth * 1e9 / target.size_bytes, 2)}
+    for repack in (False, True):
+        settings = BenchSettings(ctx=(str(ctx),), n_new=n_new, repeats=repeats, repack=repack)
+        row = speed(target, ids, ctx, settings, "cpu")
+        peer = llama_bench(gguf, ctx, n_new, "cpu", settings.threads, repeats, repack)
+        out["repack" if repack else "no_repack"] = {
+            "kvant": row, "llama_bench": peer,
+            "prefill_ratio": round(row["prefill_tok_s"] / peer["prefill_tok_s"], 3),
+            "decode_ratio": round(row["decode_tok_s"] / peer["decode_tok_s"], 3),
+            "decode_share_of_roofline": round(row["decode_tok_s"]
+                                              / out["roofline_decode_tok_s"], 3)}
+    return out
+
+
 def run(layers: int, work: Path, train_text: str, llama_src: Path | None, decode: bool) -> dict:
     kvant = [sys.executable, "-m", "kvant.cli", "--no-progress"]
     synth = work / f"synth-{layers}"
@@ -87,9 +125,7 @@ def run(layers: int, work: Path, train_text: str, llama_src: Path | None, decode
     result["q4_k_m_gib"] = round(q4.stat().st_size / 2**30, 3)
     bf16.unlink()
     if decode:
-        target = targets(q4)[0]
-        settings = BenchSettings(ctx=("512",), n_new=16, repeats=3)
-        result["q4_k_m_speed"] = speed(target, list(range(16, 16 + 512)), 512, settings, "cpu")
+        result["speed"] = side_by_side(q4)
     q4.unlink()
     shutil.rmtree(synth) if layers > 8 else None  # small ones are kept for reruns
     return result
