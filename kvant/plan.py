@@ -303,10 +303,12 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
     if name == "cards":
         return floor
     if key == "reference":
-        # safetensors maps the bf16 files (their pages count while mapped); a float32
-        # reference is a converted copy beside them
+        # safetensors maps the bf16 files: a bf16 reference runs on the mapped pages (the
+        # embedding's only where a window's rows are gathered); a float32 one is a
+        # converted copy beside every page it read
         dtype = _reference_dtype_bytes(record, shape, ram)
-        weights = shape.n_params() * (2 + (dtype if dtype != 2 else 0))
+        weights = shape.n_params() * (2 + dtype) if dtype != 2 \
+            else 2 * (shape.n_params() - shape.vocab * shape.hidden)
         return floor + torch_import + weights + 2 * _logits(shape, ctx)
     if name.startswith("gguf convert"):
         return floor + big * 2 + 64 * MIB  # the largest tensor, read and written once

@@ -18,7 +18,16 @@ from pathlib import Path
 from kvant.errors import SettingsError
 from kvant.machine import machine
 from kvant.memory import ram_bytes
-from kvant.plan import DEFAULT_FLOOR_MIB, GIB, MIB, shape_of, step_peak, step_work
+from kvant.plan import (
+    DEFAULT_FLOOR_MIB,
+    GIB,
+    MIB,
+    kind,
+    shape_of,
+    step_peak,
+    step_work,
+    weight_bytes,
+)
 from kvant.synth import Shape
 
 REHEARSAL_JSON = "rehearsal.json"
@@ -37,9 +46,14 @@ def scale_work(recipe, work: float):
     if not 0 < work <= 1:
         raise SettingsError(f"--work {work}: use a fraction above 0, at most 1")
     sections = json.loads(json.dumps(recipe.sections))
+    # never below what the settings accept: one window of scored text, GPTQModel's 11 samples
+    floors = {"eval_tokens": sections["release"].get("eval_ctx", 256),
+              "quality_tokens": sections.get("bench", {}).get("quality_ctx", 512),
+              "samples": 11}
     for section, key, default in _COUNTS:
         if section in sections:
-            sections[section][key] = max(1, round(sections[section].get(key, default) * work))
+            scaled = round(sections[section].get(key, default) * work)
+            sections[section][key] = max(floors.get(key, 1), scaled)
     return replace(recipe, sections=sections)
 
 
@@ -65,14 +79,15 @@ def rows(steps: list[dict], shape: Shape, full: Shape, ram: int) -> list[dict]:
                                              / GIB, 2)
             row["machines"] = {name: needs(row, m) for name, m in MACHINES.items()}
         row["full_wall_s"] = round(record["wall_s"] * step_work(record, full)
-                                   / step_work(record, shape), 1)
+                                   / step_work(record, shape), 2)
         out.append(row)
     return out
 
 
 # The two machines the README plans the 40-layer release for: (RAM, VRAM) in bytes.
 MACHINES = {"24 GB CPU-only": (24 * 10**9, 0), "24 GB GPU + 32 GB RAM": (32 * 10**9, 24 * 10**9)}
-_ON_GPU = ("reference", "gptq", "bnb")  # steps a CUDA machine runs on the GPU
+_ON_GPU = ("reference", "gptq", "bnb")
+_USABLE = 0.9  # of a machine's RAM, for one program  # steps a CUDA machine runs on the GPU
 
 
 def needs(row: dict, machine: tuple[int, int]) -> str:
@@ -80,27 +95,32 @@ def needs(row: dict, machine: tuple[int, int]) -> str:
     the torch steps (reference, GPTQ, bitsandbytes, their scoring) put the model on the GPU,
     accelerate keeping in RAM what does not fit; GPTQModel keeps the bf16 model in RAM and
     one layer on the GPU (kvant.quantize.gptq_pipeline)."""
-    ram, vram = machine
+    ram, vram = machine[0] * _USABLE, machine[1]  # the system and page cache keep the rest
     need = row["full_predicted_gib"] * GIB
     floor = row["floor_mib"] * MIB
     on_gpu = vram and (row.get("kind") or "").startswith(_ON_GPU) and not row.get("worker")
     if not on_gpu:
-        return "fits" if need <= ram else f"needs {need / 1e9:.0f} GB RAM"
+        return "fits" if need <= ram else f"needs {need / _USABLE / 1e9:.0f} GB RAM"
     model = need - floor
     if row["step"].endswith(" quantize") and row["kind"].startswith("gptq"):
-        return "fits" if need <= ram else f"needs {need / 1e9:.0f} GB RAM"
+        return "fits" if need <= ram else f"needs {need / _USABLE / 1e9:.0f} GB RAM"
     if model <= 0.9 * vram:
         return "fits on the GPU"
     spill = model - 0.9 * vram
     return ("fits (accelerate keeps "f"{spill / 1e9:.0f} GB in RAM)" if floor + spill <= ram
-            else f"needs {(floor + spill) / 1e9:.0f} GB RAM beside the GPU")
+            else f"needs {(floor + spill) / _USABLE / 1e9:.0f} GB RAM beside the GPU")
 
 
 def _at_depth(record: dict, shape: Shape, full: Shape) -> dict:
-    """A step's facts at full depth: file sizes scale with the parameters they hold."""
-    if "weights" not in record:
-        return record
-    return {**record, "weights": record["weights"] * full.n_params() / shape.n_params()}
+    """A step's facts at full depth: a file holds the full model's tensors at the bits per
+    weight measured here (an fp32 embedding does not grow with depth; layers do), and the
+    reference's dtype is chosen anew (float32 only where it fits)."""
+    out = {k: v for k, v in record.items() if k != "dtype"}
+    if record.get("weights") and record.get("kind"):
+        k = kind(record["kind"], file_bpw=8 * record["weights"] / shape.n_params())
+        if k is not None:
+            out["weights"] = record["weights"] * weight_bytes(full, k) / weight_bytes(shape, k)
+    return out
 
 
 def write_rehearsal(root: Path, steps: list[dict], config: dict, full_layers: int,
