@@ -240,7 +240,7 @@ def load_results(path: Path | None) -> dict | None:
 
 # ---- the release's own steps (kvant.rehearsal) -------------------------------------------
 #
-# Each step's peak is the release process's floor (what it holds between steps: Python and
+# Each step's peak is what the process tree held at the step's start (Python and
 # every engine imported) plus what the step itself holds, from the shapes:
 # - reference: the checkpoint in the reference's dtype, one window's float32 logits and their
 #   copy on the way to disk;
@@ -256,8 +256,9 @@ def load_results(path: Path | None) -> dict | None:
 # - bench speed rows (a child process each): `peak_bytes` of the artifact at that context.
 
 DEFAULT_FLOOR_MIB = 1200.0
-"""A release process's resident memory between steps (every engine imported), used when a
-rehearsal has no `cards` step to measure it from."""
+"""A release process's resident memory between steps (every engine imported), used for a
+recorded step that has no `start_rss_mib` (each step records what the tree held at its
+start, and the prediction adds to that)."""
 _BUILDER_BASE_MIB = 600.0  # the GenAI builder's process: torch, transformers, onnx, ORT
 _TORCH_IMPORT_MIB = 250.0  # what importing torch and transformers adds to a process
 
