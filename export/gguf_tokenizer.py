@@ -17,6 +17,7 @@ import gguf
 
 from kvant.errors import ModelError
 from kvant.export.gguf import PRE_TOKENIZERS
+from kvant.generation import CHAT_TEMPLATE
 
 
 def add_tokenizer(writer, model_dir: Path, pre: str = PRE_TOKENIZERS[0]) -> dict:
@@ -45,7 +46,12 @@ def add_tokenizer(writer, model_dir: Path, pre: str = PRE_TOKENIZERS[0]) -> dict
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     special_vocab = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=n_vocab)
+    # a model with its own chat template (an instruction-tuned NorMistral) keeps it; the base
+    # model gets Kvant's plain dialogue, pre-normalized for tokenizers without NorMistral's
+    # normalizer (kvant.generation.CHAT_TEMPLATE)
+    template = "model's own" if special_vocab.chat_template else "kvant dialogue"
+    special_vocab.chat_template = special_vocab.chat_template or CHAT_TEMPLATE
     special_vocab.add_to_gguf(writer, quiet=True)  # ids, and add_bos from "<s> $A"
     writer.add_string(gguf.Keys.Tokenizer.HF_JSON, raw)
     return {"model": "gpt2", "pre": pre, "n_vocab": n_vocab, "n_merges": len(merges),
-            "embedded_hf_json": True}
+            "embedded_hf_json": True, "chat_template": template}

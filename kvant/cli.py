@@ -129,15 +129,44 @@ def cmd_bench(args: argparse.Namespace) -> str:
                          data_dir=args.data_dir, progress=not args.no_progress) / "report.md")
 
 
+def _sampling(args: argparse.Namespace):
+    from kvant.generation import Sampling
+
+    return Sampling(args.temperature, args.top_p, args.top_k, args.seed)
+
+
 def cmd_generate(args: argparse.Namespace) -> str:
     from kvant.bench.generate import generate  # opens a runtime
 
     for piece in generate(args.artifact, args.prompt, args.max_new_tokens,
                           stop_at_newline=args.stop_at_newline,
-                          device=pick_device(args.device), check=args.verify):
+                          device=pick_device(args.device), check=args.verify,
+                          sampling=_sampling(args), stop=tuple(args.stop)):
         sys.__stdout__.write(piece)  # stream past the stdout guard in main()
         sys.__stdout__.flush()
     sys.__stdout__.write("\n")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from kvant.generation import Engine
+
+    try:
+        from kvant.serve import serve  # FastAPI and uvicorn
+    except ImportError as exc:
+        raise SettingsError(f"kvant serve needs FastAPI and uvicorn ({exc.name} is missing); "
+                            "install them with pip install 'kvant[serve]'") from exc
+
+    if args.artifact.suffix != ".gguf":
+        raise SettingsError(f"'{args.artifact}' is not a .gguf file; kvant serve serves one "
+                            "GGUF file (pass e.g. out/gguf/normistral-11b-long-Q4_K_M.gguf)")
+    if args.api_key is not None and not args.api_key:
+        raise SettingsError("--api-key is empty; pass a key, or leave the option out")
+    engine = Engine(args.artifact, pick_device(args.device), args.ctx, args.threads,
+                    check=args.verify)
+    key = ", API key required" if args.api_key else ""
+    sys.stderr.write(f"kvant: serving {engine.name} at http://{args.host}:{args.port}/v1 "
+                     f"(context {engine.n_ctx:,} tokens{key}); Ctrl-C stops\n")
+    serve(engine, args.host, args.port, args.api_key)
     return ""
 
 
@@ -241,6 +270,14 @@ def _add_model_out_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
+def _add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> None:
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"0 decodes greedily (default {temperature})")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    parser.add_argument("--seed", type=int, help="sampling seed (default: random)")
+
+
 def build_parser() -> KvantParser:
     parser = KvantParser(prog="kvant", description="Quantize, export and benchmark "
                          "NorMistral-11b-long (and llama-family models) for laptops and GPUs.")
@@ -322,11 +359,30 @@ def build_parser() -> KvantParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--stop-at-newline", action="store_true",
                           help="stop at the first newline (as for 'Engelsk: ...\\nBokmål:')")
+    generate.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="stop before this text (repeatable)")
     generate.add_argument("--device", default="auto")
     generate.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                           help="check the files' sha256 against the artifact's manifest "
                                "first (default; sizes are always checked)")
+    _add_sampling_args(generate, temperature=0.0)
     generate.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible local server for a GGUF file, "
+                           "with NorMistral's exact tokens (/v1/completions, "
+                           "/v1/chat/completions, /tokenize)")
+    serve.add_argument("artifact", type=Path, help="a .gguf file made by kvant export gguf")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default "
+                       "127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    serve.add_argument("--ctx", type=int, default=0, help="context in tokens (default: the "
+                       "file's trained context, at most 4,096; the KV cache grows with it)")
+    serve.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                       help="check the file's sha256 against its artifact's manifest first")
+    serve.set_defaults(func=cmd_serve)
 
     synth = sub.add_parser("synth", help="a checkpoint with NorMistral's exact shapes and random "
                            "weights, for speed and memory work")
@@ -368,7 +424,8 @@ def build_parser() -> KvantParser:
     _add_data_args(release)
     release.set_defaults(func=cmd_release)
 
-    for p in (tiny, data, get, info, *pipeline_parsers, bench, generate, synth, plan, release):
+    for p in (tiny, data, get, info, *pipeline_parsers, bench, generate, serve, synth, plan,
+              release):
         p._kvant_parent = parser
     return parser
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = {"kvant.cli", "kvant.pipelines", "kvant.release", "kvant.release_cards"}
+APP = {"kvant.cli", "kvant.pipelines", "kvant.release", "kvant.release_cards", "kvant.serve"}
 APP_PACKAGES = ("kvant.bench",)
 PIPELINE_PACKAGES = ("kvant.quantize", "kvant.export")
 # Engines and other imports that cost a second or more, or pull in a GPU stack.

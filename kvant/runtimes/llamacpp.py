@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import threading
 import time
@@ -130,6 +131,16 @@ class LlamaCppRuntime:
             token = int(np.argmax(self._last_logits()))
             yield token
             self.llm.eval([token])
+
+    def generate(self, ids: list[int], sampling) -> Iterator[int]:
+        """Tokens after ``ids`` from llama.cpp's samplers (``sampling``: a
+        kvant.generation.Sampling; greedy at temperature 0). Reuses the KV cache of the
+        prefix the previous call shared."""
+        random = sampling.seed is None
+        self.llm.set_seed(secrets.randbits(31) if random else sampling.seed)
+        return self.llm.generate(ids, temp=max(sampling.temperature, 0.0),
+                                 top_p=sampling.top_p, top_k=sampling.top_k, min_p=0.0,
+                                 repeat_penalty=1.0)
 
     def stock_tokenize(self, text: str) -> list[int]:
         """llama.cpp's own tokenization (what llama-cli and Ollama get), with <s>."""

@@ -1,0 +1,250 @@
+"""`kvant serve` through real clients over loopback: the official openai package, plain HTTP
+for llama-server's /tokenize, and a GGUF's chat template rendered as llama-cpp-python does."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from kvant.data import EVAL_SETS, get_text, paragraphs
+from tests.conftest import UD_DIR, run_kvant
+
+PROMPT = "Engelsk: Good morning.\nBokmål:"  # the card's translation prompt
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """create_app served by uvicorn in a thread of the test process."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def post(url: str, body, headers: dict | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def gguf_file(gguf_artifact) -> Path:
+    return gguf_artifact / "tiny-Q4_K_M.gguf"
+
+
+@pytest.fixture(scope="module")
+def engine(gguf_file):
+    from kvant.generation import Engine
+
+    engine = Engine(gguf_file, n_ctx=1024)
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from kvant.serve import create_app
+
+    running = Server(create_app(engine))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_completion_equals_kvant_generate(client, engine, gguf_file):
+    model = client.models.list().data[0].id
+    assert model == "tiny-Q4_K_M"
+    done = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0)
+    generated = run_kvant("generate", str(gguf_file), "--prompt", PROMPT, "--max-new-tokens",
+                          "24")
+    assert generated.returncode == 0, generated.stderr
+    assert done.choices[0].text == generated.stdout[:-1]  # generate ends with a newline
+    assert done.choices[0].text.strip(), "the completion is empty"
+    assert done.usage.prompt_tokens == len(engine.encode(PROMPT))
+    assert done.usage.completion_tokens == 24 and done.choices[0].finish_reason == "length"
+    # the card's use: stop at the newline, as `kvant generate --stop-at-newline` does
+    line = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0,
+                                     stop=["\n"])
+    stopped = run_kvant("generate", str(gguf_file), "--prompt", PROMPT, "--max-new-tokens",
+                        "24", "--stop-at-newline")
+    assert line.choices[0].text == stopped.stdout[:-1]
+    assert "\n" not in line.choices[0].text
+    # streamed, the pieces add up to the same text
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=24,
+                                       temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == done.choices[0].text
+    assert len(chunks) > 3 and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sampling_is_seeded_and_not_greedy(client):
+    def sample(seed):
+        return client.completions.create(model="tiny-Q4_K_M", prompt="Det var en gang",
+                                         max_tokens=32, temperature=1.0, seed=seed
+                                         ).choices[0].text
+
+    greedy = client.completions.create(model="tiny-Q4_K_M", prompt="Det var en gang",
+                                       max_tokens=32, temperature=0).choices[0].text
+    first = sample(7)
+    assert sample(7) == first
+    assert {sample(8), sample(9), first} - {greedy}, "sampling at temperature 1 gave greedy text"
+
+
+def test_chat_uses_the_documented_dialogue_format(client):
+    messages = [{"role": "system", "content": "Du svarer kort."},
+                {"role": "user", "content": "Hva heter hovedstaden i Norge?"}]
+    chat = client.chat.completions.create(model="tiny-Q4_K_M", messages=messages,
+                                          max_tokens=24, temperature=0)
+    plain = client.completions.create(
+        model="tiny-Q4_K_M", max_tokens=24, temperature=0, stop=["\nBruker:", "\nAssistent:"],
+        prompt="Du svarer kort.\n\nBruker: Hva heter hovedstaden i Norge?\nAssistent:")
+    assert chat.choices[0].message.content == plain.choices[0].text.lstrip(" ")
+    assert chat.choices[0].finish_reason == plain.choices[0].finish_reason
+    stream = client.chat.completions.create(model="tiny-Q4_K_M", messages=messages,
+                                            max_tokens=24, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(pieces) == chat.choices[0].message.content
+
+
+def test_tokenize_gives_the_hf_ids_on_every_held_out_paragraph(server, tiny_model, cache_dir):
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    for lang in EVAL_SETS:
+        units = paragraphs(get_text(lang, cache_dir, UD_DIR).read())
+        docs = ["\n\n".join(units[i:i + 5]) for i in range(0, len(units), 5)]
+        for unit in units + docs:
+            status, got = post(f"{server.url}/tokenize", {"content": unit})
+            assert status == 200 and got["tokens"] == hf.encode(unit).ids, (lang, unit[:60])
+        status, back = post(f"{server.url}/detokenize", {"tokens": hf.encode(docs[0]).ids})
+        assert back["content"] == hf.decode(hf.encode(docs[0]).ids), lang
+    status, bare = post(f"{server.url}/tokenize", {"content": "Hei", "add_special": False})
+    assert bare["tokens"] == hf.encode("Hei", add_special_tokens=False).ids
+
+
+def test_concurrent_streams_queue_and_each_equals_its_lone_run(client):
+    prompts = [f"{word} var det en gang" for word in ("Nå", "Her", "Der", "Så")]
+
+    def stream(prompt):
+        chunks = list(client.completions.create(model="tiny-Q4_K_M", prompt=prompt,
+                                                max_tokens=20, temperature=0, stream=True))
+        return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(stream, prompts))
+    alone = [stream(p) for p in prompts]
+    assert together == alone
+    assert all(finish == "length" for _, finish in together)
+
+
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, engine):
+    url = f"{server.url}/v1/completions"
+    long_prompt = " ".join(["ord"] * (engine.n_ctx + 10))
+    cases = [(b'{"prompt": "Hei", ', 400, "invalid_json"),
+             ({"model": "gpt-4", "prompt": "Hei"}, 404, "model_not_found"),
+             ({"prompt": long_prompt}, 400, "context_length_exceeded"),
+             ({"prompt": "Hei", "max_tokens": -1}, 400, "invalid_value"),
+             ({"prompt": "Hei", "temperature": -0.5}, 400, "invalid_value"),
+             ({"prompt": "Hei", "n": 2}, 400, "invalid_value")]
+    for body, status, code in cases:
+        got_status, got = post(url, body)
+        assert (got_status, got["error"]["code"]) == (status, code), body
+        assert got["error"]["message"]
+    status, chat = post(f"{server.url}/v1/chat/completions",
+                        {"messages": [{"role": "narrator", "content": "Hei"}]})
+    assert status == 400 and "role" in chat["error"]["message"]
+    status, ok = post(url, {"prompt": "Hei", "max_tokens": 2, "temperature": 0})
+    assert status == 200 and ok["usage"]["completion_tokens"] == 2
+
+
+def test_chat_template_in_the_file_writes_what_normistral_normalizes(gguf_file, tiny_model):
+    """The GGUF's tokenizer.chat_template, rendered the way llama-cpp-python renders a file's
+    template, gives exactly the text NorMistral's own normalizer makes of the dialogue."""
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from tokenizers import Tokenizer
+
+    llm = llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)
+    template = llm.metadata["tokenizer.chat_template"]
+    llm.close()
+    normalizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json")).normalizer
+    messages = [{"role": "system", "content": "Svar kort.\nBruk bokmål."},
+                {"role": "user", "content": "Hva er dette?\n\nEt dikt:\nRoser er røde"},
+                {"role": "assistant", "content": "Et dikt om roser."},
+                {"role": "user", "content": "  Skriv et til.  "}]
+    rendered = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")(
+        messages=messages).prompt
+    plain = ("Svar kort.\nBruk bokmål.\n\nBruker: Hva er dette?\n\nEt dikt:\nRoser er røde\n"
+             "Assistent: Et dikt om roser.\nBruker: Skriv et til.\nAssistent:")
+    assert rendered == normalizer.normalize_str(plain)
+
+
+def test_serve_command_binds_loopback_and_requires_the_api_key(gguf_file, tmp_path):
+    port = _free_port()
+    exe = Path(sys.executable).with_name("kvant")
+    proc = subprocess.Popen([str(exe), "serve", str(gguf_file), "--port", str(port),
+                             "--api-key", "sekret", "--ctx", "512"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()
+        assert f"http://127.0.0.1:{port}/v1" in banner and "API key required" in banner
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, got = post(url, body)
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline and proc.poll() is None, "no server"
+                time.sleep(0.2)
+        assert status == 401 and got["error"]["code"] == "invalid_api_key"
+        status, got = post(url, body, {"Authorization": "Bearer sekret"})
+        assert status == 200 and got["usage"]["completion_tokens"] <= 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    refused = run_kvant("serve", str(gguf_file.parent))
+    assert refused.returncode == 2 and "not a .gguf file" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
