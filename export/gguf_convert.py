@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from kvant.errors import ModelError
 from kvant.export.gguf_tokenizer import add_tokenizer
 from kvant.model import read_safetensors_header, rope_theta, weight_files
+from kvant.paths import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +152,32 @@ def _write(writer, model_dir: Path, config: dict, plan: list, out_type: str,
         del tensor
 
 
+def general_metadata(model_dir: Path, model_id: str, n_params: int) -> gguf.Metadata:
+    """The general.* keys llama.cpp's own converter writes, from gguf-py's Metadata: name,
+    basename, finetune, size label and organization from the model id (a hub id such as
+    norallm/normistral-11b-long, or a folder name), licence, languages, tags and base model
+    from the model card's front matter; quantized_by Kvant, and the source model's hub page
+    where the model came from the hub. The Hub, LM Studio and llama.cpp show these."""
+    card = gguf.Metadata.load_model_card(model_dir)
+    meta = gguf.Metadata.apply_metadata_heuristic(gguf.Metadata(), card,
+                                                  {"_name_or_path": model_id}, None, n_params)
+    meta.name = meta.name or model_id
+    meta.size_label = meta.size_label or gguf.size_label(n_params, 0, 0, 0)
+    meta.quantized_by = "Kvant"
+    if looks_like_hub_id(model_id) and "/" in model_id:
+        meta.url = meta.source_repo_url = f"https://huggingface.co/{model_id}"
+    return meta
+
+
 def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = "ufakzeka",
-            name: str = "", progress: bool = False, context_length: int = 0) -> dict:
+            name: str = "", progress: bool = False, context_length: int = 0,
+            model_id: str = "") -> dict:
     """Write ``out_file`` as a GGUF of ``out_type`` (f32, f16 or bf16); return a summary.
 
-    ``context_length``: what llama.cpp reads as the trained context (default: config.json's
-    max_position_embeddings); llama.cpp tools that size their context from the model
-    allocate a KV cache of that many tokens.
+    ``model_id``: the hub id (or name) the general.* metadata is derived from (default
+    ``name``). ``context_length``: what llama.cpp reads as the trained context (default:
+    config.json's max_position_embeddings); llama.cpp tools that size their context from the
+    model allocate a KV cache of that many tokens.
 
     >>> convert(Path("normistral-11b-long"), Path("nm-BF16.gguf"))  # doctest: +SKIP
     """
@@ -165,7 +185,9 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = 
     plan, skipped = _plan(model_dir, config, out_type)
     file_type = gguf.LlamaFileType[DIRECT_TYPES[out_type][1]]
     writer = gguf.GGUFWriter(str(out_file), "llama")
-    writer.add_name(name or model_dir.name)
+    n_params = sum(int(np.prod(shape)) for _, _, shape, _ in plan)
+    general_metadata(model_dir, model_id or name or model_dir.name,
+                     n_params).set_gguf_meta_model(writer)
     add_hparams(writer, config, file_type, context_length)
     tokenizer = add_tokenizer(writer, model_dir, pre)
     for gguf_name, _, shape, ttype in plan:
@@ -185,4 +207,4 @@ def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = 
     if skipped:
         logger.warning("left out tensors llama.cpp does not use: %s", ", ".join(skipped))
     return {"type": out_type, "tensors": len(plan), "skipped_tensors": skipped,
-            "tokenizer": tokenizer}
+            "tokenizer": tokenizer, "n_params": n_params}
