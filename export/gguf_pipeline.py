@@ -19,8 +19,10 @@ from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existi
 from kvant.data import TextFile, get_mix, get_text, paragraphs
 from kvant.errors import DataError
 from kvant.export.gguf import DIRECT, GGUFSettings, file_name, kind
+from kvant.export.gguf_clients import client_fidelity, fidelity_table, modelfile
 from kvant.export.gguf_convert import convert
 from kvant.export.gguf_quantize import bits_per_weight, compute_imatrix, quantize, tensor_types
+from kvant.generation import ASSISTANT, USER
 from kvant.model import (
     model_info,
     read_config,
@@ -29,7 +31,7 @@ from kvant.model import (
     require_tokenizer,
     trained_context,
 )
-from kvant.plan import disk_need
+from kvant.plan import GIB, LAPTOP_BUDGET, context_that_fits, disk_need, shape_of
 from kvant.runtimes import Reference, Target, reference_logits, score_against
 from kvant.runtimes.llamacpp import LlamaCppRuntime, StockTokenizer
 from kvant.scoring import eval_windows, sequence_nll_bits
@@ -97,7 +99,46 @@ def validate(path: Path, ref: Reference | None, wins: dict, settings: GGUFSettin
     return {**facts, **score_against(target, ref, wins, threads=settings.n_threads)}
 
 
-def _card(name: str, files: dict, tok_report: dict, imatrix: dict | None, calib) -> str:
+def _run_it(name: str, files: dict, clients: dict, context: int) -> str:
+    """The card's section on running the files: kvant serve, Ollama, llama-server."""
+    pick = "q4_k_m" if "q4_k_m" in files else next(iter(files))
+    gguf_file = files[pick]["file"]
+    stem = Path(gguf_file).stem
+    tag = stem.lower().replace("_", "-")
+    table = (f"""
+How close other clients come (share of units tokenized exactly as NorMistral does / aligned
+token agreement; llama.cpp's tokenizer, standing in for Ollama's, which likewise skips the
+normalizer):
+
+{fidelity_table(clients)}
+""" if clients else "")
+    return f"""## Run it
+
+Exact NorMistral tokens, in any OpenAI-compatible app (base URL `http://127.0.0.1:8080/v1`):
+
+```sh
+kvant serve {gguf_file}            # /v1/completions, /v1/chat/completions, /tokenize
+```
+
+Ollama (each file has a Modelfile beside it; `num_ctx` is what `kvant plan` fits in a 16 GB
+laptop's 10 GiB, within the trained {context:,} tokens):
+
+```sh
+ollama create {tag} -f {stem}.Modelfile
+ollama run {tag} $'Engelsk: Good morning.\\nBokmål:'
+```
+
+llama-server and LM Studio: the files carry a `tokenizer.chat_template` (`llama-server -m
+{gguf_file} --jinja`). This is a base model: chat is a plain dialogue, one turn per line,
+`{USER}: ...` and `{ASSISTANT}: ...`, after an optional system text and a blank line;
+generation stops where the model starts the next turn. The template and the Modelfile write
+their own text as NorMistral's normalizer would (a space at the start and after each
+newline); the chat template also applies the newline rule to messages.
+{table}"""
+
+
+def _card(name: str, files: dict, tok_report: dict, imatrix: dict | None, calib,
+          run_it: str = "") -> str:
     rows = ["| file | type | size (MiB) | bits/weight | mean KLD | top-1 agreement | fallback "
             "tensors |", "|---|---|---|---|---|---|---|"]
     for gguf_type, res in files.items():
@@ -134,7 +175,25 @@ tokenizer under `tokenizer.huggingface.json`. Kvant (`kvant.tokenization.tokeniz
 uses it for exact ids; llama-cli, Ollama and LM Studio tokenize on their own, which gives:
 
 {chr(10).join(tok_rows)}
-"""
+
+{run_it}"""
+
+
+def write_modelfiles(folder: Path, paths: dict[str, Path], config: dict, context: int) -> dict:
+    """One Ollama Modelfile per published file, num_ctx sized for a typical laptop."""
+    shape = shape_of(config)
+    written = {}
+    for gguf_type, path in paths.items():
+        if path.parent != folder:  # the scratch bf16 file is not published
+            continue
+        num_ctx, fits = context_that_fits(shape, kind(gguf_type), context,
+                                          weights=path.stat().st_size)
+        target = folder / f"{path.stem}.Modelfile"
+        target.write_text(modelfile(path.name, num_ctx, fits, LAPTOP_BUDGET / GIB),
+                          encoding="utf-8")
+        written[gguf_type] = {"file": target.name, "num_ctx": num_ctx,
+                              "fits_laptop": fits}
+    return written
 
 
 def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
@@ -150,6 +209,9 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
     refuse_sliding_window(config, model_dir, "GGUF")
     info = model_info(model_dir)
     name = Path(source.get("id", model_dir.name)).name
+    # hub ids (and Kvant's stand-in) name the model in its general.* metadata; a local
+    # folder's path does not
+    model_id = source.get("id", name) if not Path(source.get("id", "")).is_absolute() else name
     context, context_warning = trained_context(config, source.get("id", model_dir.name),
                                                settings.context_length)
     base_type = "bf16"
@@ -189,12 +251,14 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         if context_warning:
             art.warn(context_warning)
         with step(f"gguf convert {base_type}", kind=kind(base_type)):
-            conv = convert(model_dir, base, base_type, settings.pre, name, progress, context)
+            conv = convert(model_dir, base, base_type, settings.pre, name, progress, context,
+                           model_id)
         paths[base_type] = base
         for direct in (t for t in settings.types if t in DIRECT and t != base_type):
             paths[direct] = art.dir / file_name(name, direct)
             with step(f"gguf convert {direct}", kind=kind(direct)):
-                convert(model_dir, paths[direct], direct, settings.pre, name, progress, context)
+                convert(model_dir, paths[direct], direct, settings.pre, name, progress, context,
+                        model_id)
         imatrix_path, imatrix = None, None
         if quant_types and settings.imatrix != "none":
             if calib is not None:
@@ -228,6 +292,8 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
             tok_report = tokenizer_report(base, texts, settings)
             record["ctx"] = max((r["longest_scored_tokens"] for r in tok_report.values()),
                                 default=0)
+            clients = client_fidelity(base, texts)
+        modelfiles = write_modelfiles(art.dir, paths, config, context)
         if rehearsal:
             art.warn(REHEARSAL_WARNING)
         elif info.synthetic:
@@ -236,11 +302,14 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         art.kinds = settings.kinds(name)
         art.validation = {"reference": f"transformers, {ref.dtype if ref else '-'} weights, "
                                        "float32 log-softmax", "files": files,
-                          "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report},
+                          "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report,
+                                        "clients": clients},
+                          "modelfiles": modelfiles,
                           "imatrix": imatrix, "eval_ctx": settings.eval_ctx,
                           "context_length": context, "rehearsal": rehearsal}
         art.tags = ["gguf", "llama.cpp"]
         art.title = f"{name} GGUF"
-        art.card_body = _card(name, files, tok_report, imatrix, calib)
+        art.card_body = _card(name, files, tok_report, imatrix, calib,
+                              _run_it(name, files, clients, context))
     logger.info("GGUF export: %s", json.dumps({t: f.get("mean_kld") for t, f in files.items()}))
     return Made(out, art.kinds)

@@ -225,6 +225,23 @@ def plan_table(shape: Shape, ctxs: list[int], budget: float, fitted: dict | None
     return "\n".join(lines)
 
 
+# A typical laptop: 16 GB of RAM, of which the model gets 10 GiB (the system, a browser and
+# the chat app keep the rest). The Modelfile's num_ctx is sized for it.
+LAPTOP_BUDGET = 10 * GIB
+CONTEXTS = (2048, 4096, 8192, 16384, 32768)
+
+
+def context_that_fits(shape: Shape, key: str, trained: int, weights: float | None = None,
+                      budget: float = LAPTOP_BUDGET) -> tuple[int, bool]:
+    """(the largest of CONTEXTS up to ``trained`` whose predicted peak fits ``budget``, whether
+    any does); the smallest context when none fits."""
+    found = kind(key, file_bpw=8 * weights / shape.n_params() if weights else None)
+    candidates = [c for c in CONTEXTS if c <= trained] or [trained]
+    fitting = [c for c in candidates if found is not None
+               and peak_bytes(shape, found, c, weights) <= budget]
+    return (max(fitting), True) if fitting else (candidates[0], False)
+
+
 def disk_need(config: dict, kinds_made: list[str], scratch: list[str] = ()) -> int:
     """Bytes a pipeline writes: every artifact kind it makes plus its model-sized scratch
     files, with 2% and 64 MiB for metadata, tokenizer and cards. Unlisted GGUF types are

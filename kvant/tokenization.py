@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def tokenize(path: str | Path, text: str) -> list[int]:
     [1, 12345, ...]
     """
     return exact_tokenizer(Path(path)).encode(text).ids
+
+
+def newline_rule(text: str) -> str:
+    """NorMistral's newline normalization: a space after every newline, none before one."""
+    return re.sub(" *\n", "\n", text.replace("\n", "\n "))
+
+
+# What a client without NorMistral's normalizer can be given, from least to most help:
+# the raw text; a leading space (what a Modelfile TEMPLATE can add); a leading space and the
+# newline rule (what a Jinja chat template can apply). NFKC and the 24-character chunks stay
+# the client tokenizer's.
+CLIENT_INPUTS = {"raw": lambda text: text, "space": lambda text: " " + text,
+                 "space+newline": lambda text: newline_rule(" " + text)}
 
 
 def aligned_matches(reference: list[int], other: list[int]) -> tuple[int, int]:

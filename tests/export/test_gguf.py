@@ -12,6 +12,7 @@ from kvant.data import paragraphs
 from kvant.errors import ArtifactError, SettingsError
 from kvant.export.gguf import GGUFSettings
 from kvant.export.gguf_quantize import quantize
+from kvant.model import read_safetensors_header
 from kvant.scoring import drift, windows
 from kvant.tokenization import tokenize
 from tests.conftest import GGUF_TYPES, UD_DIR, logits_of, run_kvant
@@ -89,6 +90,73 @@ def test_reader_round_trip(gguf_artifact, tiny_model):
     assert np.array_equal(np.asarray(tensors["blk.1.attn_k.weight"].data),
                           permute_qk(k, 1).numpy())
     assert tuple(tensors["blk.0.ffn_down.weight"].data.shape) == (256, 768)  # (out, in)
+
+
+def test_general_metadata_reaches_llama_cpp(gguf_artifact, tiny_model):
+    """What the Hub, LM Studio and llama.cpp show: the name, size and licence of the model,
+    in the quantized files too (llama-quantize copies them), read by llama.cpp itself."""
+    import gguf
+    import llama_cpp
+
+    card = (tiny_model / "README.md").read_text().split("---")[1]
+    llm = llama_cpp.Llama(str(gguf_artifact / "tiny-Q4_K_M.gguf"), vocab_only=True,
+                          verbose=False)
+    meta = llm.metadata
+    llm.close()
+    header = read_safetensors_header(tiny_model / "model.safetensors")
+    n_params = sum(int(np.prod(spec["shape"])) for spec in header.values())
+    assert meta["general.name"] == "Tiny"  # the source id the fixture gives
+    assert meta["general.quantized_by"] == "Kvant"
+    assert meta["general.size_label"] == f"{n_params / 1e6:.1f}M"
+    assert meta["general.license"] == "apache-2.0" and "license: apache-2.0" in card
+    fields = gguf.GGUFReader(str(gguf_artifact / "tiny-Q4_K_M.gguf")).fields
+    assert fields["general.languages"].contents() == ["no", "nb", "nn", "se"]
+    assert "stand-in" in fields["general.tags"].contents()
+
+
+def test_hub_id_gives_llama_cpp_converters_name_fields(tiny_model):
+    from kvant.export.gguf_convert import general_metadata
+
+    meta = general_metadata(tiny_model, "norallm/normistral-11b-long", 11_400_000_000)
+    assert (meta.name, meta.basename, meta.finetune, meta.size_label, meta.organization) == (
+        "Normistral 11b Long", "normistral", "long", "11B", "Norallm")
+    assert meta.url == "https://huggingface.co/norallm/normistral-11b-long"
+
+
+def test_every_file_has_an_ollama_modelfile(gguf_artifact):
+    import re
+
+    manifest = read_manifest(gguf_artifact)
+    written = manifest["validation"]["modelfiles"]
+    assert set(written) == set(GGUF_TYPES)
+    for gguf_type, entry in written.items():
+        text = (gguf_artifact / entry["file"]).read_text()
+        source = re.search(r"^FROM \./(\S+)$", text, re.M).group(1)
+        assert source == manifest["validation"]["files"][gguf_type]["file"]
+        assert (gguf_artifact / source).is_file()
+        # the stand-in (5.8M parameters) fits a laptop at its whole trained context
+        assert re.search(r"^PARAMETER num_ctx (\d+)$", text, re.M).group(1) == "32768"
+        assert 'TEMPLATE """{{- if' in text and ' {{ (index .Messages 0).Content }}' in text
+    checksummed = (gguf_artifact / "SHA256SUMS").read_text()
+    assert all(entry["file"] in checksummed for entry in written.values())
+
+
+def test_client_table_shows_what_each_template_restores(gguf_artifact):
+    clients = read_manifest(gguf_artifact)["validation"]["tokenizer"]["clients"]
+    assert set(clients) == {"nob", "nno", "sme", "dan", "swe"}
+    for lang, units in clients.items():
+        para, docs = units["paragraphs"], units["documents"]
+        # raw text never matches: the model's every text starts with a space
+        assert para["raw"]["identical_pct"] == docs["raw"]["identical_pct"] == 0, lang
+        # a leading space fixes most paragraphs; paragraphs have no newline to fix
+        assert para["space"]["identical_pct"] > 90, lang
+        assert para["space+newline"] == para["space"], lang
+        # documents need the newline rule too
+        assert docs["space"]["identical_pct"] < 10 < 80 < docs["space+newline"]["identical_pct"]
+        assert docs["space+newline"]["aligned_pct"] > docs["raw"]["aligned_pct"], lang
+    card = (gguf_artifact / "README.md").read_text()
+    assert "ollama create tiny-q4-k-m -f tiny-Q4_K_M.Modelfile" in card
+    assert "kvant serve tiny-Q4_K_M.gguf" in card
 
 
 def test_f32_logits_match_transformers(gguf_artifact, tiny_model, texts):
