@@ -251,10 +251,12 @@ class Engine:
         if not ids:
             raise SettingsError("the prompt is empty: send some text")
         if len(ids) >= self.n_ctx:
-            larger = (f" or pass a larger --ctx (up to {self.trained_context:,})"
-                      if self.n_ctx < self.trained_context else "")
-            raise ContextError(f"the prompt is {len(ids):,} tokens and the context is "
-                               f"{self.n_ctx:,}; shorten the prompt{larger}")
+            if self.n_ctx < self.trained_context:
+                raise ContextError(f"the prompt is {len(ids):,} tokens and the context is "
+                                   f"{self.n_ctx:,}; shorten the prompt or pass a larger "
+                                   f"--ctx (up to {self.trained_context:,})")
+            raise ContextError(f"the prompt is {len(ids):,} tokens and the model was trained "
+                               f"for {self.trained_context:,}; shorten the prompt")
         return Completion(self, ids, min(max_new_tokens, self.n_ctx - len(ids)), stop,
                           sampling)
 
