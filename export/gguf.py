@@ -7,6 +7,7 @@ the work is in gguf_pipeline.py (convert, imatrix, quantize, validate, card).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from kvant.data import DEFAULT_CALIB, EvalSettings
@@ -30,6 +31,29 @@ DEFAULT_TYPES = ("bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "iq4_xs")
 PRE_TOKENIZERS = ("ufakzeka", "tekken")
 
 
+MIX_SENSITIVITY = ("auto", "direct", "proxy")
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(gib|gb|mib|mb)$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'6.5GiB' -> bytes (GiB and MiB binary, GB and MB decimal)."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise SettingsError(f"mix size '{text}': give a size such as mix:6.5GiB or mix:7GB")
+    scale = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+def is_mix(gguf_type: str) -> bool:
+    """``<type>-mix`` (no larger than uniform <type>) or ``mix:SIZE`` (an explicit budget)."""
+    return gguf_type.endswith("-mix") or gguf_type.startswith("mix:")
+
+
+def mix_base(gguf_type: str) -> str | None:
+    """The uniform type a ``<type>-mix`` must not outgrow (None for ``mix:SIZE``)."""
+    return gguf_type.removesuffix("-mix") if gguf_type.endswith("-mix") else None
+
+
 @dataclass(frozen=True)
 class GGUFSettings(EvalSettings):
     """What `kvant export gguf` makes; stored in the manifest."""
@@ -46,6 +70,12 @@ class GGUFSettings(EvalSettings):
     """0: all cores."""
     context_length: int = 0
     """Trained context to write (0: NorMistral's known value, else config.json)."""
+    mix_sensitivity: str = "auto"
+    """For <type>-mix and mix:SIZE: direct (KLD per tensor and type on calibration windows),
+    proxy (importance-weighted quantization error, no model run) or auto (direct below 2B
+    parameters)."""
+    mix_tokens: int = 2048
+    """Calibration tokens the direct sensitivity is measured on."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,8 +84,16 @@ class GGUFSettings(EvalSettings):
                                 "or 0 for the model's trained context")
         object.__setattr__(self, "types", tuple(t.lower() for t in self.types))  # Q4_K_M ok
         for t in self.types:
-            if t not in DIRECT and t not in QUANT_TYPES:
-                raise SettingsError(unknown_key_message("GGUF type", t, [*DIRECT, *QUANT_TYPES]))
+            if t.startswith("mix:"):
+                parse_size(t.removeprefix("mix:"))
+            elif t not in DIRECT and t not in QUANT_TYPES and mix_base(t) not in QUANT_TYPES:
+                raise SettingsError(unknown_key_message(
+                    "GGUF type", t, [*DIRECT, *QUANT_TYPES, "<type>-mix", "mix:SIZE"]))
+        if self.mix_sensitivity not in MIX_SENSITIVITY:
+            raise SettingsError(unknown_key_message("mix sensitivity", self.mix_sensitivity,
+                                                    MIX_SENSITIVITY))
+        if self.mix_tokens <= 0:
+            raise SettingsError("--mix-tokens must be positive")
         if self.imatrix == "none" and any(t.startswith("iq") for t in self.types):
             bad = ", ".join(t for t in self.types if t.startswith("iq"))
             raise SettingsError(f"{bad} need an importance matrix; drop --imatrix none or "
@@ -75,12 +113,16 @@ class GGUFSettings(EvalSettings):
 
 
 def kind(gguf_type: str) -> str:
-    """The artifact kind of one GGUF type (kvant.plan's key): gguf-q4_k_m."""
-    return f"gguf-{gguf_type.lower()}"
+    """The artifact kind of one GGUF type (kvant.plan's key): gguf-q4_k_m, gguf-q4_k_m-mix,
+    gguf-mix-6.5gib."""
+    return f"gguf-{gguf_type.lower().replace(':', '-')}"
 
 
 def file_stem(model_name: str, gguf_type: str) -> str:
-    """The hub's naming without the suffix: ``<model>-<TYPE>``."""
+    """The hub's naming without the suffix: ``<model>-<TYPE>`` (Q4_K_M, Q4_K_M-MIX,
+    MIX-6.5GiB)."""
+    if gguf_type.startswith("mix:"):
+        return f"{model_name}-MIX-{gguf_type.removeprefix('mix:')}"
     return f"{model_name}-{gguf_type.upper()}"
 
 

@@ -17,10 +17,19 @@ from tokenizers import Tokenizer
 
 from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
 from kvant.data import TextFile, get_mix, get_text, paragraphs
-from kvant.errors import DataError
-from kvant.export.gguf import DIRECT, GGUFSettings, file_name, kind
+from kvant.errors import DataError, SettingsError
+from kvant.export.gguf import (
+    DIRECT,
+    GGUFSettings,
+    file_name,
+    is_mix,
+    kind,
+    mix_base,
+    parse_size,
+)
 from kvant.export.gguf_clients import client_fidelity, fidelity_table, modelfile
 from kvant.export.gguf_convert import convert
+from kvant.export.gguf_mix import Sensitivity, make_mix
 from kvant.export.gguf_quantize import bits_per_weight, compute_imatrix, quantize, tensor_types
 from kvant.generation import ASSISTANT, USER
 from kvant.model import (
@@ -41,6 +50,9 @@ from kvant.tokenization import exact_tokenizer, fidelity
 logger = logging.getLogger(__name__)
 
 MAX_UNIT_TOKENS = 1024  # longer paragraphs are left out of the bits-per-byte score
+# below this many parameters a mix's sensitivity is measured directly (one scoring run per
+# tensor and candidate type); above, the proxy
+DIRECT_LIMIT = 2_000_000_000
 
 
 def tokenizer_report(base: Path, texts: dict[str, TextFile], settings: GGUFSettings) -> dict:
@@ -137,6 +149,49 @@ newline); the chat template also applies the newline rule to messages.
 {table}"""
 
 
+def _kld(value: float | None) -> str:
+    return f"{value:.6f}" if value is not None else "-"
+
+
+def _mix_section(files: dict) -> str:
+    """What MIX means, and each mix beside the uniform file it replaces."""
+    mixes = {t: r for t, r in files.items() if "mix" in r}
+    if not mixes:
+        return ""
+    rows = ["| file | budget (MiB) | size (MiB) | sensitivity | predicted calibration KLD "
+            "(uniform) | held-out mean KLD (uniform) | ratio | tensor types |",
+            "|---|---|---|---|---|---|---|---|"]
+    for t, r in mixes.items():
+        mix, uniform = r["mix"], r["mix"].get("uniform", {})
+        base = files.get(t.removesuffix("-mix"), {}) if t.endswith("-mix") else {}
+        predicted = (f"{_kld(mix['predicted_calib_kld'])} "
+                     f"({_kld(uniform.get('predicted_calib_kld'))})")
+        held = ratio = "-"
+        if "mean_kld" in r:
+            held = f"{r['mean_kld']:.6f}"
+            if "mean_kld" in base:
+                held += f" ({base['mean_kld']:.6f})"
+                ratio = f"{r['mean_kld'] / base['mean_kld']:.2f}" if base["mean_kld"] else "-"
+        types = ", ".join(f"{n} {ty.upper()}" for ty, n in mix["types"].items())
+        rows.append(f"| `{r['file']}` | {mix['budget_bytes'] / 2**20:.2f} | "
+                    f"{mix['size_bytes'] / 2**20:.2f} | {mix['sensitivity']} | {predicted} | "
+                    f"{held} | {ratio} | {types} |")
+    return f"""
+## MIX files: a type per tensor, chosen by measured sensitivity
+
+A `-MIX` file is no larger than the uniform file of its type (a `MIX-SIZE` file than SIZE),
+made by the same llama-quantize from the same bf16 file and importance matrix, but each
+matrix (every layer's seven, token_embd, output) has the type that minimizes the predicted
+KLD under that byte budget: the sensitivity of each tensor to each candidate type is measured
+on the calibration text (never on the evaluation text), exact byte sizes per tensor and type
+go into a knapsack, and `--tensor-type` overrides realize it; every tensor of the written
+file is checked to have its planned type. The files are plain GGUF: stock llama.cpp and
+Ollama load them. Assignments per tensor are in `manifest.json`.
+
+{chr(10).join(rows)}
+"""
+
+
 def _card(name: str, files: dict, tok_report: dict, imatrix: dict | None, calib,
           run_it: str = "") -> str:
     rows = ["| file | type | size (MiB) | bits/weight | mean KLD | top-1 agreement | fallback "
@@ -165,7 +220,7 @@ of held-out text (mean over languages; per language in `manifest.json`).
 {chr(10).join(rows)}
 
 {imat}
-
+{_mix_section(files)}
 ## Tokenization
 
 NorMistral's tokenizer normalizes text (a prepended space, NFKC, a newline rule) and cuts
@@ -177,6 +232,31 @@ uses it for exact ids; llama-cli, Ollama and LM Studio tokenize on their own, wh
 {chr(10).join(tok_rows)}
 
 {run_it}"""
+
+
+def _sensitivity(settings: GGUFSettings, info, model_dir: Path, base: Path,
+                 imatrix: Path | None, calib, scratch: Path, reference_dir: Path | None,
+                 device: str, cache_dir: Path, data_dir: Path | None,
+                 progress: bool) -> Sensitivity:
+    """How the mixes' per-tensor costs are measured: directly on calibration windows (their
+    reference from the model, as for the held-out text), or by the proxy."""
+    mode = settings.mix_sensitivity
+    if mode == "auto":
+        mode = "direct" if info.n_params < DIRECT_LIMIT and not info.synthetic else "proxy"
+    if mode == "proxy":
+        with step("gguf mix sensitivity", kind="llama-quantize"):
+            sensitivity = Sensitivity(mode, base, imatrix, scratch, settings.n_threads,
+                                      progress=progress)
+        return sensitivity
+    if info.synthetic:
+        raise SettingsError("--mix-sensitivity direct measures KLD, which synthetic weights "
+                            "do not have; use proxy (or auto)")
+    calib = calib or get_mix(settings.calib, cache_dir, data_dir, progress)
+    wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
+    with shared_or_step(reference_dir, settings.eval_ctx):
+        ref = reference_logits(model_dir, wins, reference_dir or scratch / "reference", device)
+    return Sensitivity(mode, base, imatrix, scratch, settings.n_threads, ref, wins["calib"],
+                       progress)
 
 
 def write_modelfiles(folder: Path, paths: dict[str, Path], config: dict, context: int) -> dict:
@@ -215,9 +295,10 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
     context, context_warning = trained_context(config, source.get("id", model_dir.name),
                                                settings.context_length)
     base_type = "bf16"
-    quant_types = [t for t in settings.types if t not in DIRECT]
+    quant_types = [t for t in settings.types if t not in DIRECT and not is_mix(t)]
+    mix_types = [t for t in settings.types if is_mix(t)]
     imatrix_file = None
-    if quant_types and settings.imatrix not in ("auto", "none"):
+    if (quant_types or mix_types) and settings.imatrix not in ("auto", "none"):
         imatrix_file = Path(settings.imatrix).expanduser()
         if not imatrix_file.is_file():
             raise DataError(f"--imatrix '{settings.imatrix}' not found; pass an existing "
@@ -226,7 +307,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         config, [kind(t) for t in settings.types],
         scratch=[] if base_type in settings.types else [kind(base_type)]))
     calib = None
-    if quant_types and settings.imatrix == "auto":  # checked before any work
+    if (quant_types or mix_types) and settings.imatrix == "auto":  # checked before any work
         calib = get_mix(settings.calib, cache_dir, data_dir, progress)
         calib_tokens = len(exact_tokenizer(model_dir).encode(calib.read()).ids)
         if calib_tokens < settings.imatrix_ctx:
@@ -260,7 +341,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                 convert(model_dir, paths[direct], direct, settings.pre, name, progress, context,
                         model_id)
         imatrix_path, imatrix = None, None
-        if quant_types and settings.imatrix != "none":
+        if (quant_types or mix_types) and settings.imatrix != "none":
             if calib is not None:
                 art.data.append(calib.as_manifest())
                 normalizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")).normalizer
@@ -281,6 +362,24 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                 art.warn(f"{gguf_type}: {q['fallback_tensors']} tensor(s) fell back to another "
                          "type (rows not divisible by the block size)")
             quantized[gguf_type] = q
+        if mix_types:
+            sensitivity = _sensitivity(settings, info, model_dir, base, imatrix_path, calib,
+                                       art.scratch, reference_dir, device, cache_dir,
+                                       data_dir, progress)
+        for spec in mix_types:
+            uniform_type, uniform = mix_base(spec), None
+            if uniform_type:
+                uniform = paths.get(uniform_type)
+                if uniform is None:  # the budget's measure, not published
+                    uniform = art.scratch / file_name(name, uniform_type)
+                    with step(f"gguf quantize {uniform_type}", kind="llama-quantize"):
+                        quantize(base, uniform, uniform_type, imatrix_path, settings.n_threads)
+            paths[spec] = art.dir / file_name(name, spec)
+            with step(f"gguf mix {spec}", kind="llama-quantize"):
+                quantized[spec] = {"fallback_tensors": 0, "mix": make_mix(
+                    spec, base, paths[spec], sensitivity, uniform,
+                    None if uniform_type else parse_size(spec.removeprefix("mix:")),
+                    settings.n_threads)}
         files = {}
         for t in settings.types:
             with step(f"gguf score {t}", kind=kind(t), ctx=settings.eval_ctx,
@@ -305,6 +404,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                           "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report,
                                         "clients": clients},
                           "modelfiles": modelfiles,
+                          "mix_sensitivity": sensitivity.as_dict() if mix_types else None,
                           "imatrix": imatrix, "eval_ctx": settings.eval_ctx,
                           "context_length": context, "rehearsal": rehearsal}
         art.tags = ["gguf", "llama.cpp"]

@@ -77,6 +77,12 @@ class Drift:
         return asdict(self)
 
 
+def kld_per_position(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """KL(ref || cur) of each row of two (positions, vocab) logit arrays, in float64."""
+    lp_ref, lp = log_softmax(ref), log_softmax(cur)
+    return (np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1)
+
+
 def drift(ref_logits: list[np.ndarray], logits: list[np.ndarray],
           wins: list[list[int]]) -> Drift:
     """KL(ref || model) per predicted position, perplexities and top-1 agreement.

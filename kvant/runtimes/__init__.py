@@ -88,9 +88,13 @@ def _size(folder: Path, files: tuple[str, ...]) -> int:
 
 
 def gguf_kind(path: Path) -> str | None:
-    """The kind of a bare .gguf from its own `general.file_type` (no file-name parsing)."""
+    """The kind of a bare .gguf from its own metadata (no file-name parsing): Kvant's mix tag
+    (`kvant.mix`, written by kvant.export.gguf_mix), else `general.file_type`."""
     import gguf  # gguf-py: numpy only, but not needed unless a bare file is given
 
+    mix = _read_gguf(path).get_field("kvant.mix")
+    if mix is not None:
+        return "gguf-" + str(mix.contents()).lower().replace(":", "-")
     field_ = _read_gguf(path).get_field("general.file_type")
     if field_ is None:
         return None
