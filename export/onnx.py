@@ -12,6 +12,10 @@ from kvant.errors import SettingsError
 from kvant.registry import unknown_key_message
 
 PRECISIONS = ("fp32", "fp16", "int4")
+# the GenAI builder's int4 weight quantizers (its `algo_config`): round to nearest; k_quant
+# (llama.cpp-style per-block scale search); k_quant with lm_head in int8 (`_last`), and also
+# llama.cpp's sensitive layers in int8 (`_mixed`)
+INT4_ALGOS = ("rtn", "k_quant", "k_quant_last", "k_quant_mixed")
 PROVIDERS = ("cpu", "cuda", "dml")
 
 
@@ -23,9 +27,13 @@ class ONNXSettings(EvalSettings):
     provider: str = "cpu"
     """Execution provider the model is built for: cpu, cuda or dml (DirectML)."""
     block_size: int = 32
-    """int4: weights per scale (MatMulNBits block); 32 is more accurate, 128 smaller."""
+    """int4: weights per scale (MatMulNBits block); 128 is smaller, 32 more accurate with
+    round-to-nearest (with k_quant the stand-in measured them alike)."""
     accuracy_level: int = 4
     """int4 on CPU: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
+    int4_algo: str = "k_quant_last"
+    """int4 weight quantizer: rtn, k_quant, k_quant_last (default: k_quant, lm_head int8) or
+    k_quant_mixed (README, "ONNX int4: quantizer and accuracy level")."""
     context_length: int = 0
     """Trained context the model is built for (0: NorMistral's known value, else
     config.json); GenAI's max_length and the rotary caches are sized from it."""
@@ -49,6 +57,9 @@ class ONNXSettings(EvalSettings):
                                 "use --precision fp16 or int4")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise SettingsError(f"--block-size {self.block_size}: use 16, 32, 64, 128 or 256")
+        if self.int4_algo not in INT4_ALGOS:
+            raise SettingsError(unknown_key_message("int4 algorithm", self.int4_algo,
+                                                    INT4_ALGOS))
         if self.accuracy_level not in range(5):
             raise SettingsError(f"--accuracy-level {self.accuracy_level}: use 0 to 4")
 

@@ -83,7 +83,8 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path)
     prints stay out of ours.
     """
     extra = [] if settings.precision != "int4" else [
-        f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}"]
+        f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}",
+        f"algo_config={settings.int4_algo}"]
     with tempfile.TemporaryDirectory(prefix="builder-", dir=scratch) as cache, \
             tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
@@ -137,7 +138,8 @@ def _card(name: str, settings: ONNXSettings, validation: dict) -> str:
         fid_rows.append(f"| {lang} | {f['units']} | {f['og_identical_pct']:.1f}% | "
                         f"{f['og_aligned_pct']:.2f}% | {f['og_crashes']} |")
     block = (f", MatMulNBits block {settings.block_size}, accuracy level "
-             f"{settings.accuracy_level}" if settings.precision == "int4" else "")
+             f"{settings.accuracy_level}, weights quantized by `{settings.int4_algo}`"
+             if settings.precision == "int4" else "")
     return f"""ONNX Runtime GenAI model of `{name}`: {settings.precision} for the
 `{settings.provider}` execution provider{block}, with KV cache (`genai_config.json`).
 

@@ -75,12 +75,13 @@ def kind(key: str, file_bpw: float | None = None) -> Kind | None:
         linear = bits + (16 + bits) / group if group > 0 else float(bits)
         return Kind("torch", "torch/gptq", linear, 16, 16, 2)
     if match := _ONNX.fullmatch(key):
-        # int4 (CPU): MatMulNBits with fp32 scales per block, lm_head too; the embedding
-        # stays fp32 (the GenAI builder's CPU io dtype); fp32 KV cache. fp16 is all fp16.
+        # int4 (CPU): MatMulNBits with fp32 scales per block; lm_head int8 (the default
+        # k_quant_last quantizer); the embedding stays fp32 (the GenAI builder's CPU io
+        # dtype); fp32 KV cache. fp16 is all fp16.
         precision, block = match.group(1), int(match.group(2) or 32)
         if precision == "int4":
             q = 4 + 32 / block
-            return Kind("onnxruntime-genai", "onnxruntime-genai/onnx", q, 32, q, 4)
+            return Kind("onnxruntime-genai", "onnxruntime-genai/onnx", q, 32, 8 + 32 / block, 4)
         width = 32 if precision == "fp32" else 16
         return Kind("onnxruntime-genai", "onnxruntime-genai/onnx", width, width, width,
                     width // 8)

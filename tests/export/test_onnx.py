@@ -11,7 +11,7 @@ from kvant.errors import SettingsError
 from kvant.export.onnx import ONNXSettings
 from kvant.export.onnx_pipeline import EXACT_TOKENIZER
 from kvant.runtimes.onnx import og_model
-from tests.conftest import run_kvant
+from tests.conftest import UD_DIR, run_kvant
 
 
 def _validation(out):
@@ -50,13 +50,30 @@ def test_fp16_close_and_int4_within_bounds(onnx_artifacts):
         assert all(abs(d["delta_ppl_pct"]) < 10 for d in v["per_language"].values())
 
 
-def test_smaller_int4_blocks_are_more_accurate(onnx_artifacts):
+def test_int4_block_size_trades_scales_for_little_accuracy(onnx_artifacts):
+    # with k_quant's scale search (the default) block 128 loses little to block 32 on the
+    # stand-in; 32 keeps more scales
     b32 = _validation(onnx_artifacts["int4-b32"])["mean_kld"]
     b128 = _validation(onnx_artifacts["int4-b128"])["mean_kld"]
-    assert b32 < b128
+    assert abs(b32 - b128) < 0.25 * max(b32, b128)
     size = {n: (onnx_artifacts[n] / "model.onnx.data").stat().st_size
             for n in ("int4-b32", "int4-b128")}
     assert size["int4-b32"] > size["int4-b128"]  # more scales
+
+
+def test_default_int4_quantizer_beats_round_to_nearest(onnx_artifacts, tiny_model, cache_dir,
+                                                       tmp_path):
+    """The default (k_quant, lm_head in int8) against the builder's round-to-nearest, same
+    block size and accuracy level, on the same held-out text."""
+    from kvant.export.onnx_pipeline import run
+
+    rtn = run(tiny_model, tmp_path / "rtn", ONNXSettings(precision="int4", int4_algo="rtn",
+                                                         eval_tokens=1024),
+              source={"id": "tiny"}, cache_dir=cache_dir, data_dir=UD_DIR).out
+    default, plain = _validation(onnx_artifacts["int4-b32"]), _validation(rtn)
+    assert read_manifest(onnx_artifacts["int4-b32"])["settings"]["int4_algo"] == "k_quant_last"
+    assert default["mean_kld"] < 0.5 * plain["mean_kld"]
+    assert default["top1_agreement_pct"] > plain["top1_agreement_pct"]
 
 
 def test_shipped_tokenizer_never_crashes_and_fidelity_is_recorded(onnx_artifacts):
