@@ -99,6 +99,19 @@ def _error(status: int, message: str, code: str | None = None, param: str | None
                                    "code": code}}, status_code=status)
 
 
+class _Reply:
+    """One response's id and time, and its choice-0 objects in OpenAI's envelope."""
+
+    def __init__(self, model: str, prefix: str, obj: str):
+        self.model, self.obj = model, obj
+        self.ident, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    def __call__(self, choice: dict, finish: str | None, obj: str | None = None) -> dict:
+        return {"id": self.ident, "object": obj or self.obj, "created": self.created,
+                "model": self.model, "choices": [{"index": 0, **choice, "logprobs": None,
+                                                  "finish_reason": finish}]}
+
+
 def _sse(chunks: Iterator[dict]) -> Iterator[str]:
     for chunk in chunks:
         yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
@@ -174,22 +187,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                                "prompt")
             prompt = prompt[0]
         completion = start(prompt, req, req.stops(), "prompt")
-        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(text: str, finish: str | None) -> dict:
-            return {"id": ident, "object": "text_completion", "created": created,
-                    "model": engine.name, "choices": [{"index": 0, "text": text,
-                                                       "logprobs": None,
-                                                       "finish_reason": finish}]}
-
+        reply = _Reply(engine.name, "cmpl", "text_completion")
         if req.stream:
             def chunks() -> Iterator[dict]:
                 for piece in completion:
-                    yield chunk(piece, None)
-                yield chunk("", completion.finish_reason)
+                    yield reply({"text": piece}, None)
+                yield reply({"text": ""}, completion.finish_reason)
             return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
         text = "".join(completion)
-        return {**chunk(text, completion.finish_reason), "usage": usage(completion)}
+        return {**reply({"text": text}, completion.finish_reason), "usage": usage(completion)}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     def chat(req: ChatRequest):
@@ -198,32 +204,23 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         except KvantError as exc:
             raise APIError(400, str(exc), "invalid_value", "messages") from exc
         completion = start(prompt, req, (*CHAT_STOP, *req.stops()), "messages")
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(delta: dict, finish: str | None) -> dict:
-            return {"id": ident, "object": "chat.completion.chunk", "created": created,
-                    "model": engine.name, "choices": [{"index": 0, "delta": delta,
-                                                       "logprobs": None,
-                                                       "finish_reason": finish}]}
-
+        reply = _Reply(engine.name, "chatcmpl", "chat.completion.chunk")
         if req.stream:
             def chunks() -> Iterator[dict]:
-                yield chunk({"role": "assistant", "content": ""}, None)
+                yield reply({"delta": {"role": "assistant", "content": ""}}, None)
                 started = False
                 for piece in completion:
                     if not started:  # the space after "Assistent:" (see below)
                         piece = piece.lstrip(" ")
                         started = bool(piece)
                     if piece:
-                        yield chunk({"content": piece}, None)
-                yield chunk({}, completion.finish_reason)
+                        yield reply({"delta": {"content": piece}}, None)
+                yield reply({"delta": {}}, completion.finish_reason)
             return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
         # the format puts a space after "Assistent:"; it belongs to the format, not the answer
         text = "".join(completion).lstrip(" ")
-        return {"id": ident, "object": "chat.completion", "created": created,
-                "model": engine.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": completion.finish_reason}],
+        message = {"message": {"role": "assistant", "content": text}}
+        return {**reply(message, completion.finish_reason, "chat.completion"),
                 "usage": usage(completion)}
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])
