@@ -18,13 +18,13 @@ logger = logging.getLogger(__name__)
 
 def generate(artifact: Path, prompt: str, max_new_tokens: int, stop_at_newline: bool = False,
              device: str = "cpu", check: bool = True, sampling: Sampling = Sampling(),
-             stop: tuple[str, ...] = ()) -> Iterator[str]:
+             stop: tuple[str, ...] = (), kv_type: str = "f16") -> Iterator[str]:
     """Yield the continuation of ``prompt`` piece by piece (greedy unless ``sampling`` says).
 
     >>> "".join(generate(Path("q4"), "Engelsk: Good morning\\nBokmål:", 32, True))  # doctest: +SKIP
     ' God morgen'
     """
-    engine = Engine(artifact, device, check=check)
+    engine = Engine(artifact, device, check=check, kv_type=kv_type)
     try:
         ids = engine.encode(prompt)
         # a context just large enough: the KV cache is allocated for all of it

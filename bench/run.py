@@ -109,7 +109,8 @@ def measure_once(target: Target, ids: list[int], ctx: int, settings: BenchSettin
     spec = {"target": {**target.__dict__, "path": str(target.path),
                        "files": list(target.files)}, "ids": ids, "ctx": ctx,
             "n_new": settings.n_new, "repeats": settings.repeats, "device": device,
-            "threads": settings.threads, "repack": settings.repack}
+            "threads": settings.threads, "repack": settings.repack,
+            "kv_type": settings.kv_type if target.backend == "llama.cpp" else "f16"}
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_file.write_text(json.dumps(spec))

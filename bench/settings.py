@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from kvant.data import EVAL_SETS
 from kvant.errors import SettingsError
+from kvant.plan import KV_TYPES
+from kvant.registry import unknown_key_message
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class BenchSettings:
     """llama.cpp: repack weights for its CPU kernels (llama.cpp's own default). Off: no second
     copy of the weights in memory; on a 2-core EPYC at NorMistral's width prefill was 1.85x
     faster without it and decode 5% slower. llama-bench runs with the same choice."""
+    kv_type: str = "f16"
+    """llama.cpp's KV cache precision for the GGUF speed rows: f16, q8_0 (about half the
+    memory) or q4_0; other runtimes keep their own."""
     verify: bool = True
     """Check every artifact's files against its manifest's sha256 before measuring (sizes are
     always checked); --no-verify skips the hashing."""
@@ -54,10 +59,12 @@ class BenchSettings:
             raise SettingsError("context lengths and counts must be positive")
         if self.quality_tokens < self.quality_ctx:
             raise SettingsError("--quality-tokens must be at least --quality-ctx")
+        if self.kv_type not in KV_TYPES:
+            raise SettingsError(unknown_key_message("KV cache type", self.kv_type, KV_TYPES))
         if self.max_other_cpu_pct <= 0 or self.max_spread_pct <= 0:
             raise SettingsError("--max-other-cpu-pct and --max-spread-pct must be positive")
 
     def measurement_key(self) -> dict:
         """The settings a speed or quality number depends on (results are keyed by them)."""
         return {"quality": [list(self.langs), self.quality_ctx, self.quality_tokens],
-                "speed": [self.n_new, self.repeats, self.threads, self.repack]}
+                "speed": [self.n_new, self.repeats, self.threads, self.repack, self.kv_type]}

@@ -64,7 +64,8 @@ def measure(spec: dict) -> dict:
     device = spec["device"]
     started = time.perf_counter()
     runtime = open_runtime(target, device, spec["threads"], n_ctx=ctx + n_new + 8,
-                           all_logits=False, repack=spec.get("repack", False))
+                           all_logits=False, repack=spec.get("repack", False),
+                           kv_type=spec.get("kv_type", "f16"))
     load_s = time.perf_counter() - started
     # warm-up of both phases: first-call allocations and kernel choice (a single-token step
     # runs other kernels than a prefill)
@@ -77,6 +78,7 @@ def measure(spec: dict) -> dict:
     result = {
         "ctx": ctx, "n_new": n_new, "repeats": repeats, "runs": [len(prefill), len(decode)],
         "device": device, "repack": spec.get("repack", False),
+        "kv_type": spec.get("kv_type", "f16"),
         "threads": spec["threads"] or os.cpu_count(), "load_s": round(load_s, 3),
         "prefill_s": round(statistics.median(prefill), 6), "prefill_tok_s": pre["median"],
         "prefill_tok_s_min": pre["min"], "prefill_tok_s_max": pre["max"],

@@ -25,7 +25,14 @@ from kvant.errors import KvantError, SettingsError
 from kvant.model import model_info, model_source, pick_device, read_config, resolve_model
 from kvant.paths import ENV_DATA_DIR, cache_dir, default_data_dir
 from kvant.pipelines import PIPELINES
-from kvant.plan import fit_overhead, load_results, plan_table, prediction_errors, shape_of
+from kvant.plan import (
+    KV_TYPES,
+    fit_overhead,
+    load_results,
+    plan_table,
+    prediction_errors,
+    shape_of,
+)
 from kvant.registry import nearest
 from kvant.synth import SHAPES, synthesize
 from kvant.tiny import TinyRecipe, build_tiny, default_dir
@@ -141,7 +148,8 @@ def cmd_generate(args: argparse.Namespace) -> str:
     for piece in generate(args.artifact, args.prompt, args.max_new_tokens,
                           stop_at_newline=args.stop_at_newline,
                           device=pick_device(args.device), check=args.verify,
-                          sampling=_sampling(args), stop=tuple(args.stop)):
+                          sampling=_sampling(args), stop=tuple(args.stop),
+                          kv_type=args.kv_type):
         sys.__stdout__.write(piece)  # stream past the stdout guard in main()
         sys.__stdout__.flush()
     sys.__stdout__.write("\n")
@@ -162,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.api_key is not None and not args.api_key:
         raise SettingsError("--api-key is empty; pass a key, or leave the option out")
     engine = Engine(args.artifact, pick_device(args.device), args.ctx, args.threads,
-                    check=args.verify)
+                    check=args.verify, kv_type=args.kv_type)
     key = ", API key required" if args.api_key else ""
     sys.stderr.write(f"kvant: serving {engine.name} at http://{args.host}:{args.port}/v1 "
                      f"(context {engine.n_ctx:,} tokens{key}); Ctrl-C stops\n")
@@ -188,7 +196,8 @@ def cmd_plan(args: argparse.Namespace) -> str:
     lines = [f"Budget {args.budget}; {shape.n_layers} layers, {shape.n_params() / 1e9:.2f}B "
              "parameters; overhead " + ("fitted to " + str(args.bench) if results
                                         else "from this project's CPU bench"), "",
-             plan_table(shape, [int(c) for c in args.ctx.split(",")], budget, fitted)]
+             plan_table(shape, [int(c) for c in args.ctx.split(",")], budget, fitted,
+                        _kv_types(args.kv_type))]
     if results:
         errors = prediction_errors(results, shape_of(_bench_config(results)), fitted,
                                    calibration)
@@ -196,6 +205,14 @@ def cmd_plan(args: argparse.Namespace) -> str:
         lines += ["", f"Prediction error on {len(errors)} held-out bench measurements: "
                       f"worst {worst:.1f}%"]
     return "\n".join(lines)
+
+
+def _kv_types(text: str) -> tuple[str, ...]:
+    types = tuple(t.strip() for t in text.split(",") if t.strip())
+    for t in types:
+        if t not in KV_TYPES:
+            raise SettingsError(f"--kv-type {t}: use {', '.join(KV_TYPES)} (comma-separated)")
+    return types
 
 
 def _bench_config(results: dict) -> dict:
@@ -276,6 +293,12 @@ def _add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> N
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
     parser.add_argument("--seed", type=int, help="sampling seed (default: random)")
+
+
+def _add_kv_type(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-type", default="f16", choices=KV_TYPES,
+                        help="llama.cpp's KV cache precision: f16 (default), q8_0 (about half "
+                        "the memory), q4_0 (about a quarter)")
 
 
 def build_parser() -> KvantParser:
@@ -366,6 +389,7 @@ def build_parser() -> KvantParser:
                           help="check the files' sha256 against the artifact's manifest "
                                "first (default; sizes are always checked)")
     _add_sampling_args(generate, temperature=0.0)
+    _add_kv_type(generate)
     generate.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible local server for a GGUF file, "
@@ -382,6 +406,7 @@ def build_parser() -> KvantParser:
     serve.add_argument("--device", default="auto")
     serve.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                        help="check the file's sha256 against its artifact's manifest first")
+    _add_kv_type(serve)
     serve.set_defaults(func=cmd_serve)
 
     synth = sub.add_parser("synth", help="a checkpoint with NorMistral's exact shapes and random "
@@ -401,6 +426,8 @@ def build_parser() -> KvantParser:
     plan.add_argument("--shape", default="normistral-11b-long")
     plan.add_argument("--budget", default="8GiB", help="memory budget, e.g. 8GiB, 24GB")
     plan.add_argument("--ctx", default="4096,32768", help="context lengths")
+    plan.add_argument("--kv-type", default="f16,q8_0,q4_0", help="llama.cpp KV cache types "
+                      "to plan the GGUF rows with (default all three)")
     plan.add_argument("--bench", type=Path, help="a kvant bench results.json to fit the "
                       "backend overheads to (and report the prediction error)")
     plan.set_defaults(func=cmd_plan)

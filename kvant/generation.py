@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvant.errors import SettingsError
+from kvant.plan import KV_TYPES
+from kvant.registry import unknown_key_message
 from kvant.runtimes import Target, open_runtime, targets, verify
 from kvant.tokenization import exact_tokenizer
 
@@ -196,11 +198,14 @@ class Engine:
     artifact itself, and the context it runs with.
 
     ``n_ctx``: the context to allocate (default: the artifact's stated context, at most
-    4,096, as llama-server's default; the KV cache grows with it).
+    4,096, as llama-server's default; the KV cache grows with it). ``kv_type``: llama.cpp's
+    KV cache precision (f16, q8_0 about half its memory, q4_0 about a quarter).
     """
 
     def __init__(self, artifact: Path, device: str = "cpu", n_ctx: int = 0, threads: int = 0,
-                 check: bool = True):
+                 check: bool = True, kv_type: str = "f16"):
+        if kv_type not in KV_TYPES:
+            raise SettingsError(unknown_key_message("KV cache type", kv_type, KV_TYPES))
         found = targets(Path(artifact))
         if len(found) != 1:
             raise SettingsError(f"'{artifact}' holds {len(found)} models; pass one .gguf file")
@@ -216,14 +221,15 @@ class Engine:
         self.name = self.target.path.stem if self.target.path.suffix == ".gguf" else \
             self.target.path.name
         self.lock = threading.Lock()
-        self.device, self.threads = device, threads
+        self.device, self.threads, self.kv_type = device, threads, kv_type
         self.runtime = None
 
     def load(self) -> None:
         """Open the runtime with ``n_ctx`` (done on first use; a server does it at start)."""
         if self.runtime is None:
             self.runtime = open_runtime(self.target, self.device, self.threads,
-                                        n_ctx=self.n_ctx, all_logits=False)
+                                        n_ctx=self.n_ctx, all_logits=False,
+                                        kv_type=self.kv_type)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special).ids

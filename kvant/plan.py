@@ -129,8 +129,16 @@ def weight_bytes(shape: Shape, kind: Kind) -> float:
             + shape.n_layers * per_layer * kind.linear_bpw) / 8
 
 
-def kv_bytes(shape: Shape, kind: Kind, ctx: int) -> float:
-    return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * kind.kv_bytes * ctx
+# Bytes per cached K or V element of llama.cpp's cache types (ggml: f16 2; q8_0 34 bytes and
+# q4_0 18 bytes per 32 values). Other runtimes keep their own (Kind.kv_bytes).
+KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def kv_bytes(shape: Shape, kind: Kind, ctx: int, kv_type: str | None = None) -> float:
+    """The KV cache at ``ctx`` tokens; ``kv_type`` (llama.cpp's f16, q8_0, q4_0) overrides
+    the kind's own element size."""
+    per = KV_TYPES[kv_type] if kv_type and kind.backend == "llama.cpp" else kind.kv_bytes
+    return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * per * ctx
 
 
 def overhead_bytes(stack: str, ctx: int, vocab: int, fitted: dict | None = None) -> float:
@@ -139,15 +147,15 @@ def overhead_bytes(stack: str, ctx: int, vocab: int, fitted: dict | None = None)
 
 
 def peak_bytes(shape: Shape, kind: Kind, ctx: int, weights: float | None = None,
-               fitted: dict | None = None) -> float:
+               fitted: dict | None = None, kv_type: str | None = None) -> float:
     """The one formula: weights (measured file size when known, else predicted) + KV cache
     + the runtime stack's overhead, at context ``ctx``. ORT GenAI maps its weights file and
     gathers embedding rows from it: the embedding table is never resident."""
     weights = weight_bytes(shape, kind) if weights is None else weights
     if kind.backend == "onnxruntime-genai":
         weights = _ort_resident(shape, kind, weights)
-    return weights + kv_bytes(shape, kind, ctx) + overhead_bytes(kind.stack, ctx, shape.vocab,
-                                                                 fitted)
+    return weights + kv_bytes(shape, kind, ctx, kv_type) + overhead_bytes(kind.stack, ctx,
+                                                                          shape.vocab, fitted)
 
 
 def _ort_resident(shape: Shape, kind: Kind, weights: float) -> float:
@@ -158,10 +166,17 @@ def _ort_resident(shape: Shape, kind: Kind, weights: float) -> float:
     return weights - embed + (weights - embed) if kind.linear_bpw < 16 else weights - embed
 
 
-def predict(shape: Shape, ctxs: list[int], fitted: dict | None = None) -> dict:
-    """{kind: {ctx: predicted peak bytes}}."""
-    return {name: {ctx: peak_bytes(shape, k, ctx, fitted=fitted) for ctx in ctxs}
-            for name, k in kinds().items()}
+def predict(shape: Shape, ctxs: list[int], fitted: dict | None = None,
+            kv_types: tuple[str, ...] = ("f16",)) -> dict:
+    """{row name: {ctx: predicted peak bytes}}; llama.cpp kinds once per KV cache type
+    (``gguf-q4_k_m`` with f16, ``gguf-q4_k_m kv=q8_0`` with q8_0)."""
+    rows = {}
+    for name, k in kinds().items():
+        for kv in (kv_types if k.backend == "llama.cpp" else ("f16",)):
+            row = name if kv == "f16" else f"{name} kv={kv}"
+            rows[row] = {ctx: peak_bytes(shape, k, ctx, fitted=fitted, kv_type=kv)
+                         for ctx in ctxs}
+    return rows
 
 
 def entry_kind(entry: dict, shape: Shape) -> Kind | None:
@@ -188,7 +203,7 @@ def fit_overhead(results: dict, shape: Shape) -> tuple[dict, set[tuple[str, str]
         ctx, s = min(((int(c), s) for c, s in entry["speed"].items() if "error" not in s),
                      key=lambda cs: cs[0])
         base = peak_bytes(shape, k, ctx, entry["size_bytes"], {stack: (0.0, DEFAULT_OVERHEAD[
-            stack][1])})
+            stack][1])}, kv_type=s.get("kv_type"))
         fitted[stack] = ((s["peak_rss_mib"] * MIB - base) / MIB, DEFAULT_OVERHEAD[stack][1])
         used.add((name, str(ctx)))
     return fitted, used
@@ -204,19 +219,21 @@ def prediction_errors(results: dict, shape: Shape, fitted: dict,
             if k is None or "error" in s or (name, ctx) in skip:
                 continue
             measured = s["peak_rss_mib"] * MIB
-            predicted = peak_bytes(shape, k, int(ctx), entry["size_bytes"], fitted)
+            predicted = peak_bytes(shape, k, int(ctx), entry["size_bytes"], fitted,
+                                   kv_type=s.get("kv_type"))
             rows.append({"target": name, "ctx": int(ctx), "measured_mib": round(measured / MIB),
                          "predicted_mib": round(predicted / MIB),
                          "error_pct": round(100 * (predicted / measured - 1), 2)})
     return rows
 
 
-def plan_table(shape: Shape, ctxs: list[int], budget: float, fitted: dict | None) -> str:
-    pred = predict(shape, ctxs, fitted)
+def plan_table(shape: Shape, ctxs: list[int], budget: float, fitted: dict | None,
+               kv_types: tuple[str, ...] = ("f16",)) -> str:
+    pred = predict(shape, ctxs, fitted, kv_types)
     lines = ["| artifact | backend | weights (GiB) | " + " | ".join(
         f"peak @ {c:,} (GiB)" for c in ctxs) + " |", "|---|---|---|" + "---|" * len(ctxs)]
     for name, by_ctx in pred.items():
-        k = kinds()[name]
+        k = kinds()[name.split(" ")[0]]
         cells = []
         for c in ctxs:
             gib = by_ctx[c] / GIB

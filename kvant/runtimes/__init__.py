@@ -178,14 +178,17 @@ def _manifest(folder: Path) -> dict:
 
 def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: int = 0,
                  all_logits: bool = True, dtype: str = "bfloat16",
-                 repack: bool = False) -> Runtime:
+                 repack: bool = False, kv_type: str = "f16") -> Runtime:
     """Load ``target`` in its engine.
 
     ``all_logits`` False keeps only the last position's logits (speed runs: copying
     (tokens x vocab) floats would be measured as compute); ``dtype`` applies to plain
     (unquantized) torch checkpoints; ``repack`` to llama.cpp's CPU weight repacking (see
-    kvant.runtimes.llamacpp).
+    kvant.runtimes.llamacpp); ``kv_type`` to llama.cpp's KV cache (f16, q8_0, q4_0).
     """
+    if kv_type != "f16" and target.backend != "llama.cpp":
+        raise SettingsError(f"--kv-type {kv_type} is llama.cpp's KV cache setting; "
+                            f"{target.backend} keeps its cache in its own precision (use f16)")
     # Each engine module imports its engine (torch, llama_cpp, onnxruntime) at its top:
     # imported here, on first use, so that opening a GGUF never loads torch.
     if target.backend == "torch":
@@ -195,7 +198,8 @@ def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: i
     if target.backend == "llama.cpp":
         from kvant.runtimes.llamacpp import LlamaCppRuntime
 
-        return LlamaCppRuntime(target.path, device, threads, n_ctx, all_logits, repack=repack)
+        return LlamaCppRuntime(target.path, device, threads, n_ctx, all_logits, repack=repack,
+                               kv_type=kv_type)
     if target.backend == "onnxruntime-genai":
         from kvant.runtimes.onnx import GenaiRuntime
 

@@ -38,6 +38,10 @@ def run_tool(cmd: list) -> str:
     return proc.stdout + proc.stderr
 
 
+# llama.cpp's KV cache types (ggml_type ids); quantized V needs flash attention there
+KV_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+
+
 def gpu_layers(device: str) -> int:
     """llama.cpp's offload for a device: every layer on a GPU, none on the CPU."""
     return -1 if device.startswith("cuda") else 0
@@ -77,7 +81,8 @@ class LlamaCppRuntime:
     """
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0, n_ctx: int = 0,
-                 all_logits: bool = True, n_batch: int = 512, repack: bool = False):
+                 all_logits: bool = True, n_batch: int = 512, repack: bool = False,
+                 kv_type: str = "f16"):
         threads = threads or os.cpu_count()
         n_ctx = n_ctx or 4096
         # Scoring evaluates a whole window at once (n_batch = n_ctx) on the plain attention
@@ -88,7 +93,9 @@ class LlamaCppRuntime:
             self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx,
                                        n_batch=n_ctx if all_logits else n_batch,
                                        logits_all=all_logits, verbose=False,
-                                       flash_attn=self.flash_attn(all_logits),
+                                       flash_attn=self.flash_attn(all_logits) or
+                                       kv_type != "f16",
+                                       type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type],
                                        n_gpu_layers=gpu_layers(device), n_threads=threads,
                                        n_threads_batch=threads)
 

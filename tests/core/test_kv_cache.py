@@ -1,0 +1,75 @@
+"""KV-cache precision (llama.cpp's f16, q8_0, q4_0): what the planner predicts against what
+llama.cpp holds, and the one-line refusals around context and cache type."""
+
+from __future__ import annotations
+
+import json
+
+import llama_cpp
+import pytest
+
+from kvant.plan import kind, kv_bytes, shape_of
+from kvant.runtimes.llamacpp import LlamaCppRuntime
+from tests.conftest import run_kvant
+
+TOKENS = 1024
+
+
+@pytest.fixture(scope="module")
+def held(gguf_artifact, tiny_model) -> dict:
+    """{cache type: (bytes llama.cpp holds for TOKENS cached tokens, bytes planned)}."""
+    shape = shape_of(json.loads((tiny_model / "config.json").read_text()))
+    found = {}
+    for kv in ("f16", "q8_0", "q4_0"):
+        runtime = LlamaCppRuntime(gguf_artifact / "tiny-Q4_K_M.gguf", n_ctx=2 * TOKENS,
+                                  all_logits=False, kv_type=kv)
+        try:
+            runtime.llm.eval(list(range(5, 5 + TOKENS)))
+            # llama.cpp's own accounting of the sequence's cache (K and V of every cell it
+            # filled, plus a small header of positions)
+            size = llama_cpp.llama_state_seq_get_size(runtime.llm.ctx, 0)
+        finally:
+            runtime.close()
+        found[kv] = (size, kv_bytes(shape, kind("gguf-q4_k_m"), TOKENS, kv))
+    return found
+
+
+def test_planned_kv_bytes_match_what_llama_cpp_holds(held):
+    for kv, (size, planned) in held.items():
+        assert abs(size - planned) / size < 0.05, (kv, size, planned)
+
+
+def test_q8_0_cache_takes_about_half_of_f16(held):
+    assert 0.45 < held["q8_0"][0] / held["f16"][0] < 0.6
+    assert 0.25 < held["q4_0"][0] / held["f16"][0] < 0.35
+
+
+def test_context_and_cache_type_refusals(gguf_artifact, onnx_artifacts):
+    path = gguf_artifact / "tiny-Q4_K_M.gguf"
+    past = run_kvant("serve", str(path), "--ctx", "40000")
+    assert past.returncode == 2 and "past the 32,768 tokens the model was trained for" in \
+        past.stderr and len(past.stderr.strip().splitlines()) == 1
+    onnx = run_kvant("generate", str(onnx_artifacts["int4-b32"]), "--prompt", "Hei",
+                     "--kv-type", "q8_0", "--max-new-tokens", "2")
+    assert onnx.returncode == 2 and "llama.cpp's KV cache setting" in onnx.stderr
+    quantized = run_kvant("generate", str(path), "--prompt", "Engelsk: Good morning.\nBokmål:",
+                          "--kv-type", "q8_0", "--max-new-tokens", "8")
+    assert quantized.returncode == 0 and quantized.stdout.strip(), quantized.stderr
+
+
+def test_plan_and_bench_take_the_cache_type():
+    from kvant.bench.settings import BenchSettings
+    from kvant.errors import SettingsError
+    from kvant.plan import peak_bytes
+    from kvant.synth import SHAPES
+
+    shape = SHAPES["normistral-11b-long"]
+    q4 = kind("gguf-q4_k_m")
+    # NorMistral at 32,768 tokens: the f16 cache is 5 GiB (40 x 8 x 128 x 2 x 2 bytes x 32k)
+    assert kv_bytes(shape, q4, 32768) == 40 * 8 * 128 * 2 * 2 * 32768
+    saved = peak_bytes(shape, q4, 32768) - peak_bytes(shape, q4, 32768, kv_type="q8_0")
+    assert saved == kv_bytes(shape, q4, 32768) - kv_bytes(shape, q4, 32768, "q8_0")
+    # torch and ONNX Runtime keep their own cache: the llama.cpp setting does not apply
+    assert kv_bytes(shape, kind("bf16"), 4096, "q4_0") == kv_bytes(shape, kind("bf16"), 4096)
+    with pytest.raises(SettingsError, match="KV cache type"):
+        BenchSettings(kv_type="q5_1")
