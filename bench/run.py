@@ -31,6 +31,7 @@ from kvant.bench.settings import BenchSettings
 from kvant.data import get_text, paragraphs
 from kvant.errors import SettingsError
 from kvant.files import sha256_text
+from kvant.generation import stated_context
 from kvant.machine import die_with_parent, machine
 from kvant.model import model_info, pick_device
 from kvant.runtimes import Target, reference_logits, score_against, targets, verify
@@ -184,6 +185,12 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
         all_targets += targets(artifact)
     for target in all_targets:  # nothing corrupt is measured
         verify(target, settings.verify)
+    longest = max(int(c) for c in settings.ctx)
+    for target in all_targets:  # and no context past what a model was trained for
+        trained = stated_context(target)
+        if longest > trained:
+            raise SettingsError(f"--ctx {longest:,} is past the {trained:,} tokens "
+                                f"'{target.name}' was trained for; pass a smaller --ctx")
     device = pick_device(settings.device)
     texts = texts_for(settings, cache_dir, data_dir)
     wins, bytes_per_token = quality_windows(reference, texts, settings)

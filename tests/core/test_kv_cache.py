@@ -52,6 +52,10 @@ def test_context_and_cache_type_refusals(gguf_artifact, onnx_artifacts):
     onnx = run_kvant("generate", str(onnx_artifacts["int4-b32"]), "--prompt", "Hei",
                      "--kv-type", "q8_0", "--max-new-tokens", "2")
     assert onnx.returncode == 2 and "llama.cpp's KV cache setting" in onnx.stderr
+    bench = run_kvant("bench", str(path), "--no-quality", "--ctx", "512,40000", "--out",
+                      str(path.parent.parent / "bench-refused"))
+    assert bench.returncode == 2 and "past the 32,768 tokens" in bench.stderr
+    assert not (path.parent.parent / "bench-refused").exists()
     quantized = run_kvant("generate", str(path), "--prompt", "Engelsk: Good morning.\nBokmål:",
                           "--kv-type", "q8_0", "--max-new-tokens", "8")
     assert quantized.returncode == 0 and quantized.stdout.strip(), quantized.stderr
