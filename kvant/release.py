@@ -30,9 +30,9 @@ from kvant.bench.settings import BenchSettings
 from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import ArtifactError, SettingsError
 from kvant.files import sha256_file
-from kvant.model import content_hash, model_source, pick_device, read_config
+from kvant.model import content_hash, model_source, pick_device, read_config, trained_context
 from kvant.pipelines import PIPELINES
-from kvant.plan import entry_kind, fit_overhead, peak_bytes, shape_of
+from kvant.plan import KV_TYPES, entry_kind, fit_overhead, peak_bytes, shape_of
 from kvant.registry import nearest
 from kvant.rehearsal import REHEARSAL_TABLE, scale_work, write_rehearsal
 from kvant.release_cards import (
@@ -229,11 +229,16 @@ def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
     shape = shape_of(read_config(model))
     fitted, _ = fit_overhead(results, shape)
     shipped = {n for names in folders.values() for n in names}  # never the reference model
-    predicted = {}
+    predicted, long_predicted = {}, {}
+    long_ctx = trained_context(read_config(model), source["id"], 0)[0]
     for tname in shipped:
         if (k := entry_kind(targets[tname], shape)) is not None:
             predicted[tname] = peak_bytes(shape, k, PLAN_CTX, targets[tname]["size_bytes"],
                                           fitted)
+            kv_types = KV_TYPES if k.backend == "llama.cpp" else ("f16",)
+            long_predicted[tname] = {kv: peak_bytes(shape, k, long_ctx,
+                                                    targets[tname]["size_bytes"], fitted, kv)
+                                     for kv in kv_types}
     plots = {p: root / "bench" / p for p in PLOTS}
     for folder, names in folders.items():
         amend_artifact(root / folder, card_section=artifact_section(targets, names, ctx),
@@ -241,7 +246,8 @@ def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
     recipe_text = Path(recipe_path).read_text(encoding="utf-8")
     (root / "recipe.toml").write_text(recipe_text, encoding="utf-8")
     (root / "README.md").write_text(index_card(name, source["id"], recipe_text, targets,
-                                               folders, predicted, ctx, PLAN_CTX),
+                                               folders, predicted, ctx, PLAN_CTX,
+                                               long_predicted, long_ctx),
                                     encoding="utf-8")
     write_json(root / "release.json", {"name": name, "source": source,
                                        "artifacts": {f: k for f, (k, _) in artifacts.items()}})

@@ -58,9 +58,33 @@ def recommendations(targets: dict, predicted: dict[str, float]) -> list[tuple[in
     return picks
 
 
+def long_context_picks(targets: dict, predicted: dict[str, dict[str, float]]
+                       ) -> list[tuple[int, str]]:
+    """For each memory budget at the long context: the most faithful target that fits with
+    some KV cache type, with the most precise cache type that makes it fit.
+
+    ``predicted``: {target: {cache type: peak bytes}}, cache types in order of precision.
+    """
+    picks = []
+    for gb in BUDGETS_GB:
+        fitting = []
+        for n, by_kv in predicted.items():
+            kv = next((kv for kv, peak in by_kv.items() if peak <= gb * 1e9), None)
+            if kv is not None and targets[n].get("quality"):
+                fitting.append((_mean(d["mean_kld"] for d in targets[n]["quality"].values()),
+                                n, kv))
+        if fitting:
+            _, name, kv = min(fitting)
+            picks.append((gb, f"{name}, {kv} KV cache"))
+        else:
+            picks.append((gb, "none fits"))
+    return picks
+
+
 def index_card(name: str, model_id: str, recipe_text: str, targets: dict,
                folders: dict[str, list[str]], predicted: dict[str, float], ctx: str,
-               plan_ctx: int) -> str:
+               plan_ctx: int, long_predicted: dict[str, dict[str, float]] | None = None,
+               long_ctx: int = 0) -> str:
     rows = ["| artifact | target | format | size (MiB) | mean KLD | decode tok/s | "
             f"predicted peak @ {plan_ctx:,} ctx (GB) |", "|---|---|---|---|---|---|---|"]
     for folder, names in folders.items():
@@ -88,7 +112,7 @@ The most faithful artifact (lowest mean KLD) whose predicted peak memory at a {p
 context fits (`kvant plan`, fitted to this release's measurements):
 
 {picks}
-
+{_long_section(targets, long_predicted, long_ctx)}
 ![frontier](bench/frontier.png)
 
 ## Recipe
@@ -96,6 +120,22 @@ context fits (`kvant plan`, fitted to this release's measurements):
 ```toml
 {recipe_text.strip()}
 ```
+"""
+
+
+def _long_section(targets: dict, predicted: dict | None, ctx: int) -> str:
+    if not predicted:
+        return ""
+    picks = "\n".join(f"- **{gb} GB**: {pick}" for gb, pick in long_context_picks(targets,
+                                                                                   predicted))
+    return f"""
+At {ctx:,} tokens (the trained context) the KV cache decides: llama.cpp can keep it in q8_0
+(about half of f16) or q4_0 (about a quarter), `--kv-type` in `kvant generate`/`serve`/`bench`
+and llama.cpp's `-ctk`/`-ctv`. The most faithful file that fits, with the most precise
+cache that makes it fit (the quality cost of a quantized cache is not measured yet; the
+KLD ranks the weights alone):
+
+{picks}
 """
 
 

@@ -80,10 +80,30 @@ def test_index_card_and_root_checksums(release):
             assert f"| {name} |" in index
     for gb in (8, 12, 16, 24):
         assert f"- **{gb} GB**: " in index
+    # the long-context picks: the stand-in fits every budget at its trained 32,768 tokens
+    # with an f16 cache
+    long = index.split("At 32,768 tokens", 1)[1].split("![frontier]", 1)[0]
+    assert long.count(", f16 KV cache") == 4
     assert (out / "recipe.toml").read_text() == recipe.read_text()
     for line in (out / "SHA256SUMS").read_text().splitlines():
         digest, path = line.split("  ", 1)
         assert hashlib.sha256((out / path).read_bytes()).hexdigest() == digest
+
+
+def test_long_context_picks_take_the_most_precise_cache_that_fits():
+    from kvant.release_cards import long_context_picks
+
+    quality = {"small": {"quality": {"nob": {"mean_kld": 0.001}}},
+               "faithful": {"quality": {"nob": {"mean_kld": 0.0001}}}}
+    peaks = {"small": {"f16": 7e9, "q8_0": 6e9, "q4_0": 5e9},
+             "faithful": {"f16": 13e9, "q8_0": 11e9, "q4_0": 9.5e9}}
+    # 8 GB: only the small file fits (with f16); 12 GB: the faithful one with q8_0 (its f16
+    # needs 13); 16 and 24 GB: the faithful one with f16
+    assert long_context_picks(quality, peaks) == [
+        (8, "small, f16 KV cache"), (12, "faithful, q8_0 KV cache"),
+        (16, "faithful, f16 KV cache"), (24, "faithful, f16 KV cache")]
+    peaks["small"] = {"f16": 9e9, "q8_0": 8.5e9, "q4_0": 7.9e9}
+    assert long_context_picks(quality, peaks)[0] == (8, "small, q4_0 KV cache")
 
 
 def _planned(stdout: str) -> list[tuple[str, str]]:
