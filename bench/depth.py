@@ -64,11 +64,11 @@ def depth(artifacts: list[Path], reference: Path, docs: dict[str, list[int]],
     ref = reference_logits(reference, {lang: [ids] for lang, ids in docs.items()},
                            scratch / "reference")
     results: dict = {}
+    longest = max(len(ids) for ids in docs.values())
     for artifact in artifacts:
         for target in targets(artifact):
             caches = kv_types if target.backend == "llama.cpp" else ("f16",)
             for kv in caches:
-                longest = max(len(ids) for ids in docs.values())
                 runtime = open_runtime(target, "cpu", threads, n_ctx=longest + 8, kv_type=kv)
                 try:
                     for lang, ids in docs.items():

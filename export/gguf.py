@@ -7,11 +7,11 @@ the work is in gguf_pipeline.py (convert, imatrix, quantize, validate, card).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from kvant.data import DEFAULT_CALIB, EvalSettings
 from kvant.errors import SettingsError
+from kvant.plan import parse_size
 from kvant.registry import unknown_key_message
 
 # llama.cpp's type names (tools/quantize) in lower case -> gguf.LlamaFileType member
@@ -32,16 +32,11 @@ PRE_TOKENIZERS = ("ufakzeka", "tekken")
 
 
 MIX_SENSITIVITY = ("auto", "direct", "proxy")
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(gib|gb|mib|mb)$", re.I)
 
 
-def parse_size(text: str) -> int:
-    """'6.5GiB' -> bytes (GiB and MiB binary, GB and MB decimal)."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise SettingsError(f"mix size '{text}': give a size such as mix:6.5GiB or mix:7GB")
-    scale = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}[match.group(2).lower()]
-    return int(float(match.group(1)) * scale)
+def mix_size(gguf_type: str) -> int:
+    """The byte budget of ``mix:SIZE`` (``mix:6.5GiB``)."""
+    return parse_size(gguf_type.removeprefix("mix:"), "mix size", "mix:6.5GiB or mix:7GB")
 
 
 def is_mix(gguf_type: str) -> bool:
@@ -85,7 +80,7 @@ class GGUFSettings(EvalSettings):
         object.__setattr__(self, "types", tuple(t.lower() for t in self.types))  # Q4_K_M ok
         for t in self.types:
             if t.startswith("mix:"):
-                parse_size(t.removeprefix("mix:"))
+                mix_size(t)
             elif t not in DIRECT and t not in QUANT_TYPES and mix_base(t) not in QUANT_TYPES:
                 raise SettingsError(unknown_key_message(
                     "GGUF type", t, [*DIRECT, *QUANT_TYPES, "<type>-mix", "mix:SIZE"]))

@@ -37,7 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kvant.errors import KvantError, SettingsError
-from kvant.runtimes.llamacpp import LlamaCppRuntime, llama_tool, run_tool
+from kvant.export.gguf_quantize import quantize
+from kvant.runtimes.llamacpp import LlamaCppRuntime
 from kvant.scoring import kld_per_position
 
 logger = logging.getLogger(__name__)
@@ -111,13 +112,10 @@ def quantize_with(base: Path, out: Path, assignment: dict[str, str], imatrix: Pa
         for name, type_name in assignment.items():
             handle.write(f"^{re.escape(name)}$={type_name}\n")
         overrides = Path(handle.name)
+    options = ("--pure", "--tensor-type-file", overrides,
+               *(("--override-kv", f"{MIX_KEY}=str:{tag}") if tag else ()))
     try:
-        cmd = [llama_tool("llama-quantize"), "--pure", "--tensor-type-file", overrides]
-        if imatrix is not None:
-            cmd += ["--imatrix", imatrix]
-        if tag:
-            cmd += ["--override-kv", f"{MIX_KEY}=str:{tag}"]
-        run_tool([*cmd, base, out, ftype, threads])
+        quantize(base, out, ftype, imatrix, threads, options)
     finally:
         overrides.unlink(missing_ok=True)
     written = file_types(out)
@@ -131,10 +129,7 @@ def quantize_with(base: Path, out: Path, assignment: dict[str, str], imatrix: Pa
 
 def pure(base: Path, type_name: str, out: Path, imatrix: Path | None, threads: int) -> Path:
     """Every quantizable tensor in ``type_name`` (llama-quantize --pure)."""
-    cmd = [llama_tool("llama-quantize"), "--pure"]
-    if imatrix is not None:
-        cmd += ["--imatrix", imatrix]
-    run_tool([*cmd, base, out, PURE_FTYPE[type_name], threads])
+    quantize(base, out, PURE_FTYPE[type_name], imatrix, threads, ("--pure",))
     return out
 
 
@@ -311,7 +306,7 @@ class Sensitivity:
         """Calibration KLD the direct costs predict for ``assignment`` (None for proxy)."""
         if self.mode != "direct":
             return None
-        return self.baseline + sum(self.costs[n, t] for n, t in assignment.items())
+        return self.baseline + self.total(assignment)
 
     def total(self, assignment: dict[str, str]) -> float:
         return sum(self.costs[n, t] for n, t in assignment.items())
@@ -346,8 +341,8 @@ def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
     types = list(ALL_CANDIDATES)
     uniform_types = {}
     if uniform is not None:
-        uniform_types = {n: t for n, t in file_types(uniform).items()
-                         if n in {x.name for x in tensors}}
+        names = {x.name for x in tensors}
+        uniform_types = {n: t for n, t in file_types(uniform).items() if n in names}
         base_type = spec.removesuffix("-mix")
         types = [t for t in ALL_CANDIDATES if t in NEIGHBOURS.get(base_type, ALL_CANDIDATES)
                  or t in uniform_types.values()]

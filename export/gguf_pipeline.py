@@ -25,7 +25,7 @@ from kvant.export.gguf import (
     is_mix,
     kind,
     mix_base,
-    parse_size,
+    mix_size,
 )
 from kvant.export.gguf_clients import client_fidelity, fidelity_table, modelfile
 from kvant.export.gguf_convert import convert
@@ -111,7 +111,7 @@ def validate(path: Path, ref: Reference | None, wins: dict, settings: GGUFSettin
     return {**facts, **score_against(target, ref, wins, threads=settings.n_threads)}
 
 
-def _run_it(name: str, files: dict, clients: dict, context: int) -> str:
+def _run_it(files: dict, clients: dict, context: int) -> str:
     """The card's section on running the files: kvant serve, Ollama, llama-server."""
     pick = "q4_k_m" if "q4_k_m" in files else next(iter(files))
     gguf_file = files[pick]["file"]
@@ -378,7 +378,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
             with step(f"gguf mix {spec}", kind="llama-quantize"):
                 quantized[spec] = {"fallback_tensors": 0, "mix": make_mix(
                     spec, base, paths[spec], sensitivity, uniform,
-                    None if uniform_type else parse_size(spec.removeprefix("mix:")),
+                    None if uniform_type else mix_size(spec),
                     settings.n_threads)}
         files = {}
         for t in settings.types:
@@ -410,6 +410,6 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         art.tags = ["gguf", "llama.cpp"]
         art.title = f"{name} GGUF"
         art.card_body = _card(name, files, tok_report, imatrix, calib,
-                              _run_it(name, files, clients, context))
+                              _run_it(files, clients, context))
     logger.info("GGUF export: %s", json.dumps({t: f.get("mean_kld") for t, f in files.items()}))
     return Made(out, art.kinds)

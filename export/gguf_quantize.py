@@ -32,9 +32,11 @@ def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettin
             "ctx": settings.imatrix_ctx}
 
 
-def quantize(base: Path, out: Path, gguf_type: str, imatrix: Path | None, threads: int) -> dict:
-    """llama-quantize one type; count the tensors that fell back to another type."""
-    cmd = [llama_tool("llama-quantize")]
+def quantize(base: Path, out: Path, gguf_type: str, imatrix: Path | None, threads: int,
+             options: tuple = ()) -> dict:
+    """llama-quantize one type (``options``: more of its flags, such as --pure); count the
+    tensors that fell back to another type."""
+    cmd = [llama_tool("llama-quantize"), *options]
     if imatrix is not None:
         cmd += ["--imatrix", imatrix]
     log = run_tool([*cmd, base, out, gguf_type.upper(), threads])

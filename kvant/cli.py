@@ -29,6 +29,7 @@ from kvant.plan import (
     KV_TYPES,
     fit_overhead,
     load_results,
+    parse_size,
     plan_table,
     prediction_errors,
     shape_of,
@@ -189,7 +190,7 @@ def cmd_plan(args: argparse.Namespace) -> str:
         shape = shape_of(read_config(resolve_model(args.model)))
     else:
         shape = SHAPES[args.shape]
-    budget = _parse_size(args.budget)
+    budget = parse_size(args.budget, "--budget", "8GiB or 24GB", default_unit="GiB")
     results = load_results(args.bench)
     fitted, calibration = fit_overhead(results, shape_of(_bench_config(results))) \
         if results else ({}, set())
@@ -217,14 +218,6 @@ def _kv_types(text: str) -> tuple[str, ...]:
 
 def _bench_config(results: dict) -> dict:
     return json.loads((Path(results["reference"]) / "config.json").read_text())
-
-
-def _parse_size(text: str) -> float:
-    match = re.fullmatch(r"([0-9.]+)\s*(GiB|GB|MiB|MB)?", text.strip(), re.IGNORECASE)
-    if not match:
-        raise SettingsError(f"--budget {text}: write it like 8GiB or 24GB")
-    unit = (match.group(2) or "GiB").lower()
-    return float(match.group(1)) * {"gib": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit]
 
 
 def cmd_release(args: argparse.Namespace) -> str:

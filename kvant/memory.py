@@ -30,6 +30,12 @@ def ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def reference_dtype_for(n_params: int, room: int) -> str:
+    """The reference's dtype: float32 where the weights take at most 40% of ``room`` (RAM
+    or GPU memory), else bfloat16 (NorMistral-11b in float32 is 46 GB)."""
+    return "float32" if 4 * n_params <= 0.4 * room else "bfloat16"
+
+
 def return_freed_memory() -> None:
     """Hand memory that Python, torch and numpy have freed back to the kernel (glibc keeps
     freed blocks in its arenas otherwise, and a long run's RSS only grows). No-op off glibc."""

@@ -17,10 +17,24 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvant.errors import SettingsError
+from kvant.memory import reference_dtype_for
 from kvant.synth import Shape
 
 GIB = 2**30
 MIB = 2**20
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB)?", re.IGNORECASE)
+_UNITS = {"gib": GIB, "gb": 10**9, "mib": MIB, "mb": 10**6}
+
+
+def parse_size(text: str, what: str, example: str, default_unit: str | None = None) -> int:
+    """'6.5GiB' -> bytes (GiB and MiB binary, GB and MB decimal); a bare number is in
+    ``default_unit``, or refused when there is none. ``what`` and ``example`` word the
+    error: "--budget lots: write it like 8GiB or 24GB"."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match or not (match.group(2) or default_unit):
+        raise SettingsError(f"{what} {text}: write it like {example}")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or default_unit).lower()])
 
 # Bits per weight of the quantized matmul weights.
 # GGUF: llama.cpp tools/quantize README (whole-file bpw on Llama-3-8B, a 128k vocabulary
@@ -301,7 +315,7 @@ _TORCH_IMPORT_MIB = 250.0  # what importing torch and transformers adds to a pro
 def _reference_dtype_bytes(record: dict, shape: Shape, ram: int) -> int:
     if record.get("dtype"):
         return 4 if record["dtype"] == "float32" else 2
-    return 4 if 4 * shape.n_params() <= 0.4 * ram else 2  # kvant.runtimes.reference_dtype
+    return 4 if reference_dtype_for(shape.n_params(), ram) == "float32" else 2
 
 
 def _largest(shape: Shape) -> int:

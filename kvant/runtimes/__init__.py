@@ -24,7 +24,7 @@ import numpy as np
 
 from kvant.errors import ArtifactError, SettingsError
 from kvant.files import sha256_file, sha256_text
-from kvant.memory import ram_bytes
+from kvant.memory import ram_bytes, reference_dtype_for
 from kvant.model import model_info, read_config
 from kvant.scoring import drift, mean_over_languages
 
@@ -227,14 +227,13 @@ def reference_dtype(model_dir: Path, device: str = "cpu") -> str:
     """float32 where the model fits in it with room to spare (the stand-in, small models),
     else bfloat16: NorMistral-11b in float32 is 46 GB, twice its checkpoint. The logits are
     turned into float32 either way (TorchRuntime.logits) before any log-softmax."""
-    need = 4 * model_info(model_dir).n_params
     if device.startswith("cuda"):
         import torch  # only asked when the reference runs on a GPU
 
         room = torch.cuda.get_device_properties(torch.device(device)).total_memory
     else:
         room = ram_bytes()
-    return "float32" if need <= 0.4 * room else "bfloat16"
+    return reference_dtype_for(model_info(model_dir).n_params, room)
 
 
 class Reference:

@@ -11,7 +11,7 @@ import pytest
 
 from kvant.artifact import read_manifest
 from kvant.errors import SettingsError
-from kvant.export.gguf import GGUFSettings, file_name, parse_size
+from kvant.export.gguf import GGUFSettings, file_name, mix_size
 from kvant.export.gguf_mix import (
     Tensor,
     fallback,
@@ -67,7 +67,7 @@ def test_every_tensor_has_its_planned_type_and_the_byte_model_is_exact(mix_artif
             assert tensor_bytes(tensor, plan[tensor.name]) == written[tensor.name], tensor.name
         assert gguf_kind(path) == "gguf-" + spec.replace(":", "-")
     sized = mix_artifact / files["mix:3.6mib"]["file"]
-    assert sized.stat().st_size <= parse_size("3.6MiB")
+    assert sized.stat().st_size <= mix_size("mix:3.6MiB") == int(3.6 * 2**20)
     assert len(set(files["q4_k_m-mix"]["mix"]["assignment"].values())) > 1
 
 
