@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvant.errors import SettingsError
-from kvant.plan import KV_TYPES
+from kvant.plan import KV_TYPES, require_kv_type
 from kvant.registry import unknown_key_message
 from kvant.runtimes import Target, open_runtime, targets, verify
 from kvant.tokenization import exact_tokenizer
@@ -198,8 +198,9 @@ class Engine:
     artifact itself, and the context it runs with.
 
     ``n_ctx``: the context to allocate (default: the artifact's stated context, at most
-    4,096, as llama-server's default; the KV cache grows with it). ``kv_type``: llama.cpp's
-    KV cache precision (f16, q8_0 about half its memory, q4_0 about a quarter).
+    4,096, as llama-server's default; the KV cache grows with it). ``kv_type``: the KV cache
+    precision (kvant.plan.KV_CACHES; llama.cpp: f16, q8_0 about half its memory, q4_0 about
+    a quarter).
     """
 
     def __init__(self, artifact: Path, device: str = "cpu", n_ctx: int = 0, threads: int = 0,
@@ -210,6 +211,7 @@ class Engine:
         if len(found) != 1:
             raise SettingsError(f"'{artifact}' holds {len(found)} models; pass one .gguf file")
         self.target = found[0]
+        require_kv_type(self.target.backend, kv_type)
         verify(self.target, check)
         self.tokenizer = exact_tokenizer(self.target.path)
         self.trained_context = stated_context(self.target)

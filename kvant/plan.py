@@ -143,16 +143,53 @@ def weight_bytes(shape: Shape, kind: Kind) -> float:
             + shape.n_layers * per_layer * kind.linear_bpw) / 8
 
 
-# Bytes per cached K or V element of llama.cpp's cache types (ggml: f16 2; q8_0 34 bytes and
-# q4_0 18 bytes per 32 values). Other runtimes keep their own (Kind.kv_bytes).
-KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+@dataclass(frozen=True)
+class KVCache:
+    """One KV cache precision: the runtime that has it and what a cached value costs."""
+
+    backend: str | None
+    """None: every runtime, in its own precision (Kind.kv_bytes)."""
+    bytes_per_value: float | None = None
+    residual_tokens: int = 0
+    """Newest tokens kept unquantized (KIVI-style caches)."""
+
+
+# Every runtime's KV cache precisions, one table for the planner, the CLIs and the runtimes.
+# "f16": the runtime's own unquantized cache (f16 in llama.cpp, the model's bf16 in
+# transformers, the io dtype in ONNX Runtime GenAI, which has no other). llama.cpp (ggml):
+# q8_0 34 bytes and q4_0 18 bytes per 32 values; quantized V needs flash attention there.
+# transformers' QuantizedCache: fp8 (float8 e4m3, one scale per tensor), int4
+# (optimum-quanto: 4 bits with a bf16 scale and zero point per 64 values, the newest 128
+# tokens kept in bf16).
+KV_CACHES = {"f16": KVCache(None), "q8_0": KVCache("llama.cpp", 34 / 32),
+             "q4_0": KVCache("llama.cpp", 18 / 32), "fp8": KVCache("torch", 1.0),
+             "int4": KVCache("torch", 0.5 + 4 / 64, residual_tokens=128)}
+KV_TYPES = tuple(KV_CACHES)
+
+
+def kv_types_for(backend: str) -> tuple[str, ...]:
+    """The cache types ``backend`` runs, most precise first."""
+    return tuple(n for n, c in KV_CACHES.items() if c.backend in (None, backend))
+
+
+def require_kv_type(backend: str, kv_type: str) -> None:
+    """One line, exit status 2, for a cache type ``backend`` does not run."""
+    if kv_type not in kv_types_for(backend):
+        raise SettingsError(f"--kv-type {kv_type}: {backend} runs "
+                            f"{', '.join(kv_types_for(backend))}; pick one of those")
 
 
 def kv_bytes(shape: Shape, kind: Kind, ctx: int, kv_type: str | None = None) -> float:
-    """The KV cache at ``ctx`` tokens; ``kv_type`` (llama.cpp's f16, q8_0, q4_0) overrides
-    the kind's own element size."""
-    per = KV_TYPES[kv_type] if kv_type and kind.backend == "llama.cpp" else kind.kv_bytes
-    return 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * per * ctx
+    """The KV cache at ``ctx`` tokens; ``kv_type`` (one of the kind's backend's
+    :func:`kv_types_for`) overrides the kind's own element size."""
+    per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim
+    cache = KV_CACHES[kv_type or "f16"]
+    if cache.backend is None:
+        return per_token * kind.kv_bytes * ctx
+    if cache.backend != kind.backend:
+        raise ValueError(f"{kv_type} is a {cache.backend} cache, not {kind.backend}'s")
+    kept = min(ctx, cache.residual_tokens)
+    return per_token * (cache.bytes_per_value * (ctx - kept) + kind.kv_bytes * kept)
 
 
 def overhead_bytes(stack: str, ctx: int, vocab: int, fitted: dict | None = None) -> float:
@@ -182,11 +219,11 @@ def _ort_resident(shape: Shape, kind: Kind, weights: float) -> float:
 
 def predict(shape: Shape, ctxs: list[int], fitted: dict | None = None,
             kv_types: tuple[str, ...] = ("f16",)) -> dict:
-    """{row name: {ctx: predicted peak bytes}}; llama.cpp kinds once per KV cache type
-    (``gguf-q4_k_m`` with f16, ``gguf-q4_k_m kv=q8_0`` with q8_0)."""
+    """{row name: {ctx: predicted peak bytes}}; each kind once per cache type of
+    ``kv_types`` its backend runs (``gguf-q4_k_m`` with f16, ``gguf-q4_k_m kv=q8_0``)."""
     rows = {}
     for name, k in kinds().items():
-        for kv in (kv_types if k.backend == "llama.cpp" else ("f16",)):
+        for kv in (t for t in kv_types if t in kv_types_for(k.backend)):
             row = name if kv == "f16" else f"{name} kv={kv}"
             rows[row] = {ctx: peak_bytes(shape, k, ctx, fitted=fitted, kv_type=kv)
                          for ctx in ctxs}

@@ -26,6 +26,7 @@ from kvant.errors import ArtifactError, SettingsError
 from kvant.files import sha256_file, sha256_text
 from kvant.memory import ram_bytes, reference_dtype_for
 from kvant.model import model_info, read_config
+from kvant.plan import require_kv_type
 from kvant.scoring import drift, mean_over_languages
 
 BACKENDS = ("torch", "llama.cpp", "onnxruntime-genai", "onnxruntime")
@@ -184,17 +185,16 @@ def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: i
     ``all_logits`` False keeps only the last position's logits (speed runs: copying
     (tokens x vocab) floats would be measured as compute); ``dtype`` applies to plain
     (unquantized) torch checkpoints; ``repack`` to llama.cpp's CPU weight repacking (see
-    kvant.runtimes.llamacpp); ``kv_type`` to llama.cpp's KV cache (f16, q8_0, q4_0).
+    kvant.runtimes.llamacpp); ``kv_type`` to the KV cache (kvant.plan.KV_CACHES: f16, q8_0
+    and q4_0 in llama.cpp, f16, fp8 and int4 in transformers, f16 in ONNX Runtime GenAI).
     """
-    if kv_type != "f16" and target.backend != "llama.cpp":
-        raise SettingsError(f"--kv-type {kv_type} is llama.cpp's KV cache setting; "
-                            f"{target.backend} keeps its cache in its own precision (use f16)")
+    require_kv_type(target.backend, kv_type)
     # Each engine module imports its engine (torch, llama_cpp, onnxruntime) at its top:
     # imported here, on first use, so that opening a GGUF never loads torch.
     if target.backend == "torch":
         from kvant.runtimes.hf import TorchRuntime
 
-        return TorchRuntime(target.path, device, threads, dtype)
+        return TorchRuntime(target.path, device, threads, dtype, kv_type=kv_type)
     if target.backend == "llama.cpp":
         from kvant.runtimes.llamacpp import LlamaCppRuntime
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, QuantizedCache
+
+from kvant.errors import SettingsError
 
 
 def _sync(device: str) -> None:
@@ -17,11 +19,46 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# transformers' QuantizedCache for Kvant's torch cache types (kvant.plan.KV_CACHES): fp8 is
+# built in; int4 is optimum-quanto's (KIVI-style: per-channel groups of 64, the newest 128
+# tokens unquantized).
+_QUANTIZED_CACHE = {"fp8": {"backend": "fp8"},
+                    "int4": {"backend": "quanto", "nbits": 4, "q_group_size": 64,
+                             "residual_length": 128}}
+# A quantized cache only shows in attention over earlier chunks: a whole-window forward
+# attends to its own fresh keys. Scoring with one feeds the window in chunks this long, as
+# a server's prefill batches and a generation's steps would meet the cache.
+CACHE_CHUNK = 512
+
+
+def _nbytes(value) -> int:
+    """Bytes of the storage behind a cache attribute: tensors, tuples of them and tensor
+    subclasses (quanto's packed tensors) flattened to the plain tensors they hold."""
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    if hasattr(value, "__tensor_flatten__"):
+        names, _ = value.__tensor_flatten__()
+        return sum(_nbytes(getattr(value, n)) for n in names)
+    return value.numel() * value.element_size()
+
+
+def cache_bytes(cache) -> int:
+    """What a transformers cache holds in memory, every layer's keys and values (quantized
+    and residual) with their scales: the number the planner's KV bytes predict."""
+    return sum(_nbytes(v) for layer in cache.layers for v in vars(layer).values())
+
+
 class TorchRuntime:
-    """A transformers model; quantized checkpoints keep the dtype their config chooses."""
+    """A transformers model; quantized checkpoints keep the dtype their config chooses.
+
+    ``kv_type``: f16 (the model's own dtype, transformers' DynamicCache), fp8 or int4
+    (transformers' QuantizedCache; int4 needs optimum-quanto).
+    """
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0,
-                 dtype: str = "bfloat16"):
+                 dtype: str = "bfloat16", kv_type: str = "f16"):
         if threads:
             torch.set_num_threads(threads)
         config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
@@ -36,23 +73,47 @@ class TorchRuntime:
                 path, dtype=getattr(torch, dtype)).to(device)
         self.model.eval()
         self.device = str(self.model.device) if device.startswith("cuda") else device
+        self.kv_type = kv_type
+        if kv_type == "int4":
+            try:
+                import optimum.quanto  # noqa: F401
+            except ImportError:
+                raise SettingsError("--kv-type int4 needs optimum-quanto for transformers' "
+                                    "quantized cache; pip install 'kvant[torch-kv]' or "
+                                    "use fp8") from None
+
+    def cache(self):
+        """A fresh KV cache of this runtime's type (None: the model's default)."""
+        if self.kv_type == "f16":
+            return None
+        return QuantizedCache(config=self.model.config, **_QUANTIZED_CACHE[self.kv_type])
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with torch.no_grad():
-            out = self.model(torch.tensor([ids], device=self.device)).logits[0]
-        return out.float().cpu().numpy()
+            cache = self.cache()
+            if cache is None:
+                out = self.model(torch.tensor([ids], device=self.device)).logits[0]
+                return out.float().cpu().numpy()
+            parts = [self.model(torch.tensor([ids[i:i + CACHE_CHUNK]], device=self.device),
+                                past_key_values=cache, use_cache=True).logits[0].float().cpu()
+                     for i in range(0, len(ids), CACHE_CHUNK)]
+        return torch.cat(parts).numpy()
+
+    def _prompt(self, ids: list[int]):
+        return self.model(torch.tensor([ids], device=self.device),
+                          past_key_values=self.cache(), use_cache=True)
 
     def prefill(self, ids: list[int]) -> float:
         with torch.no_grad():
             _sync(self.device)
             start = time.perf_counter()
-            self.model(torch.tensor([ids], device=self.device), use_cache=True)
+            self._prompt(ids)
             _sync(self.device)
         return time.perf_counter() - start
 
     def decode(self, ids: list[int], n_new: int) -> float:
         with torch.no_grad():
-            out = self.model(torch.tensor([ids], device=self.device), use_cache=True)
+            out = self._prompt(ids)
             cache, token = out.past_key_values, out.logits[0, -1].argmax()
             _sync(self.device)
             start = time.perf_counter()
@@ -64,7 +125,7 @@ class TorchRuntime:
 
     def greedy(self, ids: list[int]) -> Iterator[int]:
         with torch.no_grad():
-            out = self.model(torch.tensor([ids], device=self.device), use_cache=True)
+            out = self._prompt(ids)
             while True:
                 token = out.logits[0, -1].argmax()
                 yield int(token)
@@ -74,9 +135,11 @@ class TorchRuntime:
     def generate(self, ids: list[int], n_new: int) -> list[int]:
         """transformers' own greedy generate (a second opinion on :meth:`greedy`)."""
         with torch.no_grad():
+            cache = self.cache()
+            extra = {} if cache is None else {"past_key_values": cache}
             out = self.model.generate(torch.tensor([ids], device=self.device),
                                       max_new_tokens=n_new, min_new_tokens=n_new,
-                                      do_sample=False)
+                                      do_sample=False, **extra)
         return out[0, len(ids):].tolist()
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
-"""KV-cache precision (llama.cpp's f16, q8_0, q4_0): what the planner predicts against what
-llama.cpp holds, and the one-line refusals around context and cache type."""
+"""KV-cache precision (llama.cpp's f16, q8_0, q4_0; transformers' fp8, int4): what the
+planner predicts against what each runtime holds, and the one-line refusals around context
+and cache type."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def test_context_and_cache_type_refusals(gguf_artifact, onnx_artifacts):
         past.stderr and len(past.stderr.strip().splitlines()) == 1
     onnx = run_kvant("generate", str(onnx_artifacts["int4-b32"]), "--prompt", "Hei",
                      "--kv-type", "q8_0", "--max-new-tokens", "2")
-    assert onnx.returncode == 2 and "llama.cpp's KV cache setting" in onnx.stderr
+    assert onnx.returncode == 2 and "onnxruntime-genai runs f16;" in onnx.stderr
     bench = run_kvant("bench", str(path), "--no-quality", "--ctx", "512,40000", "--out",
                       str(path.parent.parent / "bench-refused"))
     assert bench.returncode == 2 and "past the 32,768 tokens" in bench.stderr
@@ -73,7 +74,41 @@ def test_plan_and_bench_take_the_cache_type():
     assert kv_bytes(shape, q4, 32768) == 40 * 8 * 128 * 2 * 2 * 32768
     saved = peak_bytes(shape, q4, 32768) - peak_bytes(shape, q4, 32768, kv_type="q8_0")
     assert saved == kv_bytes(shape, q4, 32768) - kv_bytes(shape, q4, 32768, "q8_0")
-    # torch and ONNX Runtime keep their own cache: the llama.cpp setting does not apply
-    assert kv_bytes(shape, kind("bf16"), 4096, "q4_0") == kv_bytes(shape, kind("bf16"), 4096)
+    # a cache type belongs to its runtime: llama.cpp's q4_0 is no transformers cache
+    with pytest.raises(ValueError, match="llama.cpp cache"):
+        kv_bytes(shape, kind("bf16"), 4096, "q4_0")
     with pytest.raises(SettingsError, match="KV cache type"):
         BenchSettings(kv_type="q5_1")
+
+
+@pytest.mark.parametrize("kv", ["f16", "fp8", "int4"])
+def test_transformers_cache_holds_what_the_plan_says(tiny_model, kv):
+    import torch
+    from transformers import DynamicCache
+
+    from kvant.runtimes.hf import CACHE_CHUNK, TorchRuntime, cache_bytes
+
+    shape = shape_of(json.loads((tiny_model / "config.json").read_text()))
+    # 1,024 tokens in two chunks, then 127 more: int4 keeps those unquantized (up to 128,
+    # the plan's worst case), the rest in 4 bits
+    held_tokens = TOKENS + 127
+    ids = list(range(5, 5 + held_tokens))
+    runtime = TorchRuntime(tiny_model, kv_type=kv)
+    plain = TorchRuntime(tiny_model)
+    try:
+        cache = runtime.cache() or DynamicCache(config=runtime.model.config)
+        with torch.no_grad():
+            for i in range(0, held_tokens, CACHE_CHUNK):
+                runtime.model(torch.tensor([ids[i:i + CACHE_CHUNK]]), past_key_values=cache,
+                              use_cache=True)
+        held, planned = cache_bytes(cache), kv_bytes(shape, kind("bf16"), held_tokens, kv)
+        assert abs(held - planned) / held < 0.05, (held, planned)
+        if kv != "f16":  # quantized keys reach the logits from the second chunk on
+            quantized, exact = runtime.logits(ids), plain.logits(ids)
+            first = slice(0, CACHE_CHUNK)
+            assert abs(quantized[first] - exact[first]).max() < 1e-3
+            assert abs(quantized[CACHE_CHUNK:] - exact[CACHE_CHUNK:]).max() > 1e-3
+            assert held < 0.6 * kv_bytes(shape, kind("bf16"), held_tokens)
+    finally:
+        runtime.close()
+        plain.close()
