@@ -83,6 +83,24 @@ def kld_per_position(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
     return (np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1)
 
 
+def position_scores(ref: np.ndarray, cur: np.ndarray, ids: list[int], rows: int = 1024
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per predicted position (t predicts ids[t+1]): KL(ref || cur), the reference's and the
+    model's negative log-likelihood. Worked through ``rows`` positions at a time, so that a
+    32,768-token document at NorMistral's 51,200-entry vocabulary needs a few hundred MB of
+    float64 rather than 13 GB."""
+    n = len(ids) - 1
+    kld, nll_ref, nll = np.empty(n), np.empty(n), np.empty(n)
+    targets = np.asarray(ids[1:])
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        lp_ref, lp = log_softmax(ref[lo:hi]), log_softmax(cur[lo:hi])
+        kld[lo:hi] = (np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1)
+        picked = np.arange(hi - lo), targets[lo:hi]
+        nll_ref[lo:hi], nll[lo:hi] = -lp_ref[picked], -lp[picked]
+    return kld, nll_ref, nll
+
+
 def drift(ref_logits: list[np.ndarray], logits: list[np.ndarray],
           wins: list[list[int]]) -> Drift:
     """KL(ref || model) per predicted position, perplexities and top-1 agreement.

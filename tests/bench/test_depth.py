@@ -12,18 +12,31 @@ def test_position_buckets_on_identical_ids_for_every_backend_and_cache(gguf_arti
                                                                         tmp_path):
     docs = documents(tiny_model, ["nob"], 2048, cache_dir, UD_DIR)
     assert len(docs["nob"]) == 2048 and docs["nob"][0] == 1  # one <s>, then the text
-    files = [gguf_artifact / "tiny-F32.gguf", gguf_artifact / "tiny-Q4_K_M.gguf"]
-    results = depth(files, tiny_model, docs, ("f16", "q4_0"), tmp_path)
+    files = [gguf_artifact / "tiny-F32.gguf", gguf_artifact / "tiny-Q4_K_M.gguf", tiny_model]
+    # each runtime runs the cache types it has: llama.cpp f16 and q4_0, transformers f16, fp8
+    results = depth(files, tiny_model, docs, ("f16", "q4_0", "fp8"), tmp_path)
+    assert {n: sorted(r) for n, r in results.items()} == {
+        "tiny-F32": ["f16", "q4_0"], "tiny-Q4_K_M": ["f16", "q4_0"],
+        tiny_model.name: ["f16", "fp8"]}
     rows = [r for by_kv in results.values() for by_lang in by_kv.values()
             for r in by_lang.values()]
-    assert len(rows) == 4 and len({r["ids"] for r in rows}) == 1  # the same ids everywhere
+    assert len(rows) == 6 and len({r["ids"] for r in rows}) == 1  # the same ids everywhere
     for r in rows:
         assert r["buckets"]["0-1024"] is not None and r["buckets"]["1024-4096"] is not None
         assert r["buckets"]["4096-16384"] is None  # past the document's 2,048 tokens
     f32 = results["tiny-F32"]
     assert f32["f16"]["nob"]["mean_kld"] < 1e-4  # float32 weights, f16 cache: parity
-    # a q4_0 cache adds drift on the same ids, at every depth
+    assert abs(f32["f16"]["nob"]["ppl_drift_pct"]) < 0.1
+    # a quantized cache adds drift on the same ids, at every depth, in both runtimes
+    # (transformers' from the second 512-token chunk on, when keys come from the cache)
+    torch_rows = results[tiny_model.name]
     for bucket in ("0-1024", "1024-4096"):
-        assert f32["q4_0"]["nob"]["buckets"][bucket] > f32["f16"]["nob"]["buckets"][bucket]
-    q4 = results["tiny-Q4_K_M"]["f16"]["nob"]["mean_kld"]
-    assert q4 > f32["f16"]["nob"]["mean_kld"]
+        assert f32["q4_0"]["nob"]["buckets"][bucket]["kld"] > \
+            f32["f16"]["nob"]["buckets"][bucket]["kld"]
+        assert torch_rows["fp8"]["nob"]["buckets"][bucket]["kld"] > \
+            torch_rows["f16"]["nob"]["buckets"][bucket]["kld"]
+    q4 = results["tiny-Q4_K_M"]["f16"]["nob"]
+    assert q4["mean_kld"] > f32["f16"]["nob"]["mean_kld"]
+    # every target's bucket is scored against the same reference perplexity (same tokens)
+    refs = {r["buckets"]["1024-4096"]["ppl_ref"] for r in rows}
+    assert len(refs) == 1
