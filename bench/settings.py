@@ -43,8 +43,12 @@ class BenchSettings:
     copy of the weights in memory; on a 2-core EPYC at NorMistral's width prefill was 1.85x
     faster without it and decode 5% slower. llama-bench runs with the same choice."""
     kv_type: str = "f16"
-    """llama.cpp's KV cache precision for the GGUF speed rows: f16, q8_0 (about half the
-    memory) or q4_0; other runtimes keep their own."""
+    """KV cache precision of the speed rows (kvant.plan.KV_CACHES): llama.cpp's f16, q8_0
+    (about half the memory) or q4_0; transformers' fp8 or int4. A backend without the type
+    keeps its own cache (f16), and the row says which it ran."""
+    depth_ctx: int = 8192
+    """A release's depth study (kvant.bench.depth): held-out tokens per language on which
+    each long-context pick and its KV cache type are scored by position (0: none)."""
     verify: bool = True
     """Check every artifact's files against its manifest's sha256 before measuring (sizes are
     always checked); --no-verify skips the hashing."""
@@ -54,6 +58,8 @@ class BenchSettings:
             ctxs = [int(c) for c in self.ctx]
         except ValueError:
             raise SettingsError(f"--ctx {','.join(self.ctx)}: give token counts") from None
+        if self.depth_ctx < 0:
+            raise SettingsError(f"depth_ctx {self.depth_ctx}: give a token count, or 0")
         if min(ctxs) < 2 or min(self.n_new, self.repeats, self.quality_ctx,
                                  self.quality_tokens, self.max_attempts) < 1:
             raise SettingsError("context lengths and counts must be positive")

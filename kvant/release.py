@@ -12,7 +12,8 @@ Recipe schema (TOML), every key optional except release.name and release.model:
     [gptq]     bits, group_size, desc_act, sym, damp, samples, seqlen
     [bnb]      modes, double_quant, compute_dtype
     [onnx]     precision, provider, block_size, accuracy_level
-    [bench]    ctx, n_new, repeats, quality_ctx, quality_tokens, peer_checks, threads
+    [bench]    ctx, n_new, repeats, quality_ctx, quality_tokens, peer_checks, threads,
+               depth_ctx
 """
 
 from __future__ import annotations
@@ -20,19 +21,29 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvant.artifact import amend_artifact, verify_artifact
+from kvant.bench.depth import depth, documents
+from kvant.bench.depth import table as depth_table
 from kvant.bench.run import quality_windows, run_bench, texts_for
 from kvant.bench.settings import BenchSettings
 from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import ArtifactError, SettingsError
 from kvant.files import sha256_file
-from kvant.model import content_hash, model_source, pick_device, read_config, trained_context
+from kvant.model import (
+    content_hash,
+    model_info,
+    model_source,
+    pick_device,
+    read_config,
+    trained_context,
+)
 from kvant.pipelines import PIPELINES
-from kvant.plan import KV_TYPES, entry_kind, fit_overhead, peak_bytes, shape_of
+from kvant.plan import entry_kind, fit_overhead, kv_types_for, peak_bytes, shape_of
 from kvant.registry import nearest
 from kvant.rehearsal import REHEARSAL_TABLE, scale_work, write_rehearsal
 from kvant.release_cards import (
@@ -40,6 +51,7 @@ from kvant.release_cards import (
     PLOTS,
     artifact_section,
     index_card,
+    long_context_picks,
     upload_plan,
     verify_release,
     write_json,
@@ -60,7 +72,7 @@ RECIPE_SCHEMA = {
     "bnb": {"modes", "double_quant", "compute_dtype"},
     "onnx": {"precision", "provider", "block_size", "accuracy_level"},
     "bench": {"ctx", "n_new", "repeats", "quality_ctx", "quality_tokens", "peer_checks",
-              "threads"},
+              "threads", "depth_ctx"},
 }
 PLAN_CTX = 4096  # the context "Which to pick" plans for
 
@@ -219,13 +231,39 @@ def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchS
     shutil.rmtree(reference, ignore_errors=True)
 
 
-def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
-           artifacts: dict, bench_settings: BenchSettings) -> None:
-    """Cards, plots and checksums of every artifact and the release's index."""
+def _depth_study(root: Path, model: Path, source: dict, artifacts: dict,
+                 settings: BenchSettings, cache_dir: Path, data_dir: Path | None) -> dict:
+    """Each long-context pick scored by position with its KV cache type and with f16
+    (kvant.bench.depth), into bench/depth.json and depth.md; {} when the release runs none
+    (depth_ctx 0, or synthetic weights, whose KLD means nothing)."""
+    if not settings.depth_ctx or model_info(model).synthetic:
+        return {}
+    targets, _, long_predicted, _ = _predictions(root, model, source, _folders(root, artifacts))
+    docs = documents(model, list(settings.langs), settings.depth_ctx, cache_dir, data_dir)
+    picks = {(n, kv) for _, n, kv in long_context_picks(targets, long_predicted) if n}
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix=".depth-", dir=root / "bench") as scratch:
+        for n, kv in sorted(picks):
+            found = depth([Path(targets[n]["path"])], model, docs, tuple(dict.fromkeys(
+                ("f16", kv))), Path(scratch))
+            for tname, by_kv in found.items():
+                results.setdefault(tname, {}).update(by_kv)
+    write_json(root / "bench" / "depth.json", results)
+    (root / "bench" / "depth.md").write_text(depth_table(results) + "\n", encoding="utf-8")
+    return results
+
+
+def _depth_tokens(depth: dict) -> int:
+    return max((r["tokens"] for by_kv in depth.values() for by_lang in by_kv.values()
+                for r in by_lang.values()), default=0)
+
+
+def _predictions(root: Path, model: Path, source: dict, folders: dict[str, list[str]]
+                 ) -> tuple[dict, dict, dict, int]:
+    """(bench targets, each shipped target's predicted peak at PLAN_CTX, the same per KV
+    cache type at the trained context, that context), fitted to the release's bench."""
     results = json.loads((root / "bench" / "results.json").read_text())
     targets = results["targets"]
-    ctx = bench_settings.ctx[0]
-    folders = {f: [t.name for t in find_targets(root / f)] for f in artifacts}
     shape = shape_of(read_config(model))
     fitted, _ = fit_overhead(results, shape)
     shipped = {n for names in folders.values() for n in names}  # never the reference model
@@ -235,10 +273,22 @@ def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
         if (k := entry_kind(targets[tname], shape)) is not None:
             predicted[tname] = peak_bytes(shape, k, PLAN_CTX, targets[tname]["size_bytes"],
                                           fitted)
-            kv_types = KV_TYPES if k.backend == "llama.cpp" else ("f16",)
             long_predicted[tname] = {kv: peak_bytes(shape, k, long_ctx,
                                                     targets[tname]["size_bytes"], fitted, kv)
-                                     for kv in kv_types}
+                                     for kv in kv_types_for(k.backend)}
+    return targets, predicted, long_predicted, long_ctx
+
+
+def _folders(root: Path, artifacts: dict) -> dict[str, list[str]]:
+    return {f: [t.name for t in find_targets(root / f)] for f in artifacts}
+
+
+def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
+           artifacts: dict, bench_settings: BenchSettings, at_depth: dict) -> None:
+    """Cards, plots and checksums of every artifact and the release's index."""
+    folders = _folders(root, artifacts)
+    targets, predicted, long_predicted, long_ctx = _predictions(root, model, source, folders)
+    ctx = bench_settings.ctx[0]
     plots = {p: root / "bench" / p for p in PLOTS}
     for folder, names in folders.items():
         amend_artifact(root / folder, card_section=artifact_section(targets, names, ctx),
@@ -247,7 +297,8 @@ def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
     (root / "recipe.toml").write_text(recipe_text, encoding="utf-8")
     (root / "README.md").write_text(index_card(name, source["id"], recipe_text, targets,
                                                folders, predicted, ctx, PLAN_CTX,
-                                               long_predicted, long_ctx),
+                                               long_predicted, long_ctx, at_depth,
+                                               _depth_tokens(at_depth)),
                                     encoding="utf-8")
     write_json(root / "release.json", {"name": name, "source": source,
                                        "artifacts": {f: k for f, (k, _) in artifacts.items()}})
@@ -301,8 +352,12 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
         try:
             _build(root, model, source, artifacts, bench_settings, cache_dir, data_dir,
                    progress, rehearse is not None)
+            with step("depth study", ctx=bench_settings.depth_ctx):
+                at_depth = _depth_study(root, model, source, artifacts, bench_settings,
+                                        cache_dir, data_dir)
             with step("cards"):
-                _cards(root, recipe_path, name, model, source, artifacts, bench_settings)
+                _cards(root, recipe_path, name, model, source, artifacts, bench_settings,
+                       at_depth)
             finished = True
         finally:
             if rehearse is not None:  # a failed rehearsal still shows the steps it ran

@@ -59,9 +59,10 @@ def recommendations(targets: dict, predicted: dict[str, float]) -> list[tuple[in
 
 
 def long_context_picks(targets: dict, predicted: dict[str, dict[str, float]]
-                       ) -> list[tuple[int, str]]:
-    """For each memory budget at the long context: the most faithful target that fits with
-    some KV cache type, with the most precise cache type that makes it fit.
+                       ) -> list[tuple[int, str | None, str | None]]:
+    """For each memory budget at the long context: (budget, the most faithful target that
+    fits with some KV cache type, the most precise cache type that makes it fit), with None
+    twice where nothing fits.
 
     ``predicted``: {target: {cache type: peak bytes}}, cache types in order of precision.
     """
@@ -73,18 +74,37 @@ def long_context_picks(targets: dict, predicted: dict[str, dict[str, float]]
             if kv is not None and targets[n].get("quality"):
                 fitting.append((_mean(d["mean_kld"] for d in targets[n]["quality"].values()),
                                 n, kv))
-        if fitting:
-            _, name, kv = min(fitting)
-            picks.append((gb, f"{name}, {kv} KV cache"))
-        else:
-            picks.append((gb, "none fits"))
+        picks.append((gb, *min(fitting)[1:]) if fitting else (gb, None, None))
     return picks
+
+
+def depth_cost(depth: dict, name: str, kv: str) -> str:
+    """What a pick measured at depth (kvant.bench.depth results): its mean KLD and perplexity
+    drift over the documents, its last filled bucket, and the same with an f16 cache."""
+    by_kv = depth.get(name, {})
+    if kv not in by_kv:
+        return ""
+
+    def summary(rows: dict) -> tuple[float, float, str, float]:
+        last = max((b for r in rows.values() for b, v in r["buckets"].items() if v),
+                   key=lambda b: int(b.split("-")[0]))
+        return (_mean(r["mean_kld"] for r in rows.values()),
+                _mean(r["ppl_drift_pct"] for r in rows.values()), last,
+                _mean(r["buckets"][last]["kld"] for r in rows.values() if r["buckets"][last]))
+
+    kld, ppl, last, late = summary(by_kv[kv])
+    text = (f"; at depth: mean KLD {kld:.5f}, perplexity drift {ppl:+.2f}%, positions "
+            f"{last.replace('-', ' to ')} KLD {late:.5f}")
+    if kv != "f16" and "f16" in by_kv:
+        kld0, ppl0, _, late0 = summary(by_kv["f16"])
+        text += f" (with an f16 cache: {kld0:.5f}, {ppl0:+.2f}%, {late0:.5f})"
+    return text
 
 
 def index_card(name: str, model_id: str, recipe_text: str, targets: dict,
                folders: dict[str, list[str]], predicted: dict[str, float], ctx: str,
                plan_ctx: int, long_predicted: dict[str, dict[str, float]] | None = None,
-               long_ctx: int = 0) -> str:
+               long_ctx: int = 0, depth: dict | None = None, depth_tokens: int = 0) -> str:
     rows = ["| artifact | target | format | size (MiB) | mean KLD | decode tok/s | "
             f"predicted peak @ {plan_ctx:,} ctx (GB) |", "|---|---|---|---|---|---|---|"]
     for folder, names in folders.items():
@@ -112,7 +132,7 @@ The most faithful artifact (lowest mean KLD) whose predicted peak memory at a {p
 context fits (`kvant plan`, fitted to this release's measurements):
 
 {picks}
-{_long_section(targets, long_predicted, long_ctx)}
+{_long_section(targets, long_predicted, long_ctx, depth, depth_tokens)}
 ![frontier](bench/frontier.png)
 
 ## Recipe
@@ -123,24 +143,31 @@ context fits (`kvant plan`, fitted to this release's measurements):
 """
 
 
-def _long_section(targets: dict, predicted: dict | None, ctx: int) -> str:
+def _long_section(targets: dict, predicted: dict | None, ctx: int, depth: dict | None,
+                  depth_tokens: int) -> str:
     if not predicted:
         return ""
-    picks = "\n".join(f"- **{gb} GB**: {pick}" for gb, pick in long_context_picks(targets,
-                                                                                   predicted))
+    picks = "\n".join(f"- **{gb} GB**: " + (f"{name}, {kv} KV cache" + depth_cost(depth or {},
+                                                                                 name, kv)
+                                            if name else "none fits")
+                      for gb, name, kv in long_context_picks(targets, predicted))
+    measured = (f"Each pick's cost at depth was measured on held-out documents of up to "
+                f"{depth_tokens:,} tokens per language (`bench/depth.md`: KLD and perplexity "
+                "drift by position, against the bf16 model with an f16 cache)."
+                if depth else "The KLD ranks the weights alone (no depth study was run).")
     return f"""
 At {ctx:,} tokens (the trained context) the KV cache decides: llama.cpp can keep it in q8_0
-(about half of f16) or q4_0 (about a quarter), `--kv-type` in `kvant generate`/`serve`/`bench`
-and llama.cpp's `-ctk`/`-ctv`. The most faithful file that fits, with the most precise
-cache that makes it fit (the quality cost of a quantized cache is not measured yet; the
-KLD ranks the weights alone):
+(about half of f16) or q4_0 (about a quarter), transformers in fp8 or int4, `--kv-type` in
+`kvant generate`/`serve`/`bench` and llama.cpp's `-ctk`/`-ctv`. The most faithful file that
+fits, with the most precise cache that makes it fit. {measured}
 
 {picks}
 """
 
 
 INDEX_FILES = ("README.md", "recipe.toml", "release.json", "SHA256SUMS", "bench/report.md",
-               "bench/results.json", *(f"bench/{p}" for p in PLOTS))
+               "bench/results.json", "bench/depth.md", "bench/depth.json",
+               *(f"bench/{p}" for p in PLOTS))
 
 
 def upload_plan(root: Path, org: str, name: str, folders: list[str]) -> tuple[list[dict],

@@ -40,6 +40,7 @@ quality_tokens = 256
 quality_ctx = 128
 repeats = 1
 n_new = 4
+depth_ctx = 1536
 """
 FOLDERS = ("mini-gguf", "mini-gptq-4bit", "mini-bnb-int8", "mini-onnx-int4")
 
@@ -84,6 +85,15 @@ def test_index_card_and_root_checksums(release):
     # with an f16 cache
     long = index.split("At 32,768 tokens", 1)[1].split("![frontier]", 1)[0]
     assert long.count(", f16 KV cache") == 4
+    # and what each pick measured at depth: the release's depth study on held-out text
+    depth = json.loads((out / "bench" / "depth.json").read_text())
+    picked = {line.split("**: ", 1)[1].split(",", 1)[0] for line in long.splitlines()
+              if line.startswith("- **")}
+    assert set(depth) == picked and long.count("; at depth: mean KLD ") == 4
+    for by_lang in depth[next(iter(picked))].values():
+        assert set(by_lang) == {"nob", "sme"}
+        assert all(r["tokens"] == 1536 for r in by_lang.values())
+    assert "bench/depth.json" in (out / "SHA256SUMS").read_text()
     assert (out / "recipe.toml").read_text() == recipe.read_text()
     for line in (out / "SHA256SUMS").read_text().splitlines():
         digest, path = line.split("  ", 1)
@@ -100,10 +110,27 @@ def test_long_context_picks_take_the_most_precise_cache_that_fits():
     # 8 GB: only the small file fits (with f16); 12 GB: the faithful one with q8_0 (its f16
     # needs 13); 16 and 24 GB: the faithful one with f16
     assert long_context_picks(quality, peaks) == [
-        (8, "small, f16 KV cache"), (12, "faithful, q8_0 KV cache"),
-        (16, "faithful, f16 KV cache"), (24, "faithful, f16 KV cache")]
+        (8, "small", "f16"), (12, "faithful", "q8_0"), (16, "faithful", "f16"),
+        (24, "faithful", "f16")]
     peaks["small"] = {"f16": 9e9, "q8_0": 8.5e9, "q4_0": 7.9e9}
-    assert long_context_picks(quality, peaks)[0] == (8, "small, q4_0 KV cache")
+    assert long_context_picks(quality, peaks)[0] == (8, "small", "q4_0")
+    peaks["small"] = {"f16": 9e9}
+    assert long_context_picks(quality, peaks)[0] == (8, None, None)
+
+
+def test_depth_cost_sets_a_quantized_cache_beside_f16():
+    from kvant.release_cards import depth_cost
+
+    def rows(kld, drift, late):
+        return {"nob": {"mean_kld": kld, "ppl_drift_pct": drift, "buckets": {
+            "0-1024": {"kld": kld / 2}, "1024-4096": {"kld": late}, "4096-16384": None}}}
+
+    depth = {"Q4_K_M": {"f16": rows(0.002, 0.5, 0.003), "q4_0": rows(0.01, 2.0, 0.02)}}
+    text = depth_cost(depth, "Q4_K_M", "q4_0")
+    assert "mean KLD 0.01000, perplexity drift +2.00%, positions 1024 to 4096 KLD 0.02000" \
+        in text and "(with an f16 cache: 0.00200, +0.50%, 0.00300)" in text
+    assert "with an f16 cache" not in depth_cost(depth, "Q4_K_M", "f16")
+    assert depth_cost(depth, "Q8_0", "f16") == ""
 
 
 def _planned(stdout: str) -> list[tuple[str, str]]:
