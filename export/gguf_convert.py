@@ -169,6 +169,20 @@ def general_metadata(model_dir: Path, model_id: str, n_params: int) -> gguf.Meta
     return meta
 
 
+def write_vocab_only(model_dir: Path, out_file: Path, pre: str = "ufakzeka") -> dict:
+    """A GGUF with the hyperparameters and tokenizer and no tensors, as llama.cpp's
+    `convert_hf_to_gguf.py --vocab-only` writes for its tokenizer tests (models/ggml-vocab-*)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    writer = gguf.GGUFWriter(str(out_file), "llama")
+    general_metadata(model_dir, model_dir.name, 0).set_gguf_meta_model(writer)
+    add_hparams(writer, config, gguf.LlamaFileType.ALL_F32)
+    tokenizer = add_tokenizer(writer, model_dir, pre)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return tokenizer
+
+
 def convert(model_dir: Path, out_file: Path, out_type: str = "bf16", pre: str = "ufakzeka",
             name: str = "", progress: bool = False, context_length: int = 0,
             model_id: str = "") -> dict:
