@@ -9,8 +9,10 @@ KVANT := $(VENV)/bin/kvant
 # that; elsewhere PyPI's default (CUDA) build. Any torch >= 2.6 already installed is kept.
 TORCH ?= torch==2.13.0
 # llama-cpp-python ships only an sdist: build it with llama.cpp's tools (llama-quantize,
-# llama-imatrix, llama-perplexity, llama-bench in site-packages/bin); the RPATH lets them
-# find libllama. pip's wheel cache keeps the result, so later installs take seconds.
+# llama-imatrix, llama-perplexity, llama-bench in site-packages/bin) and Kvant's NorMistral
+# tokenizer patch (patches/llama.cpp); the RPATH lets the tools find libllama.
+# tools/llama_cpp_wheel.py keeps the wheel in pip's cache directory, keyed by the patch, so
+# each machine compiles once and later installs take seconds.
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DCMAKE_INSTALL_RPATH=$$ORIGIN/../lib
@@ -37,11 +39,12 @@ help: ## list the targets
 
 setup: $(VENV)/.installed ## create .venv with torch, Kvant and every backend
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml patches/llama.cpp/normistral-tokenizer.patch
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) -m pip install -q -e '.[all,dev]'
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PY) tools/llama_cpp_wheel.py
+	$(PY) -m pip install -q -e '.[all,dev]'
 	touch $@
 
 demo: setup ## the whole release recipe on the NorMistral stand-in: artifacts, bench, cards
