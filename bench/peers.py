@@ -4,7 +4,8 @@ Kvant's numbers for a GGUF file should agree with llama.cpp's own tools when bot
 the same thing the same way, so this module reproduces their protocols:
 
 - llama-perplexity (tools/perplexity/perplexity.cpp): tokenize the whole text with
-  llama.cpp's tokenizer, cut it into n_ctx chunks (the remainder dropped), put BOS first in
+  llama.cpp's tokenizer (NorMistral's exact one in a build with Kvant's patch, and then Kvant
+  scores the HF tokenizer's ids), cut it into n_ctx chunks (the remainder dropped), put BOS first in
   each chunk, and score only the second half (`first = n_ctx/2`, n_ctx - 1 - first tokens).
 - llama-bench: prompt processing (pp) from an empty cache and token generation (tg) at a
   depth, on the same device, offload and threads as Kvant's own measurement.
@@ -23,16 +24,20 @@ import numpy as np
 from kvant.errors import KvantError
 from kvant.runtimes.llamacpp import LlamaCppRuntime, gpu_layers, llama_tool, run_tool
 from kvant.scoring import log_softmax
+from kvant.tokenization import exact_tokenizer
 
 SPEED_FLASH_ATTN = int(LlamaCppRuntime.flash_attn(all_logits=False))  # as Kvant's speed rows
 
 
 def kvant_perplexity_llama_protocol(gguf: Path, text: str, n_ctx: int, chunks: int,
-                                    threads: int = 0) -> float:
-    """Perplexity of ``gguf`` on ``text`` by llama-perplexity's protocol, computed by Kvant."""
+                                    threads: int = 0, exact_ids: bool = False) -> float:
+    """Perplexity of ``gguf`` on ``text`` by llama-perplexity's protocol, computed by Kvant:
+    on llama.cpp's tokens, or (``exact_ids``) on NorMistral's exact HF ids, which a build with
+    Kvant's tokenizer patch gives llama-perplexity too."""
     runtime = LlamaCppRuntime(gguf, threads=threads, n_ctx=n_ctx)
     try:
-        tokens = runtime.stock_tokenize(text)
+        tokens = (exact_tokenizer(gguf).encode(text).ids if exact_ids
+                  else runtime.stock_tokenize(text))
         n_chunk = min(chunks, len(tokens) // n_ctx)
         if n_chunk < 1:
             raise KvantError(f"text gives {len(tokens)} tokens, fewer than one chunk of {n_ctx}")

@@ -84,7 +84,9 @@ def _peer_table(results: dict) -> list[str]:
         lines.append(f"| {name} | {ppl_cells} | "
                      f"{speed_cell(speed, 'prefill')} | {_pm(b, 'prefill')} | "
                      f"{speed_cell(speed, 'decode')} | {_pm(b, 'decode')} |")
-    return [*lines, "", "Perplexity by llama-perplexity's protocol (its tokenizer, n_ctx chunks, "
+    tokens = {p["perplexity"]["tokens"] for _, p in rows if "tokens" in p.get("perplexity", {})}
+    return [*lines, "", "Perplexity by llama-perplexity's protocol (the raw text through its "
+            f"tokenizer: {', '.join(sorted(tokens)) or 'llama.cpp stock'}; n_ctx chunks, "
             "second half scored). Speed like with like: both on device "
             f"`{bench.get('device', 'cpu')}` with {bench.get('n_gpu_layers', 0)} GPU layers, "
             f"{bench.get('threads', '?')} threads, CPU weight repacking "

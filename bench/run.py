@@ -34,6 +34,7 @@ from kvant.files import sha256_text
 from kvant.generation import stated_context
 from kvant.machine import die_with_parent, machine
 from kvant.model import model_info, pick_device
+from kvant.plan import kv_types_for
 from kvant.runtimes import Target, reference_logits, score_against, targets, verify
 from kvant.scoring import require_windows, windows
 from kvant.steps import language_tokens, shared_or_step, step
@@ -111,7 +112,8 @@ def measure_once(target: Target, ids: list[int], ctx: int, settings: BenchSettin
                        "files": list(target.files)}, "ids": ids, "ctx": ctx,
             "n_new": settings.n_new, "repeats": settings.repeats, "device": device,
             "threads": settings.threads, "repack": settings.repack,
-            "kv_type": settings.kv_type if target.backend == "llama.cpp" else "f16"}
+            "kv_type": (settings.kv_type if settings.kv_type in kv_types_for(target.backend)
+                        else "f16")}
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_file.write_text(json.dumps(spec))
@@ -265,6 +267,7 @@ def _gguf_extras(target: Target, entry: dict, texts: dict, settings: BenchSettin
     if not settings.peer_checks or "peers" in entry:
         return
     from kvant.bench import peers  # llama.cpp's tools: only for GGUF (an optional extra)
+    from kvant.runtimes.llamacpp import native_exact
 
     ctx0 = int(settings.ctx[0])
     entry["peers"] = {"llama_bench": peers.llama_bench(target.path, ctx0, settings.n_new,
@@ -275,10 +278,14 @@ def _gguf_extras(target: Target, entry: dict, texts: dict, settings: BenchSettin
         n_ctx = settings.quality_ctx
         tool_ppl, chunks = peers.llama_perplexity(target.path, text.path, n_ctx, 8,
                                                   settings.threads)
+        # with the patch, llama-perplexity reads the raw text with NorMistral's own tokenizer:
+        # Kvant's side then scores the HF ids, and the two agree only if the tokens do
+        exact = native_exact(target.path)
         kvant_ppl = peers.kvant_perplexity_llama_protocol(target.path, text.read(), n_ctx,
-                                                          chunks, settings.threads)
+                                                          chunks, settings.threads, exact)
         entry["peers"]["perplexity"] = {
             "text": lang, "n_ctx": n_ctx, "chunks": chunks, "kvant": kvant_ppl,
+            "tokens": "exact (llama.cpp with Kvant's patch)" if exact else "llama.cpp's stock",
             "llama_perplexity": tool_ppl,
             "relative_diff_pct": round(100 * abs(kvant_ppl / tool_ppl - 1), 4)}
     _save(out, results)

@@ -5,7 +5,9 @@ space, NFKC, newline rule) for BPE vocabularies, has no 24-character chunking an
 Tekken regex in ASCII. So a Kvant GGUF carries (1) the closest metadata llama.cpp understands
 (``gpt2`` model, ``ufakzeka`` pre-tokenizer, merges, token types) for stock users, and (2) the
 whole HF ``tokenizer.json`` under ``tokenizer.huggingface.json``, from which
-:func:`kvant.tokenization.tokenize` gives exactly the HF ids.
+:func:`kvant.tokenization.tokenize` gives exactly the HF ids, and (3) for NorMistral's exact
+pipeline ``tokenizer.ggml.pre_exact = "normistral"``, which llama.cpp built with Kvant's patch
+(patches/llama.cpp) reads to tokenize exactly itself; stock builds ignore it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import gguf
 from kvant.errors import ModelError
 from kvant.export.gguf import PRE_TOKENIZERS
 from kvant.generation import CHAT_TEMPLATE
+from kvant.tokenization import GGUF_PRE_EXACT, PRE_EXACT_NORMISTRAL, is_normistral_pipeline
 
 
 def add_tokenizer(writer, model_dir: Path, pre: str = PRE_TOKENIZERS[0]) -> dict:
@@ -42,6 +45,9 @@ def add_tokenizer(writer, model_dir: Path, pre: str = PRE_TOKENIZERS[0]) -> dict
 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
+    exact = is_normistral_pipeline(spec)
+    if exact:  # llama.cpp with Kvant's patch tokenizes exactly; stock builds ignore the key
+        writer.add_string(GGUF_PRE_EXACT, PRE_EXACT_NORMISTRAL)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -53,5 +59,6 @@ def add_tokenizer(writer, model_dir: Path, pre: str = PRE_TOKENIZERS[0]) -> dict
     special_vocab.chat_template = special_vocab.chat_template or CHAT_TEMPLATE
     special_vocab.add_to_gguf(writer, quiet=True)  # ids, and add_bos from "<s> $A"
     writer.add_string(gguf.Keys.Tokenizer.HF_JSON, raw)
-    return {"model": "gpt2", "pre": pre, "n_vocab": n_vocab, "n_merges": len(merges),
+    return {"model": "gpt2", "pre": pre, "pre_exact": PRE_EXACT_NORMISTRAL if exact else None,
+            "n_vocab": n_vocab, "n_merges": len(merges),
             "embedded_hf_json": True, "chat_template": template}

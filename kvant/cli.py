@@ -245,7 +245,24 @@ def cmd_data_list(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _gguf_info(path: Path) -> dict:
+    from kvant.generation import stated_context
+    from kvant.runtimes import targets  # opens the GGUF's metadata
+    from kvant.runtimes.llamacpp import native_exact, tokenizer_path
+
+    target = targets(path)[0]
+    return {"path": str(path), "kind": target.kind,
+            "size on disk": f"{target.size_bytes / 2**20:,.1f} MiB",
+            "context": f"{stated_context(target):,}",
+            "tokenizer": tokenizer_path(path), "llama.cpp exact": native_exact(path)}
+
+
 def cmd_info(args: argparse.Namespace) -> str:
+    if str(args.model).endswith(".gguf") and Path(args.model).is_file():
+        rows = _gguf_info(Path(args.model))
+        if args.json:
+            return json.dumps(rows, indent=2)
+        return "\n".join(f"{key:18} {value}" for key, value in rows.items())
     info = model_info(resolve_model(args.model))
     if args.json:
         return json.dumps(info.as_dict(), indent=2)
@@ -290,8 +307,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser, temperature: float) -> N
 
 def _add_kv_type(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-type", default="f16", choices=KV_TYPES,
-                        help="llama.cpp's KV cache precision: f16 (default), q8_0 (about half "
-                        "the memory), q4_0 (about a quarter)")
+                        help="KV cache precision: f16 (default, the runtime's own); llama.cpp "
+                        "q8_0 (about half the memory) or q4_0 (about a quarter); transformers "
+                        "fp8 or int4")
 
 
 def build_parser() -> KvantParser:
@@ -330,9 +348,10 @@ def build_parser() -> KvantParser:
         func=cmd_data_list)
 
     info = sub.add_parser("info", help="architecture, parameters, dtype, size and tokenizer of "
-                          "a model folder or hub id")
+                          "a model folder or hub id; a .gguf file's kind, context and which "
+                          "tokenizer feeds llama.cpp")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                      help=f"local folder or hub id (default {DEFAULT_MODEL})")
+                      help=f"local folder, hub id or .gguf file (default {DEFAULT_MODEL})")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
 
@@ -419,8 +438,9 @@ def build_parser() -> KvantParser:
     plan.add_argument("--shape", default="normistral-11b-long")
     plan.add_argument("--budget", default="8GiB", help="memory budget, e.g. 8GiB, 24GB")
     plan.add_argument("--ctx", default="4096,32768", help="context lengths")
-    plan.add_argument("--kv-type", default="f16,q8_0,q4_0", help="llama.cpp KV cache types "
-                      "to plan the GGUF rows with (default all three)")
+    plan.add_argument("--kv-type", default=",".join(KV_TYPES), help="KV cache types to plan "
+                      "each row with, where its runtime has them (default all: llama.cpp f16, "
+                      "q8_0, q4_0; transformers f16, fp8, int4)")
     plan.add_argument("--bench", type=Path, help="a kvant bench results.json to fit the "
                       "backend overheads to (and report the prediction error)")
     plan.set_defaults(func=cmd_plan)

@@ -18,6 +18,10 @@ from pathlib import Path
 from kvant.errors import ModelError
 
 GGUF_HF_JSON = "tokenizer.huggingface.json"  # gguf.Keys.Tokenizer.HF_JSON
+# The exact pre-tokenizer, for llama.cpp builds with Kvant's NorMistral tokenizer patch
+# (patches/llama.cpp); stock builds never read it and keep `tokenizer.ggml.pre`.
+GGUF_PRE_EXACT = "tokenizer.ggml.pre_exact"
+PRE_EXACT_NORMISTRAL = "normistral"
 ONNX_EXACT_TOKENIZER = "tokenizer.normistral.json"
 
 # NorMistral's Tekken-style split regex, verbatim from stage_1_tokenizer_change.py.
@@ -60,6 +64,28 @@ def tokenize(path: str | Path, text: str) -> list[int]:
     [1, 12345, ...]
     """
     return exact_tokenizer(Path(path)).encode(text).ids
+
+
+def is_normistral_pipeline(spec: dict) -> bool:
+    """Whether a tokenizer.json runs exactly NorMistral's pipeline (what the patched llama.cpp
+    `normistral` pre-tokenizer implements): byte-level BPE with ignore_merges, its normalizer
+    (Prepend " ", NFKC, the newline rule), the Tekken split, ByteLevel and 24-character
+    chunks, and the decoder that undoes the space and the newline rule."""
+    def kinds(part: dict | None, key: str) -> list:
+        return [(s.get("type"), s.get("prepend") or (s.get("pattern") or {}).get("Regex")
+                 or (s.get("pattern") or {}).get("String"), s.get("content"))
+                for s in (part or {}).get(key, [])]
+
+    model = spec.get("model", {})
+    return (model.get("type") == "BPE" and bool(model.get("ignore_merges"))
+            and kinds(spec.get("normalizer"), "normalizers") == [
+                ("Prepend", " ", None), ("NFKC", None, None), ("Replace", "\n", "\n "),
+                ("Replace", " *\n", "\n")]
+            and kinds(spec.get("pre_tokenizer"), "pretokenizers") == [
+                ("Split", TEKKEN_REGEX, None), ("ByteLevel", None, None),
+                ("Split", CHUNK_REGEX, None)]
+            and [k[0] for k in kinds(spec.get("decoder"), "decoders")] == [
+                "ByteLevel", "Strip", "Replace"])
 
 
 def newline_rule(text: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 
 from kvant.errors import KvantError
 from kvant.machine import die_with_parent
+from kvant.tokenization import GGUF_PRE_EXACT, exact_tokenizer
 
 
 def llama_tool(name: str) -> Path:
@@ -150,7 +152,9 @@ class LlamaCppRuntime:
                                  repeat_penalty=1.0)
 
     def stock_tokenize(self, text: str) -> list[int]:
-        """llama.cpp's own tokenization (what llama-cli and Ollama get), with <s>."""
+        """This llama.cpp build's own tokenization, with <s>: what its tools (llama-cli,
+        llama-perplexity) get; exact for a file with tokenizer.ggml.pre_exact in a build with
+        Kvant's patch, else what stock clients such as Ollama get."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def close(self) -> None:
@@ -158,13 +162,24 @@ class LlamaCppRuntime:
 
 
 class StockTokenizer:
-    """llama.cpp's own tokenizer from a file's vocabulary alone: what llama-cli, Ollama and
-    LM Studio get. Loads no weights and creates no context (llama_cpp.Llama(vocab_only=True)
-    still makes one, and its "n_ctx_train (0)" warning cluttered stderr)."""
+    """llama.cpp's own tokenizer from a file's vocabulary alone. Loads no weights and creates
+    no context (llama_cpp.Llama(vocab_only=True) still makes one, and its "n_ctx_train (0)"
+    warning cluttered stderr).
 
-    def __init__(self, path: Path):
+    ``stock`` (default): what a stock llama.cpp build gets (llama-cli, Ollama, LM Studio),
+    also under Kvant's patched build: the file's tokenizer.ggml.pre_exact is overridden
+    away. ``stock=False``: this build's own best, exact where it has Kvant's patch.
+    """
+
+    def __init__(self, path: Path, stock: bool = True):
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
+        if stock:  # kept on self: llama.cpp reads the array while loading
+            self._overrides = (llama_cpp.llama_model_kv_override * 2)()
+            self._overrides[0].key = GGUF_PRE_EXACT.encode()
+            self._overrides[0].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            self._overrides[0].value.val_str = b""
+            params.kv_overrides = self._overrides
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise KvantError(f"llama.cpp could not read the vocabulary of '{path}'")
@@ -179,7 +194,48 @@ class StockTokenizer:
             raise KvantError(f"llama.cpp's tokenizer needed {-n} tokens for {len(data)} bytes")
         return list(tokens[:n])
 
+    def detokenize(self, ids: list[int]) -> str:
+        """llama.cpp's text for ``ids`` (<s> and other special tokens left out)."""
+        tokens = (llama_cpp.llama_token * max(len(ids), 1))(*ids)
+        room = 16 * len(ids) + 16
+        buf = ctypes.create_string_buffer(room)
+        n = llama_cpp.llama_detokenize(self.vocab, tokens, len(ids), buf, room, True, False)
+        if n < 0:
+            raise KvantError(f"llama.cpp's detokenizer needed {-n} bytes")
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
     def close(self) -> None:
         if self.model:
             llama_cpp.llama_model_free(self.model)
             self.model = None
+
+
+# Every part of NorMistral's tokenizer that stock llama.cpp lacks: the leading space, the
+# newline rule (trailing spaces, a blank line, an indented line), NFKC (a ligature, an
+# ellipsis, a no-break space, full-width letters), an all-caps word with Ø (the Tekken split
+# with Unicode cases) and a word longer than 24 bytes (the chunks).
+TOKENIZER_PROBE = ("EØS-avtalen gjelder \ufb01re år\u2026\n\nDet er  \n  samisk: Sámediggi, "
+                   "čáppa ŋ \uff26\uff55\uff4c\uff4c\u00a0bredde, "
+                   "Donaudampfschifffahrtsgesellschaftskapitän")
+
+
+def native_exact(path: Path) -> bool:
+    """Whether this llama.cpp build tokenizes ``path`` exactly as NorMistral's HF tokenizer
+    (a build with Kvant's patch, patches/llama.cpp, reading the file's
+    tokenizer.ggml.pre_exact). Checked on :data:`TOKENIZER_PROBE`, ids and decoded text."""
+    exact = exact_tokenizer(Path(path)).encode(TOKENIZER_PROBE).ids
+    native = StockTokenizer(path, stock=False)
+    try:
+        return native.tokenize(TOKENIZER_PROBE) == exact
+    finally:
+        native.close()
+
+
+def tokenizer_path(path: Path) -> str:
+    """Which tokenizer feeds llama.cpp for a GGUF file, in words (`kvant info`)."""
+    if native_exact(path):
+        return ("llama.cpp's own: this build has Kvant's NorMistral tokenizer patch and the file "
+                "asks for it (tokenizer.ggml.pre_exact); llama.cpp's tools get exact ids")
+    return ("Kvant's exact Python tokenizer (embedded tokenizer.huggingface.json) feeds "
+            "llama.cpp; llama.cpp's own tokenizer differs here (a build without Kvant's patch, "
+            "or a file exported before tokenizer.ggml.pre_exact)")

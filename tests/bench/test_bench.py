@@ -76,7 +76,10 @@ def test_perplexity_agrees_with_llama_perplexity(bench):
     assert len(gguf) == 8
     for entry in gguf:
         p = entry["peers"]["perplexity"]
-        assert abs(p["kvant"] / p["llama_perplexity"] - 1) < 0.005
+        # llama-perplexity tokenizes the raw text itself (exactly, with Kvant's patch); Kvant
+        # scores the HF tokenizer's ids: the two agree within 0.1% only if the tokens do
+        assert p["tokens"].startswith("exact")
+        assert abs(p["kvant"] / p["llama_perplexity"] - 1) < 0.001
         b = entry["peers"]["llama_bench"]
         # like with like: the prompt and depth of Kvant's first row, the same device and offload
         assert (b["n_prompt"], b["decode_depth"], b["n_gen"]) == (int(CTX[0]), int(CTX[0]), 8)
