@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from kvant.data import EVAL_SETS, get_text, paragraphs
+from kvant.errors import KvantError
 from kvant.files import sha256_text
 from kvant.paths import cache_dir as user_cache
 from kvant.plan import KV_TYPES, kv_types_for
@@ -138,4 +139,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KvantError as exc:  # bad input: one line, exit status 2, as the kvant CLI does
+        sys.stderr.write(f"kvant.bench.depth: error: {exc}\n")
+        sys.exit(2)

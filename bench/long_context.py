@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kvant.bench.run import run_bench
 from kvant.bench.settings import BenchSettings
+from kvant.errors import KvantError
 from kvant.paths import cache_dir as user_cache
 from kvant.plan import GIB, MIB, Shape, entry_kind, peak_bytes, weight_bytes
 
@@ -103,4 +104,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KvantError as exc:  # bad input: one line, exit status 2, as the kvant CLI does
+        sys.stderr.write(f"kvant.bench.long_context: error: {exc}\n")
+        sys.exit(2)
