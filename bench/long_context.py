@@ -1,14 +1,15 @@
 """Speed and memory at depth, per KV cache type, against the plan.
 
-    python -m kvant.bench.long_context FILE.gguf [...] --out DIR
-        [--ctx 4096,16384,32768] [--kv-types f16,q8_0,q4_0] [--repeats 2] [--full-layers 40]
+    python -m kvant.bench.long_context ARTIFACT [...] --out DIR
+        [--ctx 4096,16384,32768] [--kv-types f16,q8_0,q4_0,fp8,int4] [--repeats 2]
+        [--full-layers 40]
 
-For each cache type, `kvant bench` (speed only, each row in a fresh process: prefill of the
-context, decode of --n-new tokens after it, peak RSS, other programs' CPU share) into
-DIR/kv-<type>/ (resumable: finished rows are kept), then DIR/long-context.md: every row beside
-`kvant plan`'s prediction for the file's own shape, and with --full-layers the plan for the
-whole model (a rehearsal file of a few layers at NorMistral's width is measured; its layers
-are what the plan scales).
+For each cache type, every artifact whose runtime has it goes through `kvant bench` (speed
+only, each row in a fresh process: prefill of the context, decode of 32 tokens after it,
+peak RSS, other programs' CPU share) into DIR/kv-<type>/ (resumable: finished rows are
+kept), then DIR/long-context.md: every row beside `kvant plan`'s prediction for the file's
+own shape, and with --full-layers the plan for the whole model (a rehearsal file of a few
+layers at NorMistral's width is measured; its layers are what the plan scales).
 """
 
 from __future__ import annotations
@@ -22,12 +23,27 @@ from pathlib import Path
 from kvant.bench.run import run_bench
 from kvant.bench.settings import BenchSettings
 from kvant.errors import KvantError
+from kvant.model import read_config
 from kvant.paths import cache_dir as user_cache
-from kvant.plan import GIB, MIB, Shape, entry_kind, peak_bytes, weight_bytes
+from kvant.plan import (
+    GIB,
+    KV_TYPES,
+    MIB,
+    Shape,
+    entry_kind,
+    kv_types_for,
+    peak_bytes,
+    shape_of,
+    weight_bytes,
+)
+from kvant.runtimes import targets
 
 
-def gguf_shape(path: Path) -> Shape:
-    """NorMistral's dimensions as a GGUF file states them."""
+def artifact_shape(path: Path) -> Shape:
+    """NorMistral's dimensions as an artifact states them: a GGUF file's metadata, or a
+    folder's config.json (transformers checkpoints; ONNX folders keep theirs beside)."""
+    if path.suffix != ".gguf":
+        return shape_of(read_config(path))
     import gguf  # reads the metadata only
 
     fields = {f.name.split(".", 1)[1]: f for f in gguf.GGUFReader(str(path)).fields.values()
@@ -43,12 +59,15 @@ def gguf_shape(path: Path) -> Shape:
 
 def measure(files: list[Path], out: Path, ctxs: list[str], kv_types: list[str],
             repeats: int, data_dir: Path | None) -> dict[str, dict]:
-    """{cache type: kvant bench results}."""
+    """{cache type: kvant bench results}; each artifact with the cache types its runtime has."""
     results = {}
     for kv in kv_types:
+        runs = [f for f in files if kv in kv_types_for(targets(f)[0].backend)]
+        if not runs:
+            continue
         settings = BenchSettings(ctx=tuple(ctxs), kv_type=kv, quality=False, peer_checks=False,
                                  repeats=repeats, max_attempts=1, verify=False)
-        run_bench(files, None, settings, out / f"kv-{kv}", cache_dir=user_cache(),
+        run_bench(runs, None, settings, out / f"kv-{kv}", cache_dir=user_cache(),
                   data_dir=data_dir)
         results[kv] = json.loads((out / f"kv-{kv}" / "results.json").read_text())
     return results
@@ -65,11 +84,12 @@ def table(results: dict[str, dict], shapes: dict[str, Shape], full_layers: int) 
             shape = shapes[name]
             k = entry_kind(entry, shape)
             for ctx, s in entry.get("speed", {}).items():
+                kv_ran = s.get("kv_type", kv)  # a runtime without the type ran its own
                 if "error" in s:
                     lines.append(f"| {name} | {kv} | {int(ctx):,} | {s['error']} |")
                     continue
-                plan = peak_bytes(shape, k, int(ctx), entry["size_bytes"], kv_type=kv)
-                cells = [name, kv, f"{int(ctx):,}",
+                plan = peak_bytes(shape, k, int(ctx), entry["size_bytes"], kv_type=kv_ran)
+                cells = [name, kv_ran, f"{int(ctx):,}",
                          f"{s['prefill_tok_s']:,.1f} ({s['prefill_tok_s_min']:,.1f}-"
                          f"{s['prefill_tok_s_max']:,.1f})",
                          f"{s['decode_tok_s']:,.2f} ({s['decode_tok_s_min']:,.2f}-"
@@ -78,7 +98,8 @@ def table(results: dict[str, dict], shapes: dict[str, Shape], full_layers: int) 
                          f"{100 * (plan / (s['peak_rss_mib'] * MIB) - 1):+.1f}%"]
                 if full_layers:
                     full = replace(shape, n_layers=full_layers)
-                    at_full = peak_bytes(full, k, int(ctx), weight_bytes(full, k), kv_type=kv)
+                    at_full = peak_bytes(full, k, int(ctx), weight_bytes(full, k),
+                                         kv_type=kv_ran)
                     cells.append(f"{at_full / GIB:.2f}")
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -87,17 +108,17 @@ def table(results: dict[str, dict], shapes: dict[str, Shape], full_layers: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("artifacts", nargs="+", type=Path, help=".gguf files or folders")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ctx", default="4096,16384,32768")
-    parser.add_argument("--kv-types", default="f16,q8_0,q4_0")
+    parser.add_argument("--kv-types", default=",".join(KV_TYPES))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--full-layers", type=int, default=0)
     parser.add_argument("--data-dir", type=Path)
     args = parser.parse_args()
-    results = measure(args.files, args.out, args.ctx.split(","), args.kv_types.split(","),
+    results = measure(args.artifacts, args.out, args.ctx.split(","), args.kv_types.split(","),
                       args.repeats, args.data_dir)
-    shapes = {f.stem: gguf_shape(f) for f in args.files}
+    shapes = {t.name: artifact_shape(a) for a in args.artifacts for t in targets(a)}
     text = table(results, shapes, args.full_layers)
     (args.out / "long-context.md").write_text(text + "\n", encoding="utf-8")
     sys.stdout.write(text + "\n")

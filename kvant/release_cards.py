@@ -88,16 +88,18 @@ def depth_cost(depth: dict, name: str, kv: str) -> str:
     def summary(rows: dict) -> tuple[float, float, str, float]:
         last = max((b for r in rows.values() for b, v in r["buckets"].items() if v),
                    key=lambda b: int(b.split("-")[0]))
+        lo, hi = (int(x) for x in last.split("-"))
+        span = f"{lo:,} to {min(hi, max(r['tokens'] for r in rows.values())):,}"
         return (_mean(r["mean_kld"] for r in rows.values()),
-                _mean(r["ppl_drift_pct"] for r in rows.values()), last,
+                _mean(r["ppl_drift_pct"] for r in rows.values()), span,
                 _mean(r["buckets"][last]["kld"] for r in rows.values() if r["buckets"][last]))
 
-    kld, ppl, last, late = summary(by_kv[kv])
-    text = (f"; at depth: mean KLD {kld:.5f}, perplexity drift {ppl:+.2f}%, positions "
-            f"{last.replace('-', ' to ')} KLD {late:.5f}")
+    kld, ppl, span, late = summary(by_kv[kv])
+    text = (f"; at depth: mean KLD {kld:.6f}, perplexity drift {ppl:+.2f}%, positions "
+            f"{span} KLD {late:.6f}")
     if kv != "f16" and "f16" in by_kv:
         kld0, ppl0, _, late0 = summary(by_kv["f16"])
-        text += f" (with an f16 cache: {kld0:.5f}, {ppl0:+.2f}%, {late0:.5f})"
+        text += f" (with an f16 cache: {kld0:.6f}, {ppl0:+.2f}%, {late0:.6f})"
     return text
 
 

@@ -87,3 +87,17 @@ def test_info_says_which_tokenizer_feeds_llama_cpp(q4):
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["llama.cpp exact"] is True and "llama.cpp's own" in info["tokenizer"]
+
+
+def test_llama_tokenize_tool_reads_raw_documents_exactly(q4, texts, tmp_path):
+    from kvant.runtimes.llamacpp import llama_tool, run_tool
+
+    exact = exact_tokenizer(q4)
+    for lang, units in texts.items():
+        doc = units[-1]  # a multi-line document of held-out paragraphs
+        path = tmp_path / f"{lang}.txt"
+        path.write_text(doc, encoding="utf-8")
+        out = run_tool([llama_tool("llama-tokenize"), "-m", q4, "-f", path, "--ids",
+                        "--log-disable"])
+        printed = [line for line in out.splitlines() if line.startswith("[")][-1]
+        assert json.loads(printed) == exact.encode(doc).ids, lang

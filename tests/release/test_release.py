@@ -122,13 +122,13 @@ def test_depth_cost_sets_a_quantized_cache_beside_f16():
     from kvant.release_cards import depth_cost
 
     def rows(kld, drift, late):
-        return {"nob": {"mean_kld": kld, "ppl_drift_pct": drift, "buckets": {
+        return {"nob": {"mean_kld": kld, "ppl_drift_pct": drift, "tokens": 3000, "buckets": {
             "0-1024": {"kld": kld / 2}, "1024-4096": {"kld": late}, "4096-16384": None}}}
 
     depth = {"Q4_K_M": {"f16": rows(0.002, 0.5, 0.003), "q4_0": rows(0.01, 2.0, 0.02)}}
     text = depth_cost(depth, "Q4_K_M", "q4_0")
-    assert "mean KLD 0.01000, perplexity drift +2.00%, positions 1024 to 4096 KLD 0.02000" \
-        in text and "(with an f16 cache: 0.00200, +0.50%, 0.00300)" in text
+    assert "mean KLD 0.010000, perplexity drift +2.00%, positions 1,024 to 3,000 KLD 0.020000" \
+        in text and "(with an f16 cache: 0.002000, +0.50%, 0.003000)" in text
     assert "with an f16 cache" not in depth_cost(depth, "Q4_K_M", "f16")
     assert depth_cost(depth, "Q8_0", "f16") == ""
 
