@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from kvant.data import EVAL_SETS, get_text, paragraphs
-from kvant.errors import KvantError
+from kvant.errors import run_script
 from kvant.files import sha256_text
 from kvant.paths import cache_dir as user_cache
 from kvant.plan import KV_TYPES, kv_types_for
@@ -139,8 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KvantError as exc:  # bad input: one line, exit status 2, as the kvant CLI does
-        sys.stderr.write(f"kvant.bench.depth: error: {exc}\n")
-        sys.exit(2)
+    run_script(main, "kvant.bench.depth")

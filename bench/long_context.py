@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kvant.bench.run import run_bench
 from kvant.bench.settings import BenchSettings
-from kvant.errors import KvantError
+from kvant.errors import run_script
 from kvant.model import read_config
 from kvant.paths import cache_dir as user_cache
 from kvant.plan import (
@@ -125,8 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KvantError as exc:  # bad input: one line, exit status 2, as the kvant CLI does
-        sys.stderr.write(f"kvant.bench.long_context: error: {exc}\n")
-        sys.exit(2)
+    run_script(main, "kvant.bench.long_context")

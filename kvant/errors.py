@@ -23,3 +23,15 @@ class ArtifactError(KvantError):
 
 class SettingsError(KvantError, ValueError):
     """A setting outside its valid range or set."""
+
+
+def run_script(main, name: str) -> None:
+    """Run a `python -m kvant.bench.X` script's ``main`` as the CLI runs its commands: bad
+    input is one line on stderr and exit status 2."""
+    import sys
+
+    try:
+        main()
+    except KvantError as exc:
+        sys.stderr.write(f"{name}: error: {exc}\n")
+        sys.exit(2)
