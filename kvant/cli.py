@@ -251,10 +251,11 @@ def _gguf_info(path: Path) -> dict:
     from kvant.runtimes.llamacpp import native_exact, tokenizer_path
 
     target = targets(path)[0]
+    exact = native_exact(path)  # loads the vocabulary: once
     return {"path": str(path), "kind": target.kind,
             "size on disk": f"{target.size_bytes / 2**20:,.1f} MiB",
             "context": f"{stated_context(target):,}",
-            "tokenizer": tokenizer_path(path), "llama.cpp exact": native_exact(path)}
+            "tokenizer": tokenizer_path(exact), "llama.cpp exact": exact}
 
 
 def cmd_info(args: argparse.Namespace) -> str:

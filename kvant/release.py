@@ -240,14 +240,15 @@ def _depth_study(root: Path, model: Path, source: dict, artifacts: dict,
         return {}
     targets, _, long_predicted, _ = _predictions(root, model, source, _folders(root, artifacts))
     docs = documents(model, list(settings.langs), settings.depth_ctx, cache_dir, data_dir)
-    picks = {(n, kv) for _, n, kv in long_context_picks(targets, long_predicted) if n}
+    caches: dict[str, dict[str, None]] = {}  # per picked target: f16, then its picks' types
+    for _, n, kv in long_context_picks(targets, long_predicted):
+        if n:
+            caches.setdefault(n, {"f16": None})[kv] = None
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix=".depth-", dir=root / "bench") as scratch:
-        for n, kv in sorted(picks):
-            found = depth([Path(targets[n]["path"])], model, docs, tuple(dict.fromkeys(
-                ("f16", kv))), Path(scratch))
-            for tname, by_kv in found.items():
-                results.setdefault(tname, {}).update(by_kv)
+        for n, kvs in sorted(caches.items()):  # each target and cache type scored once
+            results.update(depth([Path(targets[n]["path"])], model, docs, tuple(kvs),
+                                 Path(scratch)))
     write_json(root / "bench" / "depth.json", results)
     (root / "bench" / "depth.md").write_text(depth_table(results) + "\n", encoding="utf-8")
     return results

@@ -222,7 +222,7 @@ TOKENIZER_PROBE = ("EØS-avtalen gjelder \ufb01re år\u2026\n\nDet er  \n  samis
 def native_exact(path: Path) -> bool:
     """Whether this llama.cpp build tokenizes ``path`` exactly as NorMistral's HF tokenizer
     (a build with Kvant's patch, patches/llama.cpp, reading the file's
-    tokenizer.ggml.pre_exact). Checked on :data:`TOKENIZER_PROBE`, ids and decoded text."""
+    tokenizer.ggml.pre_exact). Checked on the ids of :data:`TOKENIZER_PROBE`."""
     exact = exact_tokenizer(Path(path)).encode(TOKENIZER_PROBE).ids
     native = StockTokenizer(path, stock=False)
     try:
@@ -231,9 +231,10 @@ def native_exact(path: Path) -> bool:
         native.close()
 
 
-def tokenizer_path(path: Path) -> str:
-    """Which tokenizer feeds llama.cpp for a GGUF file, in words (`kvant info`)."""
-    if native_exact(path):
+def tokenizer_path(exact: bool) -> str:
+    """Which tokenizer feeds llama.cpp for a GGUF file, in words (`kvant info`), given
+    :func:`native_exact` of it."""
+    if exact:
         return ("llama.cpp's own: this build has Kvant's NorMistral tokenizer patch and the file "
                 "asks for it (tokenizer.ggml.pre_exact); llama.cpp's tools get exact ids")
     return ("Kvant's exact Python tokenizer (embedded tokenizer.huggingface.json) feeds "
