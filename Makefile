@@ -9,13 +9,15 @@ KVANT := $(VENV)/bin/kvant
 # that; elsewhere PyPI's default (CUDA) build. Any torch >= 2.6 already installed is kept.
 TORCH ?= torch==2.13.0
 # llama-cpp-python ships only an sdist: build it with llama.cpp's tools (llama-quantize,
-# llama-imatrix, llama-perplexity, llama-bench in site-packages/bin) and Kvant's NorMistral
-# tokenizer patch (patches/llama.cpp); the RPATH lets the tools find libllama.
-# tools/llama_cpp_wheel.py keeps the wheel in pip's cache directory, keyed by the patch, so
-# each machine compiles once and later installs take seconds.
+# llama-imatrix, llama-perplexity, llama-bench, llama-server in site-packages/bin; the server
+# without its web UI, which would be downloaded) and Kvant's NorMistral tokenizer patch
+# (patches/llama.cpp); the RPATH lets the tools find libllama. tools/llama_cpp_wheel.py builds
+# it for this CPU, smoke-tests it with repacking on (falling back past a feature the CPU
+# faults on) and keeps the wheel in pip's cache directory, keyed by the patch, these flags and
+# the CPU, so each machine compiles once and later installs take seconds.
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_TOOLS_INSTALL=ON \
-	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DCMAKE_INSTALL_RPATH=$$ORIGIN/../lib
+	-DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_INSTALL_RPATH=$$ORIGIN/../lib
 # GPU users get GPU llama.cpp: nvcc alone is not enough (CI images carry it without a GPU).
 ifeq ($(shell command -v nvcc >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo y),y)
 LLAMA_CMAKE_ARGS += -DGGML_CUDA=ON
@@ -39,7 +41,8 @@ help: ## list the targets
 
 setup: $(VENV)/.installed ## create .venv with torch, Kvant and every backend
 
-$(VENV)/.installed: pyproject.toml patches/llama.cpp/normistral-tokenizer.patch
+$(VENV)/.installed: pyproject.toml patches/llama.cpp/normistral-tokenizer.patch \
+		tools/llama_cpp_wheel.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from kvant.errors import KvantError
-from kvant.runtimes.llamacpp import LlamaCppRuntime, gpu_layers, llama_tool, run_tool
+from kvant.runtimes.llamacpp import (
+    LlamaCppRuntime,
+    gpu_layers,
+    llama_tool,
+    repack_flag,
+    run_tool,
+)
 from kvant.scoring import log_softmax
 from kvant.tokenization import exact_tokenizer
 
@@ -30,11 +36,12 @@ SPEED_FLASH_ATTN = int(LlamaCppRuntime.flash_attn(all_logits=False))  # as Kvant
 
 
 def kvant_perplexity_llama_protocol(gguf: Path, text: str, n_ctx: int, chunks: int,
-                                    threads: int = 0, exact_ids: bool = False) -> float:
+                                    threads: int = 0, exact_ids: bool = False,
+                                    repack: bool = False) -> float:
     """Perplexity of ``gguf`` on ``text`` by llama-perplexity's protocol, computed by Kvant:
     on llama.cpp's tokens, or (``exact_ids``) on NorMistral's exact HF ids, which a build with
     Kvant's tokenizer patch gives llama-perplexity too."""
-    runtime = LlamaCppRuntime(gguf, threads=threads, n_ctx=n_ctx)
+    runtime = LlamaCppRuntime(gguf, threads=threads, n_ctx=n_ctx, repack=repack)
     try:
         tokens = (exact_tokenizer(gguf).encode(text).ids if exact_ids
                   else runtime.stock_tokenize(text))
@@ -56,8 +63,9 @@ def kvant_perplexity_llama_protocol(gguf: Path, text: str, n_ctx: int, chunks: i
 
 
 def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
-                     threads: int = 0) -> tuple[float, int]:
-    """llama-perplexity's own estimate on the same file and settings: (PPL, chunks scored).
+                     threads: int = 0, repack: bool = False) -> tuple[float, int]:
+    """llama-perplexity's own estimate on the same file and settings, CPU weight repacking
+    included: (PPL, chunks scored).
 
     Its running estimate `[i]ppl,` is cumulative over the first i chunks; the last one
     printed is used (its logger thread can exit before the "Final estimate" line is written,
@@ -65,7 +73,7 @@ def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
     """
     log = run_tool([llama_tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", n_ctx,
                     "-b", n_ctx, "--chunks", chunks, "-t", threads or os.cpu_count(),
-                    "-ngl", "0"])
+                    "-ngl", "0", repack_flag(repack)])
     running = re.findall(r"\[(\d+)\]([0-9.]+),", log)
     if not running:
         raise KvantError("llama-perplexity printed no perplexity estimate")

@@ -277,14 +277,16 @@ def _gguf_extras(target: Target, entry: dict, texts: dict, settings: BenchSettin
         lang, text = next(iter(texts.items()))
         n_ctx = settings.quality_ctx
         tool_ppl, chunks = peers.llama_perplexity(target.path, text.path, n_ctx, 8,
-                                                  settings.threads)
+                                                  settings.threads, settings.repack)
         # with the patch, llama-perplexity reads the raw text with NorMistral's own tokenizer:
         # Kvant's side then scores the HF ids, and the two agree only if the tokens do
         exact = native_exact(target.path)
         kvant_ppl = peers.kvant_perplexity_llama_protocol(target.path, text.read(), n_ctx,
-                                                          chunks, settings.threads, exact)
+                                                          chunks, settings.threads, exact,
+                                                          settings.repack)
         entry["peers"]["perplexity"] = {
-            "text": lang, "n_ctx": n_ctx, "chunks": chunks, "kvant": kvant_ppl,
+            "text": lang, "n_ctx": n_ctx, "chunks": chunks, "repack": settings.repack,
+            "kvant": kvant_ppl,
             "tokens": "exact (llama.cpp with Kvant's patch)" if exact else "llama.cpp's stock",
             "llama_perplexity": tool_ppl,
             "relative_diff_pct": round(100 * abs(kvant_ppl / tool_ppl - 1), 4)}

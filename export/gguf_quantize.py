@@ -9,13 +9,14 @@ from pathlib import Path
 import gguf
 
 from kvant.export.gguf import GGUFSettings
-from kvant.runtimes.llamacpp import llama_tool, run_tool
+from kvant.runtimes.llamacpp import llama_tool, repack_flag, run_tool
 
 
 def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettings,
                     normalizer=None, scratch: Path | None = None) -> dict:
     """llama-imatrix over the calibration text; returns what it used.
 
+    Repacking off, as Kvant's runtime (kvant.runtimes.llamacpp) runs every GGUF.
     llama-imatrix tokenizes with llama.cpp's tokenizer; the text is pre-normalized with
     NorMistral's own normalizer first, which brings that tokenization to 96-99.8% identical
     paragraphs (statistics of activations barely notice the rest).
@@ -26,7 +27,7 @@ def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettin
         calib.write_text(text, encoding="utf-8")
         log = run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib, "-o", out,
                         "-c", settings.imatrix_ctx, "--chunks", settings.imatrix_chunks,
-                        "-t", settings.n_threads, "-ngl", "0"])
+                        "-t", settings.n_threads, "-ngl", "0", repack_flag(False)])
     chunks = re.findall(r"compute_imatrix: computing over (\d+) chunks", log)
     return {"file": out.name, "chunks": int(chunks[-1]) if chunks else None,
             "ctx": settings.imatrix_ctx}

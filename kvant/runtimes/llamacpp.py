@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
+import re
 import secrets
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +32,28 @@ def llama_tool(name: str) -> Path:
     return tool
 
 
+# Written by tools/llama_cpp_wheel.py (`make setup`) beside the environment it installed into.
+BUILD_RECORD = Path(sys.prefix) / "share" / "kvant" / "llama-cpp-build.json"
+
+
+def build_info() -> dict:
+    """The llama.cpp build in use: llama.cpp's own system info (the CPU features compiled
+    in), and what `make setup` recorded when it chose and smoke-tested the build on this CPU
+    (variant, compiler flags, faults seen); ``recorded`` False for an install it did not
+    make."""
+    info = {"llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode().strip()}
+    info["features"] = sorted({m.group(1) for m in re.finditer(r"(\w+) = 1",
+                                                             info["system_info"])})
+    if BUILD_RECORD.is_file():
+        record = json.loads(BUILD_RECORD.read_text(encoding="utf-8"))
+        info.update({k: record.get(k) for k in ("variant", "cflags", "faults", "smoke_s",
+                                                "checked", "cpu")}, recorded=True)
+    else:
+        info["recorded"] = False
+    return info
+
+
 def run_tool(cmd: list) -> str:
     """Run a llama.cpp tool; its output, or one error line with the end of its log."""
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
@@ -38,6 +63,12 @@ def run_tool(cmd: list) -> str:
         raise KvantError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}): "
                          + " | ".join(tail))
     return proc.stdout + proc.stderr
+
+
+def repack_flag(repack: bool) -> str:
+    """llama.cpp's common flag for CPU weight repacking (its tools default to on), so that a
+    tool Kvant starts runs with the setting of the runtime it is compared with."""
+    return "--repack" if repack else "--no-repack"
 
 
 # llama.cpp's KV cache types (ggml_type ids); quantized V needs flash attention there
@@ -141,7 +172,7 @@ class LlamaCppRuntime:
             yield token
             self.llm.eval([token])
 
-    def generate(self, ids: list[int], sampling) -> Iterator[int]:
+    def sample(self, ids: list[int], sampling) -> Iterator[int]:
         """Tokens after ``ids`` from llama.cpp's samplers (``sampling``: a
         kvant.generation.Sampling; greedy at temperature 0). Reuses the KV cache of the
         prefix the previous call shared."""
