@@ -193,6 +193,11 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
             facts = build(with_context(model_dir, context, art.scratch), art.dir, settings,
                           art.scratch)
         facts["context_length"] = context
+        # the source's sizes beside the graph, as transformers names them (kvant plan and
+        # kvant info read them; genai_config.json leaves out the SwiGLU width)
+        (art.dir / "config.json").write_text(
+            json.dumps({**config, "max_position_embeddings": context}, indent=2),
+            encoding="utf-8")
         spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
         (art.dir / EXACT_TOKENIZER).write_text(json.dumps(spec, ensure_ascii=False),
                                                encoding="utf-8")

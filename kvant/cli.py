@@ -34,6 +34,7 @@ from kvant.plan import (
     prediction_errors,
     shape_of,
 )
+from kvant.plan import kind as kind_of
 from kvant.registry import nearest
 from kvant.synth import SHAPES, synthesize
 from kvant.tiny import TinyRecipe, build_tiny, default_dir
@@ -165,9 +166,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise SettingsError(f"kvant serve needs FastAPI and uvicorn ({exc.name} is missing); "
                             "install them with pip install 'kvant[serve]'") from exc
 
-    if args.artifact.suffix != ".gguf":
-        raise SettingsError(f"'{args.artifact}' is not a .gguf file; kvant serve serves one "
-                            "GGUF file (pass e.g. out/gguf/normistral-11b-long-Q4_K_M.gguf)")
     if args.api_key is not None and not args.api_key:
         raise SettingsError("--api-key is empty; pass a key, or leave the option out")
     engine = Engine(args.artifact, pick_device(args.device), args.ctx, args.threads,
@@ -186,7 +184,21 @@ def cmd_synth(args: argparse.Namespace) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> str:
-    if args.model:
+    from kvant.runtimes import target_config, targets  # reads artifacts' files
+
+    artifacts = None
+    if args.model and _artifact_rows(Path(args.model)) is not None \
+            and targets(Path(args.model))[0].fmt != "bf16":
+        # an artifact: plan what it needs, with its own bytes on disk as the weights
+        target = targets(Path(args.model))[0]
+        shape = shape_of(target_config(target))
+        found = kind_of(target.kind, file_bpw=8 * target.size_bytes / shape.n_params()) \
+            if target.kind else None
+        if found is None:
+            raise SettingsError(f"'{target.path}' records no kind kvant plan knows "
+                                f"({target.kind}); plan its source model with --model SOURCE")
+        artifacts = [(target.kind, found, target.size_bytes)]
+    elif args.model:
         shape = shape_of(read_config(resolve_model(args.model)))
     else:
         shape = SHAPES[args.shape]
@@ -198,7 +210,7 @@ def cmd_plan(args: argparse.Namespace) -> str:
              "parameters; overhead " + ("fitted to " + str(args.bench) if results
                                         else "from this project's CPU bench"), "",
              plan_table(shape, [int(c) for c in args.ctx.split(",")], budget, fitted,
-                        _kv_types(args.kv_type))]
+                        _kv_types(args.kv_type), artifacts)]
     if results:
         errors = prediction_errors(results, shape_of(_bench_config(results)), fitted,
                                    calibration)
@@ -245,29 +257,71 @@ def cmd_data_list(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _gguf_info(path: Path) -> dict:
+def _artifact_rows(path: Path) -> dict | None:
+    """What every artifact kind shows first: its kind, engine, size and stated context. None
+    for a plain checkpoint folder or a hub id (model_info describes those)."""
     from kvant.generation import stated_context
-    from kvant.runtimes import targets  # opens the GGUF's metadata
-    from kvant.runtimes.llamacpp import native_exact, tokenizer_path
+    from kvant.runtimes import targets
 
-    target = targets(path)[0]
-    exact = native_exact(path)  # loads the vocabulary: once
-    return {"path": str(path), "kind": target.kind,
+    if not (path.is_file() and path.suffix == ".gguf") and not (
+            path.is_dir() and ((path / "manifest.json").is_file() or
+                               (path / "genai_config.json").is_file() or
+                               any(path.glob("*.gguf")))):
+        return None
+    found = targets(path)
+    if len(found) != 1:
+        names = ", ".join(t.path.name for t in found)
+        raise SettingsError(f"'{path}' holds {len(found)} models ({names}); pass one of them")
+    target = found[0]
+    rows = {"path": str(target.path), "kind": target.kind, "backend": target.backend,
             "size on disk": f"{target.size_bytes / 2**20:,.1f} MiB",
-            "context": f"{stated_context(target):,}",
-            "tokenizer": tokenizer_path(exact), "llama.cpp exact": exact}
+            "context": f"{stated_context(target):,}"}
+    if target.backend == "llama.cpp":
+        from kvant.runtimes.llamacpp import native_exact, tokenizer_path
+
+        exact = native_exact(target.path)  # loads the vocabulary: once
+        rows.update({"tokenizer": tokenizer_path(exact), "llama.cpp exact": exact})
+    elif target.backend == "onnxruntime-genai":
+        rows["tokenizer"] = ("NorMistral's exact tokenizer (tokenizer.normistral.json) feeds "
+                             "ONNX Runtime GenAI; its own tokenizer.json is the nearest it "
+                             "runs")
+    return rows
+
+
+def _build_info() -> dict:
+    from kvant.runtimes.llamacpp import build_info
+
+    info = build_info()
+    if not info["recorded"]:
+        return {"llama-cpp-python": info["llama_cpp_python"],
+                "build": "not recorded: not installed by `make setup` (tools/llama_cpp_wheel.py)",
+                "CPU features": " ".join(info["features"])}
+    faults = "; ".join(f"{f['variant']} died on {f['signal']} in {f['tool']}"
+                       for f in info["faults"]) or "none"
+    return {"llama-cpp-python": info["llama_cpp_python"], "build": info["variant"],
+            "compiler flags": " ".join(info["cflags"]) or "-march=native",
+            "CPU features": " ".join(info["features"]),
+            "checked on": f"{info['cpu']['model']} ({info['checked']}, smoke test with "
+                          "repacking on)",
+            "faults": faults}
 
 
 def cmd_info(args: argparse.Namespace) -> str:
-    if str(args.model).endswith(".gguf") and Path(args.model).is_file():
-        rows = _gguf_info(Path(args.model))
+    if args.build:
+        rows = _build_info()
         if args.json:
             return json.dumps(rows, indent=2)
         return "\n".join(f"{key:18} {value}" for key, value in rows.items())
+    artifact = _artifact_rows(Path(args.model))
+    if artifact is not None and artifact["backend"] != "torch":
+        if args.json:
+            return json.dumps(artifact, indent=2)
+        return "\n".join(f"{key:18} {value}" for key, value in artifact.items())
     info = model_info(resolve_model(args.model))
     if args.json:
-        return json.dumps(info.as_dict(), indent=2)
-    rows = [
+        return json.dumps({**info.as_dict(), **(artifact or {})}, indent=2)
+    rows = [] if artifact is None else [("kind", artifact["kind"])]
+    rows += [
         ("path", info.path),
         ("architecture", f"{info.architecture} ({info.model_type})"
          + (" [synthetic weights]" if info.synthetic else "")),
@@ -280,7 +334,7 @@ def cmd_info(args: argparse.Namespace) -> str:
                       f"{info.head_dim}"),
         ("vocabulary", f"{info.vocab_size}, embeddings "
                        f"{'tied' if info.tied_embeddings else 'untied'}"),
-        ("context", f"{info.context_length}"),
+        ("context", artifact["context"] if artifact else f"{info.context_length:,}"),
         ("tokenizer", info.tokenizer),
     ]
     manifest = Path(info.path) / "manifest.json"
@@ -354,6 +408,8 @@ def build_parser() -> KvantParser:
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                       help=f"local folder, hub id or .gguf file (default {DEFAULT_MODEL})")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--build", action="store_true",
+                      help="the llama.cpp build instead: CPU features, fallback, smoke test")
     info.set_defaults(func=cmd_info)
 
     pipeline_parsers = []
@@ -405,10 +461,11 @@ def build_parser() -> KvantParser:
     _add_kv_type(generate)
     generate.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", help="an OpenAI-compatible local server for a GGUF file, "
+    serve = sub.add_parser("serve", help="an OpenAI-compatible local server for one model, "
                            "with NorMistral's exact tokens (/v1/completions, "
                            "/v1/chat/completions, /tokenize)")
-    serve.add_argument("artifact", type=Path, help="a .gguf file made by kvant export gguf")
+    serve.add_argument("artifact", type=Path, help="one model: a .gguf file, or a model, GPTQ, "
+                       "bitsandbytes or ONNX folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default "
                        "127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     serve.add_argument("--port", type=int, default=8080)

@@ -31,7 +31,7 @@ from pathlib import Path
 from kvant.errors import SettingsError
 from kvant.plan import KV_TYPES, require_kv_type
 from kvant.registry import unknown_key_message
-from kvant.runtimes import Target, open_runtime, targets, verify
+from kvant.runtimes import Target, open_runtime, reference_dtype, targets, verify
 from kvant.tokenization import exact_tokenizer
 
 USER, ASSISTANT = "Bruker", "Assistent"
@@ -229,9 +229,13 @@ class Engine:
     def load(self) -> None:
         """Open the runtime with ``n_ctx`` (done on first use; a server does it at start)."""
         if self.runtime is None:
+            # a plain checkpoint computes in float32 where it fits with room (the stand-in),
+            # as llama.cpp and ONNX Runtime do, so their greedy texts agree; else bfloat16
+            dtype = (reference_dtype(self.target.path, self.device)
+                     if self.target.fmt == "bf16" else "bfloat16")
             self.runtime = open_runtime(self.target, self.device, self.threads,
                                         n_ctx=self.n_ctx, all_logits=False,
-                                        kv_type=self.kv_type)
+                                        kv_type=self.kv_type, dtype=dtype)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special).ids
@@ -240,13 +244,9 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def tokens(self, ids: list[int], sampling: Sampling) -> Iterator[int]:
+        """Token ids after ``ids``, greedy or sampled, from the runtime's own decoding loop."""
         self.load()
-        if hasattr(self.runtime, "generate"):
-            return self.runtime.generate(ids, sampling)
-        if not sampling.greedy:
-            raise SettingsError(f"sampling needs a GGUF file ({self.target.backend} decodes "
-                                "greedily here); pass --temperature 0 or a .gguf")
-        return self.runtime.greedy(ids)
+        return self.runtime.sample(ids, sampling)
 
     def complete(self, prompt: str | list[int], max_new_tokens: int,
                  stop: tuple[str, ...] = (), sampling: Sampling = Sampling()) -> Completion:

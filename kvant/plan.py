@@ -279,18 +279,25 @@ def prediction_errors(results: dict, shape: Shape, fitted: dict,
 
 
 def plan_table(shape: Shape, ctxs: list[int], budget: float, fitted: dict | None,
-               kv_types: tuple[str, ...] = ("f16",)) -> str:
-    pred = predict(shape, ctxs, fitted, kv_types)
+               kv_types: tuple[str, ...] = ("f16",),
+               artifacts: list[tuple[str, Kind, int]] | None = None) -> str:
+    """The plan as a Markdown table: a row per kind and KV cache type with its predicted peak
+    at each context, and whether it fits ``budget``. ``artifacts``: (name, kind, bytes on
+    disk) of given artifacts, planned with their measured size, instead of every kind a
+    release makes."""
+    rows = [(name, k, None) for name, k in kinds().items()] if artifacts is None else artifacts
     lines = ["| artifact | backend | weights (GiB) | " + " | ".join(
         f"peak @ {c:,} (GiB)" for c in ctxs) + " |", "|---|---|---|" + "---|" * len(ctxs)]
-    for name, by_ctx in pred.items():
-        k = kinds()[name.split(" ")[0]]
-        cells = []
-        for c in ctxs:
-            gib = by_ctx[c] / GIB
-            cells.append(f"{gib:.2f} {'fits' if by_ctx[c] <= budget else 'too big'}")
-        lines.append(f"| {name} | {k.backend} | {weight_bytes(shape, k) / GIB:.2f} | "
-                     + " | ".join(cells) + " |")
+    for name, k, size in rows:
+        weights = weight_bytes(shape, k) if size is None else size
+        for kv in (t for t in kv_types if t in kv_types_for(k.backend)):
+            cells = []
+            for c in ctxs:
+                peak = peak_bytes(shape, k, c, size, fitted, kv)
+                cells.append(f"{peak / GIB:.2f} {'fits' if peak <= budget else 'too big'}")
+            row = name if kv == "f16" else f"{name} kv={kv}"
+            lines.append(f"| {row} | {k.backend} | {weights / GIB:.2f} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -101,6 +101,20 @@ def gguf_artifact(tiny_model, cache_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mix_artifact(tiny_model, cache_dir, tmp_path_factory):
+    """Uniform Q4_K_M and Q4_K_M-MIX with the same importance matrix, a MIX-3.6MiB, all
+    scored on the five languages' held-out text."""
+    from kvant.export.gguf import GGUFSettings
+    from kvant.export.gguf_pipeline import export_gguf
+
+    settings = GGUFSettings(types=("q4_k_m", "q4_k_m-mix", "mix:3.6MiB"),
+                            calib=str(CALIB_FILE), imatrix_chunks=32, eval_tokens=1024)
+    out = tmp_path_factory.mktemp("mix") / "tiny-gguf"
+    return export_gguf(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
+                       data_dir=UD_DIR).out
+
+
+@pytest.fixture(scope="session")
 def gptq_artifact(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("gptq") / "tiny-gptq"
     result = run_kvant("--no-progress", "quantize", "gptq", "--model", str(tiny_model), "--out",

@@ -48,6 +48,10 @@ class Runtime(Protocol):
     def greedy(self, ids: list[int]) -> Iterator[int]:
         """Greedy next tokens after ``ids``, one at a time, until the caller stops."""
 
+    def sample(self, ids: list[int], sampling) -> Iterator[int]:
+        """Next tokens after ``ids`` chosen by ``sampling`` (a kvant.generation.Sampling:
+        greedy at temperature 0), one at a time, until the caller stops."""
+
     def close(self) -> None:
         """Free the engine's memory."""
 
@@ -131,6 +135,36 @@ def targets(path: Path) -> list[Target]:
         return [Target(path.name, path, "torch", "bf16", _size(path, files), kind, files)]
     return [Target(path.name, path, "torch", fmt, _size(path, files), kinds.get(path.name),
                    files)]
+
+
+# transformers' config names for the llama-family keys a GGUF file carries ({arch}.KEY)
+_GGUF_CONFIG = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+                "intermediate_size": "feed_forward_length",
+                "num_attention_heads": "attention.head_count",
+                "num_key_value_heads": "attention.head_count_kv",
+                "head_dim": "attention.key_length", "vocab_size": "vocab_size",
+                "max_position_embeddings": "context_length"}
+
+
+def target_config(target: Target) -> dict:
+    """The model's sizes as transformers' config.json names them, from wherever the artifact
+    keeps them: config.json (checkpoints, and ONNX folders, which keep the source's), or a
+    GGUF file's own metadata (kvant.plan reads its shape from this)."""
+    if target.backend != "llama.cpp":
+        if target.fmt == "onnx" and not (target.path / "config.json").is_file():
+            raise ArtifactError(f"'{target.path}' keeps no config.json (an ONNX export of an "
+                                "earlier Kvant); export it again, or plan its source model")
+        return read_config(target.path)
+    reader = _read_gguf(target.path)
+    arch = str(reader.get_field("general.architecture").contents())
+    config = {}
+    for name, key in _GGUF_CONFIG.items():
+        field_ = reader.get_field(f"{arch}.{key}")
+        if field_ is not None:
+            config[name] = int(field_.contents())
+    if "vocab_size" not in config:  # older files: the token list's length
+        config["vocab_size"] = len(reader.get_field("tokenizer.ggml.tokens").data)
+    return config
 
 
 def verify(target: Target, checksums: bool = True) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,15 +134,32 @@ class TorchRuntime:
                 out = self.model(token.view(1, 1), past_key_values=out.past_key_values,
                                  use_cache=True)
 
-    def generate(self, ids: list[int], n_new: int) -> list[int]:
-        """transformers' own greedy generate (a second opinion on :meth:`greedy`)."""
+    def sample(self, ids: list[int], sampling) -> Iterator[int]:
+        """Tokens after ``ids`` (``sampling``: a kvant.generation.Sampling): greedy at
+        temperature 0, else llama.cpp's default order: top-k, then top-p on the untempered
+        distribution, then temperature, drawn with a torch.Generator seeded by
+        ``sampling.seed``."""
+        if sampling.greedy:
+            yield from self.greedy(ids)
+            return
+        generator = torch.Generator().manual_seed(
+            secrets.randbits(31) if sampling.seed is None else sampling.seed)
         with torch.no_grad():
-            cache = self.cache()
-            extra = {} if cache is None else {"past_key_values": cache}
-            out = self.model.generate(torch.tensor([ids], device=self.device),
-                                      max_new_tokens=n_new, min_new_tokens=n_new,
-                                      do_sample=False, **extra)
-        return out[0, len(ids):].tolist()
+            out = self._prompt(ids)
+            while True:
+                logits = out.logits[0, -1].float().cpu()  # (vocab,)
+                if 0 < sampling.top_k < logits.numel():
+                    logits[logits < torch.topk(logits, sampling.top_k).values[-1]] = -math.inf
+                if sampling.top_p < 1.0:
+                    order = torch.argsort(logits, descending=True)
+                    mass = torch.softmax(logits[order], dim=0).cumsum(0)
+                    # keep the smallest prefix whose mass reaches top_p (its last token too)
+                    logits[order[1:][mass[:-1] >= sampling.top_p]] = -math.inf
+                probs = torch.softmax(logits / sampling.temperature, dim=0)
+                token = torch.multinomial(probs, 1, generator=generator)
+                yield int(token)
+                out = self.model(token.view(1, 1).to(self.device),
+                                 past_key_values=out.past_key_values, use_cache=True)
 
     def close(self) -> None:
         del self.model

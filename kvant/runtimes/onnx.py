@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,9 @@ class OrtRuntime:
     def greedy(self, ids: list[int]) -> Iterator[int]:
         raise SettingsError("use the onnxruntime-genai runtime to generate")
 
+    def sample(self, ids: list[int], sampling) -> Iterator[int]:
+        return self.greedy(ids)
+
     def close(self) -> None:
         del self.session
 
@@ -83,10 +87,20 @@ class GenaiRuntime:
             self._ort = OrtRuntime(self.path)
         return self._ort.logits(ids)
 
-    def _generator(self, max_length: int):
+    def _generator(self, max_length: int, sampling=None):
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=max_length, do_sample=False)
+        if sampling is None or sampling.greedy:
+            params.set_search_options(max_length=max_length, do_sample=False)
+        else:  # GenAI's top_k has no "off": the whole vocabulary is the same thing
+            params.set_search_options(
+                max_length=max_length, do_sample=True, temperature=sampling.temperature,
+                top_p=sampling.top_p, top_k=sampling.top_k or self._vocab_size(),
+                random_seed=secrets.randbits(31) if sampling.seed is None else sampling.seed)
         return og.Generator(self.model, params)
+
+    def _vocab_size(self) -> int:
+        config = json.loads((self.path / "genai_config.json").read_text())
+        return int(config["model"]["vocab_size"])
 
     def prefill(self, ids: list[int]) -> float:
         generator = self._generator(len(ids) + 1)
@@ -103,7 +117,12 @@ class GenaiRuntime:
         return time.perf_counter() - start
 
     def greedy(self, ids: list[int], max_length: int = 32768) -> Iterator[int]:
-        generator = self._generator(max_length)
+        return self.sample(ids, None, max_length)
+
+    def sample(self, ids: list[int], sampling, max_length: int = 32768) -> Iterator[int]:
+        """Tokens after ``ids`` from GenAI's own search (``sampling``: a
+        kvant.generation.Sampling; greedy at temperature 0 or None)."""
+        generator = self._generator(max_length, sampling)
         generator.append_tokens(np.array(ids, dtype=np.int32))
         while not generator.is_done():
             generator.generate_next_token()

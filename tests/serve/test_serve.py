@@ -246,5 +246,6 @@ def test_serve_command_binds_loopback_and_requires_the_api_key(gguf_file, tmp_pa
         proc.terminate()
         proc.wait(timeout=30)
     refused = run_kvant("serve", str(gguf_file.parent))
-    assert refused.returncode == 2 and "not a .gguf file" in refused.stderr
+    # a GGUF artifact holds one file per type: serve wants one of them
+    assert refused.returncode == 2 and "models; pass one .gguf file" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
