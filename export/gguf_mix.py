@@ -54,7 +54,7 @@ ALL_CANDIDATES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
 # llama-quantize's file types whose --pure default is the tensor type (tools/quantize)
 PURE_FTYPE = {"q2_k": "Q2_K", "q3_k": "Q3_K_M", "q4_k": "Q4_K_M", "q5_k": "Q5_K_M",
               "q6_k": "Q6_K", "q8_0": "Q8_0", "iq4_xs": "IQ4_XS", "q5_0": "Q5_0",
-              "q4_0": "Q4_0", "iq4_nl": "IQ4_NL"}
+              "q4_0": "Q4_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
 BASELINE = "q8_0"
 _ROWS = 256  # rows dequantized at once by the proxy (ffn_down at 11.4B: 88 MiB)
 DP_STEPS = 8192
@@ -73,16 +73,31 @@ def ggml(type_name: str) -> gguf.GGMLQuantizationType:
     return gguf.GGMLQuantizationType[type_name.upper()]
 
 
+# llama-quant.cpp `tensor_type_fallback`: the type written instead when a row of ne0 values
+# does not split into the target's blocks (256 for K and most IQ types, 32 for the rest).
+_FALLBACK = {**dict.fromkeys(("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs",
+                              "iq3_s", "iq4_xs"), "iq4_nl"),
+             **dict.fromkeys(("q2_k", "q3_k", "tq1_0", "tq2_0"), "q4_0"),
+             "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
 def fallback(type_name: str, ne0: int) -> str:
-    """The type llama.cpp actually writes for ``type_name`` on rows of ``ne0`` values."""
+    """The type llama.cpp actually writes for ``type_name`` on rows of ``ne0`` values: the
+    type itself where the rows divide into its blocks, else its fallback, else f16 (as
+    llama-quant.cpp's `tensor_type_fallback`).
+
+    >>> fallback("q3_k", 576), fallback("q6_k", 576), fallback("q4_k", 100)
+    ('q4_0', 'q8_0', 'f16')
+    """
     block = gguf.GGML_QUANT_SIZES[ggml(type_name)][0]
     if ne0 % block == 0:
         return type_name
-    to = {"iq4_xs": "iq4_nl", "iq3_s": "iq4_nl", "iq3_xxs": "iq4_nl", "q2_k": "q4_0",
-          "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}.get(type_name)
-    if to is None or ne0 % gguf.GGML_QUANT_SIZES[ggml(to)][0]:
-        return "f16"
-    return to
+    to = _FALLBACK.get(type_name)
+    if to is None:
+        if block > 32:  # llama.cpp throws "no tensor type fallback is defined"
+            raise KvantError(f"llama.cpp has no fallback for {type_name} on rows of {ne0}")
+        to = type_name
+    return "f16" if ne0 % gguf.GGML_QUANT_SIZES[ggml(to)][0] else to
 
 
 def tensor_bytes(tensor: Tensor, type_name: str) -> int:
@@ -104,12 +119,22 @@ def file_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(path)).tensors}
 
 
+def written_types(tensors: list[Tensor], assignment: dict[str, str]) -> dict[str, str]:
+    """What llama-quantize writes for ``assignment``: each tensor's type, or llama.cpp's
+    fallback where its rows do not divide the type's blocks (:func:`fallback`)."""
+    widths = {t.name: t.ne0 for t in tensors}
+    return {n: fallback(t, widths[n]) for n, t in assignment.items()}
+
+
 def quantize_with(base: Path, out: Path, assignment: dict[str, str], imatrix: Path | None,
-                  threads: int, ftype: str = "Q8_0", tag: str | None = None) -> None:
-    """llama-quantize ``base`` with one anchored override per tensor of ``assignment``."""
+                  threads: int, ftype: str = "Q8_0", tag: str | None = None) -> dict[str, str]:
+    """llama-quantize ``base`` with one anchored override per tensor of ``assignment``, each
+    asked for in the type llama.cpp will write (its fallback where the rows do not divide);
+    the file is read back against that. Returns the types written."""
+    planned = written_types(quantizable(base), assignment)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=out.parent,
                                      delete=False) as handle:
-        for name, type_name in assignment.items():
+        for name, type_name in planned.items():
             handle.write(f"^{re.escape(name)}$={type_name}\n")
         overrides = Path(handle.name)
     options = ("--pure", "--tensor-type-file", overrides,
@@ -119,12 +144,12 @@ def quantize_with(base: Path, out: Path, assignment: dict[str, str], imatrix: Pa
     finally:
         overrides.unlink(missing_ok=True)
     written = file_types(out)
-    wrong = {n: (t, written.get(n)) for n, t in assignment.items()
-             if written.get(n) != t}
+    wrong = {n: (t, written.get(n)) for n, t in planned.items() if written.get(n) != t}
     if wrong:
         name, (want, got) = next(iter(wrong.items()))
         raise KvantError(f"llama-quantize wrote {len(wrong)} tensor(s) with another type than "
                          f"planned ({name}: {got}, planned {want}); the mix file is not kept")
+    return planned
 
 
 def pure(base: Path, type_name: str, out: Path, imatrix: Path | None, threads: int) -> Path:
@@ -352,7 +377,15 @@ def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
     costs = sensitivity.of(types)
     room = budget_bytes - overhead_bytes(base, tensors) - SLACK
     assignment = knapsack(tensors, types, costs, room)
-    counts = {t: sum(v == t for v in assignment.values()) for t in types}
+    # what llama-quantize writes: a row width that does not divide a type's blocks falls back
+    # (the byte model already priced each choice so); asked for directly, so it is read back
+    written = written_types(tensors, assignment)
+    fallbacks = {n: f"{assignment[n]} -> {t}" for n, t in written.items() if t != assignment[n]}
+    if fallbacks:
+        logger.warning("%s: %d tensor(s) take llama.cpp's fallback type (rows that do not "
+                       "divide the chosen type's blocks), e.g. %s", spec, len(fallbacks),
+                       next(f"{n}: {f}" for n, f in fallbacks.items()))
+    counts = {t: sum(v == t for v in written.values()) for t in dict.fromkeys(written.values())}
     ftype = PURE_FTYPE.get(max(counts, key=counts.get), "Q8_0")
     quantize_with(base, out, assignment, sensitivity.imatrix, threads, ftype=ftype, tag=spec)
     size = out.stat().st_size
@@ -362,8 +395,7 @@ def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
                          f"{budget_bytes:,}; report this (the byte model missed something)")
     result = {"sensitivity": sensitivity.mode, "candidates": types,
               "budget_bytes": budget_bytes, "size_bytes": size,
-              "types": {t: n for t, n in counts.items() if n},
-              "assignment": assignment,
+              "types": counts, "assignment": written, "fallbacks": fallbacks,
               "predicted_calib_kld": sensitivity.predicted_kld(assignment),
               "predicted_cost": sensitivity.total(assignment)}
     if uniform is not None and all((n, t) in costs for n, t in uniform_types.items()):

@@ -45,9 +45,12 @@ class TinyRecipe:
     vocab_size: int = 4096
     """BPE vocabulary incl. 16 specials; a multiple of 256 (it is lm_head's output width)."""
     hidden_size: int = 256
-    """Model width; a multiple of 256 so every matmul input splits into K-quant blocks."""
+    """Model width; a multiple of 256 so every matmul input splits into K-quant blocks, as
+    NorMistral's 5,120 does (a multiple of 32 is accepted: real small models such as 576-wide
+    ones, where llama.cpp falls back to 32-blocks for K-quant types)."""
     intermediate_size: int = 768
-    """SwiGLU width; NorMistral's ratio 14336/5120 = 2.8, rounded to a multiple of 256."""
+    """SwiGLU width; NorMistral's ratio 14336/5120 = 2.8, rounded to a multiple of 256 (of 32
+    accepted, as hidden_size)."""
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 1
@@ -66,13 +69,15 @@ class TinyRecipe:
     """Held-out tokens of the evaluation text scored for the perplexity report."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size"):
-            if getattr(self, name) % 256:
-                raise SettingsError(f"{name}={getattr(self, name)} must be a multiple of 256 "
-                                    "(GGUF K-quant blocks)")
-        if (self.num_attention_heads * self.head_dim) % 256:
-            raise SettingsError("num_attention_heads * head_dim (o_proj's input width) must be "
-                                "a multiple of 256")
+        if self.vocab_size % 256:
+            raise SettingsError(f"vocab_size={self.vocab_size} must be a multiple of 256")
+        # GGUF's smallest blocks are 32 values: every matmul input width must split into them
+        # (o_proj's, heads x head_dim, always does: head_dim is 64 or 128)
+        for name in ("hidden_size", "intermediate_size"):
+            width = getattr(self, name)
+            if width % 32:
+                raise SettingsError(f"{name}={width} must be a multiple of 32 (GGUF blocks; "
+                                    "256 splits into K-quant blocks as NorMistral's widths do)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise SettingsError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.head_dim not in (64, 128):

@@ -111,8 +111,11 @@ def test_build_is_cached_by_recipe_hash(tiny_model, eval_text):
     assert verify_artifact(tiny_model) == []
 
 
-def test_recipe_rejects_shapes_that_break_k_quants():
-    with pytest.raises(SettingsError, match="intermediate_size=700 must be a multiple of 256"):
+def test_recipe_rejects_shapes_no_gguf_block_fits():
+    with pytest.raises(SettingsError, match="intermediate_size=700 must be a multiple of 32"):
         TinyRecipe(intermediate_size=700)
-    with pytest.raises(SettingsError, match="o_proj's input width"):
-        TinyRecipe(num_attention_heads=3, head_dim=64)
+    with pytest.raises(SettingsError, match="hidden_size=500 must be a multiple of 32"):
+        TinyRecipe(hidden_size=500)
+    # widths of real small models, where K-quants fall back to 32-blocks, are accepted
+    assert TinyRecipe(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                      num_key_value_heads=3, head_dim=64).hidden_size == 576

@@ -13,11 +13,13 @@ from kvant.artifact import read_manifest
 from kvant.errors import SettingsError
 from kvant.export.gguf import GGUFSettings, file_name, mix_size
 from kvant.export.gguf_mix import (
+    ALL_CANDIDATES,
     Tensor,
     fallback,
     file_types,
     knapsack,
     proxy_costs,
+    pure,
     quantizable,
     spearman,
     tensor_bytes,
@@ -26,19 +28,6 @@ from kvant.runtimes import gguf_kind
 from tests.conftest import CALIB_FILE, UD_DIR
 
 LANGS = ("nob", "nno", "sme", "dan", "swe")
-
-
-@pytest.fixture(scope="module")
-def mix_artifact(tiny_model, cache_dir, tmp_path_factory):
-    """Uniform Q4_K_M and Q4_K_M-MIX with the same importance matrix, a MIX-3.6MiB, all
-    scored on the five languages' held-out text."""
-    from kvant.export.gguf_pipeline import export_gguf
-
-    settings = GGUFSettings(types=("q4_k_m", "q4_k_m-mix", "mix:3.6MiB"),
-                            calib=str(CALIB_FILE), imatrix_chunks=32, eval_tokens=1024)
-    out = tmp_path_factory.mktemp("mix") / "tiny-gguf"
-    return export_gguf(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
-                       data_dir=UD_DIR).out
 
 
 def test_q4_k_m_mix_beats_uniform_q4_k_m_at_no_larger_size(mix_artifact):
@@ -131,3 +120,63 @@ def test_fallback_and_settings():
             GGUFSettings(types=(bad,))
     with pytest.raises(SettingsError, match="importance matrix"):
         GGUFSettings(types=("iq4_xs-mix",), imatrix="none")
+
+
+# A second stand-in whose widths do not divide 256, as real small models have (hidden 576,
+# 9 heads of 64 over 3 KV heads, SwiGLU 1,536): there llama.cpp writes a fallback type for
+# every K-quant on a 576-wide row.
+ODD_RECIPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+              "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 2, "steps": 150,
+              "seq_len": 128}
+
+
+@pytest.fixture(scope="module")
+def odd_model(shared_data, cache_dir, eval_text):
+    from kvant.data import get_text
+    from kvant.tiny import TinyRecipe, build_tiny, default_dir
+
+    train = get_text(CALIB_FILE, cache_dir)
+    recipe = TinyRecipe(**ODD_RECIPE)
+    return build_tiny(default_dir(cache_dir, recipe, train), train, eval_text, recipe)
+
+
+@pytest.fixture(scope="module")
+def odd_mix(odd_model, cache_dir, tmp_path_factory):
+    from kvant.export.gguf_pipeline import export_gguf
+
+    settings = GGUFSettings(types=("q4_k_m", "q4_k_m-mix"), calib=str(CALIB_FILE),
+                            imatrix_chunks=32, eval_tokens=1024)
+    out = tmp_path_factory.mktemp("odd-mix") / "odd-gguf"
+    return export_gguf(odd_model, out, settings, source={"id": "odd"}, cache_dir=cache_dir,
+                       data_dir=UD_DIR).out
+
+
+def test_the_fallback_table_is_llama_cpps(odd_model, tmp_path):
+    """kvant's fallback() against what llama-quantize itself writes, for every candidate
+    type, on rows of 576 (fall back), 1,536 (divide) and the 64-wide heads' 576."""
+    from kvant.export.gguf_convert import convert
+
+    base = tmp_path / "bf16.gguf"
+    convert(odd_model, base, "bf16")
+    tensors = quantizable(base)
+    assert {t.ne0 for t in tensors} == {576, 1536}
+    for type_name in ALL_CANDIDATES:
+        written = file_types(pure(base, type_name, tmp_path / f"{type_name}.gguf", None, 2))
+        for tensor in tensors:
+            assert written[tensor.name] == fallback(type_name, tensor.ne0), \
+                (type_name, tensor.name, tensor.ne0)
+    assert fallback("q3_k", 576) == "q4_0" and fallback("q3_k", 1536) == "q3_k"
+
+
+def test_mix_on_widths_that_do_not_divide_256(odd_mix):
+    files = read_manifest(odd_mix)["validation"]["files"]
+    uniform, mix = files["q4_k_m"], files["q4_k_m-mix"]
+    path = odd_mix / mix["file"]
+    assert path.stat().st_size <= (odd_mix / uniform["file"]).stat().st_size
+    # the file holds what the manifest says it planned, fallback types included
+    plan = mix["mix"]["assignment"]
+    assert {n: file_types(path)[n] for n in plan} == plan
+    assert mix["mix"]["fallbacks"], "576-wide rows take llama.cpp's fallback types"
+    assert all(plan[n] == f.split(" -> ")[1] for n, f in mix["mix"]["fallbacks"].items())
+    # better than the uniform file on held-out text never used to choose
+    assert mix["mean_kld"] < uniform["mean_kld"], (mix["mean_kld"], uniform["mean_kld"])
