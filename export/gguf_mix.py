@@ -126,12 +126,14 @@ def written_types(tensors: list[Tensor], assignment: dict[str, str]) -> dict[str
     return {n: fallback(t, widths[n]) for n, t in assignment.items()}
 
 
-def quantize_with(base: Path, out: Path, assignment: dict[str, str], imatrix: Path | None,
-                  threads: int, ftype: str = "Q8_0", tag: str | None = None) -> dict[str, str]:
-    """llama-quantize ``base`` with one anchored override per tensor of ``assignment``, each
-    asked for in the type llama.cpp will write (its fallback where the rows do not divide);
-    the file is read back against that. Returns the types written."""
-    planned = written_types(quantizable(base), assignment)
+def quantize_with(base: Path, out: Path, tensors: list[Tensor], assignment: dict[str, str],
+                  imatrix: Path | None, threads: int, ftype: str = "Q8_0",
+                  tag: str | None = None) -> dict[str, str]:
+    """llama-quantize ``base`` (whose quantizable ``tensors`` these are) with one anchored
+    override per tensor of ``assignment``, each asked for in the type llama.cpp will write
+    (its fallback where the rows do not divide); the file is read back against that. Returns
+    the types written."""
+    planned = written_types(tensors, assignment)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=out.parent,
                                      delete=False) as handle:
         for name, type_name in planned.items():
@@ -231,7 +233,7 @@ def direct_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: P
     def kld(assignment: dict[str, str]) -> float:
         # unrounded: a tensor's share of the KLD is often below the reports' 6 decimals
         path = scratch / "probe.gguf"
-        quantize_with(base, path, assignment, imatrix, threads)
+        quantize_with(base, path, tensors, assignment, imatrix, threads)
         runtime = LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx)
         try:
             return float(np.concatenate([
@@ -387,7 +389,8 @@ def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
                        next(f"{n}: {f}" for n, f in fallbacks.items()))
     counts = {t: sum(v == t for v in written.values()) for t in dict.fromkeys(written.values())}
     ftype = PURE_FTYPE.get(max(counts, key=counts.get), "Q8_0")
-    quantize_with(base, out, assignment, sensitivity.imatrix, threads, ftype=ftype, tag=spec)
+    quantize_with(base, out, tensors, assignment, sensitivity.imatrix, threads, ftype=ftype,
+                  tag=spec)
     size = out.stat().st_size
     if size > budget_bytes:
         out.unlink()

@@ -184,13 +184,12 @@ def cmd_synth(args: argparse.Namespace) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> str:
-    from kvant.runtimes import target_config, targets  # reads artifacts' files
+    from kvant.runtimes import target_config  # reads artifacts' files
 
     artifacts = None
-    if args.model and _artifact_rows(Path(args.model)) is not None \
-            and targets(Path(args.model))[0].fmt != "bf16":
+    target = _artifact_target(Path(args.model)) if args.model else None
+    if target is not None and target.fmt != "bf16":
         # an artifact: plan what it needs, with its own bytes on disk as the weights
-        target = targets(Path(args.model))[0]
         shape = shape_of(target_config(target))
         found = kind_of(target.kind, file_bpw=8 * target.size_bytes / shape.n_params()) \
             if target.kind else None
@@ -257,11 +256,10 @@ def cmd_data_list(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _artifact_rows(path: Path) -> dict | None:
-    """What every artifact kind shows first: its kind, engine, size and stated context. None
-    for a plain checkpoint folder or a hub id (model_info describes those)."""
-    from kvant.generation import stated_context
-    from kvant.runtimes import targets
+def _artifact_target(path: Path):
+    """The one model of an artifact (a .gguf file, or a folder Kvant made, an ONNX folder or a
+    folder of GGUF files); None for a plain checkpoint folder or a hub id."""
+    from kvant.runtimes import targets  # opens a GGUF's metadata
 
     if not (path.is_file() and path.suffix == ".gguf") and not (
             path.is_dir() and ((path / "manifest.json").is_file() or
@@ -272,7 +270,14 @@ def _artifact_rows(path: Path) -> dict | None:
     if len(found) != 1:
         names = ", ".join(t.path.name for t in found)
         raise SettingsError(f"'{path}' holds {len(found)} models ({names}); pass one of them")
-    target = found[0]
+    return found[0]
+
+
+def _artifact_rows(target) -> dict:
+    """What every artifact kind shows first: its kind, engine, size and stated context, and
+    which tokenizer feeds its engine."""
+    from kvant.generation import stated_context
+
     rows = {"path": str(target.path), "kind": target.kind, "backend": target.backend,
             "size on disk": f"{target.size_bytes / 2**20:,.1f} MiB",
             "context": f"{stated_context(target):,}"}
@@ -312,7 +317,8 @@ def cmd_info(args: argparse.Namespace) -> str:
         if args.json:
             return json.dumps(rows, indent=2)
         return "\n".join(f"{key:18} {value}" for key, value in rows.items())
-    artifact = _artifact_rows(Path(args.model))
+    target = _artifact_target(Path(args.model))
+    artifact = None if target is None else _artifact_rows(target)
     if artifact is not None and artifact["backend"] != "torch":
         if args.json:
             return json.dumps(artifact, indent=2)
