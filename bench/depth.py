@@ -37,8 +37,10 @@ from kvant.data import EVAL_SETS, get_text, paragraphs
 from kvant.errors import run_script
 from kvant.files import sha256_text
 from kvant.paths import cache_dir as user_cache
-from kvant.plan import KV_TYPES, kv_types_for
-from kvant.runtimes import open_runtime, reference_logits, targets
+from kvant.plan.kv import KV_TYPES, kv_types_for
+from kvant.runtimes import open_runtime
+from kvant.runtimes.reference import reference_logits
+from kvant.runtimes.targets import targets
 from kvant.scoring import position_scores
 from kvant.tokenization import exact_tokenizer
 

@@ -34,8 +34,9 @@ from kvant.files import sha256_text
 from kvant.generation import stated_context
 from kvant.machine import die_with_parent, machine
 from kvant.model import model_info, pick_device
-from kvant.plan import kv_types_for
-from kvant.runtimes import Target, reference_logits, score_against, targets, verify
+from kvant.plan.kv import kv_types_for
+from kvant.runtimes.reference import reference_logits, score_against
+from kvant.runtimes.targets import Target, targets, verify
 from kvant.scoring import require_windows, windows
 from kvant.steps import language_tokens, shared_or_step, step
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from kvant.data import EVAL_SETS
 from kvant.errors import SettingsError
-from kvant.plan import KV_TYPES
+from kvant.plan.kv import KV_TYPES
 from kvant.registry import unknown_key_message
 
 

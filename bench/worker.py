@@ -18,7 +18,8 @@ from pathlib import Path
 
 from kvant.machine import CpuWatch
 from kvant.memory import peak_rss_mib
-from kvant.runtimes import Target, open_runtime
+from kvant.runtimes import open_runtime
+from kvant.runtimes.targets import Target
 
 
 def _rates(tokens: int, seconds: list[float]) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from kvant.data import DEFAULT_CALIB, EvalSettings
 from kvant.errors import SettingsError
-from kvant.plan import parse_size
+from kvant.plan.sizes import parse_size
 from kvant.registry import unknown_key_message
 
 # llama.cpp's type names (tools/quantize) in lower case -> gguf.LlamaFileType member

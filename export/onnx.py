@@ -33,7 +33,7 @@ class ONNXSettings(EvalSettings):
     """int4 on CPU: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
     int4_algo: str = "k_quant_last"
     """int4 weight quantizer: rtn, k_quant, k_quant_last (default: k_quant, lm_head int8) or
-    k_quant_mixed (README, "ONNX int4: quantizer and accuracy level")."""
+    k_quant_mixed (docs/formats.md, "ONNX int4: quantizer and accuracy level")."""
     context_length: int = 0
     """Trained context the model is built for (0: NorMistral's known value, else
     config.json); GenAI's max_length and the rotary caches are sized from it."""

@@ -37,9 +37,10 @@ from kvant.model import (
     require_tokenizer,
     trained_context,
 )
-from kvant.plan import disk_need
-from kvant.runtimes import Target, reference_logits, score_against
+from kvant.plan.peaks import disk_need
 from kvant.runtimes.onnx import GenaiRuntime, OrtRuntime
+from kvant.runtimes.reference import reference_logits, score_against
+from kvant.runtimes.targets import Target
 from kvant.scoring import drift_table, eval_windows
 from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.tokenization import ONNX_EXACT_TOKENIZER, fidelity

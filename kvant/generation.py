@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvant.errors import SettingsError
-from kvant.plan import KV_TYPES, require_kv_type
+from kvant.plan.kv import KV_TYPES, require_kv_type
 from kvant.registry import unknown_key_message
-from kvant.runtimes import Target, open_runtime, reference_dtype, targets, verify
+from kvant.runtimes import open_runtime
+from kvant.runtimes.reference import reference_dtype
+from kvant.runtimes.targets import Target, targets, verify
 from kvant.tokenization import exact_tokenizer
 
 USER, ASSISTANT = "Bruker", "Assistent"

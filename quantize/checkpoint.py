@@ -16,8 +16,9 @@ from pathlib import Path
 from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
 from kvant.data import EvalSettings, TextFile, get_text
 from kvant.model import read_config, refuse_quantized, refuse_synthetic, require_tokenizer
-from kvant.plan import disk_need
-from kvant.runtimes import Target, reference_logits, score_against
+from kvant.plan.peaks import disk_need
+from kvant.runtimes.reference import reference_logits, score_against
+from kvant.runtimes.targets import Target
 from kvant.scoring import drift_table, eval_windows
 from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 

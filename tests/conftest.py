@@ -160,7 +160,8 @@ def onnx_artifacts(tiny_model, cache_dir, tmp_path_factory):
 
 def logits_of(path: Path, wins: list[list[int]], dtype: str = "float32") -> list:
     """Logits of each window from any model path, through Kvant's one runtime layer."""
-    from kvant.runtimes import score_target, targets
+    from kvant.runtimes import score_target
+    from kvant.runtimes.targets import targets
 
     return score_target(targets(path)[0], {"w": wins}, dtype=dtype)["w"]
 
@@ -169,7 +170,7 @@ def reference_for(model: Path, langs, n_tokens: int, n_ctx: int, cache: Path, fo
     """(windows, reference logits in ``folder``) per language, as every pipeline computes
     them."""
     from kvant.data import get_text
-    from kvant.runtimes import reference_logits
+    from kvant.runtimes.reference import reference_logits
     from kvant.scoring import eval_windows
 
     texts = {lang: get_text(lang, cache, UD_DIR) for lang in langs}

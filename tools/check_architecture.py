@@ -7,15 +7,15 @@ root into the `kvant` package (setuptools package-dir), and import-linter's grap
 (grimp) finds subpackages by walking the package's own folder, so it would not see them.
 This script walks the same mapping from pyproject.toml and parses every module with `ast`.
 
+A module's layer is its folder's (LAYERS, lowest first); a folder with no layer fails.
 Rules:
-1. Layers: core (kvant/*) imports no pipeline and no app module; pipelines (quantize/,
-   export/) import no app module; quantize/ and export/ do not import each other.
-   App: kvant.cli, kvant.pipelines, kvant.release, kvant.release_cards and bench/.
+1. Layers: a module imports only modules of its own layer or lower ones; quantize/ and
+   export/ (both pipelines) do not import each other.
 2. No import cycles between Kvant modules.
 3. No private names across modules (`from kvant.x import _y`).
-4. A function-local import of a Kvant module only in the app layer, or of a module that
-   is heavy (imports an engine such as torch or llama_cpp at its top, directly or through
-   other Kvant modules): anything else buys nothing and hides the dependency.
+4. A function-local import of a Kvant module only in the app and study layers, or of a
+   module that is heavy (imports an engine such as torch or llama_cpp at its top, directly
+   or through other Kvant modules): anything else buys nothing and hides the dependency.
 """
 
 from __future__ import annotations
@@ -27,9 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-APP = {"kvant.cli", "kvant.pipelines", "kvant.release", "kvant.release_cards", "kvant.serve"}
-APP_PACKAGES = ("kvant.bench",)
-PIPELINE_PACKAGES = ("kvant.quantize", "kvant.export")
+# Each layer's folders, relative to the repository root, lowest layer first.
+LAYERS = {
+    "core": ("kvant", "kvant/plan", "kvant/runtimes"),  # artifacts, data, models, runtimes
+    "pipeline": ("quantize", "export"),  # each makes one kind of artifact
+    "bench": ("bench",),  # the bench library: scenario, worker, report, peers, depth
+    "app": ("kvant/app",),  # what a user runs: cli, generate, serve, release
+    "study": ("bench/studies",),  # one-off measurements behind docs/ tables
+}
+ORDER = {name: i for i, name in enumerate(LAYERS)}
+TOP = ("app", "study")  # the layers that may import lazily
 # Engines and other imports that cost a second or more, or pull in a GPU stack.
 HEAVY = {"torch", "transformers", "gptqmodel", "llama_cpp", "onnxruntime",
          "onnxruntime_genai", "bitsandbytes", "accelerate", "optimum", "matplotlib",
@@ -46,19 +53,22 @@ class Import:
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
-    """Every Kvant module name -> file, following pyproject's package-dir mapping."""
+    """Every Kvant module name -> file, following pyproject's packages and package-dir mapping
+    (as setuptools does: a package's folder is its longest mapped prefix's, then its name)."""
     config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    dirs = {pkg: root / pkg.replace(".", "/") for pkg in config["packages"]}
-    dirs.update({pkg: root / d for pkg, d in config.get("package-dir", {}).items()})
+    mapped = config.get("package-dir", {})
+
+    def folder_of(pkg: str) -> Path:
+        parts = pkg.split(".")
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in mapped:
+                return root / mapped[".".join(parts[:n])] / "/".join(parts[n:])
+        return root / pkg.replace(".", "/")
+
     out = {}
-    for pkg, folder in dirs.items():
-        for file in sorted(folder.glob("*.py")):
+    for pkg in config["packages"]:
+        for file in sorted(folder_of(pkg).glob("*.py")):
             out[pkg if file.stem == "__init__" else f"{pkg}.{file.stem}"] = file
-        for sub in sorted(p for p in folder.iterdir() if (p / "__init__.py").is_file()):
-            name = f"{pkg}.{sub.name}"
-            if name not in dirs:  # a subpackage not listed (kvant.runtimes)
-                for file in sorted(sub.glob("*.py")):
-                    out[name if file.stem == "__init__" else f"{name}.{file.stem}"] = file
     return out
 
 
@@ -81,21 +91,23 @@ def imports(name: str, file: Path) -> list[Import]:
     return found
 
 
-def layer(module: str) -> str:
-    if module in APP or module.startswith(APP_PACKAGES):
-        return "app"
-    if module.startswith(PIPELINE_PACKAGES):
-        return "pipeline"
-    return "core"
+def layer(module: str, known: dict[str, Path] | None = None, root: Path = ROOT) -> str:
+    """The layer of ``module``: its folder's, from LAYERS."""
+    file = (known or modules(root))[module]
+    folder = file.parent.relative_to(root).as_posix()
+    for name, folders in LAYERS.items():
+        if folder in folders:
+            return name
+    raise LookupError(f"{folder}/ has no layer: add it to LAYERS in tools/check_architecture.py")
 
 
 def _resolve(imp: Import, known: dict[str, Path]) -> list[str]:
     """The Kvant modules an import statement loads (from kvant.x import y may name a module)."""
     if imp.target != "kvant" and not imp.target.startswith("kvant."):
         return []
-    out = [imp.target] if imp.target in known else []
-    out += [f"{imp.target}.{n}" for n in imp.names if f"{imp.target}.{n}" in known]
-    return out
+    subs = [f"{imp.target}.{n}" for n in imp.names if f"{imp.target}.{n}" in known]
+    # `from kvant.bench import peers` asks for the submodule; the package comes with it
+    return subs or ([imp.target] if imp.target in known else [])
 
 
 def check(root: Path = ROOT) -> list[str]:
@@ -114,24 +126,29 @@ def check(root: Path = ROOT) -> list[str]:
         return any(heavy(t, (*seen, module)) for t, imp in graph[module]
                    if not imp.local and t not in seen and t != module)
 
-    order = {"core": 0, "pipeline": 1, "app": 2}
+    layers = {}
+    for name in known:
+        try:
+            layers[name] = layer(name, known, root)
+        except LookupError as exc:
+            problems.append(f"{known[name].relative_to(root)}: {exc}")
     for name, edges in graph.items():
         where = f"{known[name].relative_to(root)}"
         for target, imp in edges:
-            if target == "kvant":
+            if target == "kvant" or name not in layers or target not in layers:
                 continue
-            a, b = layer(name), layer(target)
-            if order[b] > order[a]:
+            a, b = layers[name], layers[target]
+            if ORDER[b] > ORDER[a]:
                 problems.append(f"{where}:{imp.line}: {a} module {name} imports {b} module "
                                 f"{target}")
-            if a == b == "pipeline" and target.split(".")[1] != name.split(".")[1]:
+            if a == b == "pipeline" and known[target].parent != known[name].parent:
                 problems.append(f"{where}:{imp.line}: {name} imports {target} "
                                 "(quantize and export are independent)")
             private = [n for n in imp.names if n.startswith("_")]
             if private:
                 problems.append(f"{where}:{imp.line}: private name {', '.join(private)} "
                                 f"imported from {imp.target}")
-            if imp.local and a != "app" and not heavy(target):
+            if imp.local and a not in TOP and not heavy(target):
                 problems.append(f"{where}:{imp.line}: function-local import of {target}, "
                                 "which is light: import it at the top")
     problems += _cycles(graph, known, root)

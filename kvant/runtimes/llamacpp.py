@@ -110,7 +110,7 @@ class LlamaCppRuntime:
     ``repack``: let llama.cpp repack weights for its CPU SIMD kernels (its default). Off
     here: it keeps a second copy of every repacked tensor beside the mapped file (the
     40-layer Q4_K_M peaked at 11.9 GB against 6.7 GB planned), and on this project's 2-core
-    EPYC at NorMistral's width it made prefill 1.85x slower, decode 5% faster (README).
+    EPYC at NorMistral's width it made prefill 1.85x slower, decode 5% faster (docs/bench.md).
     """
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0, n_ctx: int = 0,

@@ -157,7 +157,8 @@ def test_generate_streams_exact_greedy_text(gguf_artifact):
 
 
 def test_plan_predicts_the_measured_peaks_within_10_percent(bench, tiny_model):
-    from kvant.plan import fit_overhead, prediction_errors, shape_of
+    from kvant.plan.fit import fit_overhead, prediction_errors
+    from kvant.plan.kinds import shape_of
 
     results = _results(bench)
     shape = shape_of(json.loads((tiny_model / "config.json").read_text()))

@@ -48,8 +48,8 @@ def test_position_buckets_on_identical_ids_for_every_backend_and_cache(gguf_arti
 
 def test_long_context_rows_run_each_artifact_with_its_runtime_s_caches(gguf_artifact,
                                                                       tiny_model, tmp_path):
-    from kvant.bench.long_context import artifact_shape, measure, table
-    from kvant.runtimes import targets
+    from kvant.bench.studies.long_context import artifact_shape, measure, table
+    from kvant.runtimes.targets import targets
 
     files = [gguf_artifact / "tiny-Q4_K_M.gguf", tiny_model]
     results = measure(files, tmp_path, ["256"], ["f16", "q8_0", "fp8"], 1, UD_DIR)

@@ -9,7 +9,8 @@ import json
 import llama_cpp
 import pytest
 
-from kvant.plan import kind, kv_bytes, shape_of
+from kvant.plan.kinds import kind, shape_of
+from kvant.plan.kv import kv_bytes
 from kvant.runtimes.llamacpp import LlamaCppRuntime
 from tests.conftest import run_kvant
 
@@ -65,7 +66,7 @@ def test_context_and_cache_type_refusals(gguf_artifact, onnx_artifacts):
 def test_plan_and_bench_take_the_cache_type():
     from kvant.bench.settings import BenchSettings
     from kvant.errors import SettingsError
-    from kvant.plan import peak_bytes
+    from kvant.plan.peaks import peak_bytes
     from kvant.synth import SHAPES
 
     shape = SHAPES["normistral-11b-long"]

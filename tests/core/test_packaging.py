@@ -35,7 +35,7 @@ def test_wheel_maps_the_root_folders_under_kvant(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True)
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); import kvant.quantize, kvant.export, "
-             "kvant.bench, kvant.cli; print(kvant.quantize.__file__)")
+             "kvant.bench, kvant.app.cli; print(kvant.quantize.__file__)")
     out = subprocess.run([sys.executable, "-S", "-c", probe, str(target)], check=True,
                          capture_output=True, text=True).stdout
     assert out.strip() == str(target / "kvant" / "quantize" / "__init__.py")

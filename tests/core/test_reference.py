@@ -7,15 +7,11 @@ import os
 import numpy as np
 import pytest
 
-import kvant.runtimes
+import kvant.runtimes.reference
 from kvant.errors import ArtifactError
-from kvant.runtimes import (
-    reference_dtype,
-    reference_logits,
-    score_against,
-    score_target,
-    targets,
-)
+from kvant.runtimes import score_target
+from kvant.runtimes.reference import reference_dtype, reference_logits, score_against
+from kvant.runtimes.targets import targets
 from kvant.scoring import drift_per_language
 from tests.conftest import reference_for
 
@@ -56,7 +52,7 @@ def test_one_reference_folder_serves_every_scorer_without_loading_the_model_agai
     def no_second_load(*args, **kwargs):
         raise AssertionError("the model was loaded although every window was on disk")
 
-    monkeypatch.setattr(kvant.runtimes, "open_runtime", no_second_load)
+    monkeypatch.setattr(kvant.runtimes.reference, "open_runtime", no_second_load)
     # a scorer asking for a subset (one language) and another asking for all of them
     again = reference_logits(tiny_model, {"sme": wins["sme"]}, tmp_path / "ref")
     assert all(np.array_equal(a, b) for a, b in zip(again["sme"], first["sme"], strict=True))

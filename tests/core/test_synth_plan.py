@@ -10,7 +10,10 @@ import sys
 import pytest
 
 from kvant.errors import SettingsError
-from kvant.plan import GIB, kinds, kv_bytes, predict, weight_bytes
+from kvant.plan.kinds import kinds, weight_bytes
+from kvant.plan.kv import kv_bytes
+from kvant.plan.peaks import predict
+from kvant.plan.sizes import GIB
 from kvant.synth import SHAPES
 from tests.conftest import CALIB_FILE, UD_DIR
 
@@ -102,7 +105,7 @@ def test_plan_formulas():
 
 
 def test_plan_kinds_follow_the_recorded_settings():
-    from kvant.plan import kind
+    from kvant.plan.kinds import kind
 
     # GPTQ: smaller groups store more scales; each group size gets its own bits per weight
     assert kind("gptq-4bit-g32").linear_bpw > kind("gptq-4bit-g128").linear_bpw > 4
@@ -118,12 +121,14 @@ def test_plan_kinds_follow_the_recorded_settings():
 def test_the_plan_predicts_each_gguf_step_at_real_width(synth_one_layer, cache_dir, tmp_path):
     """The release's GGUF steps on one real-width layer, each measured (kvant.steps) and
     predicted by kvant.plan from the shapes alone: within the rehearsal's 15%."""
+    from kvant.app.rehearsal import TOLERANCE_PCT
     from kvant.export.gguf import GGUFSettings
     from kvant.export.gguf_pipeline import export_gguf
     from kvant.memory import ram_bytes
     from kvant.model import read_config
-    from kvant.plan import MIB, shape_of, step_peak
-    from kvant.rehearsal import TOLERANCE_PCT
+    from kvant.plan.kinds import shape_of
+    from kvant.plan.sizes import MIB
+    from kvant.plan.steps import step_peak
     from kvant.steps import recording
 
     out = synth_one_layer[0]

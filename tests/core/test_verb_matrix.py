@@ -51,7 +51,8 @@ def artifacts(tiny_model, gptq_artifact, bnb_artifacts, gguf_artifact, mix_artif
 @functools.cache
 def expected_greedy(path: Path) -> str:
     """The greedy continuation of PROMPT from full-window logits, token by token."""
-    from kvant.runtimes import open_runtime, targets
+    from kvant.runtimes import open_runtime
+    from kvant.runtimes.targets import targets
     from kvant.tokenization import exact_tokenizer
 
     target = targets(path)[0]
@@ -188,7 +189,7 @@ def test_plan(artifacts, kind):
             if line.startswith(f"| {KINDS[kind]} |")]
     assert rows, result.stdout
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    from kvant.runtimes import targets
+    from kvant.runtimes.targets import targets
 
     size = targets(artifacts[kind])[0].size_bytes
     assert cells[2] == f"{size / 2**30:.2f}"  # the artifact's own bytes, not a prediction

@@ -44,7 +44,7 @@ def test_every_type_is_produced_named_and_checksummed(gguf_artifact):
 def test_bare_gguf_kind_comes_from_its_own_metadata(gguf_artifact, tmp_path):
     import shutil
 
-    from kvant.runtimes import targets
+    from kvant.runtimes.targets import targets
 
     bare = tmp_path / "renamed.gguf"  # no manifest beside it, a name that says nothing
     shutil.copyfile(gguf_artifact / "tiny-Q4_K_M.gguf", bare)

@@ -24,7 +24,7 @@ from kvant.export.gguf_mix import (
     spearman,
     tensor_bytes,
 )
-from kvant.runtimes import gguf_kind
+from kvant.runtimes.targets import gguf_kind
 from tests.conftest import CALIB_FILE, UD_DIR
 
 LANGS = ("nob", "nno", "sme", "dan", "swe")

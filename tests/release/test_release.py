@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from kvant.app.release import load_recipe, run_release
 from kvant.artifact import read_manifest, verify_artifact
 from kvant.errors import SettingsError
-from kvant.release import load_recipe, run_release
 from tests.conftest import CALIB_FILE, UD_DIR, run_kvant
 
 RECIPE = """
@@ -101,7 +101,7 @@ def test_index_card_and_root_checksums(release):
 
 
 def test_long_context_picks_take_the_most_precise_cache_that_fits():
-    from kvant.release_cards import long_context_picks
+    from kvant.app.release_cards import long_context_picks
 
     quality = {"small": {"quality": {"nob": {"mean_kld": 0.001}}},
                "faithful": {"quality": {"nob": {"mean_kld": 0.0001}}}}
@@ -119,7 +119,7 @@ def test_long_context_picks_take_the_most_precise_cache_that_fits():
 
 
 def test_depth_cost_sets_a_quantized_cache_beside_f16():
-    from kvant.release_cards import depth_cost
+    from kvant.app.release_cards import depth_cost
 
     def rows(kld, drift, late):
         return {"nob": {"mean_kld": kld, "ppl_drift_pct": drift, "tokens": 3000, "buckets": {
@@ -153,9 +153,9 @@ def test_push_dry_run_lists_every_file_and_no_text(release):
 
 
 def test_upload_is_an_allow_list_and_refuses_the_texts(release, tmp_path):
+    from kvant.app.release_cards import upload_plan
     from kvant.artifact import ArtifactWriter
     from kvant.errors import ArtifactError
-    from kvant.release_cards import upload_plan
 
     out, _, _ = release
     shutil.copytree(out / "mini-bnb-int8", tmp_path / "mini-bnb-int8")
@@ -176,8 +176,8 @@ def test_upload_is_an_allow_list_and_refuses_the_texts(release, tmp_path):
 def test_push_verifies_every_checksum_before_the_first_byte(release, cache_dir, monkeypatch,
                                                             tmp_path):
     from kvant import release as release_module
+    from kvant.app.release_cards import verify_release
     from kvant.errors import ArtifactError
-    from kvant.release_cards import verify_release
 
     out, recipe, stdout = release
     assert "would upload ORG/mini-gguf (private): " in stdout  # private unless --public
@@ -201,7 +201,7 @@ def test_push_verifies_every_checksum_before_the_first_byte(release, cache_dir, 
 
 
 def test_reference_is_never_a_pick(release):
-    from kvant.release_cards import recommendations
+    from kvant.app.release_cards import recommendations
 
     out, _, _ = release
     index = (out / "README.md").read_text()

@@ -78,7 +78,7 @@ def engine(gguf_file):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    from kvant.serve import create_app
+    from kvant.app.serve import create_app
 
     running = Server(create_app(engine))
     yield running

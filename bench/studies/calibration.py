@@ -5,7 +5,7 @@ one), or GPTQ 4-bit with each text (`--type gptq`, same token count for each), a
 mean KLD and top-1 agreement per held-out language, all on identical HF
 token ids against the transformers model::
 
-    python -m kvant.bench.calibration --model ./tiny --data-dir ../shared/data/ud \\
+    python -m kvant.bench.studies.calibration --model ./tiny --data-dir ../shared/data/ud \\
         --calib none --calib eng --calib ../shared/data/calib/nor.calib-1000.txt
 
 (On an English-centric model, an English imatrix beat a Norwegian one on Norwegian text;
@@ -31,7 +31,8 @@ from kvant.model import refuse_synthetic
 from kvant.paths import cache_dir, default_data_dir
 from kvant.quantize.gptq import GPTQSettings
 from kvant.quantize.gptq_pipeline import calibration_samples, quantize_gptq
-from kvant.runtimes import reference_logits, score_against, targets
+from kvant.runtimes.reference import reference_logits, score_against
+from kvant.runtimes.targets import targets
 from kvant.scoring import eval_windows
 
 
@@ -109,7 +110,7 @@ def to_markdown(results: dict, gguf_type: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvant.bench.calibration")
+    parser = argparse.ArgumentParser(prog="python -m kvant.bench.studies.calibration")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--calib", action="append", required=True,
                         help="none, a set name, a path or a weighted mix; repeat to compare")

@@ -19,22 +19,18 @@ import sys
 from pathlib import Path
 
 from kvant import DEFAULT_MODEL, __version__
+from kvant.app.pipelines import PIPELINES
 from kvant.bench.settings import BenchSettings
 from kvant.data import TEXT_SETS, get_mix, get_text, paragraphs
 from kvant.errors import KvantError, SettingsError
 from kvant.model import model_info, model_source, pick_device, read_config, resolve_model
 from kvant.paths import ENV_DATA_DIR, cache_dir, default_data_dir
-from kvant.pipelines import PIPELINES
-from kvant.plan import (
-    KV_TYPES,
-    fit_overhead,
-    load_results,
-    parse_size,
-    plan_table,
-    prediction_errors,
-    shape_of,
-)
-from kvant.plan import kind as kind_of
+from kvant.plan.fit import fit_overhead, load_results, prediction_errors
+from kvant.plan.kinds import kind as kind_of
+from kvant.plan.kinds import shape_of
+from kvant.plan.kv import KV_TYPES
+from kvant.plan.peaks import plan_table
+from kvant.plan.sizes import parse_size
 from kvant.registry import nearest
 from kvant.synth import SHAPES, synthesize
 from kvant.tiny import TinyRecipe, build_tiny, default_dir
@@ -145,7 +141,7 @@ def _sampling(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> str:
-    from kvant.bench.generate import generate  # opens a runtime
+    from kvant.app.generate import generate  # opens a runtime
 
     for piece in generate(args.artifact, args.prompt, args.max_new_tokens,
                           stop_at_newline=args.stop_at_newline,
@@ -161,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from kvant.generation import Engine
 
     try:
-        from kvant.serve import serve  # FastAPI and uvicorn
+        from kvant.app.serve import serve  # FastAPI and uvicorn
     except ImportError as exc:
         raise SettingsError(f"kvant serve needs FastAPI and uvicorn ({exc.name} is missing); "
                             "install them with pip install 'kvant[serve]'") from exc
@@ -184,7 +180,7 @@ def cmd_synth(args: argparse.Namespace) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> str:
-    from kvant.runtimes import target_config  # reads artifacts' files
+    from kvant.runtimes.targets import target_config  # reads artifacts' files
 
     artifacts = None
     target = _artifact_target(Path(args.model)) if args.model else None
@@ -232,7 +228,7 @@ def _bench_config(results: dict) -> dict:
 
 
 def cmd_release(args: argparse.Namespace) -> str:
-    from kvant.release import run_release  # drives every pipeline and the bench
+    from kvant.app.release import run_release  # drives every pipeline and the bench
 
     root, lines = run_release(args.recipe, cache_dir=cache_dir(), data_dir=args.data_dir,
                               calib=args.calib, push_org=args.push,
@@ -259,7 +255,7 @@ def cmd_data_list(args: argparse.Namespace) -> str:
 def _artifact_target(path: Path):
     """The one model of an artifact (a .gguf file, or a folder Kvant made, an ONNX folder or a
     folder of GGUF files); None for a plain checkpoint folder or a hub id."""
-    from kvant.runtimes import targets  # opens a GGUF's metadata
+    from kvant.runtimes.targets import targets  # opens a GGUF's metadata
 
     if not (path.is_file() and path.suffix == ".gguf") and not (
             path.is_dir() and ((path / "manifest.json").is_file() or

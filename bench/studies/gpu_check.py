@@ -2,8 +2,8 @@
 VRAM and tokens/s, written to one results folder. Sized to finish in under 8 minutes on an
 H100/H200; never required by the tests (CI has no GPU).
 
-    python -m kvant.bench.gpu_check --out "$OUT"            # builds the stand-in first
-    python -m kvant.bench.gpu_check --model DIR --out DIR   # any llama-family checkpoint
+    python -m kvant.bench.studies.gpu_check --out "$OUT"            # builds the stand-in first
+    python -m kvant.bench.studies.gpu_check --model DIR --out DIR   # any llama-family checkpoint
 
 Without ../shared/data it needs the text sets' files under --data-dir (offline machines).
 """
@@ -29,13 +29,13 @@ from kvant.paths import cache_dir
 from kvant.quantize import bnb_pipeline, gptq_pipeline
 from kvant.quantize.bnb import BnbSettings
 from kvant.quantize.gptq import GPTQSettings
-from kvant.runtimes import reference_logits
+from kvant.runtimes.reference import reference_logits
 from kvant.scoring import drift, eval_windows
 from kvant.tiny import TinyRecipe, build_tiny, default_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvant.bench.gpu_check")
+    parser = argparse.ArgumentParser(prog="python -m kvant.bench.studies.gpu_check")
     parser.add_argument("--model", type=Path, help="default: the stand-in, built now")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/ud"))

@@ -2,9 +2,9 @@
 pipeline, each step in a fresh process with its wall time and peak RSS, side by side with
 llama.cpp's own converter.
 
-    python -m kvant.bench.real_size --layers 4 --work /big/disk/tmp --out results/      # CI-sized
-    python -m kvant.bench.real_size --layers 40 --work /big/disk/tmp --out results/     # full
-    python -m kvant.bench.real_size --layers 4,8 --llama-cpp-src vendor/llama.cpp ...  # vs llama
+    python -m kvant.bench.studies.real_size --layers 4 --work /big/tmp --out res/  # CI-sized
+    python -m kvant.bench.studies.real_size --layers 40 --work /big/tmp --out res/  # full
+    python -m kvant.bench.studies.real_size --layers 4,8 --llama-cpp-src vendor/llama.cpp ...  # vs
 
 llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist, run, never copied) rejects
 NorMistral-style tokenizers by hash; the harness tells it the pre-tokenizer is `tekken` so
@@ -29,8 +29,8 @@ from kvant.bench.peers import llama_bench
 from kvant.bench.run import speed
 from kvant.bench.settings import BenchSettings
 from kvant.machine import machine
-from kvant.runtimes import targets
 from kvant.runtimes.llamacpp import llama_tool
+from kvant.runtimes.targets import targets
 
 _LLAMA_CONVERT = """
 import sys
@@ -100,7 +100,7 @@ def side_by_side(gguf: Path, ctx: int = 512, n_new: int = 32, repeats: int = 3) 
 
 
 def run(layers: int, work: Path, train_text: str, llama_src: Path | None, decode: bool) -> dict:
-    kvant = [sys.executable, "-m", "kvant.cli", "--no-progress"]
+    kvant = [sys.executable, "-m", "kvant.app.cli", "--no-progress"]
     synth = work / f"synth-{layers}"
     result = {"layers": layers}
     if not synth.exists():
@@ -132,7 +132,7 @@ def run(layers: int, work: Path, train_text: str, llama_src: Path | None, decode
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvant.bench.real_size")
+    parser = argparse.ArgumentParser(prog="python -m kvant.bench.studies.real_size")
     parser.add_argument("--layers", default="4", help="comma-separated layer counts")
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (big disk)")
     parser.add_argument("--out", type=Path, required=True)

@@ -18,16 +18,9 @@ from pathlib import Path
 from kvant.errors import SettingsError
 from kvant.machine import machine
 from kvant.memory import ram_bytes
-from kvant.plan import (
-    DEFAULT_FLOOR_MIB,
-    GIB,
-    MIB,
-    kind,
-    shape_of,
-    step_peak,
-    step_work,
-    weight_bytes,
-)
+from kvant.plan.kinds import kind, shape_of, weight_bytes
+from kvant.plan.sizes import GIB, MIB
+from kvant.plan.steps import DEFAULT_FLOOR_MIB, step_peak, step_work
 from kvant.synth import Shape
 
 REHEARSAL_JSON = "rehearsal.json"
@@ -84,7 +77,7 @@ def rows(steps: list[dict], shape: Shape, full: Shape, ram: int) -> list[dict]:
     return out
 
 
-# The two machines the README plans the 40-layer release for: (RAM, VRAM) in bytes.
+# The two machines docs/real-size.md plans the 40-layer release for: (RAM, VRAM) in bytes.
 MACHINES = {"24 GB CPU-only": (24 * 10**9, 0), "24 GB GPU + 32 GB RAM": (32 * 10**9, 24 * 10**9)}
 _ON_GPU = ("reference", "gptq", "bnb")
 _USABLE = 0.9  # of a machine's RAM, for one program  # steps a CUDA machine runs on the GPU

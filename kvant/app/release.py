@@ -1,6 +1,6 @@
 """`kvant release RECIPE`: build, benchmark and card every artifact of a recipe.
 
-App layer: it drives the pipelines (through kvant.pipelines) and the bench.
+App layer: it drives the pipelines (through kvant.app.pipelines) and the bench.
 Every artifact is an atomic Kvant folder, so a killed release resumes: finished artifacts
 whose checksums verify are kept, the rest are built. `--push ORG` uploads with
 huggingface_hub; without it the exact upload list is printed instead.
@@ -26,6 +26,18 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from kvant.app.pipelines import PIPELINES
+from kvant.app.rehearsal import REHEARSAL_TABLE, scale_work, write_rehearsal
+from kvant.app.release_cards import (
+    INDEX_FILES,
+    PLOTS,
+    artifact_section,
+    index_card,
+    long_context_picks,
+    upload_plan,
+    verify_release,
+    write_json,
+)
 from kvant.artifact import amend_artifact, verify_artifact
 from kvant.bench.depth import depth, documents
 from kvant.bench.depth import table as depth_table
@@ -42,22 +54,13 @@ from kvant.model import (
     read_config,
     trained_context,
 )
-from kvant.pipelines import PIPELINES
-from kvant.plan import entry_kind, fit_overhead, kv_types_for, peak_bytes, shape_of
+from kvant.plan.fit import entry_kind, fit_overhead
+from kvant.plan.kinds import shape_of
+from kvant.plan.kv import kv_types_for
+from kvant.plan.peaks import peak_bytes
 from kvant.registry import nearest
-from kvant.rehearsal import REHEARSAL_TABLE, scale_work, write_rehearsal
-from kvant.release_cards import (
-    INDEX_FILES,
-    PLOTS,
-    artifact_section,
-    index_card,
-    long_context_picks,
-    upload_plan,
-    verify_release,
-    write_json,
-)
-from kvant.runtimes import reference_logits
-from kvant.runtimes import targets as find_targets
+from kvant.runtimes.reference import reference_logits
+from kvant.runtimes.targets import targets as find_targets
 from kvant.scoring import eval_windows
 from kvant.steps import recording, step
 from kvant.synth import SHAPES, synthesize
@@ -316,7 +319,7 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
     """Build, bench and card everything; return the release folder and the upload lines.
 
     ``rehearse``: run every step on a synthetic checkpoint of the recipe's model with this
-    many layers (kvant.rehearsal), into `<out>-rehearsal-<N>l`; nothing there is published.
+    many layers (kvant.app.rehearsal), into `<out>-rehearsal-<N>l`; nothing there is published.
     ``work`` (rehearsals only) scales the recipe's counts (calibration samples, imatrix
     chunks, scored tokens) for a quicker run.
     """

@@ -1,6 +1,6 @@
 """Speed and memory at depth, per KV cache type, against the plan.
 
-    python -m kvant.bench.long_context ARTIFACT [...] --out DIR
+    python -m kvant.bench.studies.long_context ARTIFACT [...] --out DIR
         [--ctx 4096,16384,32768] [--kv-types f16,q8_0,q4_0,fp8,int4] [--repeats 2]
         [--full-layers 40]
 
@@ -25,18 +25,13 @@ from kvant.bench.settings import BenchSettings
 from kvant.errors import run_script
 from kvant.model import read_config
 from kvant.paths import cache_dir as user_cache
-from kvant.plan import (
-    GIB,
-    KV_TYPES,
-    MIB,
-    Shape,
-    entry_kind,
-    kv_types_for,
-    peak_bytes,
-    shape_of,
-    weight_bytes,
-)
-from kvant.runtimes import targets
+from kvant.plan.fit import entry_kind
+from kvant.plan.kinds import shape_of, weight_bytes
+from kvant.plan.kv import KV_TYPES, kv_types_for
+from kvant.plan.peaks import peak_bytes
+from kvant.plan.sizes import GIB, MIB
+from kvant.runtimes.targets import targets
+from kvant.synth import Shape
 
 
 def artifact_shape(path: Path) -> Shape:
@@ -125,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_script(main, "kvant.bench.long_context")
+    run_script(main, "kvant.bench.studies.long_context")

@@ -1,6 +1,6 @@
 """What serving costs: decode tokens/s of one GGUF file three ways, on the same prompt.
 
-    python -m kvant.bench.serve_speed FILE.gguf [--tokens 128] [--repeats 5]
+    python -m kvant.bench.studies.serve_speed FILE.gguf [--tokens 128] [--repeats 5]
 
 1. llama.cpp alone (the bench's decode loop: eval one token, argmax);
 2. Kvant's generation core (`kvant generate`): exact incremental decoding and stop handling;
@@ -34,7 +34,7 @@ def measure(path: Path, tokens: int, repeats: int) -> dict:
     import openai
     import uvicorn
 
-    from kvant.serve import create_app
+    from kvant.app.serve import create_app
 
     engine = Engine(path, n_ctx=512)
     engine.load()

@@ -1,6 +1,6 @@
 """ONNX int4 study: the GenAI builder's weight quantizer x MatMulNBits accuracy level.
 
-    python -m kvant.bench.onnx_int4 --model DIR --out DIR [--eval-tokens 2048] [--repeats 3]
+    python -m kvant.bench.studies.onnx_int4 --model DIR --out DIR [--eval-tokens 2048] [--repeats 3]
 
 Builds `kvant export onnx --precision int4 --block-size 32` once per algorithm (rtn, k_quant,
 k_quant_last, k_quant_mixed) and accuracy level (1: fp32 activations, 4: int8), each scored
@@ -21,7 +21,8 @@ from kvant.artifact import read_manifest
 from kvant.export.onnx import INT4_ALGOS, ONNXSettings
 from kvant.export.onnx_pipeline import run
 from kvant.paths import cache_dir
-from kvant.runtimes import open_runtime, targets
+from kvant.runtimes import open_runtime
+from kvant.runtimes.targets import targets
 
 LEVELS = (1, 4)
 

@@ -1,0 +1,135 @@
+"""The release's own steps: what each adds to the process tree's memory (kvant.app.rehearsal)."""
+
+from __future__ import annotations
+
+from kvant.memory import reference_dtype_for
+from kvant.plan.kinds import kind, weight_bytes
+from kvant.plan.kv import kv_bytes
+from kvant.plan.peaks import ort_resident, peak_bytes
+from kvant.plan.sizes import MIB
+from kvant.synth import Shape
+
+# ---- the release's own steps (kvant.app.rehearsal) -------------------------------------------
+#
+# Each step's peak is what the process tree held at the step's start (Python and
+# every engine imported) plus what the step itself holds, from the shapes:
+# - reference: the checkpoint in the reference's dtype, one window's float32 logits and their
+#   copy on the way to disk;
+# - scoring: the artifact's weights (mapped file or loaded tensors), one window's logits
+#   twice (the engine's and numpy's) and one language's reference windows, memory-mapped;
+# - conversion and llama-quantize: the largest tensor (the 51,200 x 5,120 embedding) in its
+#   source, float32 and output forms;
+# - GPTQ: the bf16 model, the calibration activations of one layer (inputs and outputs, one
+#   row per sample and position) and the largest Hessian (float32, in x in);
+# - bitsandbytes: the quantized model plus the largest tensor in bf16 while it is quantized;
+# - the ONNX builder (a child process): the checkpoint loaded in float32, plus the int4 model
+#   it builds;
+# - bench speed rows (a child process each): `peak_bytes` of the artifact at that context.
+
+DEFAULT_FLOOR_MIB = 1200.0
+"""A release process's resident memory between steps (every engine imported), used for a
+recorded step that has no `start_rss_mib` (each step records what the tree held at its
+start, and the prediction adds to that)."""
+_BUILDER_BASE_MIB = 600.0  # the GenAI builder's process: torch, transformers, onnx, ORT
+_TORCH_IMPORT_MIB = 250.0  # what importing torch and transformers adds to a process
+
+
+def _reference_dtype_bytes(record: dict, shape: Shape, ram: int) -> int:
+    if record.get("dtype"):
+        return 4 if record["dtype"] == "float32" else 2
+    return 4 if reference_dtype_for(shape.n_params(), ram) == "float32" else 2
+
+
+def _largest(shape: Shape) -> int:
+    """Elements of the largest tensor (the embedding or lm_head, at NorMistral's sizes)."""
+    return max(shape.vocab * shape.hidden, shape.intermediate * shape.hidden)
+
+
+def _logits(shape: Shape, ctx: int) -> float:
+    return 4.0 * ctx * shape.vocab
+
+
+def step_work(record: dict, shape: Shape) -> float:
+    """What a step's time grows with: the parameters it touches (every step reads or runs
+    every tensor)."""
+    return shape.n_params()
+
+
+def _drift(shape: Shape, ctx: int, lang_tokens: int) -> float:
+    """kvant.scoring.drift on one language: the target's logits of every window and the
+    reference's (mapped) held, and per window five float64 (ctx x vocab) arrays at once
+    (both log-softmaxes and the KL terms)."""
+    return 2 * _logits(shape, lang_tokens) + 5 * 8 * ctx * shape.vocab
+
+
+def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = None
+              ) -> float | None:
+    """Predicted peak RAM of one recorded release step (kvant.steps): ``floor_mib`` (what
+    the process tree held when the step started) plus what the plan says the step adds,
+    from the shapes; None when the plan has no model of the step."""
+    floor = (DEFAULT_FLOOR_MIB if floor_mib is None else floor_mib) * MIB
+    name, key, ctx = record["step"], record.get("kind"), record.get("ctx") or 0
+    big = _largest(shape)
+    torch_import = 0 if record.get("torch_loaded", True) else _TORCH_IMPORT_MIB * MIB
+    lang = record.get("tokens_per_language") or 0
+    if name == "cards":
+        return floor
+    if key == "reference":
+        # safetensors maps the bf16 files: a bf16 reference runs on the mapped pages (the
+        # embedding's only where a window's rows are gathered); a float32 one is a
+        # converted copy beside every page it read
+        dtype = _reference_dtype_bytes(record, shape, ram)
+        weights = shape.n_params() * (2 + dtype) if dtype != 2 \
+            else 2 * (shape.n_params() - shape.vocab * shape.hidden)
+        return floor + torch_import + weights + 2 * _logits(shape, ctx)
+    if name.startswith("gguf convert"):
+        return floor + big * 2 + 64 * MIB  # the largest tensor, read and written once
+    if key == "llama-quantize":
+        # the largest tensor read (bf16), dequantized to float32 and quantized
+        return floor + big * (2 + 4 + 1)
+    if key == "imatrix":
+        # llama-imatrix maps the bf16 file and keeps logits of its chunk for perplexity
+        # plus the feed-forward activations of its batch
+        return floor + record.get("weights", 2 * shape.n_params()) + 3 * _logits(shape, ctx) \
+            + 3 * ctx * shape.intermediate * 4
+    if key == "onnx-builder":
+        # transformers' bf16 model, the whole fp32 ONNX proto the quantizer works on (the
+        # builder's to_proto), a transient fp32 copy of the largest tensor, the int4 output
+        int4 = weight_bytes(shape, kind("onnx-int4-b32"))
+        return floor + _BUILDER_BASE_MIB * MIB + (2 + 4) * shape.n_params() + 4 * big + int4
+    if name.endswith(" quantize") and key and key.startswith("gptq"):
+        # the bf16 model, one layer's calibration inputs and outputs (float32, a row per
+        # sample and position), the largest Hessian (float32, in x in); GPTQModel offloads
+        # finished layers to disk, so at depth this is an upper bound
+        samples, seqlen = record.get("samples") or 0, record.get("seqlen") or 0
+        activations = 2 * samples * seqlen * shape.hidden * 4
+        hessian = max(shape.intermediate, shape.hidden) ** 2 * 4
+        return floor + torch_import + _TORCH_IMPORT_MIB * MIB + 2 * shape.n_params() \
+            + activations + hessian
+    if name.endswith(" quantize") and key and key.startswith("bnb"):
+        # quantized on load: the mapped bf16 source, the quantized linears, two matrices
+        # in flight
+        k = kind(key)
+        linear = weight_bytes(shape, k) - shape.vocab * shape.hidden * (k.embed_bpw
+                                                                         + k.head_bpw) / 8
+        return floor + torch_import + 2 * shape.n_params() + linear \
+            + 2 * shape.intermediate * shape.hidden * 2
+    k = kind(key, file_bpw=8 * record["weights"] / shape.n_params()) \
+        if key and record.get("weights") else kind(key) if key else None
+    if k is None:
+        return None
+    weights = record.get("weights") or weight_bytes(shape, k)
+    if record.get("worker"):  # a fresh process: the one formula of `kvant plan`
+        return floor + peak_bytes(shape, k, ctx, weights)
+    if name.endswith(("greedy", "greedy check")) or (
+            k.backend == "onnxruntime-genai" and not name.startswith("bench speed")):
+        # ONNX Runtime in this process (GenAI, or the plain session that scores): mapped
+        # weights, repacked copies, its logits three times, drift's comparison
+        return floor + ort_resident(shape, k, weights) + kv_bytes(shape, k, ctx) \
+            + 3 * _logits(shape, ctx) + (_drift(shape, ctx, lang) if lang else 0)
+    if name == "gguf tokenizer report":  # whole paragraphs, one at a time: bits per byte
+        return floor + weights + 2 * _logits(shape, ctx) + 3 * 8 * ctx * shape.vocab
+    # scoring in this process: the weights (a mapped file or loaded tensors), the engine's
+    # logits of a window and numpy's copy, and drift's comparison of one language
+    return floor + torch_import + weights + kv_bytes(shape, k, ctx) + 2 * _logits(shape, ctx) \
+        + _drift(shape, ctx, lang)
