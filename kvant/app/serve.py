@@ -148,6 +148,13 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     def _http(request: Request, exc: HTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), None)
 
+    @app.exception_handler(Exception)
+    def _failure(request: Request, exc: Exception) -> JSONResponse:
+        # anything else is the server's fault: OpenAI's shape too, so clients show the
+        # message; uvicorn still logs the traceback
+        return _error(500, f"the server failed on this request ({type(exc).__name__}: "
+                      f"{exc}); see the server's log", "internal_error", kind="server_error")
+
     def check_model(name: str | None) -> None:
         if name not in (None, "", engine.name):
             raise APIError(404, f"model '{name}' is not served here; this server serves "

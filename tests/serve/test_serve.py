@@ -198,6 +198,31 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, 
     assert status == 200 and ok["usage"]["completion_tokens"] == 2
 
 
+class _FailingEngine:
+    """An engine whose tokenizer breaks: what a bug inside an engine looks like to the app."""
+
+    name, n_ctx = "broken", 1024
+
+    def encode(self, text, add_special=True):
+        raise RuntimeError("tokenizer exploded")
+
+
+def test_an_unexpected_failure_is_a_500_in_openais_shape_and_the_server_keeps_serving():
+    from kvant.app.serve import create_app
+
+    running = Server(create_app(_FailingEngine()))
+    try:
+        status, got = post(f"{running.url}/tokenize", {"content": "Hei"})
+        assert status == 500
+        assert got["error"]["type"] == "server_error"
+        assert got["error"]["code"] == "internal_error"
+        assert "tokenizer exploded" in got["error"]["message"]
+        with urllib.request.urlopen(f"{running.url}/health", timeout=30) as response:
+            assert response.status == 200
+    finally:
+        running.stop()
+
+
 def test_chat_template_in_the_file_writes_what_normistral_normalizes(gguf_file, tiny_model):
     """The GGUF's tokenizer.chat_template, rendered the way llama-cpp-python renders a file's
     template, gives exactly the text NorMistral's own normalizer makes of the dialogue."""
