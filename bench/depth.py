@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvant.bench.tables import command_line, table_doc, write_table
 from kvant.data import EVAL_SETS, get_text, paragraphs
 from kvant.errors import run_script
 from kvant.files import sha256_text
@@ -103,19 +104,25 @@ def depth(artifacts: list[Path], reference: Path, docs: dict[str, list[int]],
     return results
 
 
-def table(results: dict) -> str:
-    """Mean KLD per bucket, with the perplexity drift (%) in brackets."""
-    heads = [f"{lo:,}-{hi:,}" for lo, hi in BUCKETS]
-    lines = ["| target | KV cache | language | tokens | " + " | ".join(heads) + " |",
-             "|---|---|---|---|" + "---|" * len(BUCKETS)]
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows: mean KLD per bucket, with the perplexity drift (%) in brackets."""
+    columns = ["target", "KV cache", "language", "tokens",
+               *(f"{lo:,}-{hi:,}" for lo, hi in BUCKETS)]
+    rows = []
     for name, by_kv in results.items():
         for kv, by_lang in by_kv.items():
             for lang, r in by_lang.items():
                 cells = [f"{b['kld']:.6f} ({b['ppl_drift_pct']:+.2f}%)" if b else "-"
                          for b in r["buckets"].values()]
-                lines.append(f"| {name} | {kv} | {lang} | {r['tokens']:,} | "
-                             + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                rows.append([name, kv, lang, f"{r['tokens']:,}", *cells])
+    return columns, rows
+
+
+def table(results: dict) -> str:
+    """Mean KLD per bucket, with the perplexity drift (%) in brackets."""
+    columns, rows = table_rows(results)
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+                      *("| " + " | ".join(r) + " |" for r in rows)])
 
 
 def main() -> None:
@@ -137,6 +144,10 @@ def main() -> None:
                         tuple(args.kv_types.split(",")), Path(scratch))
     (args.out / "depth.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "depth.md").write_text(table(results) + "\n")
+    write_table(args.out / "table.json", table_doc(  # docs/results/depth.json
+        "Quality at depth: mean KLD per position bucket against the reference with its own "
+        "cache (perplexity drift)", *table_rows(results),
+        command_line(module="kvant.bench.depth")))
     sys.stdout.write(table(results) + "\n")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from kvant.bench.tables import command_line, markdown, table_doc, write_table
 from kvant.data import get_mix, get_text
 from kvant.export.gguf import GGUFSettings
 from kvant.export.gguf_convert import convert
@@ -97,16 +98,15 @@ def _label(spec: str) -> str:
     return "+".join(Path(p).name.removesuffix(".txt") for p in parts)
 
 
-def to_markdown(results: dict, gguf_type: str) -> str:
+def table(results: dict, gguf_type: str, command: str) -> dict:
+    """Mean KLD (top-1 agreement) per language and calibration text (kvant.bench.tables)."""
     langs = list(next(iter(results.values())))
-    lines = [f"{gguf_type.upper()} mean KLD (top-1 agreement) by calibration text",
-             "", "| calibration | " + " | ".join(langs) + " |",
-             "|---" * (len(langs) + 1) + "|"]
-    for label, per_lang in results.items():
-        cells = [f"{per_lang[lang]['mean_kld']:.5f} ({per_lang[lang]['top1_agreement_pct']:.1f}%)"
-                 for lang in langs]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[label, *(f"{per_lang[lang]['mean_kld']:.5f} "
+                      f"({per_lang[lang]['top1_agreement_pct']:.1f}%)" for lang in langs)]
+            for label, per_lang in results.items()]
+    name = "GPTQ 4-bit g128" if gguf_type == "gptq" else gguf_type.upper()
+    return table_doc(f"{name} mean KLD (top-1 agreement) by calibration text",
+                     ["calibration", *langs], rows, command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imatrix-chunks", type=int, default=64)
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--table", type=Path,
+                        help="write the results table here (docs/results/calibration-*.json)")
     args = parser.parse_args(argv)
     if args.type == "gptq":
         settings = GPTQSettings(samples=args.samples, seqlen=256, eval_tokens=args.eval_tokens)
@@ -131,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                           settings)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    sys.stdout.write(to_markdown(results, args.type) + "\n")
+    doc = table(results, args.type, command_line(argv, "kvant.bench.studies.calibration"))
+    if args.table:
+        write_table(args.table, doc)
+    sys.stdout.write(markdown(doc) + "\n")
     return 0
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from kvant.artifact import read_manifest
+from kvant.bench.tables import command_line, markdown, table_doc, write_table
 from kvant.export.onnx import INT4_ALGOS, ONNXSettings
 from kvant.export.onnx_pipeline import run
 from kvant.paths import cache_dir
@@ -61,15 +62,18 @@ def study(model: Path, out: Path, eval_tokens: int, repeats: int,
     return rows
 
 
-def table(rows: dict) -> str:
-    lines = ["| algorithm | accuracy level | mean KLD | top-1 agreement | size (MiB) | decode "
-             "tok/s, median (min-max) |", "|---|---|---|---|---|---|"]
-    for r in rows.values():
-        lines.append(f"| {r['algo']} | {r['accuracy_level']} | {r['mean_kld']:.6f} | "
-                     f"{r['top1_agreement_pct']:.2f}% | {r['size_bytes'] / 2**20:.2f} | "
-                     f"{r['decode_tok_s']:.0f} ({r['decode_range'][0]:.0f}-"
-                     f"{r['decode_range'][1]:.0f}) |")
-    return "\n".join(lines)
+COLUMNS = ["algorithm", "accuracy level", "mean KLD", "top-1 agreement", "size (MiB)",
+           "decode tok/s, median (min-max)"]
+
+
+def table(rows: dict, command: str) -> dict:
+    """The study as a results table (kvant.bench.tables)."""
+    cells = [[r["algo"], str(r["accuracy_level"]), f"{r['mean_kld']:.6f}",
+              f"{r['top1_agreement_pct']:.2f}%", f"{r['size_bytes'] / 2**20:.2f}",
+              f"{r['decode_tok_s']:.0f} ({r['decode_range'][0]:.0f}-{r['decode_range'][1]:.0f})"]
+             for r in rows.values()]
+    return table_doc("ONNX int4 quantizer and accuracy level (block 32, held-out text of every "
+                     "language; decode greedy, 64 tokens after 128)", COLUMNS, cells, command)
 
 
 def main() -> None:
@@ -83,8 +87,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = study(args.model, args.out, args.eval_tokens, args.repeats, args.data_dir)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "results.md").write_text(table(rows) + "\n")
-    sys.stdout.write(table(rows) + "\n")
+    doc = table(rows, command_line(module="kvant.bench.studies.onnx_int4"))
+    write_table(args.out / "table.json", doc)  # docs/results/onnx-int4.json
+    (args.out / "results.md").write_text(markdown(doc) + "\n")
+    sys.stdout.write(markdown(doc) + "\n")
 
 
 if __name__ == "__main__":
