@@ -175,7 +175,7 @@ def test_upload_is_an_allow_list_and_refuses_the_texts(release, tmp_path):
 
 def test_push_verifies_every_checksum_before_the_first_byte(release, cache_dir, monkeypatch,
                                                             tmp_path):
-    from kvant import release as release_module
+    from kvant.app import release as release_module
     from kvant.app.release_cards import verify_release
     from kvant.errors import ArtifactError
 
