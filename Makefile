@@ -34,7 +34,7 @@ TRAIN_TEXT ?= nob-train,nno-train
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint clean distclean
+.PHONY: help setup demo test lint docs clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ demo: setup ## the whole release recipe on the NorMistral stand-in: artifacts, b
 
 test: setup ## run the test suite
 	$(PY) -m pytest
+
+docs: setup ## render every results table in README.md and docs/ from docs/results/*.json
+	$(PY) tools/render_docs.py
 
 lint: setup ## ruff, and the architecture's layers (tools/check_architecture.py)
 	$(VENV)/bin/ruff check .
