@@ -14,6 +14,7 @@ when the block ends without error, so a killed run never leaves anything that lo
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import errno
 import json
@@ -89,6 +90,7 @@ def refuse_existing(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> N
     (the input model) nor one that contains it.
     """
     out = Path(out)
+    _restore_swapped_out(out)
     for kept in protect:
         kept = Path(kept).resolve()
         if out.resolve() == kept or out.resolve() in kept.parents:
@@ -112,6 +114,41 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+def _restore_swapped_out(out: Path) -> None:
+    """Put back a finished artifact that a killed ``--force`` run had moved aside
+    (``.NAME.old-PID``) before its replacement was in place: the only finished copy."""
+    if out.exists():
+        return
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)) and is_kvant_artifact(old):
+            old.rename(out)
+            logger.warning("restored %s from %s, left by an interrupted --force run", out, old)
+            return
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE), so no
+    moment exists at which neither is in place; False where the system has no such call.
+
+    Through ctypes because Python's os module has no renameat2 and no library Kvant uses
+    wraps it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # a libc older than glibc 2.28
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or filesystem
+            return False
+        raise OSError(err, os.strerror(err), str(a), None, str(b))
     return True
 
 
@@ -224,10 +261,13 @@ class ArtifactWriter:
         (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
         if self.out.exists():  # --force: swap, then drop the old folder
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            self.out.rename(old)
-            self.dir.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
+            if exchange(self.dir, self.out):  # staging now holds the old artifact
+                shutil.rmtree(self.dir, ignore_errors=True)
+            else:  # two renames; a run killed between them is undone by the next one
+                old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+                self.out.rename(old)
+                self.dir.rename(self.out)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             self.dir.rename(self.out)
         logger.info("wrote %s", self.out)

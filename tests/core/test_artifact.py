@@ -13,7 +13,14 @@ import time
 
 import pytest
 
-from kvant.artifact import ArtifactWriter, check_free_space, read_manifest, verify_artifact
+import kvant.artifact
+from kvant.artifact import (
+    ArtifactWriter,
+    check_free_space,
+    exchange,
+    read_manifest,
+    verify_artifact,
+)
 from kvant.errors import ArtifactError
 
 
@@ -63,6 +70,57 @@ def test_existing_output_is_refused_without_force(tmp_path):
     _write(out, force=True, payload=b"new")
     assert (out / "model.bin").read_bytes() == b"new" and verify_artifact(out) == []
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no leftovers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_exchange_swaps_two_folders_in_one_step(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "f").write_text("from a")
+    (b / "f").write_text("from b")
+    assert exchange(a, b) is True
+    assert ((a / "f").read_text(), (b / "f").read_text()) == ("from b", "from a")
+
+
+def test_force_with_the_swap_used_leaves_the_new_artifact_and_nothing_else(tmp_path,
+                                                                             monkeypatch):
+    used = []
+    real = kvant.artifact.exchange
+    monkeypatch.setattr(kvant.artifact, "exchange", lambda a, b: used.append(1) or real(a, b))
+    out = _write(tmp_path / "art")
+    _write(out, force=True, payload=b"new")
+    assert used and (out / "model.bin").read_bytes() == b"new" and verify_artifact(out) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_a_force_killed_between_its_renames_keeps_the_only_finished_copy(tmp_path,
+                                                                          monkeypatch):
+    """Where the swap is not available (two renames), a run dying after moving the old
+    artifact aside leaves it as .NAME.old-PID; the next run puts it back, and never
+    deletes it as a stale partial."""
+    out = _write(tmp_path / "art")
+    monkeypatch.setattr(kvant.artifact, "exchange", lambda a, b: False)
+    real_rename, calls = type(out).rename, []
+
+    def rename(self, target):
+        calls.append(target)
+        if len(calls) == 2:  # staging -> out: the process dies here
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(out), "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, force=True, payload=b"new")
+    monkeypatch.setattr(type(out), "rename", real_rename)
+    aside = next(tmp_path.glob(".art.old-*"))
+    assert not out.exists() and (aside / "model.bin").read_bytes() == b"weights"
+    dead = aside.with_name(".art.old-999999999")  # as a killed process leaves it
+    aside.rename(dead)
+    with pytest.raises(ArtifactError, match="already exists"):
+        _write(out, payload=b"other")  # the next run restores it, then refuses as usual
+    assert (out / "model.bin").read_bytes() == b"weights" and verify_artifact(out) == []
+    assert not dead.exists()
 
 
 def test_error_inside_the_block_publishes_nothing(tmp_path):
