@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvant.bench.tables import command_line, table_doc, write_table
+from kvant.bench.tables import command_line, markdown_table, table_doc, write_table
 from kvant.data import EVAL_SETS, get_text, paragraphs
 from kvant.errors import run_script
 from kvant.files import sha256_text
@@ -120,9 +120,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 def table(results: dict) -> str:
     """Mean KLD per bucket, with the perplexity drift (%) in brackets."""
-    columns, rows = table_rows(results)
-    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-                      *("| " + " | ".join(r) + " |" for r in rows)])
+    return markdown_table(*table_rows(results))
 
 
 def main() -> None:

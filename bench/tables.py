@@ -57,12 +57,17 @@ def write_table(path: Path, doc: dict) -> Path:
     return path
 
 
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: a header, its rule, a line per row."""
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+                      *("| " + " | ".join(map(str, row)) + " |" for row in rows)])
+
+
 def markdown(doc: dict) -> str:
     """The table, then one line saying where and how it was measured."""
     if doc.get("schema") != SCHEMA:
         raise ValueError(f"results table schema {doc.get('schema')}, expected {SCHEMA}")
-    lines = ["| " + " | ".join(doc["columns"]) + " |", "|" + "---|" * len(doc["columns"])]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in doc["rows"]]
+    lines = [markdown_table(doc["columns"], doc["rows"])]
     where = f"Measured {doc['measured']} on {doc['machine']}"
     if doc.get("source"):
         where += f" ({doc['source']})"

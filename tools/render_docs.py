@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = []
     for page in pages():
         text = page.read_text(encoding="utf-8")
-        new, _ = render(text, page.parent if page.parent == DOCS else DOCS)
+        new, _ = render(text)
         if new != text:
             stale.append(page.relative_to(ROOT).as_posix())
             if not args.check:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from kvant.bench.report import speed_cell
-from kvant.bench.tables import command_line, describe, markdown, table_doc, write_table
+from kvant.bench.tables import command_line, markdown, table_doc, write_table
 from kvant.errors import run_script
 
 COLUMNS = ["artifact", "format", "size (MiB)", "mean KLD", "top-1 agreement",
@@ -29,7 +29,7 @@ NOISY = ("⚠: the row stayed noisy after the bench's repeated attempts (its run
 
 
 def table(results: dict, command: str) -> dict:
-    rows, ctxs = [], set()
+    rows, ctxs, noisy = [], set(), False
     for name, entry in results["targets"].items():
         quality = list(entry.get("quality", {}).values())
         kld = sum(q["mean_kld"] for q in quality) / len(quality) if quality else None
@@ -37,14 +37,13 @@ def table(results: dict, command: str) -> dict:
         speed = {int(c): s for c, s in entry.get("speed", {}).items() if "error" not in s}
         s = speed[min(speed)] if speed else {}
         ctxs |= {min(speed)} if speed else set()
+        noisy = noisy or bool(s.get("noisy"))  # only the rows shown: their cells carry the ⚠
         rows.append([name, entry["format"], f"{entry['size_bytes'] / 2**20:,.1f}",
                      "reference" if kld is None else f"{kld:.6f}",
                      "-" if top1 is None else f"{top1:.2f}%",
                      speed_cell(s, "prefill") if s else "-",
                      speed_cell(s, "decode") if s else "-",
                      f"{s['peak_rss_mib']:,.0f}" if s else "-"])
-    noisy = any(s.get("noisy") for e in results["targets"].values()
-                for s in e.get("speed", {}).values())
     langs = sorted({lang for e in results["targets"].values() for lang in e.get("quality", {})})
     return table_doc(f"Every artifact of the release against the bf16 reference (KLD and top-1: "
                      f"mean over {', '.join(langs)}; speed at {', '.join(map(str, sorted(ctxs)))} "
@@ -65,7 +64,7 @@ def main() -> None:
                            "kvant.bench.studies.headline")
     doc = table(results, f"{args.made_by} && {command}" if args.made_by else command)
     write_table(args.out, doc)
-    sys.stdout.write(markdown(doc) + f"\n({describe(results['machine'])})\n")
+    sys.stdout.write(markdown(doc) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ server-sent events when asked), llama-server's `/tokenize` and `/detokenize`, an
 Why not llama-cpp-python's own server: it tokenizes with llama.cpp's tokenizer (wrong ids
 for NorMistral) and streams token by token (lost spaces; see kvant.generation).
 
-Errors are OpenAI's JSON shape (``{"error": {"message", "type", "param", "code"}}``) with a
-4xx status; the server keeps serving. One model context serves all requests: they queue
-(kvant.generation.Completion holds the engine's lock while it generates).
+Errors are OpenAI's JSON shape (``{"error": {"message", "type", "param", "code"}}``): a 4xx
+status for a bad request, 500 for the server's own failure; the server keeps serving. One
+model context serves all requests: they queue (kvant.generation.Completion holds the
+engine's lock while it generates).
 """
 
 from __future__ import annotations

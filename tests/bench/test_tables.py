@@ -3,17 +3,14 @@ replaces the old text."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
 from kvant.bench.tables import markdown, table_doc, write_table
-from tests.conftest import REPO
+from tests.conftest import load_tool
 
-_spec = importlib.util.spec_from_file_location("render_docs", REPO / "tools" / "render_docs.py")
-render_docs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(render_docs)
+render_docs = load_tool("render_docs")
 INFO = {"cpu": "Intel Test CPU", "cpu_count": 2, "ram_gib": 24.0}
 
 

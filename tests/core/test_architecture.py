@@ -3,18 +3,13 @@ cycles, no private reach-ins, and the parser builds without the engines."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_tool
 
-_spec = importlib.util.spec_from_file_location("check_architecture",
-                                               REPO / "tools" / "check_architecture.py")
-arch = importlib.util.module_from_spec(_spec)
-sys.modules["check_architecture"] = arch  # dataclasses look their module up there
-_spec.loader.exec_module(arch)
+arch = load_tool("check_architecture")
 
 
 def test_the_tree_respects_its_layers():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -12,12 +11,10 @@ import sys
 import pytest
 
 from kvant.app.cli import build_parser
-from tests.conftest import REPO
+from tests.conftest import REPO, load_tool
 
 README = REPO / "README.md"
-_spec = importlib.util.spec_from_file_location("render_docs", REPO / "tools" / "render_docs.py")
-render_docs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(render_docs)
+render_docs = load_tool("render_docs")
 
 
 def shell_commands(text: str) -> list[list[str]]:

@@ -4,7 +4,6 @@ back past a feature the CPU faults on, and never reused on another CPU
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -13,18 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_kvant
+from tests.conftest import REPO, load_tool, run_kvant
 
 TOOL = REPO / "tools" / "llama_cpp_wheel.py"
 
 
 @pytest.fixture(scope="module")
 def wheel_tool():
-    spec = importlib.util.spec_from_file_location("llama_cpp_wheel", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("llama_cpp_wheel")
 
 
 def test_smoke_test_passes_on_this_machine():
