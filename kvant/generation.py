@@ -155,6 +155,8 @@ class Completion:
         self.stop, self.sampling = tuple(s for s in stop if s), sampling
         self.finish_reason: str | None = None
         self.n_new = 0
+        self.cancelled = threading.Event()
+        """Set from any thread to stop after the current token (a client that went away)."""
 
     def __iter__(self) -> Iterator[str]:
         with self.engine.lock:  # one llama.cpp context: requests queue here
@@ -170,6 +172,9 @@ class Completion:
         text, shown = "", 0
         self.finish_reason = "length"
         for token in self.engine.tokens(self.ids, self.sampling):
+            if self.cancelled.is_set():
+                self.finish_reason = "cancelled"
+                break
             if token == self.engine.eos_id:
                 self.finish_reason = "stop"
                 break

@@ -157,20 +157,52 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from kvant.generation import Engine
 
     try:
-        from kvant.app.serve import serve  # FastAPI and uvicorn
+        from kvant.app.serve import is_loopback, serve  # FastAPI and uvicorn
     except ImportError as exc:
         raise SettingsError(f"kvant serve needs FastAPI and uvicorn ({exc.name} is missing); "
                             "install them with pip install 'kvant[serve]'") from exc
 
-    if args.api_key is not None and not args.api_key:
-        raise SettingsError("--api-key is empty; pass a key, or leave the option out")
+    api_key = _api_key(args)
+    if args.max_queue < 1:
+        raise SettingsError(f"--max-queue {args.max_queue}: let at least 1 request wait")
     engine = Engine(args.artifact, pick_device(args.device), args.ctx, args.threads,
                     check=args.verify, kv_type=args.kv_type)
-    key = ", API key required" if args.api_key else ""
+    if not is_loopback(args.host) and api_key is None:
+        sys.stderr.write(f"kvant: warning: {args.host} is reachable from other machines and no "
+                         f"API key is set: anyone who reaches port {args.port} can use the "
+                         f"model; pass --api-key-file or set {API_KEY_ENV}\n")
+    key = ", API key required" if api_key else ""
     sys.stderr.write(f"kvant: serving {engine.name} at http://{args.host}:{args.port}/v1 "
                      f"(context {engine.n_ctx:,} tokens{key}); Ctrl-C stops\n")
-    serve(engine, args.host, args.port, args.api_key)
+    serve(engine, args.host, args.port, api_key, args.max_queue)
     return ""
+
+
+API_KEY_ENV = "KVANT_API_KEY"
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file (first line), --api-key or $KVANT_API_KEY, in that
+    order; the file or the variable keep it out of `ps`, which shows argv."""
+    if args.api_key_file is not None:
+        if args.api_key is not None:
+            raise SettingsError("--api-key and --api-key-file both given; pass one")
+        try:
+            lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SettingsError(f"--api-key-file '{args.api_key_file}' cannot be read "
+                                f"({exc.strerror}); pass a readable file") from None
+        key = lines[0].strip() if lines else ""
+        where = f"--api-key-file '{args.api_key_file}'"
+    elif args.api_key is not None:
+        key, where = args.api_key, "--api-key"
+    elif API_KEY_ENV in os.environ:
+        key, where = os.environ[API_KEY_ENV].strip(), API_KEY_ENV
+    else:
+        return None
+    if not key:
+        raise SettingsError(f"{where} gives an empty key; give a key, or leave it out")
+    return key
 
 
 def cmd_synth(args: argparse.Namespace) -> str:
@@ -471,7 +503,13 @@ def build_parser() -> KvantParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default "
                        "127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every "
+                       "request (visible to other users in `ps`: prefer --api-key-file or "
+                       f"${API_KEY_ENV})")
+    serve.add_argument("--api-key-file", type=Path, help="read the API key from this file's "
+                       "first line")
+    serve.add_argument("--max-queue", type=int, default=8, help="requests that may wait while "
+                       "one generates; more get 503 with Retry-After (default 8)")
     serve.add_argument("--ctx", type=int, default=0, help="context in tokens (default: the "
                        "file's trained context, at most 4,096; the KV cache grows with it)")
     serve.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")

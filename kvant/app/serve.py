@@ -8,19 +8,30 @@ Why not llama-cpp-python's own server: it tokenizes with llama.cpp's tokenizer (
 for NorMistral) and streams token by token (lost spaces; see kvant.generation).
 
 Errors are OpenAI's JSON shape (``{"error": {"message", "type", "param", "code"}}``): a 4xx
-status for a bad request, 500 for the server's own failure; the server keeps serving. One
-model context serves all requests: they queue (kvant.generation.Completion holds the
-engine's lock while it generates).
+status for a bad request, 503 with Retry-After when the queue is full, 500 for the server's
+own failure; a failure in the middle of a stream is an error event, then `[DONE]`. The
+server keeps serving.
+
+One model context serves all requests, so generation is decoupled from sending
+(:class:`Generator`): one thread runs the jobs in turn, each into its own buffer that the
+request's coroutine sends from. A client that stops reading holds only its own response;
+one that disconnects cancels its generation; at most ``max_queue`` requests wait, and
+`/health` never waits on the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import json
 import logging
+import queue
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -88,16 +99,88 @@ class DetokenizeRequest(BaseModel):
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None,
-                 param: str | None = None, kind: str = "invalid_request_error"):
+                 param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.kind = (status, message, code,
                                                                          param, kind)
+        self.headers = headers
+
+
+def _body(message: str, code: str | None = None, param: str | None = None,
+          kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _error(status: int, message: str, code: str | None = None, param: str | None = None,
-           kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": code}}, status_code=status)
+           kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(_body(message, code, param, kind), status_code=status, headers=headers)
+
+
+def _failure_body(exc: BaseException) -> dict:
+    return _body(f"the server failed on this request ({type(exc).__name__}: {exc}); see the "
+                 "server's log", "internal_error", kind="server_error")
+
+
+_END = object()
+
+
+class Job:
+    """One request's generation: its pieces, put by the generator thread into an asyncio
+    queue of the request's event loop, then the end (or the exception that ended it)."""
+
+    def __init__(self, completion, loop: asyncio.AbstractEventLoop):
+        self.completion, self.loop = completion, loop
+        self.pieces: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            self.loop.call_soon_threadsafe(self.pieces.put_nowait, item)
+
+    def cancel(self) -> None:
+        self.completion.cancelled.set()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while (item := await self.pieces.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Generator:
+    """The one thread that generates: jobs wait in a bounded queue and run one at a time,
+    whatever their clients do meanwhile."""
+
+    def __init__(self, max_queue: int):
+        self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.running: Job | None = None
+        self.thread = threading.Thread(target=self._run, name="kvant-generate", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        try:
+            self.waiting.put_nowait(job)
+        except queue.Full:
+            raise APIError(503, f"the server is busy: {self.max_queue} requests are already "
+                           "waiting; retry shortly (see Retry-After)", "server_busy",
+                           kind="server_error", headers={"Retry-After": "2"}) from None
+        return job
+
+    def _run(self) -> None:
+        while True:
+            job = self.waiting.get()
+            self.running = job
+            try:
+                if not job.completion.cancelled.is_set():  # its client left while it waited
+                    for piece in job.completion:
+                        job.put(piece)
+                job.put(_END)
+            except Exception as exc:  # reported to the request, logged; the thread goes on
+                logger.exception("generation failed")
+                job.put(exc)
+            finally:
+                self.running = None
 
 
 class _Reply:
@@ -113,15 +196,13 @@ class _Reply:
                                                   "finish_reason": finish}]}
 
 
-def _sse(chunks: Iterator[dict]) -> Iterator[str]:
-    for chunk in chunks:
-        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    """The FastAPI application serving ``engine`` (loaded by the caller)."""
-    app = FastAPI(title="Kvant", description=f"NorMistral ({engine.name}), exact tokens")
+def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8) -> FastAPI:
+    """The FastAPI application serving ``engine`` (loaded by the caller). With an API key,
+    the interactive docs and the OpenAPI schema are off (they would answer without it)."""
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Kvant", description=f"NorMistral ({engine.name}), exact tokens",
+                  **docs)
+    generator = Generator(max_queue)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -134,7 +215,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.code, exc.param, exc.kind)
+        return _error(exc.status, exc.message, exc.code, exc.param, exc.kind, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -153,32 +234,70 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     def _failure(request: Request, exc: Exception) -> JSONResponse:
         # anything else is the server's fault: OpenAI's shape too, so clients show the
         # message; uvicorn still logs the traceback
-        return _error(500, f"the server failed on this request ({type(exc).__name__}: "
-                      f"{exc}); see the server's log", "internal_error", kind="server_error")
+        return JSONResponse(_failure_body(exc), status_code=500)
 
     def check_model(name: str | None) -> None:
         if name not in (None, "", engine.name):
             raise APIError(404, f"model '{name}' is not served here; this server serves "
                            f"'{engine.name}' (GET /v1/models)", "model_not_found", "model")
 
-    def start(prompt, req: _Request, stop: tuple[str, ...], param: str):
-        """The completion for a request, or the 400 that explains why not."""
+    def start(prompt, req: _Request, stop: tuple[str, ...], param: str) -> Job:
+        """The request's generation, queued; or the 400 (503) that explains why not."""
         check_model(req.model)
         limit = req.max_completion_tokens or req.max_tokens or engine.n_ctx
         try:
-            return engine.complete(prompt, limit, stop, req.sampling())
+            completion = engine.complete(prompt, limit, stop, req.sampling())
         except ContextError as exc:
             raise APIError(400, str(exc), "context_length_exceeded", param) from exc
         except KvantError as exc:
             raise APIError(400, str(exc), "invalid_value") from exc
+        return generator.submit(Job(completion, asyncio.get_running_loop()))
+
+    async def collect(job: Job, request: Request) -> str:
+        """The whole text of a job; a client that disconnects meanwhile cancels it."""
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            job.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return "".join([piece async for piece in job])
+        finally:
+            watcher.cancel()
+
+    def stream(job: Job, chunks) -> StreamingResponse:
+        """Server-sent events of ``chunks(pieces)``; a failure midway is an error event and
+        then [DONE]; a client that goes away cancels the generation."""
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks(job):
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            except Exception as exc:
+                logger.warning("stream failed: %s", exc)
+                yield f"data: {json.dumps(_failure_body(exc), ensure_ascii=False)}\n\n"
+            finally:  # also when the client disconnected and the response was cancelled
+                job.cancel()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     def usage(completion) -> dict:
         return {"prompt_tokens": len(completion.ids), "completion_tokens": completion.n_new,
                 "total_tokens": len(completion.ids) + completion.n_new}
 
+    def check_ids(ids: list[int], param: str) -> None:
+        vocab = engine.tokenizer.get_vocab_size()
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0-{vocab - 1})",
+                           "invalid_value", param)
+
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> dict:
+        # on the event loop, never behind the engine: it answers while generation runs
+        return {"status": "ok", "waiting": generator.waiting.qsize(),
+                "generating": generator.running is not None}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     def models() -> dict:
@@ -187,46 +306,50 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                                             "context_length": engine.n_ctx}]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise APIError(400, "one prompt per request: send a string", "invalid_value",
                                "prompt")
             prompt = prompt[0]
-        completion = start(prompt, req, req.stops(), "prompt")
+        elif isinstance(prompt, list):
+            check_ids(prompt, "prompt")
+        job = start(prompt, req, req.stops(), "prompt")
+        completion = job.completion
         reply = _Reply(engine.name, "cmpl", "text_completion")
         if req.stream:
-            def chunks() -> Iterator[dict]:
-                for piece in completion:
+            async def chunks(pieces) -> AsyncIterator[dict]:
+                async for piece in pieces:
                     yield reply({"text": piece}, None)
                 yield reply({"text": ""}, completion.finish_reason)
-            return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
-        text = "".join(completion)
+            return stream(job, chunks)
+        text = await collect(job, request)
         return {**reply({"text": text}, completion.finish_reason), "usage": usage(completion)}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         try:
             prompt = chat_prompt([m.model_dump() for m in req.messages])
         except KvantError as exc:
             raise APIError(400, str(exc), "invalid_value", "messages") from exc
-        completion = start(prompt, req, (*CHAT_STOP, *req.stops()), "messages")
+        job = start(prompt, req, (*CHAT_STOP, *req.stops()), "messages")
+        completion = job.completion
         reply = _Reply(engine.name, "chatcmpl", "chat.completion.chunk")
         if req.stream:
-            def chunks() -> Iterator[dict]:
+            async def chunks(pieces) -> AsyncIterator[dict]:
                 yield reply({"delta": {"role": "assistant", "content": ""}}, None)
                 started = False
-                for piece in completion:
+                async for piece in pieces:
                     if not started:  # the space after "Assistent:" (see below)
                         piece = piece.lstrip(" ")
                         started = bool(piece)
                     if piece:
                         yield reply({"delta": {"content": piece}}, None)
                 yield reply({"delta": {}}, completion.finish_reason)
-            return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
+            return stream(job, chunks)
         # the format puts a space after "Assistent:"; it belongs to the format, not the answer
-        text = "".join(completion).lstrip(" ")
+        text = (await collect(job, request)).lstrip(" ")
         message = {"message": {"role": "assistant", "content": text}}
         return {**reply(message, completion.finish_reason, "chat.completion"),
                 "usage": usage(completion)}
@@ -237,22 +360,29 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.post("/detokenize", dependencies=[Depends(authorize)])
     def detokenize(req: DetokenizeRequest) -> dict:
-        vocab = engine.tokenizer.get_vocab_size()
-        bad = [t for t in req.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0-{vocab - 1})",
-                           "invalid_value", "tokens")
+        check_ids(req.tokens, "tokens")
         return {"content": engine.decode(req.tokens)}
 
     return app
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` binds only this machine's loopback (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False
+
+
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8080,
-          api_key: str | None = None) -> None:
+          api_key: str | None = None, max_queue: int = 8) -> None:
     """Load ``engine`` and serve it until interrupted."""
     import uvicorn  # the server process only
 
     engine.load()
     logger.info("serving %s on http://%s:%d/v1 (context %d tokens)", engine.name, host, port,
                 engine.n_ctx)
-    uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(engine, api_key, max_queue), host=host, port=port,
+                log_level="warning")
