@@ -260,17 +260,23 @@ class ArtifactWriter:
                                   kinds=self.kinds)
         (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
-        if self.out.exists():  # --force: swap, then drop the old folder
-            if exchange(self.dir, self.out):  # staging now holds the old artifact
-                shutil.rmtree(self.dir, ignore_errors=True)
-            else:  # two renames; a run killed between them is undone by the next one
-                old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-                self.out.rename(old)
-                self.dir.rename(self.out)
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.dir.rename(self.out)
+        swap_into_place(self.dir, self.out)
         logger.info("wrote %s", self.out)
+
+
+def swap_into_place(staging: Path, out: Path) -> None:
+    """Publish the finished folder ``staging`` as ``out``, replacing a finished ``out`` if
+    there is one: swapped in one step where the system can, else two renames that a run
+    killed between them leaves for the next run to undo (_restore_swapped_out)."""
+    if not out.exists():
+        staging.rename(out)
+    elif exchange(staging, out):  # staging now holds the old artifact
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _artifact_files(folder: Path) -> list[Path]:
@@ -363,28 +369,62 @@ def write_model_card(folder: Path, *, title: str, fmt: str, base_model: str | No
     return path
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (no copy of gigabytes, the file untouched), or a
+    copy where the filesystem has no hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def amend_artifact(folder: Path, *, card_section: str, files: dict[str, Path],
                    validation: dict | None = None) -> None:
-    """Add files and a model-card section to a finished artifact, then refresh its manifest
-    and checksums (written to temporary names and renamed, so a crash leaves the old ones)."""
+    """Add files and a model-card section to a finished artifact, with a fresh manifest and
+    checksums, published as a new artifact is: staged beside it and swapped in, so a crash
+    leaves the old artifact as it was.
+
+    The folder must still match its manifest: a file changed since it was published is
+    refused, never given a fresh valid checksum. Files kept are hard links in the staging
+    folder (their bytes and times untouched)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    for name, src in files.items():
-        shutil.copyfile(src, folder / name)
-    card = (folder / CARD).read_text(encoding="utf-8")
-    marker = "\n## Benchmark\n"
-    card = card.split(marker)[0].rstrip() + "\n" + marker + "\n" + card_section.strip() + "\n"
-    (folder / CARD).write_text(card, encoding="utf-8")
-    if validation:
-        manifest["validation"] = {**manifest.get("validation", {}), **validation}
-    fresh = build_manifest(folder, fmt=manifest["format"], source=manifest["source"],
-                           settings=manifest["settings"], validation=manifest["validation"],
-                           data=manifest["data"], warnings=manifest["warnings"],
-                           command=manifest["command"], kinds=manifest.get("kinds"))
-    fresh["created_utc"] = manifest["created_utc"]
-    tmp = folder / (MANIFEST + ".part")
-    tmp.write_text(json.dumps(fresh, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(folder / MANIFEST)
+    problems = verify_artifact(folder)
+    if problems:
+        raise ArtifactError(f"'{folder}' no longer matches its manifest ({problems[0]}"
+                            + (f", and {len(problems) - 1} more" if len(problems) > 1 else "")
+                            + "); it was changed after it was published: rebuild it")
+    _remove_stale_partials(folder)
+    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    replaced = {*files, CARD, MANIFEST, CHECKSUMS}
+    try:
+        staging.mkdir()
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder).as_posix()
+            if path.is_dir():
+                (staging / rel).mkdir(exist_ok=True)
+            elif rel not in replaced:
+                _link_or_copy(path, staging / rel)
+        for name, src in files.items():
+            shutil.copyfile(src, staging / name)
+        card = (folder / CARD).read_text(encoding="utf-8")
+        marker = "\n## Benchmark\n"
+        card = card.split(marker)[0].rstrip() + "\n" + marker + "\n" + card_section.strip() + "\n"
+        (staging / CARD).write_text(card, encoding="utf-8")
+        if validation:
+            manifest["validation"] = {**manifest.get("validation", {}), **validation}
+        fresh = build_manifest(staging, fmt=manifest["format"], source=manifest["source"],
+                               settings=manifest["settings"], validation=manifest["validation"],
+                               data=manifest["data"], warnings=manifest["warnings"],
+                               command=manifest["command"], kinds=manifest.get("kinds"))
+        fresh["created_utc"] = manifest["created_utc"]
+        (staging / MANIFEST).write_text(json.dumps(fresh, indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+        swap_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 @dataclass(frozen=True)

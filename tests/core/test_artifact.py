@@ -15,7 +15,10 @@ import pytest
 
 import kvant.artifact
 from kvant.artifact import (
+    CARD,
+    MANIFEST,
     ArtifactWriter,
+    amend_artifact,
     check_free_space,
     exchange,
     read_manifest,
@@ -121,6 +124,57 @@ def test_a_force_killed_between_its_renames_keeps_the_only_finished_copy(tmp_pat
         _write(out, payload=b"other")  # the next run restores it, then refuses as usual
     assert (out / "model.bin").read_bytes() == b"weights" and verify_artifact(out) == []
     assert not dead.exists()
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_amend_adds_files_and_a_card_section_and_keeps_the_weights_untouched(tmp_path):
+    out = _write(tmp_path / "art")
+    weights = os.stat(out / "model.bin")
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"png")
+    amend_artifact(out, card_section="| a | 1 |", files={"plot.png": plot},
+                   validation={"bench": {"a": 1}})
+    assert verify_artifact(out) == []
+    manifest = read_manifest(out)
+    assert manifest["validation"]["bench"] == {"a": 1}
+    assert "plot.png" in {f["path"] for f in manifest["files"]}
+    assert (out / CARD).read_text().endswith("\n## Benchmark\n\n| a | 1 |\n")
+    kept = os.stat(out / "model.bin")  # the same file, not a copy: no gigabytes rewritten
+    assert (kept.st_ino, kept.st_mtime_ns) == (weights.st_ino, weights.st_mtime_ns)
+    assert [p.name for p in tmp_path.iterdir()] == ["art", "plot.png"]
+
+
+def test_amend_refuses_a_file_changed_after_publishing(tmp_path):
+    """The old amend re-hashed whatever was on disk: a corrupted file got a valid checksum."""
+    out = _write(tmp_path / "art")
+    (out / "model.bin").write_bytes(b"bit rot")
+    before = _snapshot(out)
+    with pytest.raises(ArtifactError, match="checksum mismatch model.bin.*rebuild it"):
+        amend_artifact(out, card_section="x", files={})
+    assert _snapshot(out) == before
+    assert verify_artifact(out) == ["checksum mismatch model.bin"]
+
+
+def test_an_amend_that_fails_midway_leaves_the_artifact_as_it_was(tmp_path, monkeypatch):
+    """The old amend rewrote README.md and the files in place before the manifest."""
+    out = _write(tmp_path / "art")
+    before = _snapshot(out)
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"png")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kvant.artifact, "build_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        amend_artifact(out, card_section="new", files={"plot.png": plot})
+    assert _snapshot(out) == before and verify_artifact(out) == []
+    assert json.loads((out / MANIFEST).read_text())["validation"] == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "plot.png"]
 
 
 def test_error_inside_the_block_publishes_nothing(tmp_path):
