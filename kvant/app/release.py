@@ -59,7 +59,7 @@ from kvant.plan.kinds import shape_of
 from kvant.plan.kv import kv_types_for
 from kvant.plan.peaks import peak_bytes
 from kvant.registry import nearest
-from kvant.runtimes.reference import reference_logits
+from kvant.runtimes.reference import reference_logits, reference_matches
 from kvant.runtimes.targets import targets as find_targets
 from kvant.scoring import eval_windows
 from kvant.steps import recording, step
@@ -212,10 +212,9 @@ def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchS
     builds all anew), each scored against one shared reference, then the bench."""
     reference = root / ".reference"  # scratch: the distributions every artifact is scored on
     stamp = reference / "reference.json"
-    if stamp.is_file() and (rehearsal or json.loads(stamp.read_text()).get("model")
-                            != str(model.resolve())):
+    if stamp.is_file() and (rehearsal or not reference_matches(reference, model)):
         # Kvant's own scratch, left by a killed run: reused by a release that resumes, but
-        # not when it came from another model, nor by a rehearsal (which measures it)
+        # not when it came from other weights, nor by a rehearsal (which measures it)
         shutil.rmtree(reference)
     todo = {f: a for f, a in artifacts.items() if rehearsal or not _complete(root / f)}
     for folder in artifacts.keys() - todo.keys():

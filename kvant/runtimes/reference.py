@@ -12,7 +12,7 @@ import numpy as np
 from kvant.errors import ArtifactError
 from kvant.files import sha256_text
 from kvant.memory import ram_bytes, reference_dtype_for
-from kvant.model import model_info, read_config
+from kvant.model import content_hash, model_info, weight_files
 from kvant.runtimes import open_runtime
 from kvant.runtimes.targets import Target, targets
 from kvant.scoring import drift, mean_over_languages
@@ -54,26 +54,58 @@ class Reference:
                    for w in {tuple(w): w for ws in self.wins.values() for w in ws}.values())
 
 
+def _signature(model_dir: Path) -> dict:
+    """Each weight file's and config.json's size, inode and modification time: what says,
+    without reading gigabytes, that the files are the ones hashed before."""
+    files = [Path(model_dir) / "config.json", *weight_files(Path(model_dir))]
+    return {f.name: [(st := f.stat()).st_size, st.st_ino, st.st_mtime_ns] for f in files}
+
+
+def _stamped(folder: Path) -> dict | None:
+    stamp = Path(folder) / "reference.json"
+    return json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() else None
+
+
+def model_identity(model_dir: Path, stamped: dict | None = None) -> dict:
+    """The checkpoint's identity by content: its content hash (config.json and every weight
+    file's sha256, kvant.model.content_hash) and the file signature it was computed for.
+    ``stamped``: an identity recorded before; its hash is reused when the signature still
+    matches, so a 23 GB checkpoint is hashed once per reference folder, not per run."""
+    signature = _signature(model_dir)
+    if stamped and stamped.get("signature") == signature and stamped.get("content_hash"):
+        return {"content_hash": stamped["content_hash"], "signature": signature}
+    return {"content_hash": content_hash(Path(model_dir)), "signature": signature}
+
+
+def reference_matches(folder: Path, model_dir: Path) -> bool:
+    """Whether the reference folder (when there is one) was computed from these weights."""
+    stamped = _stamped(folder)
+    return (stamped is None
+            or model_identity(model_dir, stamped)["content_hash"] == stamped.get("content_hash"))
+
+
 def reference_logits(model_dir: Path, wins: dict[str, list[list[int]]], folder: Path,
                      device: str = "cpu") -> Reference:
     """The reference distributions of ``wins`` in ``folder`` (created; the caller owns it and
     removes it): windows already there are reused, the rest computed with the source
-    checkpoint in transformers, loaded once for all of them. A folder made from another
-    model is refused (its `reference.json` names the model's identity)."""
+    checkpoint in transformers, loaded once for all of them. The folder is keyed by the
+    model's content (`reference.json`, model_identity): computed from other weights it is
+    refused, even at the same path; a byte-identical copy elsewhere is accepted."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    identity = {"model": str(Path(model_dir).resolve()),
-                "config": sha256_text(json.dumps(read_config(model_dir), sort_keys=True))}
     stamp = folder / "reference.json"
-    if stamp.is_file():
-        stamped = json.loads(stamp.read_text(encoding="utf-8"))
-        if {k: stamped.get(k) for k in identity} != identity:
-            raise ArtifactError(f"reference folder '{folder}' was computed from "
-                                f"'{stamped.get('model')}', not '{model_dir}'")
+    stamped = _stamped(folder)
+    identity = {**model_identity(model_dir, stamped), "model": str(Path(model_dir).resolve())}
+    if stamped is not None:
+        if stamped.get("content_hash") != identity["content_hash"]:
+            raise ArtifactError(f"reference folder '{folder}' was computed from other weights "
+                                f"(content {stamped.get('content_hash')}, from "
+                                f"'{stamped.get('model')}') than '{model_dir}' holds "
+                                f"({identity['content_hash']}); remove the folder")
         dtype = stamped["dtype"]
     else:
         dtype = reference_dtype(model_dir, device)
-        stamp.write_text(json.dumps({**identity, "dtype": dtype}), encoding="utf-8")
+    stamp.write_text(json.dumps({**identity, "dtype": dtype}), encoding="utf-8")
     ref = Reference(folder, dtype, wins)
     missing = list({tuple(w): w for ws in wins.values() for w in ws
                     if not ref.path(w).is_file()}.values())

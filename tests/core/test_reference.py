@@ -59,9 +59,36 @@ def test_one_reference_folder_serves_every_scorer_without_loading_the_model_agai
     assert reference_logits(tiny_model, wins, tmp_path / "ref").dtype == first.dtype
 
 
-def test_a_reference_folder_of_another_model_is_refused(tiny_model, model_copy, cache_dir,
-                                                        tmp_path):
-    wins, _ = reference_for(tiny_model, ("nob",), 256, 128, cache_dir, tmp_path / "ref")
-    other = model_copy
-    with pytest.raises(ArtifactError, match="computed from"):
-        reference_logits(other, wins, tmp_path / "ref")
+def _no_load(*args, **kwargs):
+    raise AssertionError("the model was loaded although every window was on disk")
+
+
+def test_the_reference_folder_is_keyed_by_the_weights_not_the_path(model_copy, cache_dir,
+                                                                   tmp_path, monkeypatch):
+    """The old key was the path and config: new weights at the same path reused the old
+    distributions, and a byte-identical copy elsewhere was refused."""
+    from safetensors.torch import load_file, save_file
+
+    wins, first = reference_for(model_copy, ("nob",), 256, 128, cache_dir, tmp_path / "ref")
+    # the hash is computed once and kept beside the cache: not again while the files are
+    # the same files
+    monkeypatch.setattr(kvant.runtimes.reference, "open_runtime", _no_load)
+    monkeypatch.setattr(kvant.runtimes.reference, "content_hash", _no_load)
+    assert reference_logits(model_copy, wins, tmp_path / "ref").dtype == first.dtype
+    monkeypatch.undo()
+    # a byte-identical copy at another path is the same model: its distributions serve
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    for f in model_copy.iterdir():
+        twin.joinpath(f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(kvant.runtimes.reference, "open_runtime", _no_load)
+    reference_logits(twin, wins, tmp_path / "ref")
+    monkeypatch.undo()
+    # other weights at the very same path are refused
+    weights = model_copy / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(n for n in tensors if n.endswith("mlp.down_proj.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match="computed from other weights"):
+        reference_logits(model_copy, wins, tmp_path / "ref")
