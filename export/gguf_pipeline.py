@@ -32,6 +32,7 @@ from kvant.export.gguf_clients import client_fidelity, modelfile
 from kvant.export.gguf_convert import convert
 from kvant.export.gguf_mix import Sensitivity, make_mix
 from kvant.export.gguf_quantize import bits_per_weight, compute_imatrix, quantize, tensor_types
+from kvant.files import sha256_file
 from kvant.model import (
     model_info,
     read_config,
@@ -228,9 +229,11 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                 with step("gguf imatrix", kind="imatrix", ctx=settings.imatrix_ctx):
                     imatrix = compute_imatrix(base, calib.read(), imatrix_path, settings,
                                               normalizer, art.scratch)
-            else:
+            else:  # the user's file: its digest says what a resumed release was made with
                 imatrix_path = imatrix_file
                 imatrix = {"file": imatrix_path.name, "chunks": None, "ctx": None}
+                art.data.append({"name": imatrix_file.name, "path": imatrix_file.name,
+                                 "sha256": sha256_file(imatrix_file), "source": "--imatrix"})
         quantized = {}
         for gguf_type in quant_types:
             paths[gguf_type] = art.dir / file_name(name, gguf_type)

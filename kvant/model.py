@@ -79,14 +79,20 @@ def resolve_model(model: str | Path, revision: str | None = None) -> Path:
     return validate_model_dir(Path(local))
 
 
-def model_source(model: str) -> tuple[Path, dict]:
-    """The local folder of ``model`` and the manifest's source entry: the hub revision for a
-    hub id (the snapshot folder is named by its commit), else the content hash."""
-    path = resolve_model(model)
-    if not Path(model).expanduser().exists() and looks_like_hub_id(str(model)):
-        return path, {"id": str(model), "revision": path.name}
-    return path, {"id": str(Path(model).expanduser().resolve()),
-                  "content_hash": content_hash(path)}
+def model_source(model: str, revision: str | None = None) -> tuple[Path, dict]:
+    """The local folder of ``model`` and the manifest's source entry: for a hub id the
+    revision asked for (a branch, tag or commit; None: the default branch) and the commit it
+    resolved to (the snapshot folder is named by it), else the folder's content hash."""
+    if Path(model).expanduser().exists() or not looks_like_hub_id(str(model)):
+        if revision:
+            raise SettingsError(f"--revision {revision} applies to a hub id, and '{model}' is "
+                                "a local folder; drop --revision, or pass the hub id")
+        path = resolve_model(model)
+        return path, {"id": str(Path(model).expanduser().resolve()),
+                      "content_hash": content_hash(path)}
+    path = resolve_model(model, revision)
+    return path, {"id": str(model), "revision": path.name,
+                  "requested_revision": revision or "main"}
 
 
 def pick_device(requested: str = "auto") -> str:

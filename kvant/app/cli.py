@@ -115,7 +115,7 @@ def cmd_pipeline(args: argparse.Namespace) -> str:
     """kvant export gguf|onnx and kvant quantize gptq|bnb."""
     pipeline = PIPELINES[args.pipeline]
     settings = settings_from_args(pipeline.settings, args)
-    model_dir, source = model_source(args.model)
+    model_dir, source = model_source(args.model, args.revision)
     name = Path(source.get("id", model_dir.name)).name
     out = args.out or Path("out") / pipeline.folder(name, settings)
     made = pipeline.run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
@@ -266,7 +266,7 @@ def cmd_release(args: argparse.Namespace) -> str:
                               calib=args.calib, push_org=args.push,
                               token=os.environ.get("HF_TOKEN"), public=args.public,
                               progress=not args.no_progress, rehearse=args.rehearse,
-                              work=args.work)
+                              work=args.work, rebuild=args.rebuild)
     return "\n".join([*lines, f"release: {root}", f"index card: {root / 'README.md'}",
                       f"report: {root / 'bench' / 'report.md'}"])
 
@@ -382,6 +382,10 @@ def cmd_info(args: argparse.Namespace) -> str:
 def _add_model_out_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"local folder or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--revision",
+                        help="hub id only: the branch, tag or commit to use (default: the "
+                             "default branch); the commit it resolves to is recorded in the "
+                             "manifest")
     parser.add_argument("--out", type=Path, help="output folder (default out/<model>-<format>)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -551,6 +555,10 @@ def build_parser() -> KvantParser:
     release.add_argument("--public", action="store_true", help="create the hub repositories "
                          "public (default: private, to review before publishing)")
     release.add_argument("--calib", help="override the recipe's calibration text")
+    release.add_argument("--rebuild", action="store_true",
+                         help="rebuild a finished artifact whose manifest records other "
+                         "settings, source model or texts than the recipe asks for now "
+                         "(without it such a resume is refused, naming what changed)")
     release.add_argument("--rehearse", type=int, metavar="LAYERS",
                          help="run every step on a synthetic checkpoint of the recipe's model "
                          "at real width with LAYERS layers: per-step time and peak memory "

@@ -1,23 +1,26 @@
 """`kvant release RECIPE`: build, benchmark and card every artifact of a recipe.
 
 App layer: it drives the pipelines (through kvant.app.pipelines) and the bench.
-Every artifact is an atomic Kvant folder, so a killed release resumes: finished artifacts
-whose checksums verify are kept, the rest are built. `--push ORG` uploads with
-huggingface_hub; without it the exact upload list is printed instead.
+Every artifact is an atomic Kvant folder, so a killed release resumes: a finished artifact
+is kept when its checksums verify and its manifest records the settings, source model and
+text sets the recipe asks for now (`resume_changes`); one made from anything else is refused,
+naming what changed, unless `--rebuild`. `--push ORG` uploads with huggingface_hub; without
+it the exact upload list is printed instead.
 
 Recipe schema (TOML), every key optional except release.name and release.model:
 
-    [release]  name, model (hub id, folder, or "@stand-in"), out, calib, langs, eval_tokens
-    [gguf]     types, imatrix, imatrix_chunks, pre
-    [gptq]     bits, group_size, desc_act, sym, damp, samples, seqlen
-    [bnb]      modes, double_quant, compute_dtype
-    [onnx]     precision, provider, block_size, accuracy_level
-    [bench]    ctx, n_new, repeats, quality_ctx, quality_tokens, peer_checks, threads,
-               depth_ctx
+    [release]  name, model (hub id, folder, or "@stand-in"), revision (hub ids: branch, tag
+               or commit), out, calib, langs, eval_tokens
+    [gguf] [gptq] [onnx]  every field of GGUFSettings, GPTQSettings, ONNXSettings
+    [bnb]      every field of BnbSettings, with `modes` (a list) for `mode`
+    [bench]    every field of BenchSettings but langs (release.langs) and verify
+
+A section's calib, eval_langs or eval_tokens overrides the [release] value for that section.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -38,7 +41,7 @@ from kvant.app.release_cards import (
     verify_release,
     write_json,
 )
-from kvant.artifact import amend_artifact, verify_artifact
+from kvant.artifact import amend_artifact, read_manifest, settings_dict, verify_artifact
 from kvant.bench.depth import depth, documents
 from kvant.bench.depth import table as depth_table
 from kvant.bench.run import quality_windows, run_bench, texts_for
@@ -68,14 +71,17 @@ from kvant.tiny import TinyRecipe, build_tiny, default_dir
 
 logger = logging.getLogger(__name__)
 
+
+def _fields(cls, drop=(), add=()) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - set(drop) | set(add)
+
+
+# Built from the settings classes, so a field added to a pipeline is a recipe key at once.
 RECIPE_SCHEMA = {
-    "release": {"name", "model", "out", "calib", "langs", "eval_tokens"},
-    "gguf": {"types", "imatrix", "imatrix_chunks", "pre"},
-    "gptq": {"bits", "group_size", "desc_act", "sym", "damp", "samples", "seqlen"},
-    "bnb": {"modes", "double_quant", "compute_dtype"},
-    "onnx": {"precision", "provider", "block_size", "accuracy_level"},
-    "bench": {"ctx", "n_new", "repeats", "quality_ctx", "quality_tokens", "peer_checks",
-              "threads", "depth_ctx"},
+    "release": {"name", "model", "revision", "out", "calib", "langs", "eval_tokens"},
+    **{key: _fields(PIPELINES[key].settings) for key in ("gguf", "gptq", "onnx")},
+    "bnb": _fields(PIPELINES["bnb"].settings, drop=("mode",), add=("modes",)),
+    "bench": _fields(BenchSettings, drop=("langs", "verify")),
 }
 PLAN_CTX = 4096  # the context "Which to pick" plans for
 
@@ -125,29 +131,80 @@ def plan_artifacts(recipe: Recipe) -> dict[str, tuple[str, object]]:
     """{artifact folder name: (pipeline key, settings)} in build order."""
     rel = recipe.release
     name = rel["name"]
-    common = {"eval_langs": _tuple(rel.get("langs", ["nob", "nno", "sme", "dan", "swe"])),
+    common = {"eval_langs": rel.get("langs", ["nob", "nno", "sme", "dan", "swe"]),
               "eval_tokens": rel.get("eval_tokens", 2048)}
     calib = {"calib": rel["calib"]} if rel.get("calib") else {}
     wanted: list[tuple[str, dict]] = []
-    if (g := recipe.get("gguf")) is not None:
-        wanted.append(("gguf", {**{k: _tuple(v) for k, v in g.items()}, **common, **calib}))
-    if (q := recipe.get("gptq")) is not None:
-        wanted.append(("gptq", {**q, **common, **calib}))
+    for key in ("gguf", "gptq"):
+        if (section := recipe.get(key)) is not None:
+            wanted.append((key, {**common, **calib, **section}))
     if (b := recipe.get("bnb")) is not None:
         extra = {k: v for k, v in b.items() if k != "modes"}
         for mode in b.get("modes", ["nf4"]):
-            wanted.append(("bnb", {"mode": mode, **({} if mode == "int8" else extra), **common}))
+            four_bit = {k: v for k, v in extra.items()
+                        if mode != "int8" or k not in ("double_quant", "compute_dtype")}
+            wanted.append(("bnb", {**common, **four_bit, "mode": mode}))
     if (o := recipe.get("onnx")) is not None:
-        wanted.append(("onnx", {**o, **common}))
+        wanted.append(("onnx", {**common, **o}))
     out: dict[str, tuple[str, object]] = {}
     for key, args in wanted:
         pipeline = PIPELINES[key]
         try:
-            settings = pipeline.settings(**args)
+            settings = pipeline.settings(**{k: _tuple(v) for k, v in args.items()})
         except TypeError as exc:
             raise SettingsError(f"recipe '{recipe.path}': {exc}") from None
         out[pipeline.folder(name, settings)] = (key, settings)
     return out
+
+
+def _current_data(settings, cache_dir: Path, data_dir: Path | None) -> dict[str, str]:
+    """{text set or file name: sha256} of what ``settings`` would be made from now, under
+    the names manifests record them by (kvant.data.TextFile.as_manifest)."""
+    found = {}
+    if getattr(settings, "calib", None):
+        text = get_mix(settings.calib, cache_dir, data_dir)
+        found[text.name] = text.sha256
+    for lang in settings.eval_langs:
+        text = get_text(lang, cache_dir, data_dir)
+        found[text.name] = text.sha256
+    imatrix = getattr(settings, "imatrix", "none")
+    if imatrix not in ("auto", "none") and Path(imatrix).expanduser().is_file():
+        found[Path(imatrix).name] = sha256_file(Path(imatrix).expanduser())
+    return found
+
+
+# Settings that say how fast an artifact is made, not what it holds: never a reason to rebuild.
+HOW_FAST = {"threads"}
+
+
+def _shown(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def resume_changes(folder: Path, key: str, settings, source: dict,
+                   data: dict[str, str]) -> list[str]:
+    """What differs between the finished artifact in ``folder`` and what the recipe asks
+    for now: each changed setting (``gguf.types: ["q8_0"] -> ["q4_k_m"]``), the source
+    model (its id, hub revision or content hash) and each text set whose content changed
+    (calibration, held-out text, an imatrix file). Empty: the artifact may be kept."""
+    manifest = read_manifest(folder)
+    changes = []
+    made, wanted = manifest.get("settings", {}), settings_dict(settings)
+    for name in sorted((made.keys() | wanted.keys()) - HOW_FAST):
+        if made.get(name) != wanted.get(name):
+            changes.append(f"{key}.{name}: {_shown(made.get(name))} -> "
+                           f"{_shown(wanted.get(name))}")
+    was = manifest.get("source", {})
+    for name in ("id", "revision", "content_hash"):
+        if was.get(name) != source.get(name):
+            changes.append(f"source {name}: {_shown(was.get(name))} -> "
+                           f"{_shown(source.get(name))}")
+    for entry in manifest.get("data", []):
+        now = data.get(entry.get("name"))
+        if now is not None and now != entry.get("sha256"):
+            changes.append(f"text '{entry['name']}' changed (sha256 {entry['sha256'][:12]} -> "
+                           f"{now[:12]})")
+    return changes
 
 
 def _complete(folder: Path) -> bool:
@@ -166,8 +223,11 @@ def _model(release: dict, calib: str, cache_dir: Path, data_dir: Path | None,
         path = build_tiny(default_dir(cache_dir, recipe, train), train,
                           get_text("nob", cache_dir, data_dir, progress), recipe,
                           progress=progress)
+        if release.get("revision"):
+            raise SettingsError("release.revision applies to a hub id, and the model is the "
+                                "stand-in; drop revision from the recipe")
         return path, {"id": "kvant-stand-in", "content_hash": content_hash(path)}
-    return model_source(spec)
+    return model_source(spec, release.get("revision"))
 
 
 def _shared_reference(model: Path, artifacts: dict, bench: BenchSettings, folder: Path,
@@ -206,19 +266,45 @@ def _rehearsal_model(rel: dict, layers: int, calib: str, cache_dir: Path,
                     "content_hash": content_hash(folder)}
 
 
+def _to_build(root: Path, source: dict, artifacts: dict, cache_dir: Path,
+              data_dir: Path | None, rebuild: bool) -> dict:
+    """The artifacts a resumed release must build: every one not finished, and (with
+    ``rebuild``) every finished one made from other inputs; without ``rebuild`` such a one
+    is refused, before any work, naming the first change."""
+    todo = {}
+    for folder, (key, settings) in artifacts.items():
+        if not _complete(root / folder):
+            todo[folder] = (key, settings)
+            continue
+        changes = resume_changes(root / folder, key, settings, source,
+                                 _current_data(settings, cache_dir, data_dir))
+        if not changes:
+            logger.info("keeping finished %s: same settings, source and texts", root / folder)
+        elif rebuild:
+            logger.warning("rebuilding %s: %s", root / folder, "; ".join(changes))
+            todo[folder] = (key, settings)
+        else:
+            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            raise SettingsError(f"'{root / folder}' was made from other inputs than the recipe "
+                                f"asks for now: {changes[0]}{more}; pass --rebuild to rebuild "
+                                "it, or restore the recipe")
+    return todo
+
+
 def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchSettings,
-           cache_dir: Path, data_dir: Path | None, progress: bool, rehearsal: bool) -> None:
-    """Every artifact (resuming: finished ones whose checksums verify are kept; a rehearsal
-    builds all anew), each scored against one shared reference, then the bench."""
+           cache_dir: Path, data_dir: Path | None, progress: bool, rehearsal: bool,
+           rebuild: bool = False) -> None:
+    """Every artifact (resuming: a finished one is kept when it was made from what the recipe
+    asks for now, see _to_build; a rehearsal builds all anew), each scored against one
+    shared reference, then the bench."""
     reference = root / ".reference"  # scratch: the distributions every artifact is scored on
     stamp = reference / "reference.json"
     if stamp.is_file() and (rehearsal or not reference_matches(reference, model)):
         # Kvant's own scratch, left by a killed run: reused by a release that resumes, but
         # not when it came from other weights, nor by a rehearsal (which measures it)
         shutil.rmtree(reference)
-    todo = {f: a for f, a in artifacts.items() if rehearsal or not _complete(root / f)}
-    for folder in artifacts.keys() - todo.keys():
-        logger.info("keeping finished %s", root / folder)
+    todo = dict(artifacts) if rehearsal else _to_build(root, source, artifacts, cache_dir,
+                                                          data_dir, rebuild)
     if rehearsal:
         (root / "bench" / "results.json").unlink(missing_ok=True)  # measure every step anew
     _shared_reference(model, todo, bench, reference, cache_dir, data_dir)
@@ -314,13 +400,14 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
                 calib: str | None = None, push_org: str | None = None,
                 token: str | None = None, public: bool = False,
                 progress: bool = False, rehearse: int | None = None,
-                work: float = 1.0) -> tuple[Path, list[str]]:
+                work: float = 1.0, rebuild: bool = False) -> tuple[Path, list[str]]:
     """Build, bench and card everything; return the release folder and the upload lines.
 
     ``rehearse``: run every step on a synthetic checkpoint of the recipe's model with this
     many layers (kvant.app.rehearsal), into `<out>-rehearsal-<N>l`; nothing there is published.
     ``work`` (rehearsals only) scales the recipe's counts (calibration samples, imatrix
-    chunks, scored tokens) for a quicker run.
+    chunks, scored tokens) for a quicker run. ``rebuild``: rebuild a finished artifact made
+    from other settings, source or texts than the recipe's (else such a run is refused).
     """
     recipe = load_recipe(recipe_path)
     if work != 1.0:
@@ -354,7 +441,7 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
     with recording() as steps:
         try:
             _build(root, model, source, artifacts, bench_settings, cache_dir, data_dir,
-                   progress, rehearse is not None)
+                   progress, rehearse is not None, rebuild)
             with step("depth study", ctx=bench_settings.depth_ctx):
                 at_depth = _depth_study(root, model, source, artifacts, bench_settings,
                                         cache_dir, data_dir)

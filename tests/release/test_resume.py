@@ -1,0 +1,181 @@
+"""A resumed release keeps an artifact only when it was made from what the recipe asks for
+now; recipes reach every settings field; the hub revision is pinned and recorded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kvant.app.pipelines import PIPELINES
+from kvant.app.release import RECIPE_SCHEMA, load_recipe, plan_artifacts, resume_changes
+from kvant.artifact import read_manifest, settings_dict, verify_artifact
+from kvant.bench.settings import BenchSettings
+from kvant.errors import SettingsError
+from tests.conftest import CALIB_FILE, UD_DIR, run_kvant
+
+RECIPE = """
+[release]
+name = "one"
+model = "@stand-in"
+out = "{out}"
+langs = ["nob"]
+eval_tokens = 256
+calib = "{stand_in_calib}"
+
+[gguf]
+types = {types}
+imatrix = "{imatrix}"
+{calib}
+
+[bench]
+ctx = [32]
+quality_tokens = 256
+quality_ctx = 128
+repeats = 1
+n_new = 4
+peer_checks = false
+depth_ctx = 0
+"""
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _release(recipe, *extra):
+    return run_kvant("--no-progress", "release", str(recipe), *extra,
+                     env={"KVANT_DATA_DIR": str(UD_DIR)})
+
+
+def _gguf_files(folder):
+    return sorted(p.name for p in folder.glob("*.gguf"))
+
+
+def test_an_edited_recipe_is_refused_then_rebuilt_with_rebuild(tmp_path, tiny_model):
+    """The old resume kept any folder whose checksums verified: edit `types` from q8_0 to
+    q4_k_m and the release still carded the Q8_0 file."""
+    recipe = tmp_path / "one.toml"
+    out = tmp_path / "out"
+    recipe.write_text(RECIPE.format(out=out, types='["q8_0"]', imatrix="none", calib="",
+                                    stand_in_calib=CALIB_FILE))
+    first = _release(recipe)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _gguf_files(out / "one-gguf") == ["kvant-stand-in-Q8_0.gguf"]
+    # the same recipe again: kept as it is (the same file, not rebuilt)
+    made = (out / "one-gguf" / "kvant-stand-in-Q8_0.gguf").stat()
+    again = _release(recipe)
+    assert again.returncode == 0, again.stderr[-3000:]
+    kept = (out / "one-gguf" / "kvant-stand-in-Q8_0.gguf").stat()
+    assert (kept.st_ino, kept.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+    recipe.write_text(RECIPE.format(out=out, types='["q4_k_m"]', imatrix="none", calib="",
+                                    stand_in_calib=CALIB_FILE))
+    before = _snapshot(out)
+    refused = _release(recipe)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert 'gguf.types: ["q8_0"] -> ["q4_k_m"]' in line and "--rebuild" in line
+    assert _snapshot(out) == before  # refused before any work: nothing touched
+    rebuilt = _release(recipe, "--rebuild")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert "rebuilding" in rebuilt.stderr and "gguf.types" in rebuilt.stderr
+    assert _gguf_files(out / "one-gguf") == ["kvant-stand-in-Q4_K_M.gguf"]
+    assert verify_artifact(out / "one-gguf") == []
+    assert read_manifest(out / "one-gguf")["settings"]["types"] == ["q4_k_m"]
+    index = (out / "README.md").read_text()
+    assert "Q4_K_M" in index and "Q8_0" not in index
+
+
+def test_changed_calibration_text_is_named(tmp_path, tiny_model):
+    """Same recipe, same calibration path, other bytes: the imatrix it made is stale."""
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB_FILE.read_text(encoding="utf-8"), encoding="utf-8")
+    recipe = tmp_path / "one.toml"
+    out = tmp_path / "out"
+    recipe.write_text(RECIPE.format(out=out, types='["q4_k_m"]', imatrix="auto",
+                                    calib=f'calib = "{text}"', stand_in_calib=CALIB_FILE))
+    first = _release(recipe)
+    assert first.returncode == 0, first.stderr[-3000:]
+    paragraphs = text.read_text(encoding="utf-8").split("\n")
+    text.write_text("\n".join(reversed(paragraphs)), encoding="utf-8")
+    refused = _release(recipe)
+    assert refused.returncode == 2
+    assert "text 'calib' changed (sha256" in refused.stderr.strip().splitlines()[-1]
+
+
+def _manifested(tmp_path, settings, source, data=()):
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(__import__("json").dumps({
+        "settings": settings_dict(settings), "source": source, "data": list(data)}))
+    return folder
+
+
+def test_resume_changes_names_each_input_that_differs(tmp_path):
+    gguf = PIPELINES["gguf"].settings
+    settings = gguf(types=("q8_0",), imatrix="none")
+    source = {"id": "norallm/normistral-11b-long", "revision": "a" * 40}
+    folder = _manifested(tmp_path, settings, source, [{"name": "nob", "sha256": "1" * 64}])
+    assert resume_changes(folder, "gguf", settings, source, {"nob": "1" * 64}) == []
+    assert resume_changes(folder, "gguf", dataclasses.replace(settings, mix_tokens=4096),
+                          source, {}) == ["gguf.mix_tokens: 2048 -> 4096"]
+    moved = {**source, "revision": "b" * 40}
+    assert resume_changes(folder, "gguf", settings, moved, {}) == [
+        f'source revision: "{"a" * 40}" -> "{"b" * 40}"']
+    assert resume_changes(folder, "gguf", settings, source, {"nob": "2" * 64}) == [
+        "text 'nob' changed (sha256 111111111111 -> 222222222222)"]
+
+
+def test_recipes_reach_every_settings_field(tmp_path):
+    for key in ("gguf", "gptq", "onnx"):
+        assert RECIPE_SCHEMA[key] == {f.name for f in dataclasses.fields(
+            PIPELINES[key].settings)}, key
+    assert "modes" in RECIPE_SCHEMA["bnb"] and "mode" not in RECIPE_SCHEMA["bnb"]
+    assert {f.name for f in dataclasses.fields(BenchSettings)} - RECIPE_SCHEMA["bench"] == {
+        "langs", "verify"}
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[release]\nname = "r"\nmodel = "@stand-in"\nlangs = ["nob"]\n'
+                      '[gguf]\ntypes = ["q4_k_m-mix"]\nmix_sensitivity = "proxy"\n'
+                      'mix_tokens = 512\nimatrix_ctx = 256\neval_ctx = 128\n'
+                      '[bnb]\nmodes = ["nf4", "int8"]\ncompute_dtype = "fp32"\n')
+    planned = plan_artifacts(load_recipe(recipe))
+    gguf = planned["r-gguf"][1]
+    assert (gguf.mix_sensitivity, gguf.mix_tokens, gguf.imatrix_ctx, gguf.eval_ctx) == (
+        "proxy", 512, 256, 128)
+    assert gguf.eval_langs == ("nob",)  # from [release]
+    assert planned["r-bnb-nf4"][1].compute_dtype == "fp32"
+    recipe.write_text('[release]\nname = "r"\nmodel = "@stand-in"\n[gguf]\nmix_token = 5\n')
+    with pytest.raises(SettingsError, match="unknown key gguf.mix_token; did you mean "
+                                            "gguf.mix_tokens"):
+        load_recipe(recipe)
+
+
+def test_the_revision_is_pinned_and_recorded(tmp_path, tiny_model, monkeypatch):
+    """`revision` reaches the hub download, and the commit it resolved to is the source."""
+    import huggingface_hub
+
+    from kvant.model import model_source
+
+    commit = "c" * 40
+    snapshot = tmp_path / "snapshots" / commit
+    snapshot.parent.mkdir()
+    snapshot.symlink_to(tiny_model, target_is_directory=True)
+    asked = []
+
+    def download(repo_id, revision=None, **kwargs):
+        asked.append((repo_id, revision))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    path, source = model_source("norallm/normistral-11b-long", "v1.0")
+    assert asked == [("norallm/normistral-11b-long", "v1.0")]
+    assert source == {"id": "norallm/normistral-11b-long", "revision": commit,
+                      "requested_revision": "v1.0"}
+    assert path == snapshot
+    with pytest.raises(SettingsError, match="applies to a hub id"):
+        model_source(str(tiny_model), "v1.0")
+    local = run_kvant("export", "gguf", "--model", str(tiny_model), "--revision", "v1.0",
+                      "--out", str(tmp_path / "x"))
+    assert local.returncode == 2 and "applies to a hub id" in local.stderr
+    assert not (tmp_path / "x").exists()
