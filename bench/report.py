@@ -55,11 +55,15 @@ def _speed_table(results: dict) -> list[str]:
             if s.get("noisy"):
                 noisy.append(f"{name} at {ctx} ({'; '.join(s.get('noise', []))}, "
                              f"{s.get('attempts', 1)} attempts)")
-            vram = s.get("process_vram_mib", s.get("peak_vram_reserved_mib", "-"))
+            vram = s.get("peak_vram_mib", "-")  # NVML, the worker's process tree
             lines.append(f"| {name} | {entry['backend']} | {ctx} | {s['load_s']:.2f} | "
                          f"{speed_cell(s, 'prefill')} | {speed_cell(s, 'decode')} | "
                          f"{s.get('other_cpu_pct', 0):.0f} | {s['peak_rss_mib']:,.0f} | "
                          f"{vram} |")
+    sources = {s["vram_source"] for e in results["targets"].values()
+               for s in e.get("speed", {}).values() if s.get("vram_source")}
+    if sources:
+        lines += ["", "Peak VRAM: " + "; ".join(sorted(sources)) + "."]
     if noisy:
         lines += ["", "**⚠ noisy rows** (kept after repeated attempts; treat as lower bounds): "
                   + "; ".join(noisy) + "."]
@@ -232,9 +236,9 @@ def _plots(results: dict, out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    key = "process_vram_mib" if results["device"].startswith("cuda") else "peak_rss_mib"
+    key = "peak_vram_mib" if results["device"].startswith("cuda") else "peak_rss_mib"
     for name, e in targets.items():
-        pts = [(int(c), s.get(key, s.get("peak_vram_reserved_mib")))
+        pts = [(int(c), s.get(key))
                for c, s in e.get("speed", {}).items() if "error" not in s]
         pts = sorted(p for p in pts if p[1] is not None)
         if pts:

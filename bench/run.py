@@ -8,19 +8,26 @@ compared with them one language at a time. Speed and memory run in a fresh proce
 measured on a busy machine, or whose repeats spread widely, is measured again and, if it
 stays so, kept with `noisy: true`.
 
-results.json is rewritten after every measurement and keyed by what was measured (the
-artifact's sha256, the reference's, the settings and the device): a rerun skips what it
-already holds for the same key and never reuses a number of a rebuilt artifact.
+results.json is rewritten after every measurement. Quality and speed have keys of their own,
+each naming everything its numbers depend on and nothing else (`quality_key`, `speed_key`):
+the artifact's sha256 (never its path), the engine that ran it (llama.cpp's build, torch,
+ONNX Runtime and GenAI versions), the machine (CPU, cores, GPU) and the device; quality also
+the reference's sha256 and the digest of every held-out text, speed its own settings. A rerun
+skips what it already holds under the same key: changing --repeats re-times, never re-scores,
+and no row measured on another machine or build is reused under this one's description.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import subprocess
 import sys
 import tempfile
+import time
+from importlib import metadata
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -41,7 +48,7 @@ from kvant.scoring import require_windows, windows
 from kvant.steps import language_tokens, shared_or_step, step
 
 logger = logging.getLogger(__name__)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REFERENCE = "reference-bf16"
 
 
@@ -118,13 +125,16 @@ def measure_once(target: Target, ids: list[int], ctx: int, settings: BenchSettin
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_file.write_text(json.dumps(spec))
+        started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "kvant.bench.worker", str(spec_file),
                                str(result_file)], capture_output=True, text=True,
                               preexec_fn=die_with_parent)
+        wall = time.perf_counter() - started
         if proc.returncode:
             tail = " | ".join(proc.stderr.strip().splitlines()[-2:])
             return {"error": f"worker failed: {tail}"}
-        return json.loads(result_file.read_text())
+        # the worker's whole life, clocked from outside: every timed run happened inside it
+        return {**json.loads(result_file.read_text()), "worker_wall_s": round(wall, 3)}
 
 
 def speed(target: Target, ids: list[int], ctx: int, settings: BenchSettings,
@@ -151,13 +161,78 @@ def _save(out: Path, results: dict) -> None:
     tmp.replace(out / "results.json")
 
 
-def _key(artifact_digest: str, reference_digest: str | None, settings: BenchSettings,
-         device: str) -> str:
-    """What a target's numbers depend on: change any of it and they are measured anew."""
-    return sha256_text(json.dumps({"artifact": artifact_digest,
-                                   "reference": reference_digest,
-                                   "settings": settings.measurement_key(),
-                                   "device": device}, sort_keys=True))[:16]
+def _versions(*names: str) -> dict[str, str]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+# What else, beside the artifact, decides each backend's numbers.
+_ENGINE_LIBRARIES = {
+    "torch": ("torch", "transformers", "gptqmodel", "bitsandbytes", "optimum"),
+    "onnxruntime-genai": ("onnxruntime", "onnxruntime-genai"),
+    "onnxruntime": ("onnxruntime",),
+}
+
+
+def engine(backend: str) -> dict:
+    """The build that runs ``backend``: llama.cpp's version, compiled CPU features and build
+    flags (kvant.runtimes.llamacpp.build_info), or the versions of the libraries that run a
+    torch or ONNX target."""
+    if backend == "llama.cpp":
+        from kvant.runtimes.llamacpp import build_info  # llama-cpp-python: GGUF targets only
+
+        info = build_info()
+        return {k: info.get(k) for k in ("llama_cpp_python", "features", "variant", "cflags",
+                                         "cmake_args", "wheel")}
+    return _versions(*_ENGINE_LIBRARIES.get(backend, ()))
+
+
+def machine_identity(info: dict, device: str) -> dict:
+    """What of the machine a number depends on (not its kernel's patch level or Python)."""
+    return {"cpu": info.get("cpu"), "cpu_count": info.get("cpu_count"),
+            "gpu": info.get("gpu"), "device": device}
+
+
+def _digest(parts: dict) -> str:
+    return sha256_text(json.dumps(parts, sort_keys=True))[:16]
+
+
+def quality_key(artifact_digest: str, reference_digest: str | None, texts: dict,
+                settings: BenchSettings, engine_id: dict, where: dict) -> str:
+    """Everything a target's quality numbers depend on: change any of it and they are
+    scored anew."""
+    return _digest({"artifact": artifact_digest, "reference": reference_digest,
+                    "texts": {lang: text.sha256 for lang, text in texts.items()},
+                    "settings": settings.measurement_key()["quality"], "engine": engine_id,
+                    "machine": where})
+
+
+def speed_key(artifact_digest: str, settings: BenchSettings, engine_id: dict,
+              where: dict) -> str:
+    """Everything a target's speed rows depend on (no text: the ids are the same for every
+    target and only their count matters)."""
+    return _digest({"artifact": artifact_digest, "settings": settings.measurement_key()["speed"],
+                    "engine": engine_id, "machine": where})
+
+
+def unique_names(found: list[Target]) -> list[Target]:
+    """Targets renamed where two share a name (two model.gguf from different folders):
+    each then keeps its own results as `name (folder)`."""
+    seen: dict[str, int] = {}
+    for target in found:
+        seen[target.name] = seen.get(target.name, 0) + 1
+    out = []
+    for target in found:
+        if seen[target.name] > 1:
+            folder = target.path.parent if target.path.is_file() else target.path
+            target = dataclasses.replace(target, name=f"{target.name} ({folder})")
+        out.append(target)
+    return out
 
 
 def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSettings,
@@ -186,6 +261,8 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
         all_targets.append(ref_target)
     for artifact in artifacts:
         all_targets += targets(artifact)
+    all_targets = unique_names(all_targets)
+    ref_target = all_targets[0] if reference is not None else None
     for target in all_targets:  # nothing corrupt is measured
         verify(target, settings.verify)
     longest = max(int(c) for c in settings.ctx)
@@ -215,22 +292,32 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
 
     # the reference's identity, once: without a manifest it means hashing the checkpoint
     ref_digest = ref_target.digest() if ref_target else None
+    where = machine_identity(results["machine"], device)
+    engines: dict[str, dict] = {}
     scratch = tempfile.TemporaryDirectory(prefix=".reference-", dir=out)
     ref = None  # computed on first need, into scratch (removed when the run ends)
     try:
         for target in tqdm(all_targets, desc="bench", disable=not progress):
             digest = ref_digest if target is ref_target else target.digest()
-            key = _key(digest, ref_digest, settings, device)
+            if target.backend not in engines:
+                engines[target.backend] = engine(target.backend)
+            keys = {"quality_key": quality_key(digest, ref_digest, texts, settings,
+                                               engines[target.backend], where),
+                    "speed_key": speed_key(digest, settings, engines[target.backend], where)}
             entry = results["targets"].get(target.name, {})
-            if entry.get("key") != key:
-                if entry:
-                    logger.info("%s: artifact or settings changed; measuring anew",
-                                target.name)
-                entry = {}
+            for part in ("quality", "speed"):
+                if entry.get(f"{part}_key") != keys[f"{part}_key"] and part in entry:
+                    logger.info("%s: what its %s depends on changed; measuring it anew",
+                                target.name, part)
+                    del entry[part]
+                    # the llama.cpp peer checks time and score too
+                    entry.pop("peers", None)
+                    entry.pop("tokenizer_agreement", None)
             results["targets"][target.name] = entry
-            entry.update({"key": key, "path": str(target.path), "backend": target.backend,
+            entry.update({**keys, "path": str(target.path), "backend": target.backend,
                           "format": target.fmt, "kind": target.kind,
-                          "size_bytes": target.size_bytes})
+                          "size_bytes": target.size_bytes,
+                          "engine": engines[target.backend]})
             if settings.quality and "quality" not in entry:
                 if ref is None:
                     with shared_or_step(reference_dir, settings.quality_ctx):

@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def measure(spec: dict) -> dict:
     ctx, n_new, repeats = spec["ctx"], spec["n_new"], spec["repeats"]
     ids = spec["ids"][:ctx]
     device = spec["device"]
+    vram = VramWatch(_gpu_index(device)) if device.startswith("cuda") else None
+    if vram is not None:
+        vram.start()
     started = time.perf_counter()
     runtime = open_runtime(target, device, spec["threads"], n_ctx=ctx + n_new + 8,
                            all_logits=False, repack=spec.get("repack", False),
@@ -89,29 +93,96 @@ def measure(spec: dict) -> dict:
         "decode_spread_pct": dec["spread_pct"],
         "other_cpu_pct": max(other), "other_cpu_pct_per_phase": other,
         "peak_rss_mib": peak_rss_mib(),
+        # every timed run, so the rates above can be checked against what was timed
+        "prefill_runs_s": [round(x, 6) for x in prefill],
+        "decode_runs_s": [round(x, 6) for x in decode],
     }
-    if device.startswith("cuda"):
-        result.update(_cuda_memory())
+    if vram is not None:
+        result.update(vram.stop())
+    if device.startswith("cuda") and target.backend == "torch":
+        result.update(_torch_allocator())
     runtime.close()
     return result
 
 
-def _cuda_memory() -> dict:
-    import torch  # only on a GPU, where the torch runtime (or llama.cpp's CUDA) is in use
+def _gpu_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
 
-    out = {"peak_vram_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-           "peak_vram_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
-    try:  # the whole process's device memory (llama.cpp and ORT allocate outside torch)
-        import pynvml
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid():
-                out["process_vram_mib"] = round(proc.usedGpuMemory / 2**20, 1)
-    except Exception:  # NVML is optional: torch's own numbers are still reported
-        pass
-    return out
+def _torch_allocator() -> dict:
+    """torch's own allocator peaks: meaningful for torch targets only (llama.cpp and ONNX
+    Runtime allocate device memory outside it, where it reads near zero)."""
+    import torch
+
+    return {"peak_vram_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            "peak_vram_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process below it (from /proc: runtimes may start helpers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while being read
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+class VramWatch:
+    """The peak device memory of this process tree, read from NVML (nvidia-ml-py) every
+    ``every_s`` on a thread while the measurement runs: what the driver has given the
+    processes, whatever allocates it (torch, llama.cpp's CUDA backend, ONNX Runtime).
+    Without NVML the row says so instead of a number."""
+
+    SOURCE = "NVML, this process tree, peak of samples every 20 ms"
+
+    def __init__(self, index: int = 0, every_s: float = 0.02):
+        self.index, self.every_s = index, every_s
+        self.peak, self.samples, self.error = 0, 0, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        try:
+            import pynvml  # nvidia-ml-py (the `gpu` extra)
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+        except Exception as exc:  # no NVML (ImportError, driver library missing)
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        self._thread.start()
+
+    def sample(self) -> int:
+        """Bytes the device holds for this process tree now."""
+        tree = process_tree(os.getpid())
+        procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        return sum(p.usedGpuMemory or 0 for p in procs if p.pid in tree)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.sample())
+            self.samples += 1
+            if self._stop.wait(self.every_s):
+                return
+
+    def stop(self) -> dict:
+        if self.error is not None:
+            return {"vram_source": f"not measured: NVML unavailable ({self.error}); install "
+                                   "nvidia-ml-py (pip install 'kvant[gpu]')"}
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.sample())
+        return {"peak_vram_mib": round(self.peak / 2**20, 1), "vram_samples": self.samples,
+                "vram_source": self.SOURCE}
 
 
 def main() -> int:

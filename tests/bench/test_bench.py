@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -47,13 +48,24 @@ def test_every_target_measured(bench):
         for ctx in CTX:
             s = entry["speed"][ctx]
             assert "error" not in s, (name, s)
-            # the rate is the timed tokens over the timed seconds, min <= median <= max
-            assert abs(s["prefill_tok_s"] * s["prefill_s"] / int(ctx) - 1) < 0.01, name
-            assert s["decode_tok_s_min"] <= s["decode_tok_s"] <= s["decode_tok_s_max"]
+            # each rate is the phase's tokens over the median of the runs it timed (kept
+            # raw), and those runs all happened inside the worker's life, clocked from outside
+            for phase, tokens in (("prefill", int(ctx)), ("decode", 8)):
+                runs = s[f"{phase}_runs_s"]
+                assert len(runs) == s["runs"][phase == "decode"] >= 1, name
+                assert s[f"{phase}_tok_s"] == pytest.approx(tokens / statistics.median(runs),
+                                                            rel=1e-3), (name, phase)
+                assert s[f"{phase}_tok_s_min"] == pytest.approx(tokens / max(runs), rel=1e-3)
+                assert s[f"{phase}_tok_s_max"] == pytest.approx(tokens / min(runs), rel=1e-3)
+            assert sum(s["prefill_runs_s"]) + sum(s["decode_runs_s"]) + s["load_s"] < \
+                s["worker_wall_s"], name
             assert 0 <= s["other_cpu_pct"] <= 100 and isinstance(s["noisy"], bool)
             # the process held the weights it ran: its peak is above the file size
             assert s["peak_rss_mib"] * 2**20 > entry["size_bytes"], name
-        assert entry["kind"] is not None and len(entry["key"]) == 16, name
+        assert entry["kind"] is not None and len(entry["quality_key"]) == 16, name
+        assert len(entry["speed_key"]) == 16 and entry["speed_key"] != entry["quality_key"]
+        if entry["backend"] == "llama.cpp":  # the build that ran it is part of its record
+            assert entry["engine"]["llama_cpp_python"] and entry["engine"]["features"]
     backends = {e["backend"] for e in results["targets"].values()}
     assert backends == {"torch", "llama.cpp", "onnxruntime-genai"}
 
@@ -107,7 +119,7 @@ def test_rerun_resumes_finished_measurements(bench, tiny_model, cache_dir, gguf_
     kept = results["targets"]["tiny-Q8_0"]["speed"]["64"]
     stale = results["targets"]["tiny-Q6_K"]["speed"]["64"]
     del results["targets"]["tiny-Q4_K_M"]["speed"]["128"]
-    results["targets"]["tiny-Q6_K"]["key"] = "measured-on-another-artifact"
+    results["targets"]["tiny-Q6_K"]["speed_key"] = "measured-on-another-artifact"
     (bench / "results.json").write_text(json.dumps(results))
     settings = BenchSettings(langs=("nob", "sme"), ctx=CTX, quality_tokens=1024,
                              quality_ctx=128, repeats=1, n_new=8)
@@ -117,8 +129,64 @@ def test_rerun_resumes_finished_measurements(bench, tiny_model, cache_dir, gguf_
     assert again["tiny-Q8_0"]["speed"]["64"] == kept  # not measured again
     assert "decode_tok_s" in again["tiny-Q4_K_M"]["speed"]["128"]  # the missing row, measured
     # a row of another artifact (or other settings) is never reused: measured anew
-    assert again["tiny-Q6_K"]["key"] != "measured-on-another-artifact"
+    assert again["tiny-Q6_K"]["speed_key"] != "measured-on-another-artifact"
     assert again["tiny-Q6_K"]["speed"]["64"] != stale
+
+
+def test_speed_and_quality_keep_keys_of_their_own(gguf_artifact, tiny_model, tmp_path,
+                                                  cache_dir, monkeypatch):
+    """Another --repeats re-times and never re-scores (hours at 11.4B); another machine or
+    engine build re-measures both. The old single key re-scored on --repeats and reused rows
+    measured on another machine under this one's description."""
+    import kvant.bench.run as bench_run
+
+    target = gguf_artifact / "tiny-Q8_0.gguf"
+    scored = []
+    real_quality = bench_run.quality
+    monkeypatch.setattr(bench_run, "quality",
+                        lambda t, *a: scored.append(t.name) or real_quality(t, *a))
+    base = dict(langs=("nob",), ctx=("32",), quality_tokens=256, quality_ctx=128, n_new=4,
+                peer_checks=False, max_attempts=1)
+    out = tmp_path / "b"
+
+    def run(**changes):
+        scored.clear()
+        run_bench([target], tiny_model, BenchSettings(**{**base, **changes}), out,
+                  cache_dir=cache_dir, data_dir=UD_DIR)
+        return _results(out)["targets"]["tiny-Q8_0"]
+
+    first = run(repeats=1)
+    assert scored == ["reference-bf16", "tiny-Q8_0"]
+    second = run(repeats=2)
+    assert scored == []  # quality kept
+    assert second["quality"] == first["quality"] and second["speed_key"] != first["speed_key"]
+    assert second["speed"]["32"]["repeats"] == 2
+    real_machine = bench_run.machine
+    monkeypatch.setattr(bench_run, "machine", lambda: {**real_machine(), "cpu": "Other CPU"})
+    third = run(repeats=2)
+    assert scored == ["reference-bf16", "tiny-Q8_0"]  # another machine: nothing reused
+    assert third["speed_key"] != second["speed_key"]
+    real_engine = bench_run.engine  # on that same machine, another llama.cpp build
+    monkeypatch.setattr(bench_run, "engine", lambda b: {**real_engine(b), "variant": "other"}
+                        if b == "llama.cpp" else real_engine(b))
+    fourth = run(repeats=2)
+    assert scored == ["tiny-Q8_0"]  # the reference runs in torch: its build did not change
+    assert fourth["quality_key"] != third["quality_key"]
+
+
+def test_two_files_of_one_name_from_two_folders_keep_their_own_rows(gguf_artifact, tmp_path,
+                                                                   cache_dir):
+    paths = []
+    for folder, source in (("a", "tiny-Q8_0.gguf"), ("b", "tiny-Q4_K_M.gguf")):
+        (tmp_path / folder).mkdir()
+        shutil.copyfile(gguf_artifact / source, tmp_path / folder / "model.gguf")
+        paths.append(tmp_path / folder / "model.gguf")
+    settings = BenchSettings(ctx=("32",), n_new=4, repeats=1, quality=False,
+                             peer_checks=False, max_attempts=1)
+    targets = _results(run_bench(paths, None, settings, tmp_path / "out",
+                                 cache_dir=cache_dir))["targets"]
+    assert {e["kind"] for e in targets.values()} == {"gguf-q8_0", "gguf-q4_k_m"}
+    assert sorted(targets) == [f"model ({tmp_path / 'a'})", f"model ({tmp_path / 'b'})"]
 
 
 def test_synthetic_reference_is_refused(tiny_model, tmp_path, cache_dir):
@@ -241,6 +309,6 @@ def test_a_changed_artifact_is_measured_anew(gguf_artifact, tmp_path, cache_dir)
     second = _results(run_bench([target], None, settings, tmp_path / "b",
                                 cache_dir=cache_dir))["targets"]["model"]
     assert first["kind"] == "gguf-q4_k_m" and second["kind"] == "gguf-q8_0"
-    assert second["key"] != first["key"]
+    assert second["speed_key"] != first["speed_key"]
     assert second["size_bytes"] == (gguf_artifact / "tiny-Q8_0.gguf").stat().st_size
     assert second["speed"]["32"] != first["speed"]["32"]  # a fresh measurement

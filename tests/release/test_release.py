@@ -225,17 +225,17 @@ def test_killed_release_resumes_from_finished_artifacts(release, cache_dir):
                 if f["path"].endswith(".safetensors")}
 
     gptq_weights = weights(out / "mini-gptq-4bit")
-    keys = {n: e["key"] for n, e in json.loads(
+    keys = {n: e["quality_key"] for n, e in json.loads(
         (out / "bench" / "results.json").read_text())["targets"].items()}
     root, _ = run_release(recipe, cache_dir=cache_dir, data_dir=UD_DIR, calib=str(CALIB_FILE))
     after = json.loads((out / "bench" / "results.json").read_text())["targets"]
     # the card carries the numbers measured on the artifact as it now is: its key is the
     # rebuilt files' digest (equal to the old one only where the rebuild is byte-identical)
     same_bytes = weights(out / "mini-gptq-4bit") == gptq_weights
-    assert (after["mini-gptq-4bit"]["key"] == keys["mini-gptq-4bit"]) == same_bytes
+    assert (after["mini-gptq-4bit"]["quality_key"] == keys["mini-gptq-4bit"]) == same_bytes
     assert read_manifest(out / "mini-gptq-4bit")["validation"]["bench"]["mini-gptq-4bit"][
-        "key"] == after["mini-gptq-4bit"]["key"]
-    assert after["kvant-stand-in-Q8_0"]["key"] == keys["kvant-stand-in-Q8_0"]
+        "quality_key"] == after["mini-gptq-4bit"]["quality_key"]
+    assert after["kvant-stand-in-Q8_0"]["quality_key"] == keys["kvant-stand-in-Q8_0"]
     assert verify_artifact(out / "mini-bnb-int8") == []
     assert verify_artifact(out / "mini-gptq-4bit") == []  # rebuilt, not trusted
     # the GGUF folder was finished: kept as it was (only its card took the new bench)
