@@ -194,3 +194,35 @@ def run_kvant(*args: str, env: dict | None = None, timeout: int = 900):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout)
+
+
+def cpu_gpu_drift(path, n_tokens: int = 64) -> tuple[float, float, set[str]]:
+    """Kvant's CPU path and its CUDA path on the same ids: (mean KLD of the CUDA
+    distributions from the CPU ones, top-1 agreement, the classes of the quantized layers
+    that ran on the GPU)."""
+    import numpy as np
+
+    from kvant.runtimes.hf import TorchRuntime
+
+    ids = [1, *range(300, 300 + n_tokens - 1)]
+    found = []
+    for device in ("cpu", "cuda"):
+        runtime = TorchRuntime(path, device=device)
+        try:
+            found.append(np.asarray(runtime.logits(ids), dtype=np.float64))
+            if device == "cuda":
+                layers = {type(m).__name__ for m in runtime.model.modules()
+                          if "Linear" in type(m).__name__ and type(m).__name__ != "Linear"
+                          and any(t.is_cuda for t in [*m.parameters(recurse=False),
+                                                      *m.buffers(recurse=False)])}
+        finally:
+            runtime.close()
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    cpu, gpu = (log_softmax(x) for x in found)
+    kld = float((np.exp(cpu) * (cpu - gpu)).sum(-1).mean())
+    top1 = float((cpu.argmax(-1) == gpu.argmax(-1)).mean())
+    return kld, top1, layers

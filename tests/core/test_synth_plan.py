@@ -77,27 +77,54 @@ def test_quality_measurements_refuse_synthetic_weights(synth_one_layer, cache_di
             cache_dir=cache_dir, data_dir=UD_DIR)
 
 
-def test_gguf_export_of_synthetic_converts_but_scores_nothing(synth_one_layer, cache_dir,
-                                                               tmp_path):
-    from kvant.artifact import read_manifest
+@pytest.fixture(scope="module")
+def synth_gguf(synth_one_layer, cache_dir, tmp_path_factory):
     from kvant.export.gguf import GGUFSettings
     from kvant.export.gguf_pipeline import export_gguf
 
-    out = synth_one_layer[0]
     settings = GGUFSettings(types=("bf16", "q4_k_m"), imatrix="none")
-    art = export_gguf(out, tmp_path / "gguf", settings, source={"id": "synthetic"},
-                      cache_dir=cache_dir, data_dir=UD_DIR).out
-    manifest = read_manifest(art)
+    return export_gguf(synth_one_layer[0], tmp_path_factory.mktemp("sgguf") / "gguf", settings,
+                       source={"id": "synthetic"}, cache_dir=cache_dir, data_dir=UD_DIR).out
+
+
+def test_gguf_export_of_synthetic_converts_but_scores_nothing(synth_gguf):
+    from kvant.artifact import read_manifest
+
+    manifest = read_manifest(synth_gguf)
     files = manifest["validation"]["files"]
     assert "mean_kld" not in files["q4_k_m"]
     assert 4.5 < files["q4_k_m"]["bits_per_weight"] < 6.5
     assert any("synthetic" in w for w in manifest["warnings"])
 
 
-def test_plan_formulas():
-    kv = kv_bytes(NM, kinds()["gguf-q4_k_m"], 32768)
-    assert kv == 2 * 40 * 8 * 128 * 2 * 32768 == 5 * GIB  # f16 KV cache
-    assert abs(weight_bytes(NM, kinds()["bf16"]) - NM.n_params() * 2) < 0.01 * GIB
+def test_the_plans_weights_and_kv_cache_match_the_engines_own_accounting_at_real_width(
+        synth_one_layer, synth_gguf):
+    """At NorMistral's width (one layer, GQA 32/8 heads of 128), not the stand-in's: the
+    plan's bf16 weights against the checkpoint's bytes, and its KV cache against what
+    llama.cpp reports holding for the same cached tokens."""
+    import llama_cpp
+
+    from kvant.model import read_config, weight_files
+    from kvant.plan.kinds import kind, shape_of
+    from kvant.runtimes.llamacpp import LlamaCppRuntime
+
+    shape = shape_of(read_config(synth_one_layer[0]))
+    on_disk = sum(f.stat().st_size for f in weight_files(synth_one_layer[0]))
+    assert abs(weight_bytes(shape, kinds()["bf16"]) / on_disk - 1) < 0.01
+    tokens = 256
+    gguf_file = next(synth_gguf.glob("*Q4_K_M.gguf"))
+    for kv in ("f16", "q8_0"):
+        runtime = LlamaCppRuntime(gguf_file, n_ctx=2 * tokens, all_logits=False, kv_type=kv)
+        try:
+            runtime.llm.eval(list(range(5, 5 + tokens)))
+            held = llama_cpp.llama_state_seq_get_size(runtime.llm.ctx, 0)
+        finally:
+            runtime.close()
+        planned = kv_bytes(shape, kind("gguf-q4_k_m"), tokens, kv)
+        assert abs(planned / held - 1) < 0.05, (kv, planned, held)
+
+
+def test_plan_predictions_grow_with_context():
     pred = predict(NM, [4096, 32768])
     assert pred["gguf-q4_k_m"][4096] < 8 * GIB < pred["bf16"][4096]
     for name in pred:  # more context never needs less memory

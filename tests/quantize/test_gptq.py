@@ -15,6 +15,7 @@ from tests.conftest import (
     CALIB_FILE,
     GPTQ_EVAL_TOKENS,
     UD_DIR,
+    cpu_gpu_drift,
     logits_of,
     reference_for,
     run_kvant,
@@ -100,9 +101,10 @@ def test_cli_errors(tiny_model, tmp_path, gptq_artifact):
 
 @pytest.mark.gpu
 def test_gptq_cuda_kernels(gptq_artifact):
-    import torch
-    from transformers import AutoModelForCausalLM
+    """On a GPU GPTQModel picks a CUDA kernel (Marlin, ExLlamaV2, Triton), not its torch
+    fallback, and its logits match the CPU path's: mean KLD below 1e-3 over 64 positions
+    and top-1 agreement of at least 95% (4-bit kernels accumulate in other orders)."""
+    kld, top1, layers = cpu_gpu_drift(gptq_artifact)
+    assert layers and not any(name.startswith("Torch") for name in layers), layers
+    assert kld < 1e-3 and top1 >= 0.95, (kld, top1)
 
-    model = AutoModelForCausalLM.from_pretrained(gptq_artifact, device_map="cuda")
-    logits = model(torch.tensor([[1, 300, 400]], device="cuda")).logits
-    assert torch.isfinite(logits).all()
