@@ -190,7 +190,11 @@ def resume_changes(folder: Path, key: str, settings, source: dict,
     manifest = read_manifest(folder)
     changes = []
     made, wanted = manifest.get("settings", {}), settings_dict(settings)
+    # a field newer than the artifact: unchanged if the recipe leaves it at its default
+    defaults = settings_dict(type(settings)())
     for name in sorted((made.keys() | wanted.keys()) - HOW_FAST):
+        if name not in made and wanted.get(name) == defaults.get(name):
+            continue
         if made.get(name) != wanted.get(name):
             changes.append(f"{key}.{name}: {_shown(made.get(name))} -> "
                            f"{_shown(wanted.get(name))}")

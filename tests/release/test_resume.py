@@ -125,6 +125,13 @@ def test_resume_changes_names_each_input_that_differs(tmp_path):
         f'source revision: "{"a" * 40}" -> "{"b" * 40}"']
     assert resume_changes(folder, "gguf", settings, source, {"nob": "2" * 64}) == [
         "text 'nob' changed (sha256 111111111111 -> 222222222222)"]
+    # a settings field newer than the artifact, left at its default, is no change
+    (folder / "manifest.json").write_text(__import__("json").dumps({
+        "settings": {k: v for k, v in settings_dict(settings).items() if k != "mix_tokens"},
+        "source": source, "data": []}))
+    assert resume_changes(folder, "gguf", settings, source, {}) == []
+    assert resume_changes(folder, "gguf", dataclasses.replace(settings, mix_tokens=4096),
+                          source, {}) == ["gguf.mix_tokens: null -> 4096"]
 
 
 def test_recipes_reach_every_settings_field(tmp_path):
