@@ -31,7 +31,7 @@ DEFAULT_TYPES = ("bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "iq4_xs")
 PRE_TOKENIZERS = ("ufakzeka", "tekken")
 
 
-MIX_SENSITIVITY = ("auto", "direct", "proxy")
+MIX_SENSITIVITY = ("auto", "direct", "torch", "proxy")
 
 
 def mix_size(gguf_type: str) -> int:
@@ -66,9 +66,14 @@ class GGUFSettings(EvalSettings):
     context_length: int = 0
     """Trained context to write (0: NorMistral's known value, else config.json)."""
     mix_sensitivity: str = "auto"
-    """For <type>-mix and mix:SIZE: direct (KLD per tensor and type on calibration windows),
-    proxy (importance-weighted quantization error, no model run) or auto (direct below 2B
-    parameters)."""
+    """For <type>-mix and mix:SIZE: direct (KLD per tensor and type on calibration windows,
+    one llama-quantize each), torch (the same KLD with the one tensor dequantized into the
+    transformers model: a forward each), proxy (importance-weighted quantization error, no
+    model run) or auto (direct, else torch, whichever first fits --mix-time-budget, else
+    proxy)."""
+    mix_time_budget: float = 3600.0
+    """Seconds the sensitivity may take under auto: each method's first evaluation is timed
+    and multiplied by the evaluations left; over this the next method is tried."""
     mix_tokens: int = 2048
     """Calibration tokens the direct sensitivity is measured on."""
 
@@ -89,6 +94,8 @@ class GGUFSettings(EvalSettings):
                                                     MIX_SENSITIVITY))
         if self.mix_tokens <= 0:
             raise SettingsError("--mix-tokens must be positive")
+        if self.mix_time_budget < 0:
+            raise SettingsError("--mix-time-budget must be 0 (always the proxy) or more seconds")
         if self.imatrix == "none" and any(t.startswith("iq") for t in self.types):
             bad = ", ".join(t for t in self.types if t.startswith("iq"))
             raise SettingsError(f"{bad} need an importance matrix; drop --imatrix none or "

@@ -91,8 +91,19 @@ Ollama load them. Assignments per tensor are in `manifest.json`.
 """
 
 
+def withheld_section(withheld: dict) -> str:
+    """The -MIX files asked for and not published, each with the reason and what ships."""
+    if not withheld:
+        return ""
+    lines = [f"- `{spec.upper()}`: {w['reason']}; `{w['instead']}` is published instead."
+             for spec, w in withheld.items()]
+    return ("\n## MIX files not published\n\nA `-MIX` file is published only when, on "
+            "held-out text, its mean KLD is below its uniform twin's and no language is worse "
+            "by more than the noise (two standard errors):\n\n" + "\n".join(lines) + "\n")
+
+
 def card(name: str, files: dict, tok_report: dict, imatrix: dict | None, calib,
-          run_it: str = "") -> str:
+         run_it: str = "", withheld: dict | None = None) -> str:
     rows = ["| file | type | size (MiB) | bits/weight | mean KLD | top-1 agreement | fallback "
             "tensors |", "|---|---|---|---|---|---|---|"]
     for gguf_type, res in files.items():
@@ -119,7 +130,7 @@ of held-out text (mean over languages; per language in `manifest.json`).
 {chr(10).join(rows)}
 
 {imat}
-{mix_section(files)}
+{mix_section(files)}{withheld_section(withheld or {})}
 ## Tokenization
 
 NorMistral's tokenizer normalizes text (a prepended space, NFKC, a newline rule) and cuts

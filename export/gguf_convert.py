@@ -44,6 +44,13 @@ def permute_qk(weight, n_head: int):
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def unpermute_qk(weight, n_head: int):
+    """The inverse of :func:`permute_qk`: llama.cpp's Q/K row order back to HF's."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
 def _plan(model_dir: Path, config: dict, out_type: str):
     """[(gguf name, hf name, shape, ggml type)] and the tensors left out, from headers only."""
     n_layers = config["num_hidden_layers"]

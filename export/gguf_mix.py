@@ -15,8 +15,9 @@ minimizes the predicted loss under a byte budget:
    direct measurement is reported on the stand-in.
 2. Exact bytes: ggml's block and type sizes per tensor and type, with llama.cpp's fallback
    for rows that do not divide (llama-quant.cpp `tensor_type_fallback`).
-3. A knapsack (dynamic programming over the budget in 8,192 steps, bytes rounded up, so the
-   result never exceeds it) minimizes the summed cost.
+3. An exact knapsack in bytes (scipy's MILP, HiGHS: one binary per tensor and type) minimizes
+   the summed cost. The uniform file's own assignment is always a candidate: a mix never
+   predicts worse than its uniform twin, and where no trade helps the uniform is returned.
 4. llama-quantize realizes the assignment with one anchored `--tensor-type` override per
    tensor; the written file is read back and every tensor must have its planned type.
 
@@ -27,8 +28,10 @@ the measured KLD of the final file is reported beside the prediction).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from tqdm.auto import tqdm
 
 from kvant.errors import KvantError, SettingsError
 from kvant.export.gguf_quantize import quantize
+from kvant.model import read_config, read_safetensors_header, weight_files
 from kvant.runtimes.llamacpp import LlamaCppRuntime
 from kvant.scoring import kld_per_position
 
@@ -57,9 +61,8 @@ PURE_FTYPE = {"q2_k": "Q2_K", "q3_k": "Q3_K_M", "q4_k": "Q4_K_M", "q5_k": "Q5_K_
               "q4_0": "Q4_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
 BASELINE = "q8_0"
 _ROWS = 256  # rows dequantized at once by the proxy (ffn_down at 11.4B: 88 MiB)
-DP_STEPS = 8192
 MIX_KEY = "kvant.mix"  # written into a mix file: what it is, for kvant.runtimes.gguf_kind
-SLACK = 16 * 1024  # bytes kept free of the budget: metadata and alignment padding
+ALIGN = 32  # GGUF's general.alignment default: every tensor's data starts on it
 @dataclass(frozen=True)
 class Tensor:
     """A quantizable tensor: its GGUF name, row length (ne0) and row count."""
@@ -222,11 +225,23 @@ def proxy_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Pa
     return costs
 
 
+class OverTimeBudget(Exception):
+    """The direct measurement's estimate (from its timed first evaluation) is over budget."""
+
+    def __init__(self, estimate: dict):
+        super().__init__(estimate)
+        self.estimate = estimate
+
+
 def direct_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Path | None,
                  ref, wins: list[list[int]], scratch: Path, threads: int,
-                 progress: bool = False) -> tuple[dict, float]:
+                 progress: bool = False, time_budget_s: float | None = None
+                 ) -> tuple[dict, float, dict]:
     """{(tensor, type): mean KLD on ``wins`` with only that tensor in that type, minus the
-    all-Q8_0 file's}, and that baseline KLD."""
+    all-Q8_0 file's}, that baseline KLD, and the time estimate: the baseline evaluation is
+    timed first and multiplied by the evaluations left (one llama-quantize and one scoring
+    each; the cost grows with the square of the model). Over ``time_budget_s`` it stops
+    there (OverTimeBudget), before the long part."""
     reference = ref["calib"]
     n_ctx = max(len(w) for w in wins) + 8
 
@@ -244,52 +259,178 @@ def direct_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: P
             path.unlink(missing_ok=True)
 
     everything = {t.name: BASELINE for t in tensors}
+    started = time.perf_counter()
     baseline = kld(everything)
-    costs = {}
     pairs = [(t, ty) for t in tensors for ty in types]
+    evaluations = sum(ty != BASELINE for _, ty in pairs)
+    first_s = time.perf_counter() - started
+    estimate = {"evaluations": evaluations, "first_s": round(first_s, 2),
+                "estimated_s": round(first_s * evaluations), "budget_s": time_budget_s}
+    logger.info("direct mix sensitivity: %d evaluations at about %.1f s each, %s in all",
+                evaluations, first_s, _duration(first_s * evaluations))
+    if time_budget_s is not None and first_s * evaluations > time_budget_s:
+        raise OverTimeBudget(estimate)
+    costs = {}
     for tensor, type_name in tqdm(pairs, desc="mix sensitivity", disable=not progress):
         if type_name == BASELINE:
             costs[tensor.name, type_name] = 0.0
             continue
         costs[tensor.name, type_name] = kld({**everything, tensor.name: type_name}) - baseline
-    return costs, baseline
+    return costs, baseline, estimate
 
 
-def knapsack(tensors: list[Tensor], types: list[str], costs: dict, budget: int) -> dict:
-    """{tensor: type} minimizing the summed cost with the summed bytes within ``budget``.
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
-    Dynamic programming over the budget cut into DP_STEPS units, each option's bytes rounded
-    up to whole units, so any solution found fits the real budget."""
-    unit = max(budget / DP_STEPS, 1.0)
-    steps = int(budget // unit)
-    inf = np.inf
-    best = np.full(steps + 1, inf)
-    best[0] = 0.0
-    choice = np.zeros((len(tensors), steps + 1), dtype=np.int16)
-    for i, tensor in enumerate(tensors):
-        new = np.full(steps + 1, inf)
-        for k, type_name in enumerate(types):
-            size = int(np.ceil(tensor_bytes(tensor, type_name) / unit))
-            if size > steps:
-                continue
-            candidate = np.full(steps + 1, inf)
-            candidate[size:] = best[:steps + 1 - size] + costs[tensor.name, type_name]
-            better = candidate < new
-            new[better] = candidate[better]
-            choice[i, better] = k
-        best = new
-    if not np.isfinite(best).any():
-        cheapest = sum(min(tensor_bytes(t, ty) for ty in types) for t in tensors)
+
+def _hf_names(model_dir: Path, tensors: list[Tensor]) -> dict[str, str]:
+    """{GGUF tensor name: the HF parameter it was converted from} (gguf-py's name map)."""
+    config = read_config(model_dir)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    found = {}
+    for file in weight_files(model_dir):
+        for hf_name in read_safetensors_header(file):
+            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is not None:
+                found[gguf_name] = hf_name
+    if config.get("tie_word_embeddings") and "output.weight" not in found:
+        found["output.weight"] = "lm_head.weight"
+    return {t.name: found[t.name] for t in tensors}
+
+
+def _substituted_kld(runtime, param, got, tensor: Tensor, heads: dict, reference,
+                     wins: list[list[int]]) -> float:
+    """Mean KLD on ``wins`` with ``param`` replaced by the dequantized GGUF tensor ``got``
+    (restored afterwards)."""
+    import torch
+
+    from kvant.export.gguf_convert import unpermute_qk
+
+    weights = gguf.quants.dequantize(got.data, got.tensor_type).reshape(tensor.rows,
+                                                                         tensor.ne0)
+    parts = tensor.name.split(".")
+    if parts[0] == "blk" and parts[2] in heads:  # llama.cpp's Q/K row order back to HF's
+        weights = unpermute_qk(weights, heads[parts[2]])
+    kept = param.data.clone()
+    with torch.no_grad():
+        param.data.copy_(torch.from_numpy(np.ascontiguousarray(weights)))
+        try:
+            return float(np.concatenate([kld_per_position(r[:-1], runtime.logits(w)[:-1])
+                                         for r, w in zip(reference, wins, strict=True)]).mean())
+        finally:
+            param.data.copy_(kept)
+
+
+def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types: list[str],
+                       imatrix: Path | None, ref, wins: list[list[int]], scratch: Path,
+                       threads: int, device: str = "cpu", dtype: str = "float32",
+                       progress: bool = False, time_budget_s: float | None = None
+                       ) -> tuple[dict, dict]:
+    """{(tensor, type): mean calibration KLD against the reference with only that tensor
+    quantized to that type, every other weight as in the checkpoint}, and the time estimate.
+
+    One `--pure` llama-quantize file per type (llama.cpp's own quantizer, its fallbacks and
+    importance matrix); each tensor of it dequantized with gguf-py (Q/K rows put back in HF's
+    order) and swapped into the transformers model, one at a time, for one forward over the
+    calibration windows. Its cost is a model forward per evaluation and no llama-quantize per
+    evaluation (direct's cost), so it is the method that fits at 11.4B on a GPU.
+    Over ``time_budget_s`` (the first quantize and the first forward timed, times their
+    counts) it stops after the first evaluation."""
+    from kvant.runtimes.hf import TorchRuntime  # torch: only for this method
+
+    config = read_config(model_dir)
+    heads = {"attn_q": config["num_attention_heads"],
+             "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
+    names = _hf_names(model_dir, tensors)
+    reference = ref["calib"]
+    runtime = TorchRuntime(model_dir, device=device, threads=threads, dtype=dtype)
+    params = dict(runtime.model.named_parameters())
+    if "lm_head.weight" not in params:  # tied: the embedding is the output
+        params["lm_head.weight"] = params["model.embed_tokens.weight"]
+    costs, estimate = {}, None
+    total = len(tensors) * len(types)
+    bar = tqdm(total=total, desc="mix sensitivity (torch)", disable=not progress)
+    try:
+        for type_name in types:
+            started = time.perf_counter()
+            path = pure(base, type_name, scratch / f"pure-{type_name}.gguf", imatrix, threads)
+            pure_s = time.perf_counter() - started
+            try:
+                quantized = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+                for tensor in tensors:
+                    started = time.perf_counter()
+                    costs[tensor.name, type_name] = _substituted_kld(
+                        runtime, params[names[tensor.name]], quantized[tensor.name], tensor,
+                        heads, reference, wins)
+                    bar.update()
+                    if estimate is None:  # one quantize per type, one forward per evaluation
+                        eval_s = time.perf_counter() - started
+                        seconds = pure_s * len(types) + eval_s * total
+                        estimate = {"evaluations": total, "first_s": round(eval_s, 2),
+                                    "quantize_s": round(pure_s, 2),
+                                    "estimated_s": round(seconds), "budget_s": time_budget_s}
+                        logger.info("torch mix sensitivity: %d evaluations, about %s", total,
+                                    _duration(seconds))
+                        if time_budget_s is not None and seconds > time_budget_s:
+                            raise OverTimeBudget(estimate)
+            finally:
+                path.unlink(missing_ok=True)
+    finally:
+        bar.close()
+        runtime.close()
+    return costs, estimate
+
+
+def stored_bytes(tensor: Tensor, type_name: str) -> int:
+    """What the tensor takes in the file: its data padded to the next tensor's alignment."""
+    return -(-tensor_bytes(tensor, type_name) // ALIGN) * ALIGN
+
+
+def knapsack(tensors: list[Tensor], types: list[str], costs: dict, budget: int,
+             uniform: dict[str, str] | None = None) -> dict:
+    """{tensor: type} minimizing the summed cost with the summed stored bytes within
+    ``budget``, exactly: a mixed-integer programme (scipy.optimize.milp, HiGHS, no gap),
+    one binary per (tensor, type), one type per tensor, one budget row in bytes; the solution
+    is checked in integer bytes (and solved again below any excess a solver tolerance let
+    through). ``uniform`` (an assignment, e.g. the uniform file's) is returned when nothing
+    within the budget is predicted to cost less: the result never predicts worse than it.
+
+    Why an exact solver: the earlier dynamic programme rounded every option up to 1/8,192 of
+    the budget, which at 11.4B is 0.85 MB per tensor and 120-240 MB of budget lost."""
+    from scipy.optimize import Bounds, LinearConstraint, milp  # the solver, only when mixing
+
+    n, m = len(tensors), len(types)
+    cost = np.array([costs[t.name, ty] for t in tensors for ty in types], dtype=np.float64)
+    size = np.array([stored_bytes(t, ty) for t in tensors for ty in types], dtype=np.float64)
+    one_each = np.kron(np.eye(n), np.ones(m))
+    cheapest = int(size.reshape(n, m).min(axis=1).sum())
+    if cheapest > budget:
         raise SettingsError(f"a mix budget of {budget / 2**20:.1f} MiB for the quantized "
                             f"tensors is below the smallest mix ({cheapest / 2**20:.1f} MiB); "
                             "give a larger size")
-    at = int(np.argmin(best))
-    assignment = {}
-    for i in range(len(tensors) - 1, -1, -1):
-        type_name = types[choice[i, at]]
-        assignment[tensors[i].name] = type_name
-        at -= int(np.ceil(tensor_bytes(tensors[i], type_name) / unit))
-    return {t.name: assignment[t.name] for t in tensors}
+    limit = float(budget)
+    for _ in range(8):
+        found = milp(cost, integrality=np.ones(n * m), bounds=Bounds(0, 1),
+                     constraints=[LinearConstraint(one_each, 1, 1),
+                                  LinearConstraint(size[None, :], 0, limit)],
+                     options={"mip_rel_gap": 0.0})
+        if found.x is None:
+            raise KvantError(f"the mix solver found no assignment ({found.message})")
+        picks = found.x.reshape(n, m).argmax(axis=1)
+        chosen = {t.name: types[k] for t, k in zip(tensors, picks, strict=True)}
+        over = sum(stored_bytes(t, chosen[t.name]) for t in tensors) - budget
+        if over <= 0:
+            break
+        limit -= over  # a tolerance's worth over the budget: tighten and solve again
+    else:
+        raise KvantError("the mix solver kept exceeding the budget; report this")
+    if uniform is not None:
+        def total(assignment):
+            return sum(costs[t.name, assignment[t.name]] for t in tensors)
+
+        if total(uniform) <= total(chosen):
+            return {t.name: uniform[t.name] for t in tensors}
+    return chosen
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -306,32 +447,66 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 class Sensitivity:
-    """Per (tensor, type) costs of one export, measured once for every mix it makes."""
+    """Per (tensor, type) costs of one export, measured once for every mix it makes.
+
+    ``mode`` auto: direct when its estimated time (kvant's timed first evaluation times the
+    evaluations left) is within ``time_budget_s``, else the proxy; the choice and the
+    estimate are recorded (``as_dict``) and said in the log."""
 
     def __init__(self, mode: str, base: Path, imatrix: Path | None, scratch: Path,
                  threads: int, ref=None, wins: list[list[int]] | None = None,
-                 progress: bool = False):
+                 progress: bool = False, time_budget_s: float | None = None,
+                 model_dir: Path | None = None, device: str = "cpu"):
         self.mode, self.base, self.imatrix, self.scratch = mode, base, imatrix, scratch
         self.threads, self.ref, self.wins, self.progress = threads, ref, wins, progress
+        self.time_budget_s, self.model_dir, self.device = time_budget_s, model_dir, device
         self.tensors = quantizable(base)
         self.costs: dict = {}
         self.baseline: float | None = None
+        self.estimate: dict | None = None
+        self.tried: list[dict] = []
+        """Each method auto timed and passed over: {"mode", "estimate"}."""
 
     def of(self, types: list[str]) -> dict:
         missing = [t for t in types if (self.tensors[0].name, t) not in self.costs]
-        if missing and self.mode == "direct":
-            costs, self.baseline = direct_costs(self.base, self.tensors, missing, self.imatrix,
-                                                self.ref, self.wins, self.scratch,
-                                                self.threads, self.progress)
+        if not missing:
+            return self.costs
+        budget = self.time_budget_s if self.mode == "auto" else None
+        order = ["direct", "torch"] if self.mode == "auto" else [self.mode]
+        for mode in order:
+            if mode == "proxy":
+                break
+            try:
+                if mode == "direct":
+                    costs, self.baseline, self.estimate = direct_costs(
+                        self.base, self.tensors, missing, self.imatrix, self.ref, self.wins,
+                        self.scratch, self.threads, self.progress, budget)
+                else:
+                    costs, self.estimate = substitution_costs(
+                        self.model_dir, self.base, self.tensors, missing, self.imatrix,
+                        self.ref, self.wins, self.scratch, self.threads, self.device,
+                        self.ref.dtype, self.progress, budget)
+                    self.baseline = 0.0  # against the checkpoint itself
+            except OverTimeBudget as over:
+                self.tried.append({"mode": mode, "estimate": over.estimate})
+                logger.warning("%s mix sensitivity would take about %s (%d evaluations), over "
+                               "the %s budget (--mix-time-budget)", mode,
+                               _duration(over.estimate["estimated_s"]),
+                               over.estimate["evaluations"], _duration(budget))
+                continue
+            self.mode = mode
             self.costs.update(costs)
-        elif missing:
-            self.costs.update(proxy_costs(self.base, self.tensors, missing, self.imatrix,
-                                          self.scratch, self.threads, self.progress))
+            return self.costs
+        if self.mode == "auto":
+            logger.warning("mix sensitivity: using the proxy (no model run)")
+        self.mode = "proxy"
+        self.costs.update(proxy_costs(self.base, self.tensors, missing, self.imatrix,
+                                      self.scratch, self.threads, self.progress))
         return self.costs
 
     def predicted_kld(self, assignment: dict[str, str]) -> float | None:
-        """Calibration KLD the direct costs predict for ``assignment`` (None for proxy)."""
-        if self.mode != "direct":
+        """Calibration KLD the measured costs predict for ``assignment`` (None for proxy)."""
+        if self.mode not in ("direct", "torch"):
             return None
         return self.baseline + self.total(assignment)
 
@@ -345,28 +520,54 @@ class Sensitivity:
             table.setdefault(name, {})[type_name] = cost
         return {"mode": self.mode, "baseline_calib_kld": self.baseline,
                 "calib_tokens": sum(len(w) for w in self.wins) if self.wins else None,
-                "costs": table}
+                "time_estimate": self.estimate, "passed_over": self.tried, "costs": table}
 
 
-def overhead_bytes(base: Path, tensors: list[Tensor]) -> int:
-    """What a file holds besides its quantizable tensors: metadata, norms (kept f32), tensor
-    alignment; from the bf16 file, whose metadata the quantized files copy."""
-    quantizable_names = {t.name for t in tensors}
-    reader = gguf.GGUFReader(str(base))
-    data_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name in quantizable_names)
-    return base.stat().st_size - data_bytes
+def overhead_bytes(path: Path, tensors: list[Tensor]) -> int:
+    """What a file holds besides the stored data of its quantizable ``tensors``: header,
+    metadata, tensor infos, norms (kept f32) and their padding."""
+    types = file_types(path)
+    return path.stat().st_size - sum(stored_bytes(t, types[t.name]) for t in tensors)
+
+
+def kv_bytes(key: str, value: str) -> int:
+    """The bytes one string key-value pair adds to a GGUF header (gguf.md: u64 key length,
+    key, u32 value type, u64 string length, string)."""
+    return 8 + len(key.encode()) + 4 + 8 + len(value.encode())
+
+
+# What llama-quantize's own keys (general.quantization_version, quantize.imatrix.file,
+# .dataset, .entries_count, .chunks_count) add to the bf16 file's metadata, with room for a
+# long imatrix path; used only for mix:SIZE, which has no uniform file to measure from.
+QUANTIZE_METADATA = 4096
+
+
+def as_candidates(tensors: list[Tensor], written: dict[str, str], types: list[str]
+                  ) -> dict[str, str] | None:
+    """A file's written types as candidate types (the one each tensor's written type is the
+    fallback of, :func:`fallback`), so the solver can price it; None where some tensor has a
+    type no candidate writes."""
+    out = {}
+    for t in tensors:
+        found = [ty for ty in types if fallback(ty, t.ne0) == written[t.name]]
+        if not found:
+            return None
+        out[t.name] = found[0]
+    return out
 
 
 def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
              uniform: Path | None, budget_bytes: int | None, threads: int) -> dict:
     """Choose, write and check one mix file; return what goes into the manifest.
 
-    ``uniform``: the uniform file of ``<type>-mix`` (its size is the budget, and every type
-    it uses is a candidate); ``budget_bytes``: the file size of ``mix:SIZE``.
+    ``uniform``: the uniform file of ``<type>-mix`` (its size is the budget, every type it
+    uses is a candidate, and its own assignment is one: where no trade is predicted to help,
+    no file is written and the result says ``same_as_uniform``); ``budget_bytes``: the file
+    size of ``mix:SIZE``.
     """
     tensors = sensitivity.tensors
     types = list(ALL_CANDIDATES)
-    uniform_types = {}
+    uniform_types, as_uniform = {}, None
     if uniform is not None:
         names = {x.name for x in tensors}
         uniform_types = {n: t for n, t in file_types(uniform).items() if n in names}
@@ -377,8 +578,27 @@ def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
     if sensitivity.imatrix is None:
         types = [t for t in types if not t.startswith("iq")]
     costs = sensitivity.of(types)
-    room = budget_bytes - overhead_bytes(base, tensors) - SLACK
-    assignment = knapsack(tensors, types, costs, room)
+    # the mix file is its source's header plus the tag, realigned: exact from the uniform
+    # file itself; from the bf16 file plus llama-quantize's keys for mix:SIZE
+    tag = kv_bytes(MIX_KEY, spec) + ALIGN
+    if uniform is not None:
+        room = budget_bytes - overhead_bytes(uniform, tensors) - tag
+        as_uniform = as_candidates(tensors, uniform_types, types)
+    else:
+        room = budget_bytes - overhead_bytes(base, tensors) - QUANTIZE_METADATA - tag
+    assignment = knapsack(tensors, types, costs, room, uniform=as_uniform)
+    result = {"sensitivity": sensitivity.mode, "candidates": types,
+              "budget_bytes": budget_bytes,
+              "predicted_calib_kld": sensitivity.predicted_kld(assignment),
+              "predicted_cost": sensitivity.total(assignment)}
+    if as_uniform is not None:
+        result["uniform"] = {"file": uniform.name, "size_bytes": uniform.stat().st_size,
+                             "predicted_calib_kld": sensitivity.predicted_kld(as_uniform),
+                             "predicted_cost": sensitivity.total(as_uniform)}
+        if assignment == as_uniform:
+            logger.warning("%s: no trade of bytes between tensors is predicted to help; the "
+                           "uniform file is the best at its size", spec)
+            return {**result, "same_as_uniform": True}
     # what llama-quantize writes: a row width that does not divide a type's blocks falls back
     # (the byte model already priced each choice so); asked for directly, so it is read back
     written = written_types(tensors, assignment)
@@ -396,13 +616,28 @@ def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
         out.unlink()
         raise KvantError(f"{spec}: the file came out at {size:,} bytes, over its budget of "
                          f"{budget_bytes:,}; report this (the byte model missed something)")
-    result = {"sensitivity": sensitivity.mode, "candidates": types,
-              "budget_bytes": budget_bytes, "size_bytes": size,
-              "types": counts, "assignment": written, "fallbacks": fallbacks,
-              "predicted_calib_kld": sensitivity.predicted_kld(assignment),
-              "predicted_cost": sensitivity.total(assignment)}
-    if uniform is not None and all((n, t) in costs for n, t in uniform_types.items()):
-        result["uniform"] = {"file": uniform.name, "size_bytes": uniform.stat().st_size,
-                             "predicted_calib_kld": sensitivity.predicted_kld(uniform_types),
-                             "predicted_cost": sensitivity.total(uniform_types)}
-    return result
+    return {**result, "size_bytes": size, "types": counts, "assignment": written,
+            "fallbacks": fallbacks}
+
+
+NOISE_SIGMAS = 2.0
+"""A -MIX may be worse than its uniform twin in one language by at most this many standard
+errors of the difference of their mean KLDs (the noise of a few thousand held-out tokens)."""
+
+
+def mix_verdict(mix: dict, uniform: dict) -> str | None:
+    """Why a -MIX must not be published in place of its uniform twin, from both files'
+    held-out scores (kvant.runtimes.reference.score_against results); None when it may: its
+    mean KLD over languages is lower, and in no language is it worse by more than
+    NOISE_SIGMAS standard errors."""
+    if mix["mean_kld"] >= uniform["mean_kld"]:
+        return (f"its held-out mean KLD {mix['mean_kld']:.6f} is not below the uniform "
+                f"file's {uniform['mean_kld']:.6f}")
+    for lang, m in mix["per_language"].items():
+        u = uniform["per_language"][lang]
+        noise = NOISE_SIGMAS * math.hypot(m.get("kld_sem", 0.0), u.get("kld_sem", 0.0))
+        if m["mean_kld"] - u["mean_kld"] > noise:
+            return (f"in {lang} its held-out KLD {m['mean_kld']:.6f} is worse than the uniform "
+                    f"file's {u['mean_kld']:.6f} by more than the noise ({noise:.6f}, "
+                    f"{NOISE_SIGMAS:g} standard errors)")
+    return None

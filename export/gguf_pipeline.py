@@ -22,6 +22,7 @@ from kvant.export.gguf import (
     DIRECT,
     GGUFSettings,
     file_name,
+    file_stem,
     is_mix,
     kind,
     mix_base,
@@ -30,7 +31,7 @@ from kvant.export.gguf import (
 from kvant.export.gguf_card import card, run_it
 from kvant.export.gguf_clients import client_fidelity, modelfile
 from kvant.export.gguf_convert import convert
-from kvant.export.gguf_mix import Sensitivity, make_mix
+from kvant.export.gguf_mix import Sensitivity, make_mix, mix_verdict
 from kvant.export.gguf_quantize import bits_per_weight, compute_imatrix, quantize, tensor_types
 from kvant.files import sha256_file
 from kvant.model import (
@@ -55,7 +56,6 @@ logger = logging.getLogger(__name__)
 MAX_UNIT_TOKENS = 1024  # longer paragraphs are left out of the bits-per-byte score
 # below this many parameters a mix's sensitivity is measured directly (one scoring run per
 # tensor and candidate type); above, the proxy
-DIRECT_LIMIT = 2_000_000_000
 
 
 def tokenizer_report(base: Path, texts: dict[str, TextFile], settings: GGUFSettings) -> dict:
@@ -114,6 +114,26 @@ def validate(path: Path, ref: Reference | None, wins: dict, settings: GGUFSettin
     return {**facts, **score_against(target, ref, wins, threads=settings.n_threads)}
 
 
+def _judge_mix(spec: str, uniform: Path, files: dict, mix: dict, ref: Reference | None,
+               wins: dict, settings: GGUFSettings) -> str | None:
+    """Why the ``<type>-mix`` must not be published (None: it may). Its held-out scores
+    against its uniform twin's (kvant.export.gguf_mix.mix_verdict); the twin is scored here
+    when it was made only as the budget. Without held-out text (synthetic weights) nothing
+    can be judged and the mix stays."""
+    if mix.get("same_as_uniform"):
+        return "no trade of bytes between tensors was predicted to help at this size"
+    if not wins:
+        return None
+    uniform_type = mix_base(spec)
+    if uniform_type not in files:
+        files[uniform_type] = {"file": uniform.name, "kind": kind(uniform_type),
+                               "fallback_tensors": 0, **validate(uniform, ref, wins, settings)}
+    reason = mix_verdict(files[spec], files[uniform_type])
+    if reason is None and uniform_type not in settings.types:
+        del files[uniform_type]  # scored to judge the mix, not published
+    return reason
+
+
 def _sensitivity(settings: GGUFSettings, info, model_dir: Path, base: Path,
                  imatrix: Path | None, calib, scratch: Path, reference_dir: Path | None,
                  device: str, cache_dir: Path, data_dir: Path | None,
@@ -121,22 +141,23 @@ def _sensitivity(settings: GGUFSettings, info, model_dir: Path, base: Path,
     """How the mixes' per-tensor costs are measured: directly on calibration windows (their
     reference from the model, as for the held-out text), or by the proxy."""
     mode = settings.mix_sensitivity
-    if mode == "auto":
-        mode = "direct" if info.n_params < DIRECT_LIMIT and not info.synthetic else "proxy"
+    if mode == "auto" and info.synthetic:
+        mode = "proxy"  # synthetic weights have no KLD to measure
     if mode == "proxy":
         with step("gguf mix sensitivity", kind="llama-quantize"):
             sensitivity = Sensitivity(mode, base, imatrix, scratch, settings.n_threads,
                                       progress=progress)
         return sensitivity
     if info.synthetic:
-        raise SettingsError("--mix-sensitivity direct measures KLD, which synthetic weights "
+        raise SettingsError(f"--mix-sensitivity {mode} measures KLD, which synthetic weights "
                             "do not have; use proxy (or auto)")
     calib = calib or get_mix(settings.calib, cache_dir, data_dir, progress)
     wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
     with shared_or_step(reference_dir, settings.eval_ctx):
         ref = reference_logits(model_dir, wins, reference_dir or scratch / "reference", device)
     return Sensitivity(mode, base, imatrix, scratch, settings.n_threads, ref, wins["calib"],
-                       progress)
+                       progress, time_budget_s=settings.mix_time_budget, model_dir=model_dir,
+                       device=device)
 
 
 def write_modelfiles(folder: Path, paths: dict[str, Path], config: dict, context: int) -> dict:
@@ -248,14 +269,16 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
             sensitivity = _sensitivity(settings, info, model_dir, base, imatrix_path, calib,
                                        art.scratch, reference_dir, device, cache_dir,
                                        data_dir, progress)
+        twins: dict[str, Path] = {}  # each <type>-mix's uniform file (its budget)
         for spec in mix_types:
             uniform_type, uniform = mix_base(spec), None
             if uniform_type:
                 uniform = paths.get(uniform_type)
-                if uniform is None:  # the budget's measure, not published
+                if uniform is None:  # the budget's measure, published only in the mix's place
                     uniform = art.scratch / file_name(name, uniform_type)
                     with step(f"gguf quantize {uniform_type}", kind="llama-quantize"):
                         quantize(base, uniform, uniform_type, imatrix_path, settings.n_threads)
+                twins[spec] = uniform
             paths[spec] = art.dir / file_name(name, spec)
             with step(f"gguf mix {spec}", kind="llama-quantize"):
                 quantized[spec] = {"fallback_tensors": 0, "mix": make_mix(
@@ -264,10 +287,31 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                     settings.n_threads)}
         files = {}
         for t in settings.types:
+            if quantized.get(t, {}).get("mix", {}).get("same_as_uniform"):
+                continue  # no file was made: judged below
             with step(f"gguf score {t}", kind=kind(t), ctx=settings.eval_ctx,
                       weights=paths[t].stat().st_size, tokens_per_language=language_tokens(wins)):
                 files[t] = {"file": paths[t].name, "kind": kind(t), **quantized.get(t, {}),
                             **validate(paths[t], ref, wins, settings)}
+        withheld = {}
+        for spec, uniform in twins.items():
+            reason = _judge_mix(spec, uniform, files, quantized[spec]["mix"], ref, wins,
+                                settings)
+            if reason is None:
+                continue
+            uniform_type = mix_base(spec)
+            paths.pop(spec).unlink(missing_ok=True)
+            if uniform.parent != art.dir:  # not asked for on its own: shipped in its place
+                paths[uniform_type] = uniform.rename(art.dir / uniform.name)
+                files.setdefault(uniform_type, {"kind": kind(uniform_type),
+                                                "fallback_tensors": 0,
+                                                **validate(paths[uniform_type], ref, wins,
+                                                           settings)})
+                files[uniform_type]["file"] = uniform.name
+            withheld[spec] = {"reason": reason, "instead": uniform.name,
+                              "mix": quantized[spec]["mix"],
+                              **({"held_out": files.pop(spec)} if spec in files else {})}
+            art.warn(f"{spec}: not published: {reason}; {uniform.name} is shipped instead")
         with step("gguf tokenizer report", kind=kind(base_type),
                   weights=base.stat().st_size) as record:
             tok_report = tokenizer_report(base, texts, settings)
@@ -280,18 +324,19 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         elif info.synthetic:
             art.warn("synthetic weights: files converted and quantized, quality not measured")
         art.data += [t.as_manifest() for t in texts.values()]
-        art.kinds = settings.kinds(name)
+        art.kinds = {file_stem(name, t): kind(t) for t in files}
         art.validation = {"reference": f"transformers, {ref.dtype if ref else '-'} weights, "
                                        "float32 log-softmax", "files": files,
                           "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report,
                                         "clients": clients},
                           "modelfiles": modelfiles,
                           "mix_sensitivity": sensitivity.as_dict() if mix_types else None,
+                          "withheld_mixes": withheld,
                           "imatrix": imatrix, "eval_ctx": settings.eval_ctx,
                           "context_length": context, "rehearsal": rehearsal}
         art.tags = ["gguf", "llama.cpp"]
         art.title = f"{name} GGUF"
         art.card_body = card(name, files, tok_report, imatrix, calib,
-                              run_it(files, clients, context))
+                              run_it(files, clients, context), withheld)
     logger.info("GGUF export: %s", json.dumps({t: f.get("mean_kld") for t, f in files.items()}))
     return Made(out, art.kinds)

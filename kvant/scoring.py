@@ -72,6 +72,8 @@ class Drift:
     mean_kld: float
     p99_kld: float
     top1_agreement_pct: float
+    kld_sem: float = 0.0
+    """Standard error of mean_kld over the scored positions (its noise)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -124,7 +126,8 @@ def drift(ref_logits: list[np.ndarray], logits: list[np.ndarray],
                  delta_ppl_pct=round(100 * (ppl / ppl_ref - 1), 3),
                  mean_kld=round(float(kld.mean()), 6),
                  p99_kld=round(float(np.percentile(kld, 99)), 6),
-                 top1_agreement_pct=round(100 * agree / n, 3))
+                 top1_agreement_pct=round(100 * agree / n, 3),
+                 kld_sem=round(float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0, 8))
 
 
 def drift_per_language(ref, logits: dict, wins: dict) -> dict:

@@ -18,10 +18,12 @@ from kvant.export.gguf_mix import (
     fallback,
     file_types,
     knapsack,
+    mix_verdict,
     proxy_costs,
     pure,
     quantizable,
     spearman,
+    stored_bytes,
     tensor_bytes,
 )
 from kvant.runtimes.targets import gguf_kind
@@ -83,29 +85,145 @@ def test_proxy_ranks_like_the_direct_measurement(mix_artifact, tiny_model, tmp_p
     assert rho > 0.7, rho
 
 
-def test_knapsack_is_optimal_and_within_budget():
-    rng = np.random.default_rng(0)
+def _instance(seed: int, n: int = 6):
+    rng = np.random.default_rng(seed)
     tensors = [Tensor(f"t{i}", 256 * int(rng.integers(1, 4)), int(rng.integers(8, 64)))
-               for i in range(6)]
+               for i in range(n)]
     types = ["q3_k", "q4_k", "q6_k"]
     costs = {(t.name, ty): float(rng.random()) / (1 + k) for t in tensors
              for k, ty in enumerate(types)}
-    budget = sum(tensor_bytes(t, "q4_k") for t in tensors)
+    return tensors, types, costs
+
+
+def _brute_force(tensors, types, costs, budget):
+    """The best of every assignment within the budget, by enumeration."""
+    best = None
+    for combo in itertools.product(types, repeat=len(tensors)):
+        if sum(stored_bytes(t, ty) for t, ty in zip(tensors, combo, strict=True)) <= budget:
+            cost = sum(costs[t.name, ty] for t, ty in zip(tensors, combo, strict=True))
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_torch_substitution_ranks_like_the_direct_measurement(mix_artifact, tiny_model,
+                                                              cache_dir, tmp_path):
+    """The sensitivity that fits at 11.4B (a forward per tensor and type, no llama-quantize
+    each), against llama.cpp-direct on the same calibration windows: the trades the knapsack
+    makes are within a type, so the rank correlation within each type is what counts (the
+    proxy's was 0.52)."""
+    from kvant.data import get_text
+    from kvant.export.gguf_convert import convert
+    from kvant.export.gguf_mix import substitution_costs
+    from kvant.runtimes.reference import reference_logits
+    from kvant.scoring import eval_windows
+
+    direct = read_manifest(mix_artifact)["validation"]["mix_sensitivity"]["costs"]
+    wins = eval_windows(tiny_model, {"calib": get_text(CALIB_FILE, cache_dir)}, 2048, 256)
+    ref = reference_logits(tiny_model, wins, tmp_path / "ref")
+    base = tmp_path / "bf16.gguf"
+    convert(tiny_model, base, "bf16")
+    types = ["q3_k", "q4_k", "q5_k", "q6_k"]
+    costs, estimate = substitution_costs(tiny_model, base, quantizable(base), types,
+                                         mix_artifact / "tiny.imatrix.gguf", ref,
+                                         wins["calib"], tmp_path, 2, dtype=ref.dtype)
+    assert estimate["evaluations"] == len(direct) * len(types)
+    names = sorted(direct)
+    within = [spearman([direct[n][t] for n in names], [costs[n, t] for n in names])
+              for t in types]
+    assert np.mean(within) >= 0.8, within
+    keys = [(n, t) for n in names for t in types]
+    assert spearman([direct[n][t] for n, t in keys], [costs[n, t] for n, t in keys]) > 0.85
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_knapsack_is_exactly_optimal_in_bytes(seed):
+    """Against brute force at the budget itself: no margin (the old programme lost up to
+    1/8,192 of the budget per tensor)."""
+    tensors, types, costs = _instance(seed)
+    budget = sum(stored_bytes(t, "q4_k") for t in tensors) + 7  # a few odd bytes over
     chosen = knapsack(tensors, types, costs, budget)
-    assert sum(tensor_bytes(t, chosen[t.name]) for t in tensors) <= budget
+    assert sum(stored_bytes(t, chosen[t.name]) for t in tensors) <= budget
+    assert sum(costs[t.name, chosen[t.name]] for t in tensors) == pytest.approx(
+        _brute_force(tensors, types, costs, budget), abs=1e-12)
 
-    def cost(combo):
-        return sum(costs[t.name, ty] for t, ty in zip(tensors, combo, strict=True))
 
-    def size(combo):
-        return sum(tensor_bytes(t, ty) for t, ty in zip(tensors, combo, strict=True))
+def test_the_uniform_assignment_is_always_a_candidate():
+    tensors, types, costs = _instance(0)
+    uniform = {t.name: "q4_k" for t in tensors}
+    # no trade helps: every type costs the same as q4_k or more wherever it is smaller
+    flat = {(t.name, ty): (1.0 if ty == "q3_k" else 0.5) for t in tensors for ty in types}
+    budget = sum(stored_bytes(t, "q4_k") for t in tensors)
+    assert knapsack(tensors, types, flat, budget, uniform=uniform) == uniform
+    # a budget too tight for the uniform file by a few bytes: the solver's best within it
+    # costs more than uniform, so uniform is what comes back (never predicted worse)
+    assert knapsack(tensors, types, costs, budget - 5, uniform=uniform) == uniform or \
+        sum(costs[t.name, knapsack(tensors, types, costs, budget - 5, uniform=uniform)[
+            t.name]] for t in tensors) < sum(costs[t.name, "q4_k"] for t in tensors)
+    # where a trade helps, the mix is strictly better than the uniform assignment
+    mixed = knapsack(tensors, types, costs, budget, uniform=uniform)
+    total = sum(costs[t.name, mixed[t.name]] for t in tensors)
+    assert total <= sum(costs[t.name, "q4_k"] for t in tensors)
+    with pytest.raises(SettingsError, match="below the smallest mix"):
+        knapsack(tensors, types, costs, sum(stored_bytes(t, "q3_k") for t in tensors) - 1)
 
-    # sizes are rounded up to 1/8,192 of the budget, so the dynamic programme is exact over
-    # every assignment at least one such step per tensor below the budget
-    margin = len(tensors) * budget / 8192
-    best = min(cost(c) for c in itertools.product(types, repeat=len(tensors))
-               if size(c) <= budget - margin)
-    assert cost([chosen[t.name] for t in tensors]) <= best + 1e-12
+
+def test_the_mix_never_predicts_worse_than_its_uniform_twin(mix_artifact):
+    files = read_manifest(mix_artifact)["validation"]["files"]
+    mix = files["q4_k_m-mix"]["mix"]
+    assert mix["predicted_cost"] <= mix["uniform"]["predicted_cost"]
+
+
+def test_a_mix_worse_on_held_out_text_is_withheld_and_the_uniform_shipped(
+        tiny_model, cache_dir, tmp_path, monkeypatch):
+    """A forced bad sensitivity table (the costs negated: the solver then spends the budget
+    where it hurts most) makes a -MIX worse than uniform; it is not published, the uniform
+    file ships in its place, and the manifest, the card and a warning say why. On the way,
+    auto with a 1-second budget times direct's first evaluation and takes the proxy."""
+    import kvant.export.gguf_mix as gguf_mix
+    from kvant.export.gguf_pipeline import export_gguf
+
+    real_of = gguf_mix.Sensitivity.of
+    monkeypatch.setattr(gguf_mix.Sensitivity, "of",
+                        lambda self, types: {k: -v for k, v in real_of(self, types).items()})
+    settings = GGUFSettings(types=("q4_k_m-mix",), imatrix="none", mix_sensitivity="auto",
+                            mix_time_budget=1.0, calib=str(CALIB_FILE),
+                            eval_langs=("nob", "sme"), eval_tokens=512)
+    out = export_gguf(tiny_model, tmp_path / "gguf", settings, source={"id": "tiny"},
+                      cache_dir=cache_dir, data_dir=UD_DIR).out
+    manifest = read_manifest(out)
+    sensitivity = manifest["validation"]["mix_sensitivity"]
+    tried = {t["mode"]: t["estimate"] for t in sensitivity["passed_over"]}
+    assert sensitivity["mode"] == "proxy" and list(tried) == ["direct", "torch"]
+    # direct: 30 matrices x 4 candidates besides the Q8_0 baseline, each as long as the
+    # timed first; torch: all 5 candidates, one forward each plus one quantize per type
+    assert tried["direct"]["evaluations"] == 30 * 4 and tried["direct"]["budget_s"] == 1.0
+    assert tried["direct"]["estimated_s"] == pytest.approx(tried["direct"]["first_s"] * 120,
+                                                           abs=1)
+    assert tried["torch"]["evaluations"] == 30 * 5
+    assert min(tried["direct"]["estimated_s"], tried["torch"]["estimated_s"]) > 1.0
+    withheld = manifest["validation"]["withheld_mixes"]["q4_k_m-mix"]
+    assert "held-out" in withheld["reason"] and withheld["instead"] == "tiny-Q4_K_M.gguf"
+    assert withheld["held_out"]["mean_kld"] > manifest["validation"]["files"]["q4_k_m"][
+        "mean_kld"]
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["tiny-Q4_K_M.gguf"]
+    assert manifest["kinds"] == {"tiny-Q4_K_M": "gguf-q4_k_m"}
+    assert any(w.startswith("q4_k_m-mix: not published") for w in manifest["warnings"])
+    card = (out / "README.md").read_text()
+    assert "## MIX files not published" in card and withheld["reason"] in card
+
+
+def test_mix_verdict_takes_the_noise_into_account():
+    def score(mean, per):
+        return {"mean_kld": mean, "per_language": {
+            lang: {"mean_kld": kld, "kld_sem": sem} for lang, (kld, sem) in per.items()}}
+
+    uniform = score(0.010, {"nob": (0.010, 0.0005), "sme": (0.010, 0.0005)})
+    better = score(0.008, {"nob": (0.006, 0.0005), "sme": (0.0105, 0.0005)})
+    assert mix_verdict(better, uniform) is None  # sme worse by 0.0005, within 2 sigma (0.0014)
+    worse_in_one = score(0.008, {"nob": (0.004, 0.0005), "sme": (0.012, 0.0005)})
+    assert "in sme" in mix_verdict(worse_in_one, uniform)
+    assert "not below" in mix_verdict(score(0.010, {"nob": (0.010, 0), "sme": (0.010, 0)}),
+                                      uniform)
 
 
 def test_fallback_and_settings():
