@@ -27,12 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from kvant.artifact import installed_versions
 from kvant.bench.report import write_report
 from kvant.bench.settings import BenchSettings
 from kvant.data import get_text, paragraphs
@@ -161,16 +161,6 @@ def _save(out: Path, results: dict) -> None:
     tmp.replace(out / "results.json")
 
 
-def _versions(*names: str) -> dict[str, str]:
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
 # What else, beside the artifact, decides each backend's numbers.
 _ENGINE_LIBRARIES = {
     "torch": ("torch", "transformers", "gptqmodel", "bitsandbytes", "optimum"),
@@ -189,7 +179,7 @@ def engine(backend: str) -> dict:
         info = build_info()
         return {k: info.get(k) for k in ("llama_cpp_python", "features", "variant", "cflags",
                                          "cmake_args", "wheel")}
-    return _versions(*_ENGINE_LIBRARIES.get(backend, ()))
+    return installed_versions(_ENGINE_LIBRARIES.get(backend, ()))
 
 
 def machine_identity(info: dict, device: str) -> dict:

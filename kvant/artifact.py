@@ -45,14 +45,20 @@ TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "acce
 CARD_LANGUAGES = ("no", "nb", "nn", "se")
 
 
-def library_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0], "kvant": __version__}
-    for name in TRACKED_LIBRARIES:
+def installed_versions(names) -> dict[str, str]:
+    """{distribution: version} of those of ``names`` that are installed."""
+    found = {}
+    for name in names:
         try:
-            versions[name] = metadata.version(name)
+            found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    return versions
+    return found
+
+
+def library_versions() -> dict[str, str]:
+    return {"python": sys.version.split()[0], "kvant": __version__,
+            **installed_versions(TRACKED_LIBRARIES)}
 
 
 def settings_dict(settings) -> dict:
