@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -213,9 +214,7 @@ def speed_key(artifact_digest: str, settings: BenchSettings, engine_id: dict,
 def unique_names(found: list[Target]) -> list[Target]:
     """Targets renamed where two share a name (two model.gguf from different folders):
     each then keeps its own results as `name (folder)`."""
-    seen: dict[str, int] = {}
-    for target in found:
-        seen[target.name] = seen.get(target.name, 0) + 1
+    seen = Counter(target.name for target in found)
     out = []
     for target in found:
         if seen[target.name] > 1:

@@ -226,7 +226,7 @@ def proxy_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Pa
 
 
 class OverTimeBudget(Exception):
-    """The direct measurement's estimate (from its timed first evaluation) is over budget."""
+    """A measured sensitivity's estimate (from its timed first evaluation) is over budget."""
 
     def __init__(self, estimate: dict):
         super().__init__(estimate)
@@ -449,9 +449,9 @@ def spearman(x: list[float], y: list[float]) -> float:
 class Sensitivity:
     """Per (tensor, type) costs of one export, measured once for every mix it makes.
 
-    ``mode`` auto: direct when its estimated time (kvant's timed first evaluation times the
-    evaluations left) is within ``time_budget_s``, else the proxy; the choice and the
-    estimate are recorded (``as_dict``) and said in the log."""
+    ``mode`` auto: direct, else torch, whichever's estimated time (its timed first
+    evaluation times the evaluations left) is first within ``time_budget_s``, else the
+    proxy; the choice and the estimates are recorded (``as_dict``) and said in the log."""
 
     def __init__(self, mode: str, base: Path, imatrix: Path | None, scratch: Path,
                  threads: int, ref=None, wins: list[list[int]] | None = None,

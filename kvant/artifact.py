@@ -158,6 +158,16 @@ def exchange(a: Path, b: Path) -> bool:
     return True
 
 
+def _staging(out: Path) -> Path:
+    """A fresh, empty staging folder for ``out`` (``.NAME.partial-PID``), after removing what
+    killed runs left beside it."""
+    _remove_stale_partials(out)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
 def _remove_stale_partials(out: Path) -> None:
     """Delete the staging (and swapped-out) folders of ``out`` left by runs that were killed:
     only Kvant names them so, and only for processes that no longer run."""
@@ -225,10 +235,7 @@ class ArtifactWriter:
     def __enter__(self) -> ArtifactWriter:
         refuse_existing(self.out, self.force, self.protect)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.out)
-        self.dir = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir()
+        self.dir = _staging(self.out)
         return self
 
     def warn(self, message: str) -> None:
@@ -292,12 +299,15 @@ def _artifact_files(folder: Path) -> list[Path]:
 
 def build_manifest(folder: Path, *, fmt: str, source: dict, settings: dict, validation: dict,
                    data: list[dict], warnings: list[str], command: str,
-                   kinds: dict[str, str] | None = None) -> dict:
-    """The manifest of ``folder``; also writes SHA256SUMS (``sha256sum -c`` format)."""
+                   kinds: dict[str, str] | None = None, known: dict[str, str] | None = None
+                   ) -> dict:
+    """The manifest of ``folder``; also writes SHA256SUMS (``sha256sum -c`` format).
+    ``known``: {path: sha256} of files just verified, not hashed again."""
     files = []
     for path in _artifact_files(folder):
-        files.append({"path": path.relative_to(folder).as_posix(),
-                      "size_bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        rel = path.relative_to(folder).as_posix()
+        digest = (known or {}).get(rel) or sha256_file(path)
+        files.append({"path": rel, "size_bytes": path.stat().st_size, "sha256": digest})
     (folder / CHECKSUMS).write_text("".join(f"{f['sha256']}  {f['path']}\n" for f in files),
                                     encoding="utf-8")
     return {
@@ -400,12 +410,11 @@ def amend_artifact(folder: Path, *, card_section: str, files: dict[str, Path],
         raise ArtifactError(f"'{folder}' no longer matches its manifest ({problems[0]}"
                             + (f", and {len(problems) - 1} more" if len(problems) > 1 else "")
                             + "); it was changed after it was published: rebuild it")
-    _remove_stale_partials(folder)
-    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     replaced = {*files, CARD, MANIFEST, CHECKSUMS}
+    # just verified, and kept as links to the same files: their digests stand
+    known = {f["path"]: f["sha256"] for f in manifest["files"] if f["path"] not in replaced}
+    staging = _staging(folder)
     try:
-        staging.mkdir()
         for path in sorted(folder.rglob("*")):
             rel = path.relative_to(folder).as_posix()
             if path.is_dir():
@@ -423,7 +432,8 @@ def amend_artifact(folder: Path, *, card_section: str, files: dict[str, Path],
         fresh = build_manifest(staging, fmt=manifest["format"], source=manifest["source"],
                                settings=manifest["settings"], validation=manifest["validation"],
                                data=manifest["data"], warnings=manifest["warnings"],
-                               command=manifest["command"], kinds=manifest.get("kinds"))
+                               command=manifest["command"], kinds=manifest.get("kinds"),
+                               known=known)
         fresh["created_utc"] = manifest["created_utc"]
         (staging / MANIFEST).write_text(json.dumps(fresh, indent=2, ensure_ascii=False) + "\n",
                                         encoding="utf-8")

@@ -153,7 +153,6 @@ class Generator:
 
     def __init__(self, max_queue: int):
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.max_queue = max_queue
         self.running: Job | None = None
         self.thread = threading.Thread(target=self._run, name="kvant-generate", daemon=True)
         self.thread.start()
@@ -162,7 +161,7 @@ class Generator:
         try:
             self.waiting.put_nowait(job)
         except queue.Full:
-            raise APIError(503, f"the server is busy: {self.max_queue} requests are already "
+            raise APIError(503, f"the server is busy: {self.waiting.maxsize} requests are already "
                            "waiting; retry shortly (see Retry-After)", "server_busy",
                            kind="server_error", headers={"Retry-After": "2"}) from None
         return job
