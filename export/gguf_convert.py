@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from kvant.errors import ModelError
 from kvant.export.gguf_tokenizer import add_tokenizer
-from kvant.model import read_safetensors_header, rope_theta, weight_files
+from kvant.model import raw_header, read_safetensors_header, read_tensor, rope_theta, weight_files
 from kvant.paths import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
@@ -74,39 +74,6 @@ def _plan(model_dir: Path, config: dict, out_type: str):
         if not config.get("tie_word_embeddings", False):
             raise ModelError(f"'{model_dir}' has no lm_head.weight and untied embeddings")
     return plan, skipped
-
-
-_TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-
-
-def raw_header(file: Path) -> tuple[int, dict]:
-    """(byte offset of the data, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
-    with file.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return 8 + size, header
-
-
-def read_tensor(file: Path, name: str):
-    """One tensor read with plain file reads into its own buffer.
-
-    Why not safetensors' memory map: every mapped page touched stays in the process's RSS
-    until unmapped, so streaming a 23 GB checkpoint through maps shows RSS growing toward the
-    model size; plain reads keep the peak at one tensor.
-    """
-    base, header = raw_header(file)
-    entry = header[name]
-    if entry["dtype"] not in _TORCH_DTYPES:
-        raise ModelError(f"tensor {name} in '{file}' is {entry['dtype']}; the GGUF converter "
-                         "takes float checkpoints (bf16, f16, f32)")
-    start, end = entry["data_offsets"]
-    buffer = bytearray(end - start)
-    with file.open("rb") as handle:
-        handle.seek(base + start)
-        handle.readinto(buffer)
-    dtype = getattr(torch, _TORCH_DTYPES[entry["dtype"]])
-    return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 def _as_numpy(tensor, ttype):

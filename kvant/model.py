@@ -158,6 +158,41 @@ def read_safetensors_header(file: Path) -> dict[str, dict]:
                          "download it again") from exc
 
 
+_TORCH_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def raw_header(file: Path) -> tuple[int, dict]:
+    """(byte offset of the data, {name: {dtype, shape, data_offsets}}) of a safetensors file."""
+    with Path(file).open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def read_tensor(file: Path, name: str):
+    """One float tensor of a safetensors file, read with plain file reads into its own buffer.
+
+    Why not safetensors' memory map: every mapped page touched stays in the process's RSS
+    until unmapped, so streaming a 23 GB checkpoint through maps shows RSS growing toward the
+    model size; plain reads keep the peak at one tensor.
+    """
+    import torch  # only for the pipelines that stream tensors
+
+    base, header = raw_header(file)
+    entry = header[name]
+    if entry["dtype"] not in _TORCH_DTYPES:
+        raise ModelError(f"tensor {name} in '{file}' is {entry['dtype']}; Kvant takes float "
+                         "checkpoints (bf16, f16, f32)")
+    start, end = entry["data_offsets"]
+    buffer = bytearray(end - start)
+    with Path(file).open("rb") as handle:
+        handle.seek(base + start)
+        handle.readinto(buffer)
+    dtype = getattr(torch, _TORCH_DTYPES[entry["dtype"]])
+    return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
 def validate_model_dir(path: Path) -> Path:
     """Check a model folder and return it; raise ModelError naming the problem and the fix."""
     if not path.is_dir():

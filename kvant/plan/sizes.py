@@ -8,6 +8,9 @@ from kvant.errors import SettingsError
 
 GIB = 2**30
 MIB = 2**20
+SHARD_BYTES = 2 * GIB
+"""The shard size of a checkpoint Kvant writes tensor by tensor (kvant.quantize.bnb_pipeline):
+what the writer holds at once, which the plan counts."""
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB)?", re.IGNORECASE)
 _UNITS = {"gib": GIB, "gb": 10**9, "mib": MIB, "mb": 10**6}
 

@@ -32,6 +32,82 @@ def test_checkpoints_load_pre_quantized(bnb_artifacts):
         assert read_manifest(out)["kinds"] == {out.name: f"bnb-{mode}"}
 
 
+def _tensors(folder):
+    """{name: tensor} of every safetensors file of a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+@pytest.mark.parametrize("mode,double_quant", [("nf4", False), ("nf4", True), ("fp4", False),
+                                               ("int8", False)])
+def test_tensor_by_tensor_is_bit_identical_to_transformers_loading(tiny_model, tmp_path,
+                                                                   mode, double_quant):
+    """The streaming writer against what transformers itself writes after loading the whole
+    model with a BitsAndBytesConfig and saving it: the same tensors, byte for byte, and the
+    same config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvant.quantize.bnb_pipeline import bnb_config, quantize_bnb
+
+    settings = BnbSettings(mode=mode, double_quant=double_quant)
+    theirs = tmp_path / "transformers"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, device_map="cpu",
+                                                 quantization_config=bnb_config(settings),
+                                                 dtype=torch.bfloat16)
+    model.save_pretrained(theirs)  # straight after loading: no forward pass (module doc)
+    del model
+    ours = tmp_path / "kvant"
+    ours.mkdir()
+    quantize_bnb(tiny_model, ours, settings)
+    a, b = _tensors(theirs), _tensors(ours)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].reshape(-1).view(torch.uint8).equal(
+            b[name].reshape(-1).view(torch.uint8)), name
+    for config in ("config.json", "generation_config.json"):
+        assert json.loads((ours / config).read_text()) == \
+            json.loads((theirs / config).read_text()), config
+
+
+def test_a_sharded_checkpoint_reloads_with_every_tensor(tiny_model, tmp_path, monkeypatch):
+    """Past one shard the writer leaves save_pretrained's sharded layout (numbered files and
+    an index); each shard is bounded, and transformers reloads it with the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import kvant.quantize.bnb_pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "SHARD_BYTES", 400_000)
+    out = tmp_path / "sharded"
+    out.mkdir()
+    pipeline.quantize_bnb(tiny_model, out, BnbSettings(mode="nf4"))
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) > 3 and files[0].name == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in files}
+    assert not list(out.glob(".shard-*"))
+    biggest = 4096 * 256 * 2  # the embedding in bf16, the largest tensor that crosses
+    assert all(f.stat().st_size <= 400_000 + biggest + 4096 for f in files)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    monkeypatch.setattr(pipeline, "SHARD_BYTES", 2**30)
+    pipeline.quantize_bnb(tiny_model, whole, BnbSettings(mode="nf4"))
+    a, b = _tensors(out), _tensors(whole)
+    assert sorted(a) == sorted(b) and all(a[n].equal(b[n]) for n in a)
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(model.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+    ids = torch.tensor([[1, 50, 60, 70]])
+    again = AutoModelForCausalLM.from_pretrained(whole, device_map="cpu")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
 def test_int8_beats_nf4_beats_fp4(bnb_artifacts):
     kld = {m: read_manifest(out)["validation"]["mean_kld"] for m, out in bnb_artifacts.items()}
     assert kld["int8"] < kld["nf4"] < kld["fp4"]
