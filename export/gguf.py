@@ -69,8 +69,9 @@ class GGUFSettings(EvalSettings):
     """For <type>-mix and mix:SIZE: direct (KLD per tensor and type on calibration windows,
     one llama-quantize each), torch (the same KLD with the one tensor dequantized into the
     transformers model: a forward each), proxy (importance-weighted quantization error, no
-    model run) or auto (direct, else torch, whichever first fits --mix-time-budget, else
-    proxy)."""
+    model run; measured worse than llama.cpp's own rule) or auto (direct, else torch,
+    whichever first fits --mix-time-budget; else no <type>-mix is made and its uniform file
+    ships in its place)."""
     mix_time_budget: float = 3600.0
     """Seconds the sensitivity may take under auto: each method's first evaluation is timed
     and multiplied by the evaluations left; over this the next method is tried."""
@@ -95,7 +96,7 @@ class GGUFSettings(EvalSettings):
         if self.mix_tokens <= 0:
             raise SettingsError("--mix-tokens must be positive")
         if self.mix_time_budget < 0:
-            raise SettingsError("--mix-time-budget must be 0 (always the proxy) or more seconds")
+            raise SettingsError("--mix-time-budget must be 0 (no measured sensitivity) or more seconds")
         if self.imatrix == "none" and any(t.startswith("iq") for t in self.types):
             bad = ", ".join(t for t in self.types if t.startswith("iq"))
             raise SettingsError(f"{bad} need an importance matrix; drop --imatrix none or "

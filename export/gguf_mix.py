@@ -8,11 +8,14 @@ minimizes the predicted loss under a byte budget:
    candidate type, llama-quantize a file where only that tensor has that type and every
    other tensor Q8_0 (`--pure` plus one `--tensor-type` override), and measure its mean KLD
    against the bf16 reference on calibration windows; the tensor's cost is that minus the
-   all-Q8_0 file's. ``proxy`` (11.4B, where that costs too much): no model run; each tensor
-   of a `--pure` file of each candidate type is dequantized (gguf-py) and compared with the
-   bf16 tensor, weighted per input column by the importance matrix (mean squared
-   activation), relative to the tensor's own weighted energy. Its rank correlation with the
-   direct measurement is reported on the stand-in.
+   all-Q8_0 file's. ``torch`` (11.4B on a GPU): the same cost with the tensor swapped into
+   the transformers model, one forward per tensor and type and no llama-quantize each.
+   ``proxy`` (where neither fits the time budget: a CPU at 11.4B): no model run; each
+   tensor of a `--pure` file of each candidate type is dequantized (gguf-py) and compared
+   with the bf16 tensor, weighted per input column by the importance matrix (mean squared
+   activation; the output tensor's from llama-imatrix --process-output), token_embd per row
+   by the calibration tokens' frequencies. Each method's rank correlation with the direct
+   measurement is reported on both stand-ins (docs/formats.md).
 2. Exact bytes: ggml's block and type sizes per tensor and type, with llama.cpp's fallback
    for rows that do not divide (llama-quant.cpp `tensor_type_fallback`).
 3. An exact knapsack in bytes (scipy's MILP, HiGHS: one binary per tensor and type) minimizes
@@ -53,6 +56,7 @@ NEIGHBOURS = {
     "q4_k_m": ("q3_k", "q4_k", "q5_k", "q6_k", "q8_0"),
     "q3_k_m": ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"),
     "iq4_xs": ("q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0"),
+    "q5_k_m": ("q4_k", "q5_k", "q6_k", "q8_0"),
 }
 ALL_CANDIDATES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
 # llama-quantize's file types whose --pure default is the tensor type (tools/quantize)
@@ -193,15 +197,39 @@ def _rows(handle, layout: tuple, r0: int, r1: int) -> np.ndarray:
     return gguf.quants.dequantize(raw.reshape(r1 - r0, row_bytes), ttype)
 
 
-def proxy_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Path | None,
-                scratch: Path, threads: int, progress: bool = False) -> dict:
-    """{(tensor, type): importance-weighted squared quantization error}, no model run.
+def token_frequencies(ids, vocab: int) -> np.ndarray:
+    """Each token's share of ``ids`` (the calibration text's tokens), per vocabulary row."""
+    counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab)[:vocab]
+    return counts / max(int(counts.sum()), 1)
 
-    sum over rows i and input columns j of a_j (w_ij - q_ij)^2, with a_j the importance
-    matrix's mean squared activation of column j: the expected squared error of the tensor's
-    output. Tensors without an importance-matrix entry (token_embd, output) weigh columns
-    equally. One --pure file per type, read back a block of rows at a time (bounded memory
-    at any width).
+
+def _tensor(handle, layout: tuple, tensor: Tensor) -> np.ndarray:
+    """The whole tensor as float32 (rows x ne0), dequantized a block of rows at a time into
+    one array: gguf-py's dequantizers hold several float32 temporaries of their input, which
+    for the 51,200 x 5,120 embedding would be gigabytes at once."""
+    out = np.empty((tensor.rows, tensor.ne0), dtype=np.float32)
+    for r0 in range(0, tensor.rows, _ROWS):
+        r1 = min(r0 + _ROWS, tensor.rows)
+        out[r0:r1] = _rows(handle, layout, r0, r1)
+    return out
+
+
+def proxy_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Path | None,
+                scratch: Path, threads: int, progress: bool = False,
+                token_freq: np.ndarray | None = None) -> dict:
+    """{(tensor, type): expected squared error of the tensor's output per token}, no model run.
+
+    A matrix: sum over rows i and input columns j of a_j (w_ij - q_ij)^2, with a_j the
+    importance matrix's mean squared activation of column j (the output tensor's too: the
+    importance matrix is computed with llama-imatrix --process-output when a mix is made;
+    one without that entry weighs its columns equally). token_embd is a lookup, not a
+    product: its row i is the output whenever token i is read, so each row's squared error
+    is weighed by the token's share f_i of the calibration tokens (``token_freq``), times the
+    row count: weights of mean one, the shape of the calibration's use at the scale of the
+    unweighted sum (f_i alone, summing to one, made the embedding look 4,000x cheaper than
+    its direct cost says on the stand-in: within-type rank correlation 0.41 against 0.59).
+    Without frequencies rows weigh equally. One --pure file per type, read back a block of
+    rows at a time (bounded memory at any width).
     """
     weights = read_imatrix(imatrix)
     base_layout = _layout(base)
@@ -212,17 +240,35 @@ def proxy_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Pa
             layout = _layout(path)
             with base.open("rb") as src, path.open("rb") as got:
                 for tensor in tensors:
-                    a = weights.get(tensor.name, np.ones(tensor.ne0))
+                    by_row = tensor.name == "token_embd.weight" and token_freq is not None
+                    a = np.ones(tensor.ne0) if by_row else \
+                        weights.get(tensor.name, np.ones(tensor.ne0))
                     total = 0.0
                     for r0 in range(0, tensor.rows, _ROWS):
                         r1 = min(r0 + _ROWS, tensor.rows)
                         w = _rows(src, base_layout[tensor.name], r0, r1)
                         q = _rows(got, layout[tensor.name], r0, r1)
-                        total += float((((w - q).astype(np.float64) ** 2) @ a).sum())
+                        err = ((w - q).astype(np.float64) ** 2) @ a
+                        total += float(err @ (token_freq[r0:r1] * tensor.rows) if by_row
+                                       else err.sum())
                     costs[tensor.name, type_name] = total
         finally:
             path.unlink(missing_ok=True)
     return costs
+
+
+class NothingFits(Exception):
+    """auto: no measured sensitivity fits the time budget (their estimates in ``tried``)."""
+
+    def __init__(self, tried: list[dict]):
+        super().__init__(tried)
+        self.tried = tried
+
+    def __str__(self) -> str:
+        said = ", ".join(f"{t['mode']} about {_duration(t['estimate']['estimated_s'])}"
+                         for t in self.tried)
+        return (f"no measured sensitivity fits --mix-time-budget ({said}); raise the budget "
+                "or run on a GPU")
 
 
 class OverTimeBudget(Exception):
@@ -298,16 +344,14 @@ def _hf_names(model_dir: Path, tensors: list[Tensor]) -> dict[str, str]:
     return {t.name: found[t.name] for t in tensors}
 
 
-def _substituted_kld(runtime, param, got, tensor: Tensor, heads: dict, reference,
-                     wins: list[list[int]]) -> float:
-    """Mean KLD on ``wins`` with ``param`` replaced by the dequantized GGUF tensor ``got``
-    (restored afterwards)."""
+def _substituted_kld(runtime, param, weights: np.ndarray, tensor: Tensor, heads: dict,
+                     reference, wins: list[list[int]]) -> float:
+    """Mean KLD on ``wins`` with ``param`` replaced by ``weights`` (the dequantized GGUF
+    tensor, float32 rows of ne0), restored afterwards."""
     import torch
 
     from kvant.export.gguf_convert import unpermute_qk
 
-    weights = gguf.quants.dequantize(got.data, got.tensor_type).reshape(tensor.rows,
-                                                                         tensor.ne0)
     parts = tensor.name.split(".")
     if parts[0] == "blk" and parts[2] in heads:  # llama.cpp's Q/K row order back to HF's
         weights = unpermute_qk(weights, heads[parts[2]])
@@ -356,23 +400,26 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
             path = pure(base, type_name, scratch / f"pure-{type_name}.gguf", imatrix, threads)
             pure_s = time.perf_counter() - started
             try:
-                quantized = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-                for tensor in tensors:
-                    started = time.perf_counter()
-                    costs[tensor.name, type_name] = _substituted_kld(
-                        runtime, params[names[tensor.name]], quantized[tensor.name], tensor,
-                        heads, reference, wins)
-                    bar.update()
-                    if estimate is None:  # one quantize per type, one forward per evaluation
-                        eval_s = time.perf_counter() - started
-                        seconds = pure_s * len(types) + eval_s * total
-                        estimate = {"evaluations": total, "first_s": round(eval_s, 2),
-                                    "quantize_s": round(pure_s, 2),
-                                    "estimated_s": round(seconds), "budget_s": time_budget_s}
-                        logger.info("torch mix sensitivity: %d evaluations, about %s", total,
-                                    _duration(seconds))
-                        if time_budget_s is not None and seconds > time_budget_s:
-                            raise OverTimeBudget(estimate)
+                layout = _layout(path)
+                with path.open("rb") as handle:
+                    for tensor in tensors:
+                        started = time.perf_counter()
+                        costs[tensor.name, type_name] = _substituted_kld(
+                            runtime, params[names[tensor.name]],
+                            _tensor(handle, layout[tensor.name], tensor), tensor,
+                            heads, reference, wins)
+                        bar.update()
+                        if estimate is None:  # one quantize per type, a forward per pair
+                            eval_s = time.perf_counter() - started
+                            seconds = pure_s * len(types) + eval_s * total
+                            estimate = {"evaluations": total, "first_s": round(eval_s, 2),
+                                        "quantize_s": round(pure_s, 2), "types": len(types),
+                                        "estimated_s": round(seconds),
+                                        "budget_s": time_budget_s}
+                            logger.info("torch mix sensitivity: %d evaluations, about %s",
+                                        total, _duration(seconds))
+                            if time_budget_s is not None and seconds > time_budget_s:
+                                raise OverTimeBudget(estimate)
             finally:
                 path.unlink(missing_ok=True)
     finally:
@@ -450,14 +497,18 @@ class Sensitivity:
     """Per (tensor, type) costs of one export, measured once for every mix it makes.
 
     ``mode`` auto: direct, else torch, whichever's estimated time (its timed first
-    evaluation times the evaluations left) is first within ``time_budget_s``, else the
-    proxy; the choice and the estimates are recorded (``as_dict``) and said in the log."""
+    evaluation times the evaluations left) is first within ``time_budget_s``; where neither
+    fits, NothingFits (a ``<type>-mix`` then ships its uniform twin; the proxy is used only
+    when asked for, or for mix:SIZE, which has no twin). The choice and the estimates are
+    recorded (``as_dict``) and said in the log."""
 
     def __init__(self, mode: str, base: Path, imatrix: Path | None, scratch: Path,
                  threads: int, ref=None, wins: list[list[int]] | None = None,
                  progress: bool = False, time_budget_s: float | None = None,
-                 model_dir: Path | None = None, device: str = "cpu"):
+                 model_dir: Path | None = None, device: str = "cpu",
+                 token_freq: np.ndarray | None = None):
         self.mode, self.base, self.imatrix, self.scratch = mode, base, imatrix, scratch
+        self.token_freq = token_freq  # the proxy's weights for token_embd's rows
         self.threads, self.ref, self.wins, self.progress = threads, ref, wins, progress
         self.time_budget_s, self.model_dir, self.device = time_budget_s, model_dir, device
         self.tensors = quantizable(base)
@@ -471,6 +522,8 @@ class Sensitivity:
         missing = [t for t in types if (self.tensors[0].name, t) not in self.costs]
         if not missing:
             return self.costs
+        if self.mode == "auto" and self.tried and not self.costs:
+            raise NothingFits(self.tried)  # timed once: the next mix is not timed again
         budget = self.time_budget_s if self.mode == "auto" else None
         order = ["direct", "torch"] if self.mode == "auto" else [self.mode]
         for mode in order:
@@ -498,10 +551,19 @@ class Sensitivity:
             self.costs.update(costs)
             return self.costs
         if self.mode == "auto":
-            logger.warning("mix sensitivity: using the proxy (no model run)")
+            # the proxy chose worse than llama.cpp's own rule on both stand-ins (docs/
+            # formats.md): auto never falls back to it; make_mix ships the uniform file
+            raise NothingFits(self.tried)
+        self.proxy(missing)
+        return self.costs
+
+    def proxy(self, types: list[str]) -> dict:
+        """The proxy's costs (no model run), asked for or where nothing else is possible."""
+        missing = [t for t in types if (self.tensors[0].name, t) not in self.costs]
         self.mode = "proxy"
         self.costs.update(proxy_costs(self.base, self.tensors, missing, self.imatrix,
-                                      self.scratch, self.threads, self.progress))
+                                      self.scratch, self.threads, self.progress,
+                                      self.token_freq))
         return self.costs
 
     def predicted_kld(self, assignment: dict[str, str]) -> float | None:
@@ -556,6 +618,21 @@ def as_candidates(tensors: list[Tensor], written: dict[str, str], types: list[st
     return out
 
 
+def candidates(spec: str, uniform_types: set[str] = frozenset(),
+               imatrix: bool = True) -> list[str]:
+    """The types a mix chooses from: for ``<type>-mix`` the type's neighbours (NEIGHBOURS)
+    and every type its uniform file uses; for ``mix:SIZE`` every candidate. IQ types only
+    with an importance matrix.
+
+    >>> candidates("q4_k_m-mix", {"q4_k", "q6_k"})
+    ['q3_k', 'q4_k', 'q5_k', 'q6_k', 'q8_0']
+    """
+    base_type = spec.removesuffix("-mix") if spec.endswith("-mix") else None
+    types = [t for t in ALL_CANDIDATES if base_type is None
+             or t in NEIGHBOURS.get(base_type, ALL_CANDIDATES) or t in uniform_types]
+    return [t for t in types if imatrix or not t.startswith("iq")]
+
+
 def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
              uniform: Path | None, budget_bytes: int | None, threads: int) -> dict:
     """Choose, write and check one mix file; return what goes into the manifest.
@@ -566,18 +643,22 @@ def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
     size of ``mix:SIZE``.
     """
     tensors = sensitivity.tensors
-    types = list(ALL_CANDIDATES)
     uniform_types, as_uniform = {}, None
     if uniform is not None:
         names = {x.name for x in tensors}
         uniform_types = {n: t for n, t in file_types(uniform).items() if n in names}
-        base_type = spec.removesuffix("-mix")
-        types = [t for t in ALL_CANDIDATES if t in NEIGHBOURS.get(base_type, ALL_CANDIDATES)
-                 or t in uniform_types.values()]
         budget_bytes = uniform.stat().st_size
-    if sensitivity.imatrix is None:
-        types = [t for t in types if not t.startswith("iq")]
-    costs = sensitivity.of(types)
+    types = candidates(spec, set(uniform_types.values()), sensitivity.imatrix is not None)
+    try:
+        costs = sensitivity.of(types)
+    except NothingFits as nothing:
+        if uniform is not None:  # its uniform twin ships in its place
+            return {"sensitivity": None, "candidates": types, "budget_bytes": budget_bytes,
+                    "skipped": str(nothing), "passed_over": nothing.tried}
+        logger.warning("%s: %s; mix:SIZE has no uniform twin to ship instead, so it is "
+                       "chosen by the proxy (no model run, measured worse than llama.cpp's "
+                       "rule on the stand-ins)", spec, nothing)
+        costs = sensitivity.proxy(types)
     # the mix file is its source's header plus the tag, realigned: exact from the uniform
     # file itself; from the bf16 file plus llama-quantize's keys for mix:SIZE
     tag = kv_bytes(MIX_KEY, spec) + ALIGN

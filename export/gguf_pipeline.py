@@ -31,7 +31,16 @@ from kvant.export.gguf import (
 from kvant.export.gguf_card import card, run_it
 from kvant.export.gguf_clients import client_fidelity, modelfile
 from kvant.export.gguf_convert import convert
-from kvant.export.gguf_mix import Sensitivity, make_mix, mix_verdict
+from kvant.export.gguf_mix import (
+    OverTimeBudget,
+    Sensitivity,
+    candidates,
+    make_mix,
+    mix_verdict,
+    quantizable,
+    substitution_costs,
+    token_frequencies,
+)
 from kvant.export.gguf_quantize import bits_per_weight, compute_imatrix, quantize, tensor_types
 from kvant.files import sha256_file
 from kvant.model import (
@@ -54,8 +63,6 @@ from kvant.tokenization import exact_tokenizer, fidelity
 
 logger = logging.getLogger(__name__)
 MAX_UNIT_TOKENS = 1024  # longer paragraphs are left out of the bits-per-byte score
-# below this many parameters a mix's sensitivity is measured directly (one scoring run per
-# tensor and candidate type); above, the proxy
 
 
 def tokenizer_report(base: Path, texts: dict[str, TextFile], settings: GGUFSettings) -> dict:
@@ -120,6 +127,8 @@ def _judge_mix(spec: str, uniform: Path, files: dict, mix: dict, ref: Reference 
     against its uniform twin's (kvant.export.gguf_mix.mix_verdict); the twin is scored here
     when it was made only as the budget. Without held-out text (synthetic weights) nothing
     can be judged and the mix stays."""
+    if mix.get("skipped"):
+        return mix["skipped"]
     if mix.get("same_as_uniform"):
         return "no trade of bytes between tensors was predicted to help at this size"
     if not wins:
@@ -137,27 +146,68 @@ def _judge_mix(spec: str, uniform: Path, files: dict, mix: dict, ref: Reference 
 def _sensitivity(settings: GGUFSettings, info, model_dir: Path, base: Path,
                  imatrix: Path | None, calib, scratch: Path, reference_dir: Path | None,
                  device: str, cache_dir: Path, data_dir: Path | None,
-                 progress: bool) -> Sensitivity:
+                 progress: bool, rehearsal: bool = False, specs: tuple = ()) -> Sensitivity:
     """How the mixes' per-tensor costs are measured: directly on calibration windows (their
-    reference from the model, as for the held-out text), or by the proxy."""
+    reference from the model, as for the held-out text), or by the proxy. A rehearsal
+    (synthetic weights: the proxy) first times what the torch method would cost at this
+    depth (:func:`_rehearse_torch`)."""
     mode = settings.mix_sensitivity
     if mode == "auto" and info.synthetic:
         mode = "proxy"  # synthetic weights have no KLD to measure
-    if mode == "proxy":
-        with step("gguf mix sensitivity", kind="llama-quantize"):
-            sensitivity = Sensitivity(mode, base, imatrix, scratch, settings.n_threads,
-                                      progress=progress)
-        return sensitivity
-    if info.synthetic:
+    if mode != "proxy" and info.synthetic:
         raise SettingsError(f"--mix-sensitivity {mode} measures KLD, which synthetic weights "
                             "do not have; use proxy (or auto)")
     calib = calib or get_mix(settings.calib, cache_dir, data_dir, progress)
+    # the proxy weighs token_embd's rows by how often the calibration text reads them
+    ids = exact_tokenizer(model_dir).encode(calib.read()).ids
+    freq = token_frequencies(ids, read_config(model_dir)["vocab_size"])
+    if rehearsal and settings.mix_sensitivity == "auto":
+        _rehearse_torch(settings, model_dir, base, imatrix, calib, scratch, reference_dir,
+                        device, specs)
+    if mode == "proxy":  # measured here, for every mix at once (its own step)
+        with step("gguf mix sensitivity", kind="llama-quantize"):
+            sensitivity = Sensitivity(mode, base, imatrix, scratch, settings.n_threads,
+                                      progress=progress, token_freq=freq)
+            sensitivity.of(_candidates(specs, imatrix))
+        return sensitivity
     wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
     with shared_or_step(reference_dir, settings.eval_ctx):
         ref = reference_logits(model_dir, wins, reference_dir or scratch / "reference", device)
     return Sensitivity(mode, base, imatrix, scratch, settings.n_threads, ref, wins["calib"],
                        progress, time_budget_s=settings.mix_time_budget, model_dir=model_dir,
-                       device=device)
+                       device=device, token_freq=freq)
+
+
+def _candidates(specs: tuple, imatrix: Path | None) -> list[str]:
+    """Every type some mix of ``specs`` may choose (before its uniform file's own types,
+    which are among them for llama.cpp's recipes)."""
+    return list(dict.fromkeys(t for spec in specs
+                              for t in candidates(spec, imatrix=imatrix is not None)))
+
+
+def _rehearse_torch(settings: GGUFSettings, model_dir: Path, base: Path,
+                    imatrix: Path | None, calib, scratch: Path, reference_dir: Path | None,
+                    device: str, specs: tuple) -> None:
+    """The torch sensitivity's cost at this depth, for the rehearsal's plan: its reference on
+    the calibration windows, the model loaded, one --pure file and one substituted forward,
+    timed (the estimate, carried to full depth by kvant.app.rehearsal, says whether it fits
+    --mix-time-budget on this machine; where it does not, auto ships the uniform file).
+    The rehearsal then times the proxy, as synthetic weights get; the costs measured here
+    on random weights are thrown away."""
+    types = _candidates(specs, imatrix)
+    wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
+    with shared_or_step(reference_dir, settings.eval_ctx):
+        ref = reference_logits(model_dir, wins, reference_dir or scratch / "reference", device)
+    tensors = quantizable(base)
+    with step("gguf mix sensitivity torch", kind="mix-torch", ctx=settings.eval_ctx,
+              dtype=ref.dtype, tensors=len(tensors), types=len(types), device=device,
+              time_budget_s=settings.mix_time_budget) as record:
+        try:
+            substitution_costs(model_dir, base, tensors, types, imatrix, ref, wins["calib"],
+                               scratch, settings.n_threads, device, ref.dtype,
+                               time_budget_s=0)
+        except OverTimeBudget as over:  # always: a budget of 0 stops after one evaluation
+            record["estimate"] = over.estimate
 
 
 def write_modelfiles(folder: Path, paths: dict[str, Path], config: dict, context: int) -> dict:
@@ -249,7 +299,8 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                 imatrix_path = art.dir / f"{name}.imatrix.gguf"
                 with step("gguf imatrix", kind="imatrix", ctx=settings.imatrix_ctx):
                     imatrix = compute_imatrix(base, calib.read(), imatrix_path, settings,
-                                              normalizer, art.scratch)
+                                              normalizer, art.scratch,
+                                              process_output=bool(mix_types))
             else:  # the user's file: its digest says what a resumed release was made with
                 imatrix_path = imatrix_file
                 imatrix = {"file": imatrix_path.name, "chunks": None, "ctx": None}
@@ -268,7 +319,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         if mix_types:
             sensitivity = _sensitivity(settings, info, model_dir, base, imatrix_path, calib,
                                        art.scratch, reference_dir, device, cache_dir,
-                                       data_dir, progress)
+                                       data_dir, progress, rehearsal, tuple(mix_types))
         twins: dict[str, Path] = {}  # each <type>-mix's uniform file (its budget)
         for spec in mix_types:
             uniform_type, uniform = mix_base(spec), None
@@ -287,7 +338,8 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                     settings.n_threads)}
         files = {}
         for t in settings.types:
-            if quantized.get(t, {}).get("mix", {}).get("same_as_uniform"):
+            mix = quantized.get(t, {}).get("mix", {})
+            if mix.get("same_as_uniform") or mix.get("skipped"):
                 continue  # no file was made: judged below
             with step(f"gguf score {t}", kind=kind(t), ctx=settings.eval_ctx,
                       weights=paths[t].stat().st_size, tokens_per_language=language_tokens(wins)):

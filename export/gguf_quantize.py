@@ -13,8 +13,14 @@ from kvant.runtimes.llamacpp import llama_tool, repack_flag, run_tool
 
 
 def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettings,
-                    normalizer=None, scratch: Path | None = None) -> dict:
+                    normalizer=None, scratch: Path | None = None,
+                    process_output: bool = False) -> dict:
     """llama-imatrix over the calibration text; returns what it used.
+
+    ``process_output`` (when a mix is made): the output tensor's activations are recorded
+    too (--process-output), which the mix proxy weighs its error by; llama-quantize then
+    uses them for the output tensor of every type made with this file, the uniform twins
+    included, so a mix and its twin come from the same importance matrix.
 
     Repacking off, as Kvant's runtime (kvant.runtimes.llamacpp) runs every GGUF.
     llama-imatrix tokenizes with llama.cpp's tokenizer; the text is pre-normalized with
@@ -27,10 +33,11 @@ def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettin
         calib.write_text(text, encoding="utf-8")
         log = run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib, "-o", out,
                         "-c", settings.imatrix_ctx, "--chunks", settings.imatrix_chunks,
-                        "-t", settings.n_threads, "-ngl", "0", repack_flag(False)])
+                        "-t", settings.n_threads, "-ngl", "0", repack_flag(False),
+                        *(("--process-output",) if process_output else ())])
     chunks = re.findall(r"compute_imatrix: computing over (\d+) chunks", log)
     return {"file": out.name, "chunks": int(chunks[-1]) if chunks else None,
-            "ctx": settings.imatrix_ctx}
+            "ctx": settings.imatrix_ctx, "process_output": process_output}
 
 
 def quantize(base: Path, out: Path, gguf_type: str, imatrix: Path | None, threads: int,
