@@ -20,7 +20,7 @@ from kvant.machine import machine
 from kvant.memory import ram_bytes
 from kvant.plan.kinds import kind, shape_of, weight_bytes
 from kvant.plan.sizes import GIB, MIB
-from kvant.plan.steps import DEFAULT_FLOOR_MIB, step_peak, step_work
+from kvant.plan.steps import DEFAULT_FLOOR_MIB, mix_torch_seconds, step_peak, step_work
 from kvant.synth import Shape
 
 REHEARSAL_JSON = "rehearsal.json"
@@ -73,13 +73,26 @@ def rows(steps: list[dict], shape: Shape, full: Shape, ram: int) -> list[dict]:
             row["machines"] = {name: needs(row, m) for name, m in MACHINES.items()}
         row["full_wall_s"] = round(record["wall_s"] * step_work(record, full)
                                    / step_work(record, shape), 2)
+        if record.get("estimate"):  # a timed sample of a longer step (the torch mix)
+            row["full_wall_s"] = round(mix_torch_seconds(record["estimate"], shape, full), 2)
+            budget = record.get("time_budget_s")
+            # measured on this machine: said for the machine of its kind (GPU or CPU-only)
+            here = "24 GB GPU + 32 GB RAM" if record.get("device", "cpu") != "cpu" \
+                else "24 GB CPU-only"
+            if budget is not None and row["full_wall_s"] > budget and "machines" in row:
+                row["machines"][here] += (f"; {_hours(row['full_wall_s'])} here, over "
+                                          "--mix-time-budget: auto ships the uniform file, no -MIX")
         out.append(row)
     return out
 
 
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.0f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
 # The two machines docs/real-size.md plans the 40-layer release for: (RAM, VRAM) in bytes.
 MACHINES = {"24 GB CPU-only": (24 * 10**9, 0), "24 GB GPU + 32 GB RAM": (32 * 10**9, 24 * 10**9)}
-_ON_GPU = ("reference", "gptq", "bnb")
+_ON_GPU = ("reference", "gptq", "bnb", "mix-torch")
 _USABLE = 0.9  # of a machine's RAM, for one program  # steps a CUDA machine runs on the GPU
 
 

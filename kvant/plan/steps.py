@@ -6,7 +6,7 @@ from kvant.memory import reference_dtype_for
 from kvant.plan.kinds import kind, weight_bytes
 from kvant.plan.kv import kv_bytes
 from kvant.plan.peaks import ort_resident, peak_bytes
-from kvant.plan.sizes import MIB
+from kvant.plan.sizes import MIB, SHARD_BYTES
 from kvant.synth import Shape
 
 # ---- the release's own steps (kvant.app.rehearsal) -------------------------------------------
@@ -32,6 +32,7 @@ recorded step that has no `start_rss_mib` (each step records what the tree held 
 start, and the prediction adds to that)."""
 _BUILDER_BASE_MIB = 600.0  # the GenAI builder's process: torch, transformers, onnx, ORT
 _TORCH_IMPORT_MIB = 250.0  # what importing torch and transformers adds to a process
+_BNB_IMPORT_MIB = 100.0  # bitsandbytes and the model's code, beside torch and transformers
 
 
 def _reference_dtype_bytes(record: dict, shape: Shape, ram: int) -> int:
@@ -53,6 +54,22 @@ def step_work(record: dict, shape: Shape) -> float:
     """What a step's time grows with: the parameters it touches (every step reads or runs
     every tensor)."""
     return shape.n_params()
+
+
+def quantizable_tensors(shape: Shape) -> int:
+    """The matrices a GGUF mix types one by one: seven per layer, token_embd and output."""
+    return 7 * shape.n_layers + 2
+
+
+def mix_torch_seconds(estimate: dict, shape: Shape, full: Shape) -> float:
+    """The torch mix sensitivity's whole time at ``full`` depth from its estimate at
+    ``shape``'s (kvant.export.gguf_mix.substitution_costs): a --pure llama-quantize per type
+    and a model forward per tensor and type, each growing with the parameters, and the
+    tensors with the layers; so the whole grows with the square of the depth."""
+    grow = full.n_params() / shape.n_params()
+    types = estimate.get("types") or estimate["evaluations"] // quantizable_tensors(shape)
+    return grow * (estimate["quantize_s"] * types
+                   + estimate["first_s"] * types * quantizable_tensors(full))
 
 
 def _drift(shape: Shape, ctx: int, lang_tokens: int) -> float:
@@ -82,6 +99,20 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         weights = shape.n_params() * (2 + dtype) if dtype != 2 \
             else 2 * (shape.n_params() - shape.vocab * shape.hidden)
         return floor + torch_import + weights + 2 * _logits(shape, ctx)
+    if key == "mix-torch":
+        # the torch mix sensitivity (export/gguf_mix.substitution_costs). Loading a float32
+        # model holds the mapped bf16 pages beside their converted copy, then lets the pages
+        # go (measured at real width: 6 then 4 bytes per parameter); a bf16 model ends with
+        # every page resident, the embedding's too once it is substituted. Then per
+        # evaluation: the engine's logits of a window and numpy's copy, their KLD a block of
+        # 1,024 positions at a time (five float64 arrays), and the largest tensor
+        # dequantized (float32) beside the parameter's saved original.
+        dtype = _reference_dtype_bytes(record, shape, ram)
+        work = 2 * _logits(shape, ctx) + 5 * 8 * min(ctx, 1024) * shape.vocab \
+            + big * (4 + dtype)
+        held = dtype * shape.n_params()
+        return floor + torch_import + max(held + work, (2 + dtype) * shape.n_params()
+                                          if dtype != 2 else 0)
     if name.startswith("gguf convert"):
         return floor + big * 2 + 64 * MIB  # the largest tensor, read and written once
     if key == "llama-quantize":
@@ -107,13 +138,15 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         return floor + torch_import + _TORCH_IMPORT_MIB * MIB + 2 * shape.n_params() \
             + activations + hessian
     if name.endswith(" quantize") and key and key.startswith("bnb"):
-        # quantized on load: the mapped bf16 source, the quantized linears, two matrices
-        # in flight
-        k = kind(key)
-        linear = weight_bytes(shape, k) - shape.vocab * shape.hidden * (k.embed_bpw
-                                                                         + k.head_bpw) / 8
-        return floor + torch_import + 2 * shape.n_params() + linear \
-            + 2 * shape.intermediate * shape.hidden * 2
+        # tensor by tensor (kvant.quantize.bnb_pipeline): bitsandbytes and the model code
+        # imported, one shard of the output (at most SHARD_BYTES plus the tensor that
+        # crossed it), and the largest linear in flight with bitsandbytes' temporaries
+        # (measured at real width: about 10 bytes per weight for 4-bit, 6 for int8)
+        out = weight_bytes(shape, kind(key))
+        linear = shape.intermediate * shape.hidden
+        per_weight = 6 if "int8" in key else 10
+        return floor + torch_import + _BNB_IMPORT_MIB * MIB \
+            + min(out, SHARD_BYTES + 2 * big) + per_weight * linear
     k = kind(key, file_bpw=8 * record["weights"] / shape.n_params()) \
         if key and record.get("weights") else kind(key) if key else None
     if k is None:

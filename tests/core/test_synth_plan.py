@@ -172,3 +172,83 @@ def test_the_plan_predicts_each_gguf_step_at_real_width(synth_one_layer, cache_d
         predicted = step_peak(record, shape, ram_bytes(), record["start_rss_mib"]) / MIB
         error = 100 * (predicted / record["peak_rss_mib"] - 1)
         assert abs(error) <= TOLERANCE_PCT, (record, predicted)
+
+
+def test_the_torch_mix_sensitivity_is_timed_and_planned_at_real_width(synth_one_layer,
+                                                                       cache_dir, tmp_path):
+    """What a rehearsal measures of the torch sensitivity (kvant.export.gguf_pipeline.
+    _rehearse_torch) on one real-width layer: its peak within the plan's 15%, its first
+    evaluation timed inside the step, and at 40 layers on this CPU over the time budget, so
+    the plan says what auto does here instead (the uniform file ships, no -MIX)."""
+    from dataclasses import replace
+
+    from kvant.app.rehearsal import TOLERANCE_PCT, rows
+    from kvant.data import get_text
+    from kvant.export.gguf import GGUFSettings
+    from kvant.export.gguf_convert import convert
+    from kvant.export.gguf_pipeline import _rehearse_torch
+    from kvant.memory import ram_bytes
+    from kvant.model import read_config
+    from kvant.plan.kinds import shape_of
+    from kvant.steps import recording
+
+    out = synth_one_layer[0]
+    base = tmp_path / "bf16.gguf"
+    convert(out, base, "bf16")
+    settings = GGUFSettings(types=("q4_k_m-mix",), imatrix="none", mix_tokens=512,
+                            eval_ctx=512, mix_time_budget=3600)
+    with recording() as steps:
+        _rehearse_torch(settings, out, base, None, get_text(CALIB_FILE, cache_dir), tmp_path,
+                        None, "cpu", ("q4_k_m-mix",))
+    assert [s["step"] for s in steps] == ["reference", "gguf mix sensitivity torch"]
+    record = steps[1]
+    estimate = record["estimate"]
+    # 9 tensors (7 matrices, token_embd, output) x q3_k..q8_0 without an importance matrix
+    assert (record["tensors"], record["types"], estimate["evaluations"]) == (9, 5, 45)
+    # the timed pieces ran inside the step, after the model was loaded
+    assert estimate["quantize_s"] + estimate["first_s"] < record["wall_s"]
+    shape = shape_of(read_config(out))
+    (row,) = [r for r in rows(steps, shape, replace(shape, n_layers=40), ram_bytes())
+              if r["step"] == "gguf mix sensitivity torch"]
+    assert abs(row["error_pct"]) <= TOLERANCE_PCT, row
+    # 40 layers: 282 tensors, each forward 15x the parameters: on 2 cores far over the hour
+    # (64 h measured on a 2-core EPYC)
+    assert row["full_wall_s"] > 10 * 3600
+    assert row["machines"]["24 GB CPU-only"].endswith("auto ships the uniform file, no -MIX")
+    assert "-MIX" not in row["machines"]["24 GB GPU + 32 GB RAM"]  # not measured there
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_bitsandbytes_quantizes_tensor_by_tensor_at_real_width(synth_one_layer, tmp_path,
+                                                               mode):
+    """One real-width layer quantized by the streaming writer in a fresh process: its peak
+    within the plan's 15%; and that plan, carried to 40 layers, is under the 16 GB goal (the
+    old load-then-save held the mapped bf16 model: 35-40 GB)."""
+    from kvant.app.rehearsal import TOLERANCE_PCT
+    from kvant.memory import ram_bytes
+    from kvant.model import read_config
+    from kvant.plan.kinds import shape_of
+    from kvant.plan.sizes import MIB
+    from kvant.plan.steps import step_peak
+
+    out = synth_one_layer[0]
+    script = (
+        "import sys, json\nfrom pathlib import Path\nimport torch, transformers\n"
+        "from kvant.quantize.bnb import BnbSettings\n"
+        "from kvant.quantize.bnb_pipeline import quantize_bnb\n"
+        "from kvant.steps import recording, step\n"
+        "with recording() as log:\n"
+        f"    with step('bnb-{mode} quantize', kind='bnb-{mode}'):\n"
+        f"        quantize_bnb(Path(sys.argv[1]), Path(sys.argv[2]), BnbSettings(mode='{mode}'))\n"
+        "print(json.dumps(log[0]))\n")
+    target = tmp_path / mode
+    target.mkdir()
+    result = subprocess.run([sys.executable, "-c", script, str(out), str(target)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    shape = shape_of(read_config(out))
+    predicted = step_peak(record, shape, ram_bytes(), record["start_rss_mib"]) / MIB
+    assert abs(100 * (predicted / record["peak_rss_mib"] - 1)) <= TOLERANCE_PCT, record
+    full = step_peak(record, NM, ram_bytes(), 1200)
+    assert full < 16 * 10**9 and full < 2 * NM.n_params() / 2, full
