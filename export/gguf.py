@@ -96,7 +96,8 @@ class GGUFSettings(EvalSettings):
         if self.mix_tokens <= 0:
             raise SettingsError("--mix-tokens must be positive")
         if self.mix_time_budget < 0:
-            raise SettingsError("--mix-time-budget must be 0 (no measured sensitivity) or more seconds")
+            raise SettingsError("--mix-time-budget must be 0 (no measured sensitivity) or "
+                                "more seconds")
         if self.imatrix == "none" and any(t.startswith("iq") for t in self.types):
             bad = ", ".join(t for t in self.types if t.startswith("iq"))
             raise SettingsError(f"{bad} need an importance matrix; drop --imatrix none or "

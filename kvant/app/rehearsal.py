@@ -15,6 +15,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from kvant.bench.tables import table_doc, write_table
 from kvant.errors import SettingsError
 from kvant.machine import machine
 from kvant.memory import ram_bytes
@@ -25,6 +26,7 @@ from kvant.synth import Shape
 
 REHEARSAL_JSON = "rehearsal.json"
 REHEARSAL_TABLE = "rehearsal.md"
+RESULTS_TABLE = "table.json"  # the docs' results table (kvant.bench.tables), from the run
 TOLERANCE_PCT = 15.0  # the planner's goal: every step's prediction within this of measured
 
 # the recipe counts a --work fraction scales (section, key, default when the recipe is silent)
@@ -108,7 +110,8 @@ def needs(row: dict, machine: tuple[int, int]) -> str:
     if not on_gpu:
         return "fits" if need <= ram else f"needs {need / _USABLE / 1e9:.0f} GB RAM"
     model = need - floor
-    if row["step"].endswith(" quantize") and row["kind"].startswith("gptq"):
+    # GPTQModel and the bitsandbytes writer quantize on the CPU, layer or tensor at a time
+    if row["step"].endswith(" quantize") and row["kind"].startswith(("gptq", "bnb")):
         return "fits" if need <= ram else f"needs {need / _USABLE / 1e9:.0f} GB RAM"
     if model <= 0.9 * vram:
         return "fits on the GPU"
@@ -149,7 +152,51 @@ def write_rehearsal(root: Path, steps: list[dict], config: dict, full_layers: in
     path = root / REHEARSAL_JSON
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (root / REHEARSAL_TABLE).write_text(markdown(data), encoding="utf-8")
+    write_table(root / RESULTS_TABLE, results_table(data))
     return path
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 3600:,.0f} h" if seconds >= 10 * 3600 else f"{seconds / 60:,.0f} min"
+
+
+def results_table(data: dict, command: str | None = None) -> dict:
+    """The rehearsal as the docs' results table (docs/results/rehearsal-N.json, rendered by
+    tools/render_docs.py): a row per step (the bench's speed rows at their largest context
+    only; rehearsal.md has them all), generated from rehearsal.json, never edited by hand."""
+    layers, full = data["layers"], data["full_layers"]
+    unit = "layer" if layers == 1 else "layers"
+    speed = [r for r in data["steps"] if r["step"].startswith("bench speed")]
+    top = max((int(r["step"].rsplit("@", 1)[1]) for r in speed if "@" in r["step"]),
+              default=None)
+    cells = []
+    for r in data["steps"]:
+        if r in speed and top is not None and not r["step"].endswith(f"@{top}"):
+            continue
+        err = f"{r['error_pct']:+.1f}%" if "error_pct" in r else "no plan"
+        cells.append([r["step"], f"{r['peak_rss_mib']:,.0f} MiB / {err}",
+                      f"{r['wall_s']:,.0f} s",
+                      f"{r['full_predicted_gib']:.1f} GiB" if "full_predicted_gib" in r
+                      else "-", _minutes(r["full_wall_s"]),
+                      *(r.get("machines", {}).get(m, "-") for m in MACHINES)])
+    worst = data.get("worst_error_pct")
+    notes = (f"Every prediction within {data['tolerance_pct']:g}% of its measurement"
+             if data["within_tolerance"] else "NOT every prediction within "
+             f"{data['tolerance_pct']:g}% of its measurement") + (
+        f" (worst {worst:.1f}%)." if worst is not None else ".") + (
+        f" Times at {full} layers are the {layers}-layer times carried by the parameters "
+        "touched (the torch mix sensitivity's by its own estimate). The GPU column is the "
+        "plan's placement rule, not measured.")
+    counts = "the recipe's counts" if data["work"] == 1 else \
+        f"the recipe's counts x{data['work']:g}"
+    command = command or ("kvant release recipes/normistral-11b-long.toml --rehearse "
+                          f"{layers}" + ("" if data["work"] == 1 else f" --work {data['work']:g}"))
+    return table_doc(f"Rehearsal at NorMistral-11b-long's width, {layers} layer(s), {counts}: "
+                     f"each step's peak beside the plan, and the {full}-layer plan on two "
+                     "machines",
+                     ["step", f"{layers} {unit}: peak / plan", f"wall at {layers} {unit}",
+                      f"{full} layers: plan", f"wall at {full} (est.)", *MACHINES],
+                     cells, command, notes=notes, machine_info=data.get("machine"))
 
 
 def markdown(data: dict) -> str:
