@@ -344,23 +344,33 @@ def _hf_names(model_dir: Path, tensors: list[Tensor]) -> dict[str, str]:
     return {t.name: found[t.name] for t in tensors}
 
 
+def _as_param(weights: np.ndarray, tensor: Tensor, heads: dict) -> np.ndarray:
+    """A dequantized GGUF tensor (float32 rows of ne0) in its HF parameter's layout: Q/K
+    rows back from llama.cpp's order."""
+    from kvant.export.gguf_convert import unpermute_qk
+
+    parts = tensor.name.split(".")
+    if parts[0] == "blk" and parts[2] in heads:
+        weights = unpermute_qk(weights, heads[parts[2]])
+    return np.ascontiguousarray(weights)
+
+
+def _mean_kld(runtime, reference, wins: list[list[int]]) -> float:
+    return float(np.concatenate([kld_per_position(r[:-1], runtime.logits(w)[:-1])
+                                 for r, w in zip(reference, wins, strict=True)]).mean())
+
+
 def _substituted_kld(runtime, param, weights: np.ndarray, tensor: Tensor, heads: dict,
                      reference, wins: list[list[int]]) -> float:
     """Mean KLD on ``wins`` with ``param`` replaced by ``weights`` (the dequantized GGUF
     tensor, float32 rows of ne0), restored afterwards."""
     import torch
 
-    from kvant.export.gguf_convert import unpermute_qk
-
-    parts = tensor.name.split(".")
-    if parts[0] == "blk" and parts[2] in heads:  # llama.cpp's Q/K row order back to HF's
-        weights = unpermute_qk(weights, heads[parts[2]])
     kept = param.data.clone()
     with torch.no_grad():
-        param.data.copy_(torch.from_numpy(np.ascontiguousarray(weights)))
+        param.data.copy_(torch.from_numpy(_as_param(weights, tensor, heads)))
         try:
-            return float(np.concatenate([kld_per_position(r[:-1], runtime.logits(w)[:-1])
-                                         for r, w in zip(reference, wins, strict=True)]).mean())
+            return _mean_kld(runtime, reference, wins)
         finally:
             param.data.copy_(kept)
 

@@ -100,6 +100,14 @@ def _cuda():
     return torch if torch is not None and torch.cuda.is_available() else None
 
 
+def note(**facts) -> None:
+    """Add ``facts`` to the step running now (how it did its work, for the plan); nothing
+    outside a recorded step."""
+    record = getattr(_open, "record", None)
+    if record is not None:
+        record.update(facts)
+
+
 @contextlib.contextmanager
 def step(name: str, **facts) -> Iterator[dict]:
     """Measure the block as one step; ``facts`` (and what the block adds to the yielded
@@ -111,7 +119,7 @@ def step(name: str, **facts) -> Iterator[dict]:
         return
     if getattr(_open, "name", None):
         raise KvantError(f"step '{name}' inside step '{_open.name}': steps do not nest")
-    _open.name = name
+    _open.name, _open.record = name, record
     exact = _reset_hwm()
     peak, stop = [0], threading.Event()
 
@@ -134,7 +142,7 @@ def step(name: str, **facts) -> Iterator[dict]:
     finally:
         stop.set()
         sampler.join()
-        _open.name = None
+        _open.name = _open.record = None
         own, below = _tree_rss(os.getpid())
         hwm = peak_rss_mib() * 2**20 if exact else None
         record["wall_s"] = round(time.perf_counter() - started, 2)

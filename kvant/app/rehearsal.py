@@ -21,12 +21,19 @@ from kvant.machine import machine
 from kvant.memory import ram_bytes
 from kvant.plan.kinds import kind, shape_of, weight_bytes
 from kvant.plan.sizes import GIB, MIB
-from kvant.plan.steps import DEFAULT_FLOOR_MIB, mix_torch_seconds, step_peak, step_work
+from kvant.plan.steps import (
+    DEFAULT_FLOOR_MIB,
+    mix_torch_seconds,
+    step_mapped,
+    step_peak,
+    step_work,
+)
 from kvant.synth import Shape
 
 REHEARSAL_JSON = "rehearsal.json"
 REHEARSAL_TABLE = "rehearsal.md"
 RESULTS_TABLE = "table.json"  # the docs' results table (kvant.bench.tables), from the run
+NEEDS_TABLE = "needs.json"  # the README's short table of what each kind of step needs
 TOLERANCE_PCT = 15.0  # the planner's goal: every step's prediction within this of measured
 
 # the recipe counts a --work fraction scales (section, key, default when the recipe is silent)
@@ -68,8 +75,14 @@ def rows(steps: list[dict], shape: Shape, full: Shape, ram: int) -> list[dict]:
         if predicted is not None:
             row["predicted_mib"] = round(predicted / MIB, 1)
             row["error_pct"] = round(100 * (predicted / (record["peak_rss_mib"] * MIB) - 1), 1)
-            at_full = step_peak(_at_depth(record, shape, full), full, ram, floor)
+            deep = _at_depth(record, shape, full)
+            at_full = step_peak(deep, full, ram, floor)
             row["full_predicted_gib"] = round(at_full / GIB, 2)
+            row["full_mapped_gib"] = round(step_mapped(deep, full, ram) / GIB, 2)
+            if record.get("kind") == "reference" and not record.get("streamed"):
+                # what the reference takes where it streams layer by layer (a small RAM)
+                row["full_streamed_gib"] = round(step_peak(
+                    {**deep, "streamed": True}, full, ram, floor) / GIB, 2)
             row["full_measured_gib"] = round(record["peak_rss_mib"] * MIB * at_full / predicted
                                              / GIB, 2)
             row["machines"] = {name: needs(row, m) for name, m in MACHINES.items()}
@@ -108,16 +121,32 @@ def needs(row: dict, machine: tuple[int, int]) -> str:
     floor = row["floor_mib"] * MIB
     on_gpu = vram and (row.get("kind") or "").startswith(_ON_GPU) and not row.get("worker")
     if not on_gpu:
-        return "fits" if need <= ram else f"needs {need / _USABLE / 1e9:.0f} GB RAM"
+        return _in_ram(row, need, ram)
     model = need - floor
     # GPTQModel and the bitsandbytes writer quantize on the CPU, layer or tensor at a time
     if row["step"].endswith(" quantize") and row["kind"].startswith(("gptq", "bnb")):
-        return "fits" if need <= ram else f"needs {need / _USABLE / 1e9:.0f} GB RAM"
+        return _in_ram(row, need, ram)
     if model <= 0.9 * vram:
         return "fits on the GPU"
     spill = model - 0.9 * vram
     return ("fits (accelerate keeps "f"{spill / 1e9:.0f} GB in RAM)" if floor + spill <= ram
             else f"needs {(floor + spill) / _USABLE / 1e9:.0f} GB RAM beside the GPU")
+
+
+def _in_ram(row: dict, need: float, ram: float) -> str:
+    """A CPU step's verdict: it fits; or it fits streamed (the reference, layer by layer); or
+    its anonymous memory fits and the rest is mapped file pages, which the kernel re-reads
+    from disk as RAM runs short (it completes, slower); or the RAM it needs."""
+    if need <= ram:
+        return "fits"
+    streamed = row.get("full_streamed_gib")
+    if streamed is not None and streamed * GIB <= ram:
+        return f"fits, streamed layer by layer ({streamed:.1f} GiB)"
+    mapped = row.get("full_mapped_gib", 0) * GIB
+    if mapped and need - mapped <= ram:
+        return (f"fits: {(need - mapped) / GIB:.1f} GiB anonymous + {mapped / GIB:.1f} GiB "
+                "of mapped file, re-read as RAM runs short (slower)")
+    return f"needs {need / _USABLE / 1e9:.0f} GB RAM"
 
 
 def _at_depth(record: dict, shape: Shape, full: Shape) -> dict:
@@ -153,7 +182,41 @@ def write_rehearsal(root: Path, steps: list[dict], config: dict, full_layers: in
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (root / REHEARSAL_TABLE).write_text(markdown(data), encoding="utf-8")
     write_table(root / RESULTS_TABLE, results_table(data))
+    write_table(root / NEEDS_TABLE, needs_table(data))
     return path
+
+
+# The README's groups of steps: (label, does it want a GPU, step-name prefixes).
+_GROUPS = (("GGUF convert and llama-quantize", "no", ("gguf convert", "gguf quantize",
+                                                     "gguf mix q")),
+           ("the bf16 reference", "no (faster with one)", ("reference",)),
+           ("the importance matrix", "no", ("gguf imatrix",)),
+           ("scoring the GGUF files", "no", ("gguf score", "gguf tokenizer report")),
+           ("mixed precision, torch sensitivity", "yes, in practice (days on a CPU)",
+            ("gguf mix sensitivity torch",)),
+           ("GPTQ", "yes, in practice (hours on a CPU)", ("gptq-",)),
+           ("bitsandbytes quantize", "no", ("bnb-nf4 quantize", "bnb-int8 quantize")),
+           ("ONNX int4 build", "no", ("onnx-int4-b32 build",)),
+           ("the bench", "no", ("bench ",)))
+
+
+def needs_table(data: dict) -> dict:
+    """The README's table: per group of steps, the largest 40-layer plan and what it needs on
+    each machine (the row of that largest step), generated from the rehearsal."""
+    full, cells = data["full_layers"], []
+    for label, gpu, prefixes in _GROUPS:
+        found = [r for r in data["steps"] if "full_predicted_gib" in r
+                 and r["step"].startswith(prefixes)
+                 and not (label == "the bench" and "quantize" in r["step"])]
+        if not found:
+            continue
+        worst = max(found, key=lambda r: r["full_predicted_gib"])
+        cells.append([label, gpu, f"{worst['full_predicted_gib']:.1f} GiB",
+                      *(worst["machines"][m] for m in MACHINES)])
+    return table_doc(f"What each step needs at {full} layers: the largest plan of the group, "
+                     f"from the {data['layers']}-layer rehearsal",
+                     ["step", "GPU", f"memory at {full} layers (plan)", *MACHINES], cells,
+                     results_table(data)["command"], machine_info=data.get("machine"))
 
 
 def _minutes(seconds: float) -> str:

@@ -79,6 +79,25 @@ def _drift(shape: Shape, ctx: int, lang_tokens: int) -> float:
     return 2 * _logits(shape, lang_tokens) + 5 * 8 * ctx * shape.vocab
 
 
+def step_mapped(record: dict, shape: Shape, ram: int) -> float:
+    """How much of a step's predicted peak is file pages mapped read-only (the page cache:
+    reclaimable, re-read from disk when RAM runs short) rather than anonymous memory: a
+    llama.cpp step's mapped GGUF (the imatrix, scoring, the tokenizer report, bench rows), a
+    bf16 reference's mapped safetensors (not when it streams)."""
+    name, key = record["step"], record.get("kind") or ""
+    if key == "reference":
+        if record.get("streamed") or _reference_dtype_bytes(record, shape, ram) != 2:
+            return 0.0
+        return 2.0 * (shape.n_params() - shape.vocab * shape.hidden)
+    if key == "imatrix":
+        return float(record.get("weights", 2 * shape.n_params()))
+    if key.startswith("gguf-") and not name.startswith("gguf convert"):
+        k = kind(key, file_bpw=8 * record["weights"] / shape.n_params()) \
+            if record.get("weights") else kind(key)
+        return float(record.get("weights") or (weight_bytes(shape, k) if k else 0))
+    return 0.0
+
+
 def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = None
               ) -> float | None:
     """Predicted peak RAM of one recorded release step (kvant.steps): ``floor_mib`` (what
@@ -91,6 +110,22 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
     lang = record.get("tokens_per_language") or 0
     if name == "cards":
         return floor
+    if key == "reference" and record.get("streamed"):
+        # one piece at a time (kvant.runtimes.streamed): every window's hidden states in the
+        # dtype, twice while a layer maps inputs to outputs, beside the largest of the embedding
+        # or lm_head while loaded (its weights in the dtype and the bf16 tensor read), a
+        # layer's weights with its largest tensor read and one window's activations (the
+        # MLP's three intermediate rows per position, attention's scores per head), or lm_head
+        # with one window's logits in the dtype and in float32
+        dtype = _reference_dtype_bytes(record, shape, ram)
+        table = shape.vocab * shape.hidden
+        layer = (shape.n_params() - 2 * table) / shape.n_layers
+        states = (record.get("tokens") or ctx) * shape.hidden * dtype
+        window = max(3 * ctx * shape.intermediate * dtype, 4 * shape.n_heads * ctx * ctx)
+        piece = max(table * (dtype + 2),
+                    states + layer * dtype + 2 * shape.intermediate * shape.hidden + window,
+                    table * dtype + ctx * shape.vocab * (dtype + 4))
+        return floor + torch_import + states + piece
     if key == "reference":
         # safetensors maps the bf16 files: a bf16 reference runs on the mapped pages (the
         # embedding's only where a window's rows are gathered); a float32 one is a

@@ -5,6 +5,7 @@ compared one language at a time.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from kvant.model import content_hash, model_info, weight_files
 from kvant.runtimes import open_runtime
 from kvant.runtimes.targets import Target, targets
 from kvant.scoring import drift, mean_over_languages
+from kvant.steps import note
 
 
 def reference_dtype(model_dir: Path, device: str = "cpu") -> str:
@@ -84,6 +86,24 @@ def reference_matches(folder: Path, model_dir: Path) -> bool:
             or model_identity(model_dir, stamped)["content_hash"] == stamped.get("content_hash"))
 
 
+STREAM_ENV = "KVANT_STREAM_REFERENCE"
+"""1: always stream the reference layer by layer, 0: never; unset: where the checkpoint would
+not fit (should_stream). Rehearsals set it to measure the 24 GB CPU-only path."""
+
+
+def should_stream(model_dir: Path, dtype: str, device: str) -> bool:
+    """Whether the reference runs one layer at a time (kvant.runtimes.streamed): on the CPU
+    when the weights in ``dtype`` would take more than 60% of RAM (NorMistral-11b's 23 GB of
+    bf16 on a 24 or 32 GB machine), or as $KVANT_STREAM_REFERENCE says."""
+    forced = os.environ.get(STREAM_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1" and not device.startswith("cuda")
+    if device.startswith("cuda"):
+        return False
+    width = 4 if dtype == "float32" else 2
+    return width * model_info(model_dir).n_params > 0.6 * ram_bytes()
+
+
 def reference_logits(model_dir: Path, wins: dict[str, list[list[int]]], folder: Path,
                      device: str = "cpu") -> Reference:
     """The reference distributions of ``wins`` in ``folder`` (created; the caller owns it and
@@ -109,19 +129,32 @@ def reference_logits(model_dir: Path, wins: dict[str, list[list[int]]], folder: 
     ref = Reference(folder, dtype, wins)
     missing = list({tuple(w): w for ws in wins.values() for w in ws
                     if not ref.path(w).is_file()}.values())
-    if missing:
+    streamed = bool(missing) and should_stream(model_dir, dtype, device)
+    if missing:  # for the plan: how, and over how many tokens
+        note(streamed=streamed, tokens=sum(len(w) for w in missing), dtype=dtype)
+    if streamed:
+        from kvant.runtimes.streamed import streamed_logits  # torch: only when computing
+
+        for win, logits in zip(missing, streamed_logits(model_dir, missing, dtype),
+                               strict=True):
+            _save(ref.path(win), logits)
+    elif missing:
         found = targets(model_dir)[0]
         n_ctx = max(len(w) for w in missing)
         runtime = open_runtime(found, device, n_ctx=n_ctx + 8, dtype=dtype)
         try:
             for win in missing:
-                part = ref.path(win).with_suffix(".part")
-                with open(part, "wb") as f:  # a killed run leaves no half file under .npy
-                    np.save(f, runtime.logits(win))
-                part.replace(ref.path(win))
+                _save(ref.path(win), runtime.logits(win))
         finally:
             runtime.close()
     return ref
+
+
+def _save(path: Path, logits: np.ndarray) -> None:
+    part = path.with_suffix(".part")
+    with open(part, "wb") as f:  # a killed run leaves no half file under .npy
+        np.save(f, logits)
+    part.replace(path)
 
 
 def score_against(target: Target, ref, wins: dict[str, list[list[int]]], device: str = "cpu",

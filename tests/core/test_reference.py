@@ -92,3 +92,45 @@ def test_the_reference_folder_is_keyed_by_the_weights_not_the_path(model_copy, c
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ArtifactError, match="computed from other weights"):
         reference_logits(model_copy, wins, tmp_path / "ref")
+
+
+def test_a_machine_too_small_for_the_checkpoint_streams_the_reference_bit_for_bit(
+        tiny_model, cache_dir, tmp_path, monkeypatch):
+    """Where the weights would take most of RAM the reference runs one decoder layer at a
+    time (kvant.runtimes.streamed, never the whole model): every window's logits equal the
+    whole-model forward's bit for bit, in both dtypes, and the step says how it ran."""
+    from kvant.runtimes.reference import STREAM_ENV, should_stream
+    from kvant.steps import recording, step
+
+    real = os.sysconf
+    ram = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 4_000}  # 16 MiB: the bf16 stand-in (12 MiB)
+    monkeypatch.setattr(os, "sysconf", lambda name: ram.get(name) or real(name))
+    monkeypatch.delenv(STREAM_ENV, raising=False)
+    assert should_stream(tiny_model, "bfloat16", "cpu")
+    assert not should_stream(tiny_model, "bfloat16", "cuda")
+    ram["SC_PHYS_PAGES"] = 1_000_000
+    assert not should_stream(tiny_model, "bfloat16", "cpu")
+    wins, whole = reference_for(tiny_model, ("nob", "sme"), 512, 128, cache_dir,
+                                tmp_path / "whole")
+
+    def no_whole_model(*args, **kwargs):
+        raise AssertionError("the whole model was loaded although the reference streams")
+
+    monkeypatch.setattr(kvant.runtimes.reference, "open_runtime", no_whole_model)
+    monkeypatch.setenv(STREAM_ENV, "1")
+    with recording() as steps:
+        with step("reference", kind="reference"):
+            streamed = reference_logits(tiny_model, wins, tmp_path / "streamed")
+    assert steps[0]["streamed"] is True
+    assert steps[0]["tokens"] == sum(len(w) for ws in wins.values() for w in ws)
+    for lang in wins:
+        for a, b in zip(whole[lang], streamed[lang], strict=True):
+            assert np.array_equal(a, b)
+    from kvant.runtimes.hf import TorchRuntime
+    from kvant.runtimes.streamed import streamed_logits
+
+    windows = wins["nob"][:2]
+    expected = TorchRuntime(tiny_model, dtype="bfloat16")
+    for got, win in zip(streamed_logits(tiny_model, windows, "bfloat16"), windows,
+                        strict=True):
+        assert np.array_equal(got, expected.logits(win))

@@ -277,6 +277,16 @@ def test_rehearsal_runs_every_step_on_synthetic_weights_and_publishes_nothing(tm
     for s in data["steps"]:
         assert s["peak_rss_mib"] > 50 and s["wall_s"] >= 0
         assert s["full_wall_s"] >= s["wall_s"]  # 4 layers touch more than 2
+    # the docs' tables come from the run: a row per step (bench speed at its largest
+    # context), and the README's groups with the verdicts of their largest step
+    table = json.loads((root / "table.json").read_text())
+    shown = [r[0] for r in table["rows"]]
+    assert [n for n in names if not n.startswith("bench speed")] == \
+        [n for n in shown if not n.startswith("bench speed")]
+    needs = {r[0]: r for r in json.loads((root / "needs.json").read_text())["rows"]}
+    reference = next(s for s in data["steps"] if s["step"] == "reference")
+    assert needs["the bf16 reference"][2] == f"{reference['full_predicted_gib']:.1f} GiB"
+    assert needs["the bf16 reference"][3:] == list(reference["machines"].values())
     # the quality paths ran, on random weights: marked, warned, and not on any card
     for folder in FOLDERS:
         manifest = read_manifest(root / folder)
