@@ -14,8 +14,10 @@ from kvant.registry import unknown_key_message
 PRECISIONS = ("fp32", "fp16", "int4")
 # the GenAI builder's int4 weight quantizers (its `algo_config`): round to nearest; k_quant
 # (llama.cpp-style per-block scale search); k_quant with lm_head in int8 (`_last`), and also
-# llama.cpp's sensitive layers in int8 (`_mixed`)
-INT4_ALGOS = ("rtn", "k_quant", "k_quant_last", "k_quant_mixed")
+# llama.cpp's sensitive layers in int8 (`_mixed`); or the layers' int4 taken from a GPTQ
+# checkpoint (GPTQModel, calibrated on Norwegian: the builder's pre-quantized path, which
+# reads the packed 4-bit tensors and never holds the model in float32), lm_head int8 by k_quant
+INT4_ALGOS = ("rtn", "k_quant", "k_quant_last", "k_quant_mixed", "gptq")
 PROVIDERS = ("cpu", "cuda", "dml")
 
 
@@ -32,8 +34,9 @@ class ONNXSettings(EvalSettings):
     accuracy_level: int = 4
     """int4 on CPU: MatMulNBits compute type (0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
     int4_algo: str = "k_quant_last"
-    """int4 weight quantizer: rtn, k_quant, k_quant_last (default: k_quant, lm_head int8) or
-    k_quant_mixed (docs/formats.md, "ONNX int4: quantizer and accuracy level")."""
+    """int4 weight quantizer: rtn, k_quant, k_quant_last (default: k_quant, lm_head int8),
+    k_quant_mixed, or gptq: from a GPTQ checkpoint of the model (--gptq DIR; in a release the
+    recipe's own), 4-bit with group size = --block-size (docs/formats.md, "ONNX int4")."""
     context_length: int = 0
     """Trained context the model is built for (0: NorMistral's known value, else
     config.json); GenAI's max_length and the rotary caches are sized from it."""
@@ -60,6 +63,9 @@ class ONNXSettings(EvalSettings):
         if self.int4_algo not in INT4_ALGOS:
             raise SettingsError(unknown_key_message("int4 algorithm", self.int4_algo,
                                                     INT4_ALGOS))
+        if self.int4_algo == "gptq" and self.precision != "int4":
+            raise SettingsError(f"--int4-algo gptq builds int4 models; --precision "
+                                f"{self.precision} takes the float weights")
         if self.accuracy_level not in range(5):
             raise SettingsError(f"--accuracy-level {self.accuracy_level}: use 0 to 4")
 

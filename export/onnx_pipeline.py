@@ -26,8 +26,9 @@ from tokenizers import Tokenizer
 
 from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
 from kvant.data import get_text, paragraphs
-from kvant.errors import KvantError
+from kvant.errors import KvantError, SettingsError
 from kvant.export.onnx import ONNXSettings
+from kvant.files import sha256_file
 from kvant.machine import die_with_parent
 from kvant.model import (
     read_config,
@@ -36,6 +37,7 @@ from kvant.model import (
     refuse_synthetic,
     require_tokenizer,
     trained_context,
+    weight_files,
 )
 from kvant.plan.peaks import disk_need
 from kvant.runtimes.onnx import GenaiRuntime, OrtRuntime
@@ -76,6 +78,42 @@ def with_context(model_dir: Path, context: int, scratch: Path) -> Path:
     return view
 
 
+_SAME_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "vocab_size")
+
+
+def gptq_source(gptq_dir: Path | None, model_dir: Path, settings: ONNXSettings) -> Path:
+    """The GPTQ checkpoint an ``int4_algo = "gptq"`` build reads, checked against the model
+    and the settings (SettingsError naming the fix otherwise)."""
+    if gptq_dir is None:
+        raise SettingsError(
+            "--int4-algo gptq builds from a GPTQ checkpoint of the model: pass --gptq DIR "
+            f"(made by kvant quantize gptq --group-size {settings.block_size}), or use "
+            "--int4-algo k_quant_last")
+    gptq_dir = Path(gptq_dir)
+    quant = (read_config(gptq_dir) if (gptq_dir / "config.json").is_file() else {}).get(
+        "quantization_config") or {}
+    if quant.get("quant_method") != "gptq":
+        raise SettingsError(f"--gptq '{gptq_dir}' is not a GPTQ checkpoint (its config.json "
+                            "has no GPTQ quantization_config); pass a kvant quantize gptq "
+                            "folder")
+    if quant.get("bits") != 4:
+        raise SettingsError(f"--gptq '{gptq_dir}' is {quant.get('bits')}-bit; an int4 model "
+                            "is built from a 4-bit one (kvant quantize gptq --bits 4)")
+    if quant.get("group_size") != settings.block_size:
+        raise SettingsError(f"--gptq '{gptq_dir}' has group size {quant.get('group_size')} "
+                            f"and --block-size is {settings.block_size}: pass --block-size "
+                            f"{quant.get('group_size')}, or quantize with --group-size "
+                            f"{settings.block_size}")
+    ours, theirs = read_config(model_dir), read_config(gptq_dir)
+    differ = [k for k in _SAME_SHAPE if ours.get(k) != theirs.get(k)]
+    if differ:
+        raise SettingsError(f"--gptq '{gptq_dir}' is a checkpoint of another model ({differ[0]}"
+                            f" {theirs.get(differ[0])}, not {ours.get(differ[0])}); pass a GPTQ "
+                            f"folder made from '{model_dir}'")
+    return gptq_dir
+
+
 def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path) -> dict:
     """Run the GenAI model builder in a child process; return its time and peak RSS.
 
@@ -83,9 +121,13 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path)
     checkpoint through transformers; the child reports its VmHWM, see kvant.memory) and its
     prints stay out of ours.
     """
+    # from a GPTQ checkpoint the layers are GPTQ's and the float lm_head is made int8 by
+    # round to nearest: k_quant's search on its 262M weights took 2 of the 2.7 minutes of a
+    # 2-layer build and most of its 13.6 GB (int8 leaves a search little to find)
+    algo = "rtn_last" if settings.int4_algo == "gptq" else settings.int4_algo
     extra = [] if settings.precision != "int4" else [
         f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}",
-        f"algo_config={settings.int4_algo}"]
+        f"algo_config={algo}"]
     with tempfile.TemporaryDirectory(prefix="builder-", dir=scratch) as cache, \
             tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
@@ -138,8 +180,11 @@ def _card(name: str, settings: ONNXSettings, validation: dict) -> str:
     for lang, f in validation["og_tokenizer"].items():
         fid_rows.append(f"| {lang} | {f['units']} | {f['og_identical_pct']:.1f}% | "
                         f"{f['og_aligned_pct']:.2f}% | {f['og_crashes']} |")
+    how = (f"`{settings.int4_algo}`" if settings.int4_algo != "gptq" else
+           f"GPTQ (from `{validation['int4_from']['folder']}`, calibrated; lm_head int8 by "
+           "k_quant)")
     block = (f", MatMulNBits block {settings.block_size}, accuracy level "
-             f"{settings.accuracy_level}, weights quantized by `{settings.int4_algo}`"
+             f"{settings.accuracy_level}, weights quantized by {how}"
              if settings.precision == "int4" else "")
     return f"""ONNX Runtime GenAI model of `{name}`: {settings.precision} for the
 `{settings.provider}` execution provider{block}, with KV cache (`genai_config.json`).
@@ -166,11 +211,14 @@ on some words). What `og.Tokenizer` gives on raw held-out text, against the exac
 def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cache_dir: Path,
         data_dir: Path | None = None, force: bool = False, progress: bool = False,
         device: str = "cpu", reference_dir: Path | None = None,
-        rehearsal: bool = False) -> Made:
+        rehearsal: bool = False, gptq_dir: Path | None = None) -> Made:
     """`kvant export onnx`: build, rewrite the tokenizer, validate, publish ``out``
-    (``reference_dir`` and ``rehearsal``: see kvant.quantize.checkpoint)."""
+    (``reference_dir`` and ``rehearsal``: see kvant.quantize.checkpoint; ``gptq_dir``: the
+    GPTQ checkpoint of ``model_dir`` an ``int4_algo = "gptq"`` build reads)."""
     refuse_existing(out, force, protect=(model_dir,))
     refuse_quantized(model_dir)
+    weights = (gptq_source(gptq_dir, model_dir, settings) if settings.int4_algo == "gptq"
+               and settings.precision == "int4" else model_dir)
     if not rehearsal:
         refuse_synthetic(model_dir)
     require_tokenizer(model_dir)
@@ -190,9 +238,13 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
         with shared_or_step(reference_dir, settings.eval_ctx):
             ref = reference_logits(model_dir, wins, reference_dir or art.scratch / "reference",
                                    device)
-        with step(f"{settings.kind} build", kind="onnx-builder"):
-            facts = build(with_context(model_dir, context, art.scratch), art.dir, settings,
+        with step(f"{settings.kind} build", kind="onnx-builder",
+                  source="gptq" if weights != model_dir else "weights"):
+            facts = build(with_context(weights, context, art.scratch), art.dir, settings,
                           art.scratch)
+        if weights != model_dir:
+            facts["int4_from"] = {"folder": weights.name, "weights_sha256": {
+                f.name: sha256_file(f) for f in weight_files(weights)}}
         facts["context_length"] = context
         # the source's sizes beside the graph, as transformers names them (kvant plan and
         # kvant info read them; genai_config.json leaves out the SwiGLU width)

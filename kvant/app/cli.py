@@ -120,7 +120,8 @@ def cmd_pipeline(args: argparse.Namespace) -> str:
     out = args.out or Path("out") / pipeline.folder(name, settings)
     made = pipeline.run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
                         data_dir=args.data_dir, force=args.force,
-                        progress=not args.no_progress, device=pick_device(args.device))
+                        progress=not args.no_progress, device=pick_device(args.device),
+                        **{f"{name}_dir": getattr(args, name) for name, _ in pipeline.inputs})
     return str(made.out)
 
 
@@ -467,6 +468,8 @@ def build_parser() -> KvantParser:
             parser_p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or "
                                   "auto (default: cuda when available)")
             add_dataclass_args(parser_p, pipeline.settings)
+            for name, text in pipeline.inputs:
+                parser_p.add_argument(f"--{name}", type=Path, metavar="DIR", help=text)
             parser_p.set_defaults(func=cmd_pipeline)
             pipeline_parsers.append(parser_p)
 

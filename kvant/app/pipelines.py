@@ -54,6 +54,9 @@ class Pipeline:
     suffix: Callable[[object], str]
     """The artifact folder's suffix for given settings: <model>-<suffix>."""
     help: str
+    inputs: tuple[tuple[str, str], ...] = ()
+    """Artifacts besides the model that a run may read: (name, help); the CLI's --NAME DIR
+    is passed to run() as NAME_dir."""
 
     def folder(self, model_name: str, settings) -> str:
         """The one naming rule for artifact folders (CLI default and release alike)."""
@@ -67,7 +70,9 @@ PIPELINES.add("gguf", Pipeline(
     "every file validated"))
 PIPELINES.add("onnx", Pipeline(
     "export", ONNXSettings, _run_onnx, lambda s: f"onnx-{s.precision}",
-    "ONNX Runtime GenAI: fp32/fp16/int4 with KV cache, logits-verified"))
+    "ONNX Runtime GenAI: fp32/fp16/int4 with KV cache, logits-verified",
+    (("gptq", "with --int4-algo gptq: the GPTQ checkpoint of --model whose 4-bit weights the "
+              "int4 model takes (kvant quantize gptq --group-size = --block-size)"),)))
 PIPELINES.add("gptq", Pipeline(
     "quantize", GPTQSettings, _run_gptq, lambda s: f"gptq-{s.bits}bit",
     "GPTQ through GPTQModel, calibrated on Norwegian text"))

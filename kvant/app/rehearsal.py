@@ -196,7 +196,7 @@ _GROUPS = (("GGUF convert and llama-quantize", "no", ("gguf convert", "gguf quan
             ("gguf mix sensitivity torch",)),
            ("GPTQ", "yes, in practice (hours on a CPU)", ("gptq-",)),
            ("bitsandbytes quantize", "no", ("bnb-nf4 quantize", "bnb-int8 quantize")),
-           ("ONNX int4 build", "no", ("onnx-int4-b32 build",)),
+           ("ONNX int4 build", "no", ("onnx-int4-b32 build", "onnx-int4-b128 build")),
            ("the bench", "no", ("bench ",)))
 
 

@@ -154,7 +154,23 @@ def plan_artifacts(recipe: Recipe) -> dict[str, tuple[str, object]]:
         except TypeError as exc:
             raise SettingsError(f"recipe '{recipe.path}': {exc}") from None
         out[pipeline.folder(name, settings)] = (key, settings)
+    for settings in (s for k, s in out.values() if k == "onnx"):
+        if settings.int4_algo == "gptq" and _gptq_input(out, settings) is None:
+            raise SettingsError(
+                f"recipe '{recipe.path}': onnx.int4_algo = \"gptq\" builds from the recipe's "
+                f"GPTQ artifact, and it has no [gptq] with bits = 4 and group_size = "
+                f"{settings.block_size}; add one, set onnx.block_size to its group_size, or "
+                "use int4_algo = \"k_quant_last\"")
     return out
+
+
+def _gptq_input(artifacts: dict, onnx) -> str | None:
+    """The folder of the GPTQ artifact an ONNX int4 build from GPTQ reads (4-bit, its group
+    size the ONNX block size), or None."""
+    if onnx.int4_algo != "gptq" or onnx.precision != "int4":
+        return None
+    return next((f for f, (k, s) in artifacts.items() if k == "gptq" and s.bits == 4
+                 and s.group_size == onnx.block_size), None)
 
 
 def _current_data(settings, cache_dir: Path, data_dir: Path | None) -> dict[str, str]:
@@ -292,7 +308,9 @@ def _to_build(root: Path, source: dict, artifacts: dict, cache_dir: Path,
             raise SettingsError(f"'{root / folder}' was made from other inputs than the recipe "
                                 f"asks for now: {changes[0]}{more}; pass --rebuild to rebuild "
                                 "it, or restore the recipe")
-    return todo
+    # an ONNX model made from the GPTQ artifact is rebuilt with it
+    made_from = {f: _gptq_input(artifacts, s) for f, (k, s) in artifacts.items() if k == "onnx"}
+    return {f: a for f, a in artifacts.items() if f in todo or made_from.get(f) in todo}
 
 
 def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchSettings,
@@ -314,9 +332,12 @@ def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchS
     _shared_reference(model, todo, bench, reference, cache_dir, data_dir)
     for folder, (key, settings) in todo.items():
         logger.info("building %s", root / folder)
+        inputs = {"gptq_dir": root / g} if key == "onnx" and (
+            g := _gptq_input(artifacts, settings)) else {}
         PIPELINES[key].run(model, root / folder, settings, source=source, cache_dir=cache_dir,
                            data_dir=data_dir, force=True, progress=progress,
-                           device=pick_device(), reference_dir=reference, rehearsal=rehearsal)
+                           device=pick_device(), reference_dir=reference, rehearsal=rehearsal,
+                           **inputs)
     run_bench([root / f for f in artifacts], model, bench, root / "bench", cache_dir=cache_dir,
               data_dir=data_dir, progress=progress, reference_dir=reference,
               rehearsal=rehearsal)

@@ -132,3 +132,53 @@ def test_built_for_the_trained_context(tiny_model, tmp_path, cache_dir):
     assert manifest["validation"]["context_length"] == 32768
     assert any("1,024,000" in w for w in manifest["warnings"])
     assert json.loads((model / "config.json").read_text())["max_position_embeddings"] == 1_024_000
+
+
+def test_int4_from_the_gptq_checkpoint(gptq_artifact, onnx_artifacts, tiny_model, tmp_path,
+                                       cache_dir):
+    """`--int4-algo gptq`: the builder's pre-quantized path on Kvant's GPTQ artifact, through
+    the console script. Its logits follow the GPTQ checkpoint's (its weights were taken, not
+    re-quantized), it scores no worse than the builder's own k_quant_last at the same block
+    size and bytes, and the GPTQ weights it came from are recorded by checksum."""
+    from kvant.files import sha256_file
+    from tests.conftest import logits_of, reference_for
+
+    out = tmp_path / "int4-gptq"
+    result = run_kvant("--no-progress", "export", "onnx", "--model", str(tiny_model), "--out",
+                       str(out), "--int4-algo", "gptq", "--gptq", str(gptq_artifact),
+                       "--block-size", "128", "--eval-tokens", "1024",
+                       env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert verify_artifact(out) == []
+    made = _validation(out)
+    assert made["int4_from"] == {"folder": gptq_artifact.name, "weights_sha256": {
+        "model.safetensors": sha256_file(gptq_artifact / "model.safetensors")}}
+    own = _validation(onnx_artifacts["int4-b128"])
+    assert made["mean_kld"] <= own["mean_kld"], (made["mean_kld"], own["mean_kld"])
+    size = {n: (p / "model.onnx.data").stat().st_size
+            for n, p in (("gptq", out), ("own", onnx_artifacts["int4-b128"]))}
+    assert size["gptq"] <= 1.01 * size["own"], size
+    # closer to the GPTQ checkpoint than the builder's own int4 is: the GPTQ weights are in it
+    from kvant.scoring import drift
+
+    wins, _ = reference_for(tiny_model, ("nob",), 512, 256, cache_dir, tmp_path / "ref")
+    gptq = logits_of(gptq_artifact, wins["nob"])
+    ours, theirs = (drift(gptq, logits_of(p, wins["nob"]), wins["nob"]).mean_kld
+                    for p in (out, onnx_artifacts["int4-b128"]))
+    assert ours < 0.5 * theirs, (ours, theirs)
+
+
+def test_int4_from_gptq_refuses_what_it_cannot_build_from(gptq_artifact, tiny_model, tmp_path):
+    """Each wrong --gptq is one line naming the fix, exit 2, before any work."""
+    base = ("export", "onnx", "--model", str(tiny_model), "--out", str(tmp_path / "x"),
+            "--int4-algo", "gptq")
+    cases = [((), "pass --gptq DIR"),
+             (("--gptq", str(gptq_artifact)), "pass --block-size 128"),
+             (("--gptq", str(tiny_model), "--block-size", "128"), "is not a GPTQ checkpoint"),
+             (("--gptq", str(gptq_artifact), "--block-size", "128", "--precision", "fp32"),
+              "--int4-algo gptq builds int4 models")]
+    for extra, message in cases:
+        bad = run_kvant(*base, *extra)
+        assert bad.returncode == 2 and message in bad.stderr, (extra, bad.stderr[-500:])
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not (tmp_path / "x").exists()

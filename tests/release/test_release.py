@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,8 @@ modes = ["int8"]
 
 [onnx]
 precision = "int4"
+int4_algo = "gptq"
+block_size = 128
 
 [bench]
 ctx = [64]
@@ -238,6 +241,10 @@ def test_killed_release_resumes_from_finished_artifacts(release, cache_dir):
     assert after["kvant-stand-in-Q8_0"]["quality_key"] == keys["kvant-stand-in-Q8_0"]
     assert verify_artifact(out / "mini-bnb-int8") == []
     assert verify_artifact(out / "mini-gptq-4bit") == []  # rebuilt, not trusted
+    # the ONNX model made from the GPTQ weights was rebuilt with them, not kept
+    made_from = read_manifest(out / "mini-onnx-int4")["validation"]["int4_from"]
+    assert made_from == {"folder": "mini-gptq-4bit", "weights_sha256": {
+        Path(p).name: h for p, h in weights(out / "mini-gptq-4bit").items()}}
     # the GGUF folder was finished: kept as it was (only its card took the new bench)
     assert gguf_file.stat().st_mtime_ns == before
     assert verify_artifact(out / "mini-gguf") == []
@@ -253,6 +260,13 @@ def test_recipe_errors(tmp_path):
         load_recipe(bad)
     result = run_kvant("release", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "not found" in result.stderr
+    # an ONNX int4 from GPTQ needs the recipe's 4-bit GPTQ at its block size
+    from kvant.app.release import plan_artifacts
+
+    bad.write_text(RECIPE.format(out=tmp_path / "o").replace("block_size = 128",
+                                                             "block_size = 32"))
+    with pytest.raises(SettingsError, match="no \\[gptq\\] with bits = 4 and group_size = 32"):
+        plan_artifacts(load_recipe(bad))
 
 
 def test_rehearsal_runs_every_step_on_synthetic_weights_and_publishes_nothing(tmp_path,
@@ -271,7 +285,7 @@ def test_rehearsal_runs_every_step_on_synthetic_weights_and_publishes_nothing(tm
     assert names[0] == "reference" and names.count("reference") == 1
     for expected in ("gguf convert bf16", "gguf quantize q4_k_m", "gguf score q8_0",
                      "gptq-4bit-g128 quantize", "gptq-4bit-g128 score", "bnb-int8 quantize",
-                     "onnx-int4-b32 build", "onnx-int4-b32 score", "cards"):
+                     "onnx-int4-b128 build", "onnx-int4-b128 score", "cards"):
         assert expected in names, expected
     assert any(n.startswith("bench speed") for n in names)
     for s in data["steps"]:
