@@ -97,6 +97,24 @@ def model_copy(tiny_model, tmp_path) -> Path:
 
 # Artifacts shared by the tests of their pipeline and by the bench tests: built once a session.
 
+# A second stand-in whose widths do not divide 256, as real small models have (hidden 576,
+# 9 heads of 64 over 3 KV heads, SwiGLU 1,536): there llama.cpp writes a fallback type for
+# every K-quant on a 576-wide row.
+ODD_RECIPE = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+              "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 2, "steps": 150,
+              "seq_len": 128}
+
+
+@pytest.fixture(scope="session")
+def odd_model(shared_data, cache_dir, eval_text):
+    from kvant.data import get_text
+    from kvant.tiny import TinyRecipe, build_tiny, default_dir
+
+    train = get_text(CALIB_FILE, cache_dir)
+    recipe = TinyRecipe(**ODD_RECIPE)
+    return build_tiny(default_dir(cache_dir, recipe, train), train, eval_text, recipe)
+
+
 @pytest.fixture(scope="session")
 def gguf_artifact(tiny_model, cache_dir, tmp_path_factory):
     """Every GGUF type the issue names, Norwegian imatrix, all five languages scored."""

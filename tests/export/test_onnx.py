@@ -11,7 +11,7 @@ from kvant.errors import SettingsError
 from kvant.export.onnx import ONNXSettings
 from kvant.export.onnx_pipeline import EXACT_TOKENIZER
 from kvant.runtimes.onnx import og_model
-from tests.conftest import UD_DIR, run_kvant
+from tests.conftest import CALIB_FILE, UD_DIR, run_kvant
 
 
 def _validation(out):
@@ -182,3 +182,26 @@ def test_int4_from_gptq_refuses_what_it_cannot_build_from(gptq_artifact, tiny_mo
         assert bad.returncode == 2 and message in bad.stderr, (extra, bad.stderr[-500:])
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_int4_from_gptq_on_widths_unlike_the_stand_ins(odd_model, tmp_path):
+    """The odd-width stand-in (hidden 576, heads of 64, SwiGLU 1,536): GPTQ at group 64 (128
+    does not divide 576) and the ONNX int4 built from it, as a user runs both. Its cached
+    greedy decode agrees with its own full-sequence argmax and it stays near bf16."""
+    gptq, onnx = tmp_path / "odd-gptq", tmp_path / "odd-onnx"
+    env = {"KVANT_DATA_DIR": str(UD_DIR)}
+    made = run_kvant("--no-progress", "quantize", "gptq", "--model", str(odd_model), "--out",
+                     str(gptq), "--group-size", "64", "--samples", "16", "--seqlen", "128",
+                     "--eval-tokens", "512", "--calib", str(CALIB_FILE), "--device", "cpu",
+                     env=env)
+    assert made.returncode == 0, made.stderr[-2000:]
+    built = run_kvant("--no-progress", "export", "onnx", "--model", str(odd_model), "--out",
+                      str(onnx), "--int4-algo", "gptq", "--gptq", str(gptq), "--block-size",
+                      "64", "--eval-tokens", "512", env=env)
+    assert built.returncode == 0, built.stderr[-2000:]
+    v = _validation(onnx)
+    assert v["int4_from"]["folder"] == "odd-gptq"
+    assert v["greedy_identical"] is True
+    assert 0 < v["mean_kld"] < 0.01 and v["top1_agreement_pct"] > 90, v
+    decoder = json.loads((onnx / "genai_config.json").read_text())["model"]["decoder"]
+    assert (decoder["num_key_value_heads"], decoder["head_size"]) == (3, 64)
