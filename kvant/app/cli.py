@@ -135,6 +135,24 @@ def cmd_bench(args: argparse.Namespace) -> str:
                          data_dir=args.data_dir, progress=not args.no_progress) / "report.md")
 
 
+def cmd_eval(args: argparse.Namespace) -> str:
+    try:
+        from kvant.app.lmeval import run_eval  # lm-eval, and each artifact's runtime
+    except ImportError as exc:
+        raise SettingsError(f"kvant eval needs lm-evaluation-harness ({exc.name} is missing); "
+                            "install it with pip install 'kvant[eval]'") from exc
+    if args.limit is not None and args.limit < 1:
+        raise SettingsError(f"--limit {args.limit}: give at least 1 document per task")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise SettingsError("--tasks is empty: name lm-eval tasks, e.g. kvant_cloze_nob")
+    reference = model_source(args.reference or DEFAULT_MODEL)[0]
+    return str(run_eval(args.artifacts, reference, tasks, args.out, cache_dir=cache_dir(),
+                        data_dir=args.data_dir, include_path=args.include_path,
+                        limit=args.limit, num_fewshot=args.num_fewshot,
+                        device=pick_device(args.device)))
+
+
 def _sampling(args: argparse.Namespace):
     from kvant.generation import Sampling
 
@@ -485,6 +503,29 @@ def build_parser() -> KvantParser:
     add_dataclass_args(bench, BenchSettings)
     bench.set_defaults(func=cmd_bench)
 
+    evaluate = sub.add_parser("eval", help="lm-evaluation-harness tasks on artifacts and "
+                              "the bf16 reference, on NorMistral's exact tokens: scores and "
+                              "their drift, with a report and a plot")
+    evaluate.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT",
+                          help="artifact folders (every .gguf of a GGUF folder) or .gguf files")
+    evaluate.add_argument("--tasks", required=True, help="comma-separated lm-eval task names; "
+                          "kvant_cloze_<lang> and kvant_complete_<lang> are built from the "
+                          "local held-out text")
+    evaluate.add_argument("--reference", help="the bf16 model the drift is against (folder "
+                          f"or hub id; default {DEFAULT_MODEL})")
+    evaluate.add_argument("--include-path", type=Path, action="append", default=[],
+                          metavar="DIR", help="a folder of task YAMLs, as lm-eval's "
+                          "--include_path (repeatable)")
+    evaluate.add_argument("--limit", type=int, help="documents per task (default: all)")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the "
+                          "task's)")
+    evaluate.add_argument("--out", type=Path, default=Path("out/eval"),
+                          help="results.json, report.md, drift.png and lm-eval's own files "
+                               "(default out/eval)")
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    _add_data_args(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
     generate = sub.add_parser("generate", help="stream text from any artifact (exact "
                               "NorMistral tokenization for GGUF and ONNX too)")
     generate.add_argument("artifact", type=Path, help="model folder, artifact folder or .gguf")
@@ -573,8 +614,8 @@ def build_parser() -> KvantParser:
     _add_data_args(release)
     release.set_defaults(func=cmd_release)
 
-    for p in (tiny, data, get, info, *pipeline_parsers, bench, generate, serve, synth, plan,
-              release):
+    for p in (tiny, data, get, info, *pipeline_parsers, bench, evaluate, generate, serve, synth,
+              plan, release):
         p._kvant_parent = parser
     return parser
 

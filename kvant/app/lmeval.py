@@ -21,6 +21,9 @@ context's own).
 
 from __future__ import annotations
 
+import json
+import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +159,167 @@ class KvantLM(LM):
             n_new = min(int(kwargs.get("max_gen_toks") or 256), self.max_length - len(ids))
             out.append("".join(engine.complete(ids, n_new, stop=until)))
         return out
+
+
+# `kvant eval`: lm-eval's tasks on artifacts and their bf16 reference, with the drift.
+
+def _metrics(task_results: dict) -> dict[str, dict]:
+    """{metric: {"value", "stderr"}} from lm-eval's "acc,none" / "acc_stderr,none" keys."""
+    found = {}
+    for key, value in task_results.items():
+        name, _, filt = key.partition(",")
+        if not filt or "_stderr" in name or not isinstance(value, (int, float)):
+            continue
+        stderr = task_results.get(f"{name}_stderr,{filt}")
+        found[name if filt == "none" else key] = {
+            "value": float(value),
+            "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+    return found
+
+
+def drift_of(model: dict, reference: dict) -> dict:
+    """Per task and metric: the artifact's value, the reference's, their difference
+    (absolute and relative) and the difference's standard error, sqrt(se^2 + se_ref^2):
+    the two runs' stderrs as if independent (they score the same documents, so the true
+    paired error is smaller; lm-eval reports no per-document covariance)."""
+    out = {}
+    for task, metrics in model.items():
+        for metric, m in metrics.items():
+            r = reference.get(task, {}).get(metric)
+            if r is None:
+                continue
+            delta = m["value"] - r["value"]
+            se = (math.hypot(m["stderr"], r["stderr"])
+                  if m["stderr"] is not None and r["stderr"] is not None else None)
+            out.setdefault(task, {})[metric] = {
+                "value": m["value"], "reference": r["value"], "delta": delta,
+                "relative": delta / r["value"] if r["value"] else None, "delta_stderr": se}
+    return out
+
+
+def _name(path: Path) -> str:
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def _lm_eval_file(path: Path, results: dict) -> None:
+    """lm-eval's own results (its dict as its tracker writes it) and per-sample logs."""
+    path.mkdir(parents=True, exist_ok=True)
+    samples = results.get("samples") or {}
+    kept = {k: v for k, v in results.items() if k != "samples"}
+    (path / "results.json").write_text(json.dumps(kept, indent=2, default=str) + "\n",
+                                       encoding="utf-8")
+    for task, rows in samples.items():
+        with (path / f"samples_{task}.jsonl").open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path, *,
+             cache_dir: Path, data_dir: Path | None, include_path: list[Path] = (),
+             limit: int | None = None, num_fewshot: int | None = None,
+             device: str = "cpu") -> Path:
+    """lm-eval's ``tasks`` on the reference and on every model in ``artifacts`` (each .gguf
+    of a GGUF folder), identical requests for all; writes results.json first, then
+    report.md and drift.png, and lm-eval's own files per model under lm-eval/. Tasks named
+    kvant_* are Kvant's local ones, built from the held-out text into out/tasks."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from kvant.bench.lmtasks import LOCAL_TASK, build_tasks
+
+    models = [(_name(reference), reference)]  # every path checked before any work
+    for artifact in artifacts:
+        models += [(_name(t.path), t.path) for t in targets(Path(artifact))]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(include) for include in include_path]
+    local = sorted({m.group(1) for t in tasks if (m := LOCAL_TASK.fullmatch(t))})
+    if local:
+        build_tasks(out / "tasks", cache_dir, data_dir, tuple(local))
+        paths.append(out / "tasks")
+    manager = TaskManager(include_path=[str(p) for p in paths] or None)
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise SettingsError(f"unknown lm-eval task '{unknown[0]}'; list them with `lm_eval "
+                            "ls tasks`, or pass --include-path DIR with its YAML")
+    found = {}
+    for name, path in models:
+        lm = KvantLM(str(path), device=device)
+        started = time.perf_counter()
+        try:
+            results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot,
+                                              limit=limit, task_manager=manager,
+                                              log_samples=True)
+        finally:
+            lm.close()
+        seconds = time.perf_counter() - started
+        _lm_eval_file(out / "lm-eval" / name, results)
+        found[name] = {"path": str(path), "seconds": round(seconds, 1),
+                       "documents": sum(len(rows) for rows in results["samples"].values()),
+                       "requests": sum(len(row["arguments"]) for rows in
+                                       results["samples"].values() for row in rows),
+                       "results": {t: _metrics(r) for t, r in results["results"].items()
+                                   if t in tasks or t in results.get("group_subtasks", {})}}
+    ref_name = models[0][0]
+    data = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
+            "reference": ref_name, "lm_eval_version": lm_eval.__version__, "models": found,
+            "drift": {n: drift_of(m["results"], found[ref_name]["results"])
+                      for n, m in found.items() if n != ref_name}}
+    part = out / "results.json.part"
+    part.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    part.replace(out / "results.json")
+    (out / "report.md").write_text(eval_report(data), encoding="utf-8")
+    _drift_plot(data, out / "drift.png")
+    return out / "report.md"
+
+
+def eval_report(data: dict) -> str:
+    """report.md: per task and metric the reference's value and each model's drift."""
+    lines = [f"# Task drift against {data['reference']}", "",
+             f"lm-eval {data['lm_eval_version']}, tasks {', '.join(data['tasks'])}"
+             + (f", {data['limit']} documents per task" if data["limit"] else "")
+             + (f", {data['num_fewshot']}-shot" if data["num_fewshot"] is not None else ""),
+             "", "| model | task | metric | value | bf16 | drift (± stderr) | relative |",
+             "|---|---|---|---|---|---|---|"]
+    for name, tasks in data["drift"].items():
+        for task, metrics in tasks.items():
+            for metric, d in metrics.items():
+                se = f" ± {d['delta_stderr']:.4f}" if d["delta_stderr"] is not None else ""
+                rel = f"{100 * d['relative']:+.1f}%" if d["relative"] is not None else "-"
+                lines.append(f"| {name} | {task} | {metric} | {d['value']:.4f} | "
+                             f"{d['reference']:.4f} | {d['delta']:+.4f}{se} | {rel} |")
+    lines += ["", "| model | requests | seconds | s per 1,000 requests |", "|---|---|---|---|"]
+    for name, m in data["models"].items():
+        per = 1000 * m["seconds"] / m["requests"] if m["requests"] else 0
+        lines.append(f"| {name} | {m['requests']} | {m['seconds']:.1f} | {per:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _drift_plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(t, m) for tasks in data["drift"].values() for t, ms in tasks.items()
+                   for m in ms})
+    names = list(data["drift"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        # relative, so that accuracies (0-1) and chrF (0-100) share the axis
+        rows = [data["drift"][name].get(t, {}).get(m) for t, m in keys]
+        rows = [r if r and r["reference"] else None for r in rows]
+        ax.bar([j + i * width for j in range(len(keys))],
+               [100 * r["delta"] / r["reference"] if r else 0 for r in rows], width,
+               label=name, capsize=3,
+               yerr=[100 * (r["delta_stderr"] or 0) / abs(r["reference"]) if r else 0
+                     for r in rows])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(keys))],
+                  [f"{t}\n{m}" for t, m in keys], fontsize=7)
+    ax.set(ylabel=f"% drift against {data['reference']}",
+           title="Task score drift, relative (± stderr)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,6 +1,6 @@
 """Every user-facing verb on every artifact kind a release makes, through the installed
 console script: `info`, `generate` (greedy, sampled, --stop-at-newline), `serve`'s
-/v1/completions, `bench --no-quality` and `plan`.
+/v1/completions, `bench --no-quality`, `plan` and `eval`.
 
 The expected greedy text of each kind comes from another path than the one under test: the
 runtime's full-window logits (no KV cache, no sampler, no streaming), argmax token by token.
@@ -196,3 +196,39 @@ def test_plan(artifacts, kind):
     small, large = (float(c.split()[0]) for c in cells[3:5])
     assert size / 2**30 < small < large  # weights plus a cache that grows with the context
     assert cells[3].endswith(" fits")
+
+
+def test_eval_on_every_kind(artifacts, tmp_path):
+    """`kvant eval` on every kind at once against the bf16 folder: each model gets the same
+    requests, and the kinds that compute the same function as the reference (the bf16 GGUF,
+    ONNX fp32) give its log-likelihoods within 0.4 nats per choice (a choice is a sentence:
+    0.01 nats per token over 40)."""
+    from tests.conftest import UD_DIR
+
+    out = tmp_path / "eval"
+    kinds = [k for k in KINDS if k != "bf16"]
+    result = run_kvant("--no-progress", "eval", *(str(artifacts[k]) for k in kinds),
+                       "--reference", str(artifacts["bf16"]), "--tasks",
+                       "kvant_cloze_nob,kvant_complete_nob", "--limit", "3", "--out",
+                       str(out), "--device", "cpu", env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    names = {k: (artifacts[k].stem if artifacts[k].suffix == ".gguf" else artifacts[k].name)
+             for k in KINDS}
+    assert set(data["models"]) == set(names.values())
+
+    def log(kind, task):
+        path = out / "lm-eval" / names[kind] / f"samples_{task}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    for task in ("kvant_cloze_nob", "kvant_complete_nob"):
+        asked = log("bf16", task)
+        for kind in kinds:
+            rows = log(kind, task)
+            assert [r["arguments"] for r in rows] == [r["arguments"] for r in asked], kind
+            assert all(r["resps"] and r["resps"][0] for r in rows), kind
+    reference = [c[0][0] for r in log("bf16", "kvant_cloze_nob") for c in r["resps"]]
+    for kind in ("gguf-bf16", "onnx-fp32"):
+        theirs = [c[0][0] for r in log(kind, "kvant_cloze_nob") for c in r["resps"]]
+        assert max(abs(a - b) for a, b in zip(reference, theirs, strict=True)) < 0.01 * 40, \
+            kind

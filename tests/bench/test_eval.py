@@ -1,0 +1,76 @@
+"""`kvant eval` through the installed CLI: lm-eval's tasks on three kinds of artifact and the
+bf16 folder, identical requests, lm-eval's accuracy equal to a hand count of its own log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import UD_DIR, run_kvant
+
+TASKS = "kvant_cloze_nob,kvant_complete_nob"
+LIMIT = 12
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_model, gguf_artifact, bnb_artifacts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "eval"
+    q4 = next(gguf_artifact.glob("*-Q4_K_M.gguf"))
+    result = run_kvant("--no-progress", "eval", str(q4), str(bnb_artifacts["nf4"]),
+                       "--reference", str(tiny_model), "--tasks", TASKS, "--limit",
+                       str(LIMIT), "--out", str(out), "--device", "cpu",
+                       env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(out / "report.md")
+    return out, q4
+
+
+def _samples(out, name, task):
+    path = out / "lm-eval" / name / f"samples_{task}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_model_answers_the_same_requests(evaluated, tiny_model, bnb_artifacts):
+    out, q4 = evaluated
+    data = json.loads((out / "results.json").read_text())
+    names = [tiny_model.name, q4.stem, bnb_artifacts["nf4"].name]
+    assert list(data["models"]) == names and data["reference"] == tiny_model.name
+    for task in TASKS.split(","):
+        asked = [[row["arguments"] for row in _samples(out, n, task)] for n in names]
+        assert len(asked[0]) == LIMIT and asked[1:] == [asked[0]] * 2, task
+    for name in names:  # lm-eval's own files, in its schema
+        own = json.loads((out / "lm-eval" / name / "results.json").read_text())
+        assert set(own["results"]) >= set(TASKS.split(",")) and "configs" in own
+    assert (out / "report.md").is_file() and (out / "drift.png").stat().st_size > 1000
+
+
+def test_accuracy_is_the_hand_count_of_the_log_and_drift_its_difference(evaluated,
+                                                                       tiny_model):
+    out, q4 = evaluated
+    data = json.loads((out / "results.json").read_text())
+    counted = {}
+    for name in data["models"]:
+        rows = _samples(out, name, "kvant_cloze_nob")
+        # the choice lm-eval picked is the one with the highest log-likelihood
+        right = sum(max(range(len(r["resps"])), key=lambda i: r["resps"][i][0][0])
+                    == r["target"] for r in rows)
+        counted[name] = right / len(rows)
+        acc = data["models"][name]["results"]["kvant_cloze_nob"]["acc"]
+        assert acc["value"] == pytest.approx(counted[name]), name
+        assert acc["stderr"] > 0
+    d = data["drift"][q4.stem]["kvant_cloze_nob"]["acc"]
+    assert d["delta"] == pytest.approx(counted[q4.stem] - counted[tiny_model.name])
+    assert d["reference"] == pytest.approx(counted[tiny_model.name])
+    assert d["delta_stderr"] >= max(data["models"][q4.stem]["results"]["kvant_cloze_nob"]
+                                    ["acc"]["stderr"], 0)
+
+
+def test_eval_refuses_what_it_cannot_run(tiny_model, tmp_path):
+    bad = run_kvant("eval", str(tiny_model), "--reference", str(tiny_model), "--tasks",
+                    "kvant_clozee", "--out", str(tmp_path / "e"),
+                    env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert bad.returncode == 2 and "unknown lm-eval task 'kvant_clozee'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    bad = run_kvant("eval", str(tiny_model), "--tasks", "kvant_cloze_nob", "--limit", "0")
+    assert bad.returncode == 2 and "--limit 0" in bad.stderr
