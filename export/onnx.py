@@ -16,7 +16,8 @@ PRECISIONS = ("fp32", "fp16", "int4")
 # (llama.cpp-style per-block scale search); k_quant with lm_head in int8 (`_last`), and also
 # llama.cpp's sensitive layers in int8 (`_mixed`); or the layers' int4 taken from a GPTQ
 # checkpoint (GPTQModel, calibrated on Norwegian: the builder's pre-quantized path, which
-# reads the packed 4-bit tensors and never holds the model in float32), lm_head int8 by k_quant
+# reads the packed 4-bit tensors and never holds the model in float32), lm_head int8 by
+# round to nearest
 INT4_ALGOS = ("rtn", "k_quant", "k_quant_last", "k_quant_mixed", "gptq")
 PROVIDERS = ("cpu", "cuda", "dml")
 

@@ -91,8 +91,8 @@ def gptq_source(gptq_dir: Path | None, model_dir: Path, settings: ONNXSettings) 
             f"(made by kvant quantize gptq --group-size {settings.block_size}), or use "
             "--int4-algo k_quant_last")
     gptq_dir = Path(gptq_dir)
-    quant = (read_config(gptq_dir) if (gptq_dir / "config.json").is_file() else {}).get(
-        "quantization_config") or {}
+    theirs = read_config(gptq_dir) if (gptq_dir / "config.json").is_file() else {}
+    quant = theirs.get("quantization_config") or {}
     if quant.get("quant_method") != "gptq":
         raise SettingsError(f"--gptq '{gptq_dir}' is not a GPTQ checkpoint (its config.json "
                             "has no GPTQ quantization_config); pass a kvant quantize gptq "
@@ -105,7 +105,7 @@ def gptq_source(gptq_dir: Path | None, model_dir: Path, settings: ONNXSettings) 
                             f"and --block-size is {settings.block_size}: pass --block-size "
                             f"{quant.get('group_size')}, or quantize with --group-size "
                             f"{settings.block_size}")
-    ours, theirs = read_config(model_dir), read_config(gptq_dir)
+    ours = read_config(model_dir)
     differ = [k for k in _SAME_SHAPE if ours.get(k) != theirs.get(k)]
     if differ:
         raise SettingsError(f"--gptq '{gptq_dir}' is a checkpoint of another model ({differ[0]}"
@@ -182,7 +182,7 @@ def _card(name: str, settings: ONNXSettings, validation: dict) -> str:
                         f"{f['og_aligned_pct']:.2f}% | {f['og_crashes']} |")
     how = (f"`{settings.int4_algo}`" if settings.int4_algo != "gptq" else
            f"GPTQ (from `{validation['int4_from']['folder']}`, calibrated; lm_head int8 by "
-           "k_quant)")
+           "round to nearest)")
     block = (f", MatMulNBits block {settings.block_size}, accuracy level "
              f"{settings.accuracy_level}, weights quantized by {how}"
              if settings.precision == "int4" else "")

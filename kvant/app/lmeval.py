@@ -36,6 +36,7 @@ from kvant.generation import Engine, stated_context
 from kvant.runtimes import open_runtime
 from kvant.runtimes.reference import reference_dtype
 from kvant.runtimes.targets import targets, verify
+from kvant.scoring import log_softmax
 from kvant.tokenization import exact_tokenizer
 
 DEFAULT_MAX_LENGTH = 4096  # tokens per forward unless the artifact states less
@@ -51,12 +52,6 @@ def split_request(tokenizer, context: str, continuation: str) -> tuple[list[int]
     whole = tokenizer.encode(context + continuation).ids
     head = tokenizer.encode(context).ids if context else whole[:1]  # "" is <s> alone
     return head, whole[len(head):]
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 @register_model("kvant")
@@ -119,7 +114,7 @@ class KvantLM(LM):
                                 "lm-eval tasks score at least one token")
         ids = (head + tail)[-(self.max_length + 1):]
         logits = self._scorer().logits(ids[:-1])[-len(tail):]
-        logp = _log_softmax(logits)
+        logp = log_softmax(logits)
         rows = np.arange(len(tail))
         return float(logp[rows, tail].sum()), bool((logits.argmax(-1) == tail).all())
 
@@ -197,10 +192,6 @@ def drift_of(model: dict, reference: dict) -> dict:
     return out
 
 
-def _name(path: Path) -> str:
-    return path.stem if path.suffix == ".gguf" else path.name
-
-
 def _lm_eval_file(path: Path, results: dict) -> None:
     """lm-eval's own results (its dict as its tracker writes it) and per-sample logs."""
     path.mkdir(parents=True, exist_ok=True)
@@ -227,9 +218,8 @@ def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path
 
     from kvant.bench.lmtasks import LOCAL_TASK, build_tasks
 
-    models = [(_name(reference), reference)]  # every path checked before any work
-    for artifact in artifacts:
-        models += [(_name(t.path), t.path) for t in targets(Path(artifact))]
+    # every path checked before any work
+    models = [(t.name, t.path) for p in (reference, *artifacts) for t in targets(Path(p))]
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(include) for include in include_path]
     local = sorted({m.group(1) for t in tasks if (m := LOCAL_TASK.fullmatch(t))})
