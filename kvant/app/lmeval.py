@@ -32,11 +32,13 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from kvant.errors import SettingsError
+from kvant.files import sha256_file, sha256_text
 from kvant.generation import Engine, stated_context
 from kvant.runtimes import open_runtime
 from kvant.runtimes.reference import reference_dtype
 from kvant.runtimes.targets import targets, verify
 from kvant.scoring import log_softmax
+from kvant.steps import step
 from kvant.tokenization import exact_tokenizer
 
 DEFAULT_MAX_LENGTH = 4096  # tokens per forward unless the artifact states less
@@ -77,6 +79,7 @@ class KvantLM(LM):
         self.where, self.threads = device, int(threads)  # LM.device is lm-eval's
         self._runtime, self._engine = runtime, None
         self._own_runtime = runtime is None
+        self.longest = 0  # the most tokens one forward took (a release step's plan context)
 
     # the scoring runtime and the generation engine are opened one at a time: never two
     # copies of an 11.4B model in memory
@@ -113,6 +116,7 @@ class KvantLM(LM):
             raise SettingsError("a request's continuation is empty after tokenization; "
                                 "lm-eval tasks score at least one token")
         ids = (head + tail)[-(self.max_length + 1):]
+        self.longest = max(self.longest, len(ids) - 1)
         logits = self._scorer().logits(ids[:-1])[-len(tail):]
         logp = log_softmax(logits)
         rows = np.arange(len(tail))
@@ -152,6 +156,7 @@ class KvantLM(LM):
             engine = self._generator()
             ids = engine.encode(context)[-(self.max_length - 1):]
             n_new = min(int(kwargs.get("max_gen_toks") or 256), self.max_length - len(ids))
+            self.longest = max(self.longest, len(ids) + n_new)
             out.append("".join(engine.complete(ids, n_new, stop=until)))
         return out
 
@@ -205,6 +210,15 @@ def _lm_eval_file(path: Path, results: dict) -> None:
                 f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
 
+KVANT_ENTRY = "kvant.json"  # beside lm-eval's files: Kvant's summary of one model's run
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    part.replace(path)
+
+
 def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path, *,
              cache_dir: Path, data_dir: Path | None, include_path: list[Path] = (),
              limit: int | None = None, num_fewshot: int | None = None,
@@ -219,7 +233,7 @@ def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path
     from kvant.bench.lmtasks import LOCAL_TASK, build_tasks
 
     # every path checked before any work
-    models = [(t.name, t.path) for p in (reference, *artifacts) for t in targets(Path(p))]
+    models = [t for p in (reference, *artifacts) for t in targets(Path(p))]
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(include) for include in include_path]
     local = sorted({m.group(1) for t in tasks if (m := LOCAL_TASK.fullmatch(t))})
@@ -231,32 +245,50 @@ def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path
     if unknown:
         raise SettingsError(f"unknown lm-eval task '{unknown[0]}'; list them with `lm_eval "
                             "ls tasks`, or pass --include-path DIR with its YAML")
+    # what a model's scores depend on besides its weights: a model whose scores in out were
+    # made from the same is not evaluated again (a resumed release)
+    setup = sha256_text(json.dumps({
+        "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
+        "lm_eval": lm_eval.__version__,
+        "task files": {str(f.relative_to(p)): sha256_file(f) for p in paths
+                       for f in sorted(p.rglob("*")) if f.suffix in (".yaml", ".jsonl")}}))
     found = {}
-    for name, path in models:
-        lm = KvantLM(str(path), device=device)
-        started = time.perf_counter()
-        try:
-            results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot,
-                                              limit=limit, task_manager=manager,
-                                              log_samples=True)
-        finally:
-            lm.close()
-        seconds = time.perf_counter() - started
-        _lm_eval_file(out / "lm-eval" / name, results)
-        found[name] = {"path": str(path), "seconds": round(seconds, 1),
-                       "documents": sum(len(rows) for rows in results["samples"].values()),
-                       "requests": sum(len(row["arguments"]) for rows in
-                                       results["samples"].values() for row in rows),
-                       "results": {t: _metrics(r) for t, r in results["results"].items()
-                                   if t in tasks or t in results.get("group_subtasks", {})}}
-    ref_name = models[0][0]
+    for target in models:
+        key = sha256_text(f"{target.digest()}|{setup}")
+        done = out / "lm-eval" / target.name / KVANT_ENTRY
+        if done.is_file() and (entry := json.loads(done.read_text())).get("key") == key:
+            found[target.name] = entry
+            continue
+        # a release step each (kvant.steps): its memory planned like the bench's scoring
+        with step(f"eval {target.name}", kind=target.kind, weights=target.size_bytes,
+                  task_eval=True) as record:
+            lm = KvantLM(str(target.path), device=device)
+            started = time.perf_counter()
+            try:
+                results = lm_eval.simple_evaluate(model=lm, tasks=tasks,
+                                                  num_fewshot=num_fewshot, limit=limit,
+                                                  task_manager=manager, log_samples=True)
+            finally:
+                lm.close()
+            seconds = time.perf_counter() - started
+            record["ctx"] = lm.longest
+        _lm_eval_file(out / "lm-eval" / target.name, results)
+        requests = sum(len(row["arguments"]) for rows in results["samples"].values()
+                       for row in rows)
+        record["requests"] = requests
+        found[target.name] = {
+            "key": key, "path": str(target.path), "seconds": round(seconds, 1),
+            "documents": sum(len(rows) for rows in results["samples"].values()),
+            "requests": requests,
+            "results": {t: _metrics(r) for t, r in results["results"].items()
+                        if t in tasks or t in results.get("group_subtasks", {})}}
+        _write_atomic(done, found[target.name])
+    ref_name = models[0].name
     data = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
             "reference": ref_name, "lm_eval_version": lm_eval.__version__, "models": found,
             "drift": {n: drift_of(m["results"], found[ref_name]["results"])
                       for n, m in found.items() if n != ref_name}}
-    part = out / "results.json.part"
-    part.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    part.replace(out / "results.json")
+    _write_atomic(out / "results.json", data)
     (out / "report.md").write_text(eval_report(data), encoding="utf-8")
     _drift_plot(data, out / "drift.png")
     return out / "report.md"

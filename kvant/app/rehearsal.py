@@ -197,7 +197,8 @@ _GROUPS = (("GGUF convert and llama-quantize", "no", ("gguf convert", "gguf quan
            ("GPTQ", "yes, in practice (hours on a CPU)", ("gptq-",)),
            ("bitsandbytes quantize", "no", ("bnb-nf4 quantize", "bnb-int8 quantize")),
            ("ONNX int4 build", "no", ("onnx-int4-b32 build", "onnx-int4-b128 build")),
-           ("the bench", "no", ("bench ",)))
+           ("the bench", "no", ("bench ",)),
+           ("task scores ([eval], lm-eval)", "no (faster with one)", ("eval ",)))
 
 
 def needs_table(data: dict) -> dict:

@@ -207,6 +207,8 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
     if name == "gguf tokenizer report":  # whole paragraphs, one at a time: bits per byte
         return floor + weights + 2 * _logits(shape, ctx) + 3 * 8 * ctx * shape.vocab
     # scoring in this process: the weights (a mapped file or loaded tensors), the engine's
-    # logits of a window and numpy's copy, and drift's comparison of one language
+    # logits of a window and numpy's copy, and drift's comparison of one language (not in a
+    # task eval's step, kvant.app.lmeval: it keeps one request's log-probabilities)
+    drift = 0 if record.get("task_eval") else _drift(shape, ctx, lang)
     return floor + torch_import + weights + kv_bytes(shape, k, ctx) + 2 * _logits(shape, ctx) \
-        + _drift(shape, ctx, lang)
+        + drift
