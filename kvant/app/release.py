@@ -14,6 +14,10 @@ Recipe schema (TOML), every key optional except release.name and release.model:
     [gguf] [gptq] [onnx]  every field of GGUFSettings, GPTQSettings, ONNXSettings
     [bnb]      every field of BnbSettings, with `modes` (a list) for `mode`
     [bench]    every field of BenchSettings but langs (release.langs) and verify
+    [eval]     tasks (lm-eval task names), limit, num_fewshot, include_path (folders of
+               task YAMLs): `kvant eval` on every artifact and the bf16 model, its drift on
+               the index card (skipped on synthetic weights; a rehearsal times it on the
+               local cloze task instead)
 
 A section's calib, eval_langs or eval_tokens overrides the [release] value for that section.
 """
@@ -82,7 +86,9 @@ RECIPE_SCHEMA = {
     **{key: _fields(PIPELINES[key].settings) for key in ("gguf", "gptq", "onnx")},
     "bnb": _fields(PIPELINES["bnb"].settings, drop=("mode",), add=("modes",)),
     "bench": _fields(BenchSettings, drop=("langs", "verify")),
+    "eval": {"tasks", "limit", "num_fewshot", "include_path"},
 }
+REHEARSAL_EVAL_DOCS = 40  # cloze documents (4 requests each) a full-work rehearsal times
 PLAN_CTX = 4096  # the context "Which to pick" plans for
 
 
@@ -120,7 +126,30 @@ def load_recipe(path: Path) -> Recipe:
     for key in ("name", "model"):
         if key not in data.get("release", {}):
             raise SettingsError(f"recipe '{path}': release.{key} is required")
+    _check_eval(path, data.get("eval"))
     return Recipe(Path(path), data)
+
+
+def _check_eval(path: Path, section: dict | None) -> None:
+    if section is None:
+        return
+    tasks = section.get("tasks")
+    if not tasks or not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise SettingsError(f"recipe '{path}': eval.tasks must be a list of lm-eval task "
+                            "names, e.g. [\"norcommonsenseqa_nob_p0\"]")
+    for key in ("limit", "num_fewshot"):
+        value = section.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < (1 if key == "limit" else 0)):
+            raise SettingsError(f"recipe '{path}': eval.{key} must be a whole number"
+                                f"{' above 0' if key == 'limit' else ', 0 or more'}")
+    include = section.get("include_path", [])
+    if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
+        raise SettingsError(f"recipe '{path}': eval.include_path must be a list of folders")
+    for folder in include:
+        if not Path(folder).expanduser().is_dir():  # as on the command line: from here
+            raise SettingsError(f"recipe '{path}': eval.include_path folder '{folder}' "
+                                "does not exist")
 
 
 def _tuple(value):
@@ -344,6 +373,35 @@ def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchS
     shutil.rmtree(reference, ignore_errors=True)
 
 
+def _task_eval(root: Path, model: Path, artifacts: dict, section: dict | None,
+               langs: tuple[str, ...], rehearsal: bool, work: float, cache_dir: Path,
+               data_dir: Path | None) -> dict:
+    """The recipe's [eval]: lm-eval's tasks on every artifact and the bf16 model
+    (kvant.app.lmeval.run_eval, a recorded step per model) into root/eval; its results, or
+    {} when nothing was scored. Synthetic weights score nothing: a rehearsal times the step
+    on Kvant's local cloze task in the release's first language instead (the recipe's tasks
+    may need their data from the hub), any other run skips it."""
+    if not section:
+        return {}
+    tasks, limit = section["tasks"], section.get("limit")
+    include = [Path(p).expanduser() for p in section.get("include_path", [])]
+    if rehearsal:
+        tasks, include = [f"kvant_cloze_{langs[0]}"], []
+        limit = max(4, round(REHEARSAL_EVAL_DOCS * work))
+    elif model_info(model).synthetic:
+        logger.warning("skipping [eval]: '%s' has synthetic weights, whose task scores mean "
+                       "nothing", model)
+        return {}
+    from kvant.app.lmeval import run_eval  # lm-eval: only for a recipe with [eval]
+
+    out = root / "eval"
+    run_eval([root / f for f in artifacts], model, tasks, out, cache_dir=cache_dir,
+             data_dir=data_dir, include_path=include, limit=limit,
+             num_fewshot=None if rehearsal else section.get("num_fewshot"),
+             device=pick_device())
+    return {} if rehearsal else json.loads((out / "results.json").read_text())
+
+
 def _depth_study(root: Path, model: Path, source: dict, artifacts: dict,
                  settings: BenchSettings, cache_dir: Path, data_dir: Path | None) -> dict:
     """Each long-context pick scored by position with its KV cache type and with f16
@@ -398,8 +456,10 @@ def _folders(root: Path, artifacts: dict) -> dict[str, list[str]]:
 
 
 def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
-           artifacts: dict, bench_settings: BenchSettings, at_depth: dict) -> None:
-    """Cards, plots and checksums of every artifact and the release's index."""
+           artifacts: dict, bench_settings: BenchSettings, at_depth: dict,
+           tasks: dict) -> None:
+    """Cards, plots and checksums of every artifact and the release's index (with the task
+    drift of [eval], ``tasks``: kvant eval's results, or {})."""
     folders = _folders(root, artifacts)
     targets, predicted, long_predicted, long_ctx = _predictions(root, model, source, folders)
     ctx = bench_settings.ctx[0]
@@ -412,7 +472,7 @@ def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
     (root / "README.md").write_text(index_card(name, source["id"], recipe_text, targets,
                                                folders, predicted, ctx, PLAN_CTX,
                                                long_predicted, long_ctx, at_depth,
-                                               _depth_tokens(at_depth)),
+                                               _depth_tokens(at_depth), tasks),
                                     encoding="utf-8")
     write_json(root / "release.json", {"name": name, "source": source,
                                        "artifacts": {f: k for f, (k, _) in artifacts.items()}})
@@ -467,12 +527,14 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
         try:
             _build(root, model, source, artifacts, bench_settings, cache_dir, data_dir,
                    progress, rehearse is not None, rebuild)
+            tasks = _task_eval(root, model, artifacts, recipe.get("eval"), langs,
+                               rehearse is not None, work, cache_dir, data_dir)
             with step("depth study", ctx=bench_settings.depth_ctx):
                 at_depth = _depth_study(root, model, source, artifacts, bench_settings,
                                         cache_dir, data_dir)
             with step("cards"):
                 _cards(root, recipe_path, name, model, source, artifacts, bench_settings,
-                       at_depth)
+                       at_depth, tasks)
             finished = True
         finally:
             if rehearse is not None:  # a failed rehearsal still shows the steps it ran

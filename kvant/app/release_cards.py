@@ -44,17 +44,41 @@ def artifact_section(targets: dict, names: list[str], ctx: str) -> str:
             + "\n".join(rows) + warning + "\n\n" + "\n".join(f"![{p}]({p})" for p in PLOTS))
 
 
-def recommendations(targets: dict, predicted: dict[str, float]) -> list[tuple[int, str]]:
+def task_drift(drift: dict) -> dict:
+    """One model's task drift (kvant eval's results["drift"][name]) in a line's worth: the
+    mean relative drift of each task's first metric, and the tasks where it is worse than
+    bf16 by more than twice the stderr of the difference."""
+    firsts = [(task, next(iter(metrics.items()))) for task, metrics in drift.items() if metrics]
+    relative = [d["relative"] for _, (_, d) in firsts if d["relative"] is not None]
+    worse = [f"{task} {metric}" for task, (metric, d) in firsts
+             if d["delta_stderr"] is not None and d["delta"] < -2 * d["delta_stderr"]]
+    return {"relative": _mean(relative) if relative else None, "tasks": len(firsts),
+            "worse": worse}
+
+
+def task_cell(summary: dict | None) -> str:
+    if not summary or summary["relative"] is None:
+        return "-"
+    worse = f", worse on {len(summary['worse'])}" if summary["worse"] else ""
+    return f"{100 * summary['relative']:+.1f}% ({summary['tasks']} tasks{worse})"
+
+
+def recommendations(targets: dict, predicted: dict[str, float],
+                    tasks: dict[str, dict] | None = None) -> list[tuple[int, str]]:
     """For each memory budget, the most faithful target whose predicted peak fits.
 
     ``predicted`` holds only what the release ships (the reference model is not a pick).
+    ``tasks`` ({target: task_drift summary}, when the release ran [eval]): a target worse
+    than bf16 on some task beyond its noise is passed over where another fits.
     """
+    tasks = tasks or {}
     picks = []
     for gb in BUDGETS_GB:
-        fitting = [(_mean(d["mean_kld"] for d in targets[n]["quality"].values()), n)
+        fitting = [(bool(tasks.get(n, {}).get("worse")),
+                    _mean(d["mean_kld"] for d in targets[n]["quality"].values()), n)
                    for n, peak in predicted.items()
                    if peak <= gb * 1e9 and targets[n].get("quality")]
-        picks.append((gb, min(fitting)[1] if fitting else "none fits"))
+        picks.append((gb, min(fitting)[2] if fitting else "none fits"))
     return picks
 
 
@@ -106,19 +130,31 @@ def depth_cost(depth: dict, name: str, kv: str) -> str:
 def index_card(name: str, model_id: str, recipe_text: str, targets: dict,
                folders: dict[str, list[str]], predicted: dict[str, float], ctx: str,
                plan_ctx: int, long_predicted: dict[str, dict[str, float]] | None = None,
-               long_ctx: int = 0, depth: dict | None = None, depth_tokens: int = 0) -> str:
-    rows = ["| artifact | target | format | size (MiB) | mean KLD | decode tok/s | "
-            f"predicted peak @ {plan_ctx:,} ctx (GB) |", "|---|---|---|---|---|---|---|"]
+               long_ctx: int = 0, depth: dict | None = None, depth_tokens: int = 0,
+               evaluated: dict | None = None) -> str:
+    """The release's README. ``evaluated``: kvant eval's results of the recipe's [eval]
+    (a task drift column, the task table, and "Which to pick" passes over a file worse on
+    a task beyond its noise), or None."""
+    summaries = {n: task_drift(d) for n, d in (evaluated or {}).get("drift", {}).items()}
+    task_col = ("task drift vs bf16 | ", "---|") if evaluated else ("", "")
+    rows = ["| artifact | target | format | size (MiB) | mean KLD | " + task_col[0]
+            + f"decode tok/s | predicted peak @ {plan_ctx:,} ctx (GB) |",
+            "|---|---|---|---|---|" + task_col[1] + "---|---|"]
     for folder, names in folders.items():
         for n in names:
             e = targets[n]
             kld = _mean(d["mean_kld"] for d in e.get("quality", {}).values())
             peak = f"{predicted[n] / 1e9:.2f}" if n in predicted else "-"
+            drift = f"{task_cell(summaries.get(n))} | " if evaluated else ""
             rows.append(f"| {folder} | {n} | {e['format']} | {e['size_bytes'] / 2**20:,.1f} | "
-                        f"{kld:.5f} | {speed_cell(e.get('speed', {}).get(ctx, {}), 'decode')}"
-                        f" | {peak} |")
-    picks = "\n".join(f"- **{gb} GB**: {pick}" for gb, pick in recommendations(targets,
-                                                                                predicted))
+                        f"{kld:.5f} | {drift}"
+                        f"{speed_cell(e.get('speed', {}).get(ctx, {}), 'decode')} | {peak} |")
+    picks = "\n".join(f"- **{gb} GB**: {pick}" + (f" (tasks {task_cell(summaries.get(pick))})"
+                                                  if pick in summaries else "")
+                      for gb, pick in recommendations(targets, predicted, summaries))
+    passed_over = (" A file worse than bf16 on a task (by more than twice the stderr of the "
+                   "difference, `eval/report.md`) is passed over where another fits."
+                   if evaluated else "")
     return f"""{card_metadata(model_id, ["release"])}
 # {name}: every format, measured
 
@@ -131,12 +167,12 @@ held-out Norwegian, Sámi, Danish and Swedish token ids (`bench/report.md`).
 ## Which to pick
 
 The most faithful artifact (lowest mean KLD) whose predicted peak memory at a {plan_ctx:,}-token
-context fits (`kvant plan`, fitted to this release's measurements):
+context fits (`kvant plan`, fitted to this release's measurements).{passed_over}
 
 {picks}
 {_long_section(targets, long_predicted, long_ctx, depth, depth_tokens)}
 ![frontier](bench/frontier.png)
-
+{_task_section(evaluated)}
 ## Recipe
 
 ```toml
@@ -167,7 +203,27 @@ fits, with the most precise cache that makes it fit. {measured}
 """
 
 
-INDEX_FILES = ("README.md", "recipe.toml", "release.json", "SHA256SUMS", "bench/report.md",
+def _task_section(evaluated: dict | None) -> str:
+    if not evaluated:
+        return ""
+    from kvant.app.lmeval import eval_report  # lm-eval: installed, as [eval] ran
+
+    table = eval_report(evaluated).split("\n", 2)[2]  # below its title
+    return f"""
+## Task scores
+
+lm-evaluation-harness on NorMistral's exact tokens (`kvant eval`), every file and the bf16
+model on identical requests; the drift's stderr treats the two runs as independent, so it
+overstates the paired noise (`eval/report.md`, `eval/results.json`).
+
+{table.strip()}
+
+![task drift](eval/drift.png)
+"""
+
+
+INDEX_FILES = ("README.md", "eval/results.json", "eval/report.md", "eval/drift.png",
+               "recipe.toml", "release.json", "SHA256SUMS", "bench/report.md",
                "bench/results.json", "bench/depth.md", "bench/depth.json",
                *(f"bench/{p}" for p in PLOTS))
 

@@ -44,6 +44,10 @@ quality_ctx = 128
 repeats = 1
 n_new = 4
 depth_ctx = 1536
+
+[eval]
+tasks = ["kvant_cloze_nob"]
+limit = 6
 """
 FOLDERS = ("mini-gguf", "mini-gptq-4bit", "mini-bnb-int8", "mini-onnx-int4")
 
@@ -101,6 +105,59 @@ def test_index_card_and_root_checksums(release):
     for line in (out / "SHA256SUMS").read_text().splitlines():
         digest, path = line.split("  ", 1)
         assert hashlib.sha256((out / path).read_bytes()).hexdigest() == digest
+
+
+def test_eval_scores_every_file_and_its_drift_is_on_the_index_card(release):
+    out, _, _ = release
+    data = json.loads((out / "eval" / "results.json").read_text())
+    bench = json.loads((out / "bench" / "results.json").read_text())["targets"]
+    # every target of the bench and the bf16 model, on identical requests
+    assert set(data["models"]) - {data["reference"]} == set(bench) - {"reference-bf16"}
+    assert data["reference"] in data["models"] and data["reference"] not in data["drift"]
+    assert len({m["requests"] for m in data["models"].values()}) == 1
+    assert data["models"][data["reference"]]["requests"] == 6 * 4  # 6 documents, 4 choices
+    index = (out / "README.md").read_text()
+    assert "task drift vs bf16" in index and "## Task scores" in index
+    for name, drift in data["drift"].items():
+        d = drift["kvant_cloze_nob"]["acc"]
+        assert d["delta"] == d["value"] - d["reference"]
+        row = next(line for line in index.splitlines() if line.startswith("| mini-")
+                   and f"| {name} |" in line)
+        shown = f"{100 * d['relative']:+.1f}% (1 tasks" if d["relative"] is not None else "-"
+        assert shown in row, (name, row)
+    # the published index lists the eval summary, never lm-eval's per-sample logs (text)
+    sums = (out / "SHA256SUMS").read_text()
+    assert "eval/results.json" in sums and "samples_" not in sums
+
+
+def test_which_to_pick_passes_over_a_file_worse_on_a_task():
+    from kvant.app.release_cards import recommendations, task_drift
+
+    targets = {n: {"quality": {"nob": {"mean_kld": kld}}} for n, kld in (("a", 0.1), ("b", 0.2))}
+    predicted = {"a": 1e9, "b": 1e9}
+    worse = {"t": {"acc": {"value": 0.2, "reference": 0.5, "delta": -0.3, "relative": -0.6,
+                           "delta_stderr": 0.05}}}
+    noise = {"t": {"acc": {"value": 0.45, "reference": 0.5, "delta": -0.05, "relative": -0.1,
+                           "delta_stderr": 0.05}}}
+    assert task_drift(worse)["worse"] == ["t acc"] and task_drift(noise)["worse"] == []
+    assert recommendations(targets, predicted)[0] == (8, "a")
+    assert recommendations(targets, predicted, {"a": task_drift(noise)})[0] == (8, "a")
+    assert recommendations(targets, predicted, {"a": task_drift(worse)})[0] == (8, "b")
+    # worse everywhere: still a pick, the most faithful
+    both = {"a": task_drift(worse), "b": task_drift(worse)}
+    assert recommendations(targets, predicted, both)[0] == (8, "a")
+
+
+def test_eval_section_is_checked(tmp_path):
+    bad = tmp_path / "bad.toml"
+    for section, match in (('tasks = "x"', "eval.tasks must be a list"),
+                           ('tasks = ["x"]\nlimit = 0', "eval.limit must be a whole number"),
+                           ('tasks = ["x"]\ninclude_path = ["/nowhere"]',
+                            "include_path folder '/nowhere' does not exist")):
+        bad.write_text(f'[release]\nname = "x"\nmodel = "@stand-in"\n[eval]\n{section}\n')
+        with pytest.raises(SettingsError, match=match):
+            load_recipe(bad)
+    assert run_kvant("release", str(bad)).returncode == 2
 
 
 def test_long_context_picks_take_the_most_precise_cache_that_fits():
@@ -230,8 +287,15 @@ def test_killed_release_resumes_from_finished_artifacts(release, cache_dir):
     gptq_weights = weights(out / "mini-gptq-4bit")
     keys = {n: e["quality_key"] for n, e in json.loads(
         (out / "bench" / "results.json").read_text())["targets"].items()}
+    evals = json.loads((out / "eval" / "results.json").read_text())["models"]
     root, _ = run_release(recipe, cache_dir=cache_dir, data_dir=UD_DIR, calib=str(CALIB_FILE))
     after = json.loads((out / "bench" / "results.json").read_text())["targets"]
+    # the task scores of a kept file are kept (same weights, tasks and lm-eval); a rebuilt
+    # file's are measured again
+    evals_after = json.loads((out / "eval" / "results.json").read_text())["models"]
+    assert evals_after["kvant-stand-in-Q8_0"] == evals["kvant-stand-in-Q8_0"]
+    assert (evals_after["mini-gptq-4bit"]["key"] == evals["mini-gptq-4bit"]["key"]) \
+        == (weights(out / "mini-gptq-4bit") == gptq_weights)
     # the card carries the numbers measured on the artifact as it now is: its key is the
     # rebuilt files' digest (equal to the old one only where the rebuild is byte-identical)
     same_bytes = weights(out / "mini-gptq-4bit") == gptq_weights
@@ -285,7 +349,8 @@ def test_rehearsal_runs_every_step_on_synthetic_weights_and_publishes_nothing(tm
     assert names[0] == "reference" and names.count("reference") == 1
     for expected in ("gguf convert bf16", "gguf quantize q4_k_m", "gguf score q8_0",
                      "gptq-4bit-g128 quantize", "gptq-4bit-g128 score", "bnb-int8 quantize",
-                     "onnx-int4-b128 build", "onnx-int4-b128 score", "cards"):
+                     "onnx-int4-b128 build", "onnx-int4-b128 score",
+                     "eval kvant-stand-in-Q4_K_M", "cards"):
         assert expected in names, expected
     assert any(n.startswith("bench speed") for n in names)
     for s in data["steps"]:
