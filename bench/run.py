@@ -38,7 +38,7 @@ from kvant.bench.report import write_report
 from kvant.bench.settings import BenchSettings
 from kvant.data import get_text, paragraphs
 from kvant.errors import SettingsError
-from kvant.files import sha256_text
+from kvant.files import sha256_text, write_json
 from kvant.generation import stated_context
 from kvant.machine import die_with_parent, machine
 from kvant.model import model_info, pick_device
@@ -157,9 +157,7 @@ def speed(target: Target, ids: list[int], ctx: int, settings: BenchSettings,
 
 
 def _save(out: Path, results: dict) -> None:
-    tmp = out / "results.json.part"
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", results)
 
 
 # What else, beside the artifact, decides each backend's numbers.

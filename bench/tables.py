@@ -14,11 +14,11 @@ numbers themselves are in the study's own results beside it).
 from __future__ import annotations
 
 import datetime
-import json
 import shlex
 import sys
 from pathlib import Path
 
+from kvant.files import write_json
 from kvant.machine import machine
 
 SCHEMA = 1
@@ -51,9 +51,7 @@ def table_doc(title: str, columns: list[str], rows: list[list[str]], command: st
 def write_table(path: Path, doc: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_suffix(".part")
-    part.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    part.replace(path)  # never a half-written table
+    write_json(path, doc)  # never a half-written table
     return path
 
 

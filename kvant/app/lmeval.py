@@ -32,7 +32,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from kvant.errors import SettingsError
-from kvant.files import sha256_file, sha256_text
+from kvant.files import sha256_file, sha256_text, write_json
 from kvant.generation import Engine, stated_context
 from kvant.runtimes import open_runtime
 from kvant.runtimes.reference import reference_dtype
@@ -213,12 +213,6 @@ def _lm_eval_file(path: Path, results: dict) -> None:
 KVANT_ENTRY = "kvant.json"  # beside lm-eval's files: Kvant's summary of one model's run
 
 
-def _write_atomic(path: Path, data: dict) -> None:
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    part.replace(path)
-
-
 def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path, *,
              cache_dir: Path, data_dir: Path | None, include_path: list[Path] = (),
              limit: int | None = None, num_fewshot: int | None = None,
@@ -282,13 +276,13 @@ def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path
             "requests": requests,
             "results": {t: _metrics(r) for t, r in results["results"].items()
                         if t in tasks or t in results.get("group_subtasks", {})}}
-        _write_atomic(done, found[target.name])
+        write_json(done, found[target.name])
     ref_name = models[0].name
     data = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
             "reference": ref_name, "lm_eval_version": lm_eval.__version__, "models": found,
             "drift": {n: drift_of(m["results"], found[ref_name]["results"])
                       for n, m in found.items() if n != ref_name}}
-    _write_atomic(out / "results.json", data)
+    write_json(out / "results.json", data)
     (out / "report.md").write_text(eval_report(data), encoding="utf-8")
     _drift_plot(data, out / "drift.png")
     return out / "report.md"

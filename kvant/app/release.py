@@ -43,7 +43,6 @@ from kvant.app.release_cards import (
     long_context_picks,
     upload_plan,
     verify_release,
-    write_json,
 )
 from kvant.artifact import amend_artifact, read_manifest, settings_dict, verify_artifact
 from kvant.bench.depth import depth, documents
@@ -52,7 +51,7 @@ from kvant.bench.run import quality_windows, run_bench, texts_for
 from kvant.bench.settings import BenchSettings
 from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import ArtifactError, SettingsError
-from kvant.files import sha256_file
+from kvant.files import sha256_file, write_json
 from kvant.model import (
     content_hash,
     model_info,

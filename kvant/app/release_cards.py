@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kvant.artifact import CHECKSUMS, MANIFEST, card_metadata, read_manifest, verify_artifact
@@ -282,7 +281,3 @@ def verify_release(root: Path, folders: list[str]) -> list[str]:
         elif sha256_file(root / rel) != listed[rel]:
             problems.append(f"checksum mismatch {rel}")
     return problems
-
-
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
