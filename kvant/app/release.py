@@ -356,7 +356,9 @@ def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchS
     todo = dict(artifacts) if rehearsal else _to_build(root, source, artifacts, cache_dir,
                                                           data_dir, rebuild)
     if rehearsal:
-        (root / "bench" / "results.json").unlink(missing_ok=True)  # measure every step anew
+        # measure every step anew: the bench's and [eval]'s kept scores would skip theirs
+        (root / "bench" / "results.json").unlink(missing_ok=True)
+        shutil.rmtree(root / "eval", ignore_errors=True)  # Kvant's own, in the rehearsal folder
     _shared_reference(model, todo, bench, reference, cache_dir, data_dir)
     for folder, (key, settings) in todo.items():
         logger.info("building %s", root / folder)
