@@ -53,6 +53,10 @@ EXACT_TOKENIZER = ONNX_EXACT_TOKENIZER
 _BUILD = """
 import sys
 from onnxruntime_genai.models.builder import create_model, parse_extra_options
+if "--lean" in sys.argv:
+    sys.argv.remove("--lean")
+    from kvant.export.onnx_builder import lean_prequantized
+    lean_prequantized()
 model, out, precision, provider, cache = sys.argv[1:6]
 opts = parse_extra_options(model, model, out, precision, provider, cache, sys.argv[6:])
 create_model(model, model, out, precision, provider, cache, **opts)
@@ -114,20 +118,31 @@ def gptq_source(gptq_dir: Path | None, model_dir: Path, settings: ONNXSettings) 
     return gptq_dir
 
 
-def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path) -> dict:
+def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path, *,
+          lean: bool = True) -> dict:
     """Run the GenAI model builder in a child process; return its time and peak RSS.
+
+    ``lean`` (int4 from GPTQ): quantize the lm_head in the builder's graph; False runs the
+    builder's own whole-graph route, which writes the same bytes (a test checks this).
 
     A child process, so that its peak memory is its own (the builder loads the whole
     checkpoint through transformers; the child reports its VmHWM, see kvant.memory) and its
     prints stay out of ours.
     """
     # from a GPTQ checkpoint the layers are GPTQ's and the float lm_head is made int8 by
-    # round to nearest: k_quant's search on its 262M weights took 2 of the 2.7 minutes of a
-    # 2-layer build and most of its 13.6 GB (int8 leaves a search little to find)
-    algo = "rtn_last" if settings.int4_algo == "gptq" else settings.int4_algo
-    extra = [] if settings.precision != "int4" else [
-        f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}",
-        f"algo_config={algo}"]
+    # ONNX Runtime's default (MLAS) round to nearest, in the builder's own graph
+    # (kvant.export.onnx_builder): k_quant's search on its 262M weights took 2 of the 2.7
+    # minutes of a 2-layer build and most of its 13.6 GB (int8 leaves a search little to find)
+    if settings.precision != "int4":
+        extra = []
+    elif settings.int4_algo == "gptq":
+        extra = [f"block_size={settings.block_size}",
+                 f"accuracy_level={settings.accuracy_level}", "algo_config=default",
+                 "matmul_mixed_precision=last_matmul:int8", *(["--lean"] if lean else [])]
+    else:
+        extra = [f"block_size={settings.block_size}",
+                 f"accuracy_level={settings.accuracy_level}",
+                 f"algo_config={settings.int4_algo}"]
     with tempfile.TemporaryDirectory(prefix="builder-", dir=scratch) as cache, \
             tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
@@ -182,7 +197,7 @@ def _card(name: str, settings: ONNXSettings, validation: dict) -> str:
                         f"{f['og_aligned_pct']:.2f}% | {f['og_crashes']} |")
     how = (f"`{settings.int4_algo}`" if settings.int4_algo != "gptq" else
            f"GPTQ (from `{validation['int4_from']['folder']}`, calibrated; lm_head int8 by "
-           "round to nearest)")
+           "ONNX Runtime's round to nearest)")
     block = (f", MatMulNBits block {settings.block_size}, accuracy level "
              f"{settings.accuracy_level}, weights quantized by {how}"
              if settings.precision == "int4" else "")

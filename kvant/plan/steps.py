@@ -159,14 +159,15 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         return floor + record.get("weights", 2 * shape.n_params()) + 3 * _logits(shape, ctx) \
             + 3 * ctx * shape.intermediate * 4
     if key == "onnx-builder" and record.get("source") == "gptq":
-        # the builder's pre-quantized path on a GPTQ checkpoint (int4_algo "gptq"): the
-        # embedding and lm_head in float32 in its graph, its proto copy and the int8 lm_head
-        # it makes (about 14 bytes per weight of the two), and per layer the packed weights
-        # read, unpacked, repacked and copied into the proto (1.6 bytes per weight); fitted to
-        # builds at 1, 2 and 4 real-width layers (8,081, 8,478 and 9,335 MiB)
+        # the builder's pre-quantized path on a GPTQ checkpoint (int4_algo "gptq"), its lm_head
+        # quantized in place (kvant.export.onnx_builder): the embedding and lm_head read in
+        # fp16 and made float32 on the way to disk, the lm_head's int8 (about 5.5 bytes per
+        # weight of the two), and per layer the packed weights read, unpacked and repacked
+        # (1.15 bytes per weight); fitted to builds at 1, 2 and 4 real-width layers (3,649,
+        # 3,953 and 4,549 MiB)
         table = shape.vocab * shape.hidden
         layers = shape.n_params() - 2 * table
-        return floor + _BUILDER_BASE_MIB * MIB + 14 * 2 * table + 1.6 * layers
+        return floor + _BUILDER_BASE_MIB * MIB + 5.5 * 2 * table + 1.15 * layers
     if key == "onnx-builder":
         # transformers' bf16 model, the whole fp32 ONNX proto the quantizer works on (the
         # builder's to_proto), a transient fp32 copy of the largest tensor, the int4 output

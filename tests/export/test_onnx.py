@@ -168,6 +168,28 @@ def test_int4_from_the_gptq_checkpoint(gptq_artifact, onnx_artifacts, tiny_model
     assert ours < 0.5 * theirs, (ours, theirs)
 
 
+def test_int4_from_gptq_lean_build_writes_the_builders_own_bytes(gptq_artifact, tmp_path):
+    """The lm_head quantized in the builder's own graph (kvant.export.onnx_builder, which
+    spares the whole-graph copy) gives the same graph and weight bytes as the builder's own
+    route through MatMulNBitsQuantizer, and no float MatMul is left."""
+    import onnx
+
+    from kvant.export.onnx_pipeline import build
+
+    settings = ONNXSettings(precision="int4", int4_algo="gptq", block_size=128)
+    outs = {}
+    for lean in (True, False):
+        outs[lean] = tmp_path / f"lean-{lean}"
+        outs[lean].mkdir()
+        build(gptq_artifact, outs[lean], settings, tmp_path, lean=lean)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
+    graph = onnx.load(outs[True] / "model.onnx", load_external_data=False).graph
+    assert not [n.name for n in graph.node if n.op_type == "MatMul"]
+    head = next(n for n in graph.node if n.name == "/lm_head/MatMul_Q8")
+    assert {a.name: a.i for a in head.attribute}["bits"] == 8
+
+
 def test_int4_from_gptq_refuses_what_it_cannot_build_from(gptq_artifact, tiny_model, tmp_path):
     """Each wrong --gptq is one line naming the fix, exit 2, before any work."""
     base = ("export", "onnx", "--model", str(tiny_model), "--out", str(tmp_path / "x"),
