@@ -148,3 +148,15 @@ def test_generation_stops_at_the_tasks_stop_string(tiny_model):
         lm.generate_until(_requests("generate_until", [
             ("Det", {"until": [], "do_sample": True, "temperature": 0.7})]))
     lm.close()
+
+
+def test_the_installed_entry_point_names_the_registered_model():
+    """What lm-eval's plugin discovery (PR #4013) reads: an `lm_eval.models` entry point
+    `kvant` whose target is the class registered under that name."""
+    from importlib.metadata import entry_points
+
+    from lm_eval.api.registry import get_model
+
+    (point,) = [e for e in entry_points(group="lm_eval.models") if e.name == "kvant"]
+    assert point.load() is get_model("kvant") is KvantLM
+
