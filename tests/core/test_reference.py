@@ -134,3 +134,24 @@ def test_a_machine_too_small_for_the_checkpoint_streams_the_reference_bit_for_bi
     for got, win in zip(streamed_logits(tiny_model, windows, "bfloat16"), windows,
                         strict=True):
         assert np.array_equal(got, expected.logits(win))
+
+
+def test_a_bare_checkpoints_identity_is_read_once_and_follows_its_bytes(model_copy,
+                                                                       monkeypatch):
+    """A folder outside any manifest (the user's bf16 model) is hashed once per process for
+    the bench's and the eval's keys, and a rewritten file gets a new identity."""
+    import kvant.runtimes.targets as module
+
+    calls = []
+    real = module.sha256_file
+    monkeypatch.setattr(module, "sha256_file", lambda p: calls.append(p) or real(p))
+    (model_copy / "manifest.json").unlink()  # as a checkpoint Kvant did not make
+    target = targets(model_copy)[0]
+    first = target.digest()
+    assert target.digest() == first and len(calls) == len(target.files)
+    weights = model_copy / target.files[0]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert target.digest() != first
