@@ -17,6 +17,8 @@ artifact").
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx_ir as ir
 from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -31,26 +33,27 @@ from onnxruntime_genai.models import builder
 Model = builder.Model
 
 
-def quantize_float_matmuls(builder) -> ir.Model:
+def quantize_float_matmuls(model: Model) -> ir.Model:
     """The builder's graph with each MatMul that still has a float weight made MatMulNBits
     (its bits from the builder's per-node config, e.g. 8 for the lm_head, else the body's),
-    in place: no copy of the other initializers."""
-    graph = builder.model.graph
-    attrs = builder.quant_attrs
-    per_node = getattr(builder, "int4_customized_weight_config", {}) or {}
+    in place: no copy of the other initializers. Each one is named on stdout
+    (`KVANT_IN_PLACE <node>`, which kvant.export.onnx_pipeline.build records)."""
+    graph = model.model.graph
+    attrs = model.quant_attrs
+    per_node = getattr(model, "int4_customized_weight_config", {}) or {}
     excluded = set(attrs["nodes_to_exclude"])
     for node in [n for n in graph if n.op_type == "MatMul" and n.domain == ""]:
         weight = node.inputs[1]
         if node.name in excluded or weight is None or weight.const_value is None:
             continue
+        array = weight.const_value.numpy()
+        if array.ndim != 2:
+            continue  # as ONNX Runtime's quantizer: 2-D weights only
         bits = per_node.get(node.name, {}).get("bits", attrs["bits"])
         config = DefaultWeightOnlyQuantConfig(
             block_size=attrs["matmul_block_size"], is_symmetric=attrs["is_symmetric"],
             accuracy_level=attrs["accuracy_level"], quant_format=QuantFormat.QOperator,
             op_types_to_quantize=("MatMul",), bits=bits)
-        array = weight.const_value.numpy()
-        if array.ndim != 2:
-            continue  # as ONNX Runtime's quantizer: 2-D weights only
         rows, cols = array.shape
         packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(
             np.ascontiguousarray(array, dtype=np.float32))
@@ -67,7 +70,8 @@ def quantize_float_matmuls(builder) -> ir.Model:
         ir.convenience.replace_nodes_and_values(graph, node, [node], [nbits], node.outputs,
                                                 nbits.outputs)
         graph.initializers.pop(weight.name)
-    return builder.model
+        sys.stdout.write(f"KVANT_IN_PLACE {node.name}\n")  # to the parent, not a log
+    return model.model
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -133,16 +133,11 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path,
     # ONNX Runtime's default (MLAS) round to nearest, in the builder's own graph
     # (kvant.export.onnx_builder): k_quant's search on its 262M weights took 2 of the 2.7
     # minutes of a 2-layer build and most of its 13.6 GB (int8 leaves a search little to find)
-    if settings.precision != "int4":
-        extra = []
-    elif settings.int4_algo == "gptq":
-        extra = [f"block_size={settings.block_size}",
-                 f"accuracy_level={settings.accuracy_level}", "algo_config=default",
-                 "matmul_mixed_precision=last_matmul:int8", *(["--lean"] if lean else [])]
-    else:
-        extra = [f"block_size={settings.block_size}",
-                 f"accuracy_level={settings.accuracy_level}",
-                 f"algo_config={settings.int4_algo}"]
+    algo = ["algo_config=default", "matmul_mixed_precision=last_matmul:int8",
+            *(["--lean"] if lean else [])] if settings.int4_algo == "gptq" \
+        else [f"algo_config={settings.int4_algo}"]
+    extra = [] if settings.precision != "int4" else [
+        f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}", *algo]
     with tempfile.TemporaryDirectory(prefix="builder-", dir=scratch) as cache, \
             tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
@@ -157,8 +152,12 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path,
             tail = " | ".join(text.strip().splitlines()[-3:])
             raise KvantError(f"the ONNX Runtime GenAI builder failed: {tail}")
     peak = re.findall(r"KVANT_PEAK_RSS_MIB ([0-9.]+)", text)
-    return {"build_seconds": round(time.perf_counter() - started, 1),
-            "builder_peak_rss_mib": float(peak[-1]) if peak else None}
+    facts = {"build_seconds": round(time.perf_counter() - started, 1),
+             "builder_peak_rss_mib": float(peak[-1]) if peak else None}
+    in_place = re.findall(r"KVANT_IN_PLACE (\S+)", text)
+    if in_place:  # which float MatMuls kvant.export.onnx_builder quantized in place
+        facts["quantized_in_place"] = in_place
+    return facts
 
 
 def og_tokenizer_json(exact: dict) -> dict:

@@ -177,11 +177,14 @@ def test_int4_from_gptq_lean_build_writes_the_builders_own_bytes(gptq_artifact, 
     from kvant.export.onnx_pipeline import build
 
     settings = ONNXSettings(precision="int4", int4_algo="gptq", block_size=128)
-    outs = {}
+    outs, facts = {}, {}
     for lean in (True, False):
         outs[lean] = tmp_path / f"lean-{lean}"
         outs[lean].mkdir()
-        build(gptq_artifact, outs[lean], settings, tmp_path, lean=lean)
+        facts[lean] = build(gptq_artifact, outs[lean], settings, tmp_path, lean=lean)
+    # the in-place route ran (equal bytes alone would not tell it from the builder's own)
+    assert facts[True]["quantized_in_place"] == ["/lm_head/MatMul"]
+    assert "quantized_in_place" not in facts[False]
     for name in ("model.onnx", "model.onnx.data"):
         assert (outs[True] / name).read_bytes() == (outs[False] / name).read_bytes(), name
     graph = onnx.load(outs[True] / "model.onnx", load_external_data=False).graph
