@@ -9,7 +9,8 @@ minimizes the predicted loss under a byte budget:
    other tensor Q8_0 (`--pure` plus one `--tensor-type` override), and measure its mean KLD
    against the bf16 reference on calibration windows; the tensor's cost is that minus the
    all-Q8_0 file's. ``torch`` (11.4B on a GPU): the same cost with the tensor swapped into
-   the transformers model, one forward per tensor and type and no llama-quantize each.
+   the transformers model and its input rounded as llama.cpp's matmul rounds it for that
+   type (INPUT_ROUNDING), one forward per tensor and type and no llama-quantize each.
    ``proxy`` (where neither fits the time budget: a CPU at 11.4B): no model run; each
    tensor of a `--pure` file of each candidate type is dequantized (gguf-py) and compared
    with the bf16 tensor, weighted per input column by the importance matrix (mean squared
@@ -355,24 +356,66 @@ def _as_param(weights: np.ndarray, tensor: Tensor, heads: dict) -> np.ndarray:
     return np.ascontiguousarray(weights)
 
 
+# llama.cpp's CPU matmul rounds a matmul's input to its weight type's vec_dot_type before the
+# dot products (ggml-cpu's type_traits_cpu): q8_K, int8 per 256 values with a float32 scale,
+# for the K-quants and IQ4_XS; q8_0 / q8_1, int8 per 32 with an fp16 scale, for the legacy
+# types and IQ4_NL. That rounding is part of what a type costs a tensor in llama.cpp: it
+# depends on the type (a 256-wide scale is coarse where the input has outliers) and on the
+# tensor's input, so the substituted forward rounds the tensor's input the same way. Written
+# by hand: gguf-py dequantizes weights but has no activation quantizer, and no library
+# emulates ggml's. {written type: (values per scale, fp16 scale)}; token_embd is a row
+# lookup, not a matmul, and has none.
+INPUT_ROUNDING = {**dict.fromkeys(("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"),
+                                  (256, False)),
+                  **dict.fromkeys(("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"),
+                                  (32, True))}
+
+
+def round_input(x, block: int, fp16_scale: bool):
+    """``x`` (torch, last dim a multiple of ``block``) as ggml holds a matmul's input:
+    ``fp16_scale`` q8_0 (quantize_row_q8_0_ref: scale absmax / 127, values rounded half away
+    from zero, the scale stored in fp16), else q8_K (quantize_row_q8_K_ref: scale from the
+    signed value of largest magnitude, rounded half to even, at most 127)."""
+    import torch
+
+    blocks = x.float().reshape(-1, block)
+    if fp16_scale:
+        d = blocks.abs().amax(dim=1, keepdim=True) / 127
+        inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        v = blocks * inverse
+        rounded = torch.sign(v) * torch.floor(v.abs() + 0.5) * d.half().float()
+    else:
+        extreme = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+        iscale = torch.where(extreme != 0, -127 / extreme, torch.zeros_like(extreme))
+        q = torch.clamp(torch.round(iscale * blocks), max=127)
+        rounded = torch.where(iscale != 0, q / iscale, torch.zeros_like(q))
+    return rounded.reshape(x.shape).to(x.dtype)
+
+
 def _mean_kld(runtime, reference, wins: list[list[int]]) -> float:
     return float(np.concatenate([kld_per_position(r[:-1], runtime.logits(w)[:-1])
                                  for r, w in zip(reference, wins, strict=True)]).mean())
 
 
 def _substituted_kld(runtime, param, weights: np.ndarray, tensor: Tensor, heads: dict,
-                     reference, wins: list[list[int]]) -> float:
+                     reference, wins: list[list[int]], module=None,
+                     rounding: tuple[int, bool] | None = None) -> float:
     """Mean KLD on ``wins`` with ``param`` replaced by ``weights`` (the dequantized GGUF
-    tensor, float32 rows of ne0), restored afterwards."""
+    tensor, float32 rows of ne0), restored afterwards; ``module`` (the Linear that multiplies
+    by it) gets its input rounded as ``rounding`` says (INPUT_ROUNDING) meanwhile."""
     import torch
 
     kept = param.data.clone()
+    hook = None if module is None or rounding is None else module.register_forward_pre_hook(
+        lambda _, args: (round_input(args[0], *rounding), *args[1:]))
     with torch.no_grad():
         param.data.copy_(torch.from_numpy(_as_param(weights, tensor, heads)))
         try:
             return _mean_kld(runtime, reference, wins)
         finally:
             param.data.copy_(kept)
+            if hook is not None:
+                hook.remove()
 
 
 def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types: list[str],
@@ -401,6 +444,10 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
     params = dict(runtime.model.named_parameters())
     if "lm_head.weight" not in params:  # tied: the embedding is the output
         params["lm_head.weight"] = params["model.embed_tokens.weight"]
+    modules = dict(runtime.model.named_modules())
+    # the matmul each tensor's input goes through (token_embd's rows are looked up)
+    linear = {t.name: modules.get(names[t.name].removesuffix(".weight"))
+              if t.name != "token_embd.weight" else None for t in tensors}
     costs, estimate = {}, None
     total = len(tensors) * len(types)
     bar = tqdm(total=total, desc="mix sensitivity (torch)", disable=not progress)
@@ -417,7 +464,8 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
                         costs[tensor.name, type_name] = _substituted_kld(
                             runtime, params[names[tensor.name]],
                             _tensor(handle, layout[tensor.name], tensor), tensor,
-                            heads, reference, wins)
+                            heads, reference, wins, linear[tensor.name],
+                            INPUT_ROUNDING.get(layout[tensor.name][2].name.lower()))
                         bar.update()
                         if estimate is None:  # one quantize per type, a forward per pair
                             eval_s = time.perf_counter() - started

@@ -182,6 +182,36 @@ def test_torch_substitution_ranks_like_the_direct_measurement(mix_artifact, tiny
     assert spearman([direct[n][t] for n, t in keys], [costs[n, t] for n, t in keys]) > 0.85
 
 
+def test_a_substituted_matmul_rounds_its_input_as_llama_cpp_does():
+    """The torch sensitivity rounds the substituted tensor's input as ggml's CPU matmul does:
+    q8_0 (blocks of 32) bit for bit as gguf-py's port of ggml's reference quantizer; q8_K
+    (blocks of 256, no port to check against) on its grid, the block's extreme exact."""
+    import torch
+
+    from kvant.export.gguf_mix import INPUT_ROUNDING, round_input
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((16, 512)) * rng.exponential(1.0, (16, 512))).astype(np.float32)
+    x[2, :256] = 0.0  # an all-zero block stays zero
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    ours = round_input(torch.from_numpy(x), *INPUT_ROUNDING["q5_0"]).numpy()
+    assert np.array_equal(ours, gguf.quants.dequantize(gguf.quants.quantize(x, q8_0), q8_0))
+    assert INPUT_ROUNDING["q6_k"] == INPUT_ROUNDING["iq4_xs"] == (256, False)
+    k = round_input(torch.from_numpy(x), *INPUT_ROUNDING["q6_k"]).numpy().reshape(-1, 256)
+    blocks = x.reshape(-1, 256)
+    step = np.abs(blocks).max(axis=1, keepdims=True) / 127
+    assert not k[4].any() and not blocks[4].any()
+    live = step[:, 0] > 0
+    steps = k[live] / step[live]
+    assert np.allclose(steps, np.round(steps), atol=1e-3)  # every value on the int8 grid
+    assert np.all(np.abs(k - blocks)[live] <= step[live] / 2 * (1 + 1e-5))
+    extreme = np.abs(blocks).argmax(axis=1)
+    rows = np.arange(len(blocks))
+    assert np.allclose(k[rows, extreme][live], blocks[rows, extreme][live], rtol=1e-6)
+    # a coarser scale than q8_0's on the same values: more error, the point of modelling it
+    assert np.abs(k - blocks).mean() > np.abs(ours.reshape(-1, 256) - blocks).mean()
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_knapsack_is_exactly_optimal_in_bytes(seed):
     """Against brute force at the budget itself: no margin (the old programme lost up to
