@@ -79,16 +79,28 @@ def _drift(shape: Shape, ctx: int, lang_tokens: int) -> float:
     return 2 * _logits(shape, lang_tokens) + 5 * 8 * ctx * shape.vocab
 
 
+def _bf16_resident(shape: Shape) -> float:
+    """What transformers holds of a bf16 checkpoint on the CPU: its parameters are views of
+    the safetensors files, mapped private (file pages, reclaimable: measured at real width,
+    a 512-token forward of one layer left 296 MiB anonymous and 1,150 MiB of file pages);
+    a forward reads every layer and the lm_head, and gathers only its rows of the embedding,
+    whose table is never resident."""
+    return 2.0 * (shape.n_params() - shape.vocab * shape.hidden)
+
+
 def step_mapped(record: dict, shape: Shape, ram: int) -> float:
     """How much of a step's predicted peak is file pages mapped read-only (the page cache:
     reclaimable, re-read from disk when RAM runs short) rather than anonymous memory: a
     llama.cpp step's mapped GGUF (the imatrix, scoring, the tokenizer report, bench rows), a
-    bf16 reference's mapped safetensors (not when it streams)."""
+    bf16 reference's mapped safetensors (not when it streams) and the bench's rows of the
+    bf16 folder (the same weights, loaded the same way)."""
     name, key = record["step"], record.get("kind") or ""
     if key == "reference":
         if record.get("streamed") or _reference_dtype_bytes(record, shape, ram) != 2:
             return 0.0
-        return 2.0 * (shape.n_params() - shape.vocab * shape.hidden)
+        return _bf16_resident(shape)
+    if key == "bf16":  # the bench's rows of the bf16 folder: the same mapped weights
+        return _bf16_resident(shape)
     if key == "imatrix":
         return float(record.get("weights", 2 * shape.n_params()))
     if key.startswith("gguf-") and not name.startswith("gguf convert"):
@@ -131,8 +143,7 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         # embedding's only where a window's rows are gathered); a float32 one is a
         # converted copy beside every page it read
         dtype = _reference_dtype_bytes(record, shape, ram)
-        weights = shape.n_params() * (2 + dtype) if dtype != 2 \
-            else 2 * (shape.n_params() - shape.vocab * shape.hidden)
+        weights = shape.n_params() * (2 + dtype) if dtype != 2 else _bf16_resident(shape)
         return floor + torch_import + weights + 2 * _logits(shape, ctx)
     if key == "mix-torch":
         # the torch mix sensitivity (export/gguf_mix.substitution_costs). Loading a float32
@@ -196,7 +207,8 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         if key and record.get("weights") else kind(key) if key else None
     if k is None:
         return None
-    weights = record.get("weights") or weight_bytes(shape, k)
+    weights = _bf16_resident(shape) if key == "bf16" \
+        else record.get("weights") or weight_bytes(shape, k)
     if record.get("worker"):  # a fresh process: the one formula of `kvant plan`
         return floor + peak_bytes(shape, k, ctx, weights)
     if name.endswith(("greedy", "greedy check")) or (

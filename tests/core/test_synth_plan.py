@@ -282,3 +282,56 @@ def test_the_streamed_reference_is_planned_at_real_width(synth_one_layer, cache_
     assert abs(row["error_pct"]) <= TOLERANCE_PCT, row
     assert row["full_predicted_gib"] * 2**30 < 0.9 * MACHINES["24 GB CPU-only"][0]
     assert row["machines"]["24 GB CPU-only"] == "fits"
+
+
+_FILE_PAGES = """
+import sys
+from kvant.runtimes.hf import TorchRuntime
+runtime = TorchRuntime(sys.argv[1], dtype="bfloat16")
+runtime.logits(list(range(100, 612)))
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(int(status["RssFile"].split()[0]) * 1024, int(status["RssAnon"].split()[0]) * 1024)
+"""
+
+
+def test_the_benchs_bf16_rows_run_on_mapped_pages_at_real_width(synth_one_layer, cache_dir,
+                                                                tmp_path):
+    """The bench's rows of the bf16 folder on one real-width layer. transformers keeps the
+    weights as pages of the mapped safetensors (reclaimable), which the plan counts as mapped;
+    each row's peak is within the rehearsal's 15%; and at 40 layers their anonymous part fits
+    the 24 GB CPU-only machine, the rest re-read from the file as RAM runs short."""
+    from dataclasses import replace
+
+    from kvant.app.rehearsal import TOLERANCE_PCT, rows
+    from kvant.bench.run import run_bench
+    from kvant.bench.settings import BenchSettings
+    from kvant.memory import ram_bytes
+    from kvant.model import read_config
+    from kvant.plan.kinds import shape_of
+    from kvant.plan.steps import step_mapped
+    from kvant.steps import recording
+
+    out = synth_one_layer[0]
+    shape = shape_of(read_config(out))
+    mapped = step_mapped({"step": "bench quality reference-bf16", "kind": "bf16"}, shape,
+                         ram_bytes())
+    result = subprocess.run([sys.executable, "-c", _FILE_PAGES, str(out)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    file_pages, anonymous = map(int, result.stdout.split()[-2:])
+    # every page the plan calls mapped is a file page, the embedding's table is not resident,
+    # and what is anonymous (the imports, a window's work) is not the weights
+    assert 0.95 * mapped <= file_pages <= mapped + 256 * 2**20, (file_pages, mapped)
+    assert anonymous < mapped / 2, anonymous
+
+    settings = BenchSettings(langs=("nob",), ctx=("512",), quality_tokens=512, repeats=1,
+                             peer_checks=False, device="cpu")
+    with recording() as steps:
+        run_bench([], out, settings, tmp_path / "bench", cache_dir=cache_dir,
+                  data_dir=UD_DIR, rehearsal=True)
+    bench = [s for s in steps if s["step"].startswith("bench ")]
+    assert [s["step"] for s in bench] == ["bench quality reference-bf16",
+                                          "bench speed reference-bf16 @512"]
+    for row in rows(bench, shape, replace(shape, n_layers=40), ram_bytes()):
+        assert abs(row["error_pct"]) <= TOLERANCE_PCT, row
+        assert row["machines"]["24 GB CPU-only"].startswith("fits"), row
