@@ -114,8 +114,8 @@ _USABLE = 0.9  # of a machine's RAM, for one program  # steps a CUDA machine run
 def needs(row: dict, machine: tuple[int, int]) -> str:
     """Whether a step's 40-layer prediction fits a machine, and on what. On a GPU machine
     the torch steps (reference, GPTQ, bitsandbytes, their scoring) put the model on the GPU,
-    accelerate keeping in RAM what does not fit; GPTQModel keeps the bf16 model in RAM and
-    one layer on the GPU (kvant.quantize.gptq_pipeline)."""
+    accelerate keeping in RAM what does not fit; GPTQModel holds a layer or two in RAM (the
+    rest offloaded to disk) and quantizes one on the GPU (kvant.quantize.gptq_pipeline)."""
     ram, vram = machine[0] * _USABLE, machine[1]  # the system and page cache keep the rest
     need = row["full_predicted_gib"] * GIB
     floor = row["floor_mib"] * MIB

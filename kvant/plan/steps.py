@@ -19,8 +19,9 @@ from kvant.synth import Shape
 #   twice (the engine's and numpy's) and one language's reference windows, memory-mapped;
 # - conversion and llama-quantize: the largest tensor (the 51,200 x 5,120 embedding) in its
 #   source, float32 and output forms;
-# - GPTQ: the bf16 model, the calibration activations of one layer (inputs and outputs, one
-#   row per sample and position) and the largest Hessian (float32, in x in);
+# - GPTQ: the embedding, lm_head and two layers in bf16 (GPTQModel offloads the rest), the
+#   calibration activations of one layer (inputs and outputs, one row per sample and
+#   position) and the largest Hessian (float32, in x in);
 # - bitsandbytes: the quantized model plus the largest tensor in bf16 while it is quantized;
 # - the ONNX builder (a child process): the checkpoint loaded in float32, plus the int4 model
 #   it builds;
@@ -185,14 +186,19 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         int4 = weight_bytes(shape, kind("onnx-int4-b32"))
         return floor + _BUILDER_BASE_MIB * MIB + (2 + 4) * shape.n_params() + 4 * big + int4
     if name.endswith(" quantize") and key and key.startswith("gptq"):
-        # the bf16 model, one layer's calibration inputs and outputs (float32, a row per
-        # sample and position), the largest Hessian (float32, in x in); GPTQModel offloads
-        # finished layers to disk, so at depth this is an upper bound
+        # GPTQModel loads the model lazily and offloads each finished layer to disk
+        # (offload_to_disk_path, kvant.quantize.gptq_pipeline): the embedding and lm_head
+        # in bf16, at most two decoder layers in bf16 (measured flat past two: 4,244, 4,398
+        # and 4,412 MiB at 1, 2 and 4 real-width layers on the CPU, docs/real-size.md), one
+        # layer's calibration inputs and outputs (float32, a row per sample and position)
+        # and the largest Hessian (float32, in x in)
         samples, seqlen = record.get("samples") or 0, record.get("seqlen") or 0
         activations = 2 * samples * seqlen * shape.hidden * 4
         hessian = max(shape.intermediate, shape.hidden) ** 2 * 4
-        return floor + torch_import + _TORCH_IMPORT_MIB * MIB + 2 * shape.n_params() \
-            + activations + hessian
+        table = shape.vocab * shape.hidden
+        layer = (shape.n_params() - 2 * table) / shape.n_layers
+        held = 2 * (2 * table + min(shape.n_layers, 2) * layer)
+        return floor + torch_import + _TORCH_IMPORT_MIB * MIB + held + activations + hessian
     if name.endswith(" quantize") and key and key.startswith("bnb"):
         # tensor by tensor (kvant.quantize.bnb_pipeline): bitsandbytes and the model code
         # imported, one shard of the output (at most SHARD_BYTES plus the tensor that
