@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from kvant.plan.kinds import Kind, kind, kinds, shape_of, weight_bytes
 from kvant.plan.kv import kv_bytes, kv_types_for
 from kvant.plan.sizes import GIB, MIB
@@ -15,11 +17,12 @@ from kvant.synth import Shape
 # Per-token terms measured at real width (rehearsal, 2 layers, 512 to 8,192 tokens): a
 # transformers prefill holds its bf16 logits and activations, about 2.5 bytes per token per
 # vocabulary entry (bitsandbytes int8 about 4: its CPU path keeps activations in float32
-# and their int8 copy); ORT GenAI about 12 (its float32 logits, copied twice).
+# and their int8 copy); ORT GenAI about 11 (its float32 logits, copied about twice: 9.3 and
+# 10.8 bytes measured per 2,048 and 8,192 tokens).
 DEFAULT_OVERHEAD = {"torch/bf16": (363.0, 2.5), "torch/bnb": (405.0, 2.5),
                     "torch/bnb-int8": (405.0, 4.0),
                     "torch/gptq": (569.0, 2.5), "llama.cpp/gguf": (51.0, 0.0),
-                    "onnxruntime-genai/onnx": (61.0, 12.0)}
+                    "onnxruntime-genai/onnx": (61.0, 11.0)}
 
 
 def overhead_bytes(stack: str, ctx: int, vocab: int, fitted: dict | None = None) -> float:
@@ -34,17 +37,37 @@ def peak_bytes(shape: Shape, kind: Kind, ctx: int, weights: float | None = None,
     gathers embedding rows from it: the embedding table is never resident."""
     weights = weight_bytes(shape, kind) if weights is None else weights
     if kind.backend == "onnxruntime-genai":
-        weights = ort_resident(shape, kind, weights)
+        weights = ort_resident(shape, kind, weights) + ort_arena(shape, kind, weights, ctx)
     return weights + kv_bytes(shape, kind, ctx, kv_type) + overhead_bytes(kind.stack, ctx,
                                                                           shape.vocab, fitted)
+
+
+# ONNX Runtime at real width (kvant synth, ONNX int4 from GPTQ at block 128, 1 and 2 layers
+# of 139 MiB of MatMulNBits each, 2026-12-04): a layer adds 156 MiB to a plain session after
+# loading and 189 MiB to GenAI's (MLAS's prepacked copy; the file's pages are let go, 75 MiB
+# of them resident after loading), and GenAI's prefill a further 119 and 226 MiB at 2,048
+# and 8,192 tokens: its fp32 KV cache and its arena, which grows by a chunk per doubling.
+_MLAS_PREPACKED = 1.4  # resident bytes per byte of MatMulNBits weights
+_ARENA_PER_DOUBLING = 0.3  # GenAI prefill, per layer and doubling of context past 512,
+#                            in bytes per byte of the layer's MatMulNBits weights
 
 
 def ort_resident(shape: Shape, kind: Kind, weights: float) -> float:
     """What ONNX Runtime holds of a weights file: it maps the file and gathers embedding
     rows from it (the table is never resident), and MLAS repacks every MatMulNBits weight
-    into a copy of its own."""
+    into a copy of its own, letting the file's pages go."""
     embed = shape.vocab * shape.hidden * kind.embed_bpw / 8
-    return weights - embed + (weights - embed) if kind.linear_bpw < 16 else weights - embed
+    return _MLAS_PREPACKED * (weights - embed) if kind.linear_bpw < 16 else weights - embed
+
+
+def ort_arena(shape: Shape, kind: Kind, weights: float, ctx: int) -> float:
+    """What GenAI's arena adds per layer to a prefill of ``ctx`` tokens beyond its KV cache
+    (fitted at real width: a chunk per doubling of the context past 512)."""
+    if kind.linear_bpw >= 16 or ctx <= 512:
+        return 0.0
+    table = shape.vocab * shape.hidden
+    linear = weights - table * (kind.embed_bpw + kind.head_bpw) / 8
+    return _ARENA_PER_DOUBLING * max(linear, 0.0) * math.log2(ctx / 512)
 
 
 def predict(shape: Shape, ctxs: list[int], fitted: dict | None = None,
