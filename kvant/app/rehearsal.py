@@ -201,9 +201,21 @@ _GROUPS = (("GGUF convert and llama-quantize", "no", ("gguf convert", "gguf quan
            ("task scores ([eval], lm-eval)", "no (faster with one)", ("eval ",)))
 
 
+def _verdict(found: list[dict], largest: dict, machine: str) -> str:
+    """A group's cell for one machine: the largest step's verdict, unless a step of the group
+    does not fit there (a smaller plan can need more anonymous memory than a larger, mapped
+    one): then the largest of those, named."""
+    short = [r for r in found if r["machines"][machine].startswith("needs")]
+    if not short or largest in short:
+        return largest["machines"][machine]
+    worst = max(short, key=lambda r: r["full_predicted_gib"])
+    return f"{worst['step']}: {worst['machines'][machine]}"
+
+
 def needs_table(data: dict) -> dict:
     """The README's table: per group of steps, the largest 40-layer plan and what it needs on
-    each machine (the row of that largest step), generated from the rehearsal."""
+    each machine (the largest step's verdict, or the step that does not fit; _verdict),
+    generated from the rehearsal."""
     full, cells = data["full_layers"], []
     for label, gpu, prefixes in _GROUPS:
         found = [r for r in data["steps"] if "full_predicted_gib" in r
@@ -211,9 +223,9 @@ def needs_table(data: dict) -> dict:
                  and not (label == "the bench" and "quantize" in r["step"])]
         if not found:
             continue
-        worst = max(found, key=lambda r: r["full_predicted_gib"])
-        cells.append([label, gpu, f"{worst['full_predicted_gib']:.1f} GiB",
-                      *(worst["machines"][m] for m in MACHINES)])
+        largest = max(found, key=lambda r: r["full_predicted_gib"])
+        cells.append([label, gpu, f"{largest['full_predicted_gib']:.1f} GiB",
+                      *(_verdict(found, largest, m) for m in MACHINES)])
     return table_doc(f"What each step needs at {full} layers: the largest plan of the group, "
                      f"from the {data['layers']}-layer rehearsal",
                      ["step", "GPU", f"memory at {full} layers (plan)", *MACHINES], cells,

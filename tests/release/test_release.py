@@ -373,3 +373,25 @@ def test_rehearsal_runs_every_step_on_synthetic_weights_and_publishes_nothing(tm
     again = run_kvant("release", str(recipe), "--rehearse", "2", "--push", "someorg")
     assert again.returncode == 2 and "never pushed" in again.stderr
     assert run_kvant("release", str(recipe), "--work", "0.5").returncode == 2
+
+
+def test_the_needs_table_names_a_step_that_does_not_fit_beside_a_larger_one_that_does():
+    """A group's largest plan can fit (mostly mapped file pages) while a smaller one of it
+    does not (anonymous memory): the README's cell must say the one that does not."""
+    from kvant.app.rehearsal import MACHINES, needs_table
+
+    cpu, gpu = MACHINES
+    mapped = {"step": "bench speed reference-bf16 @8192", "full_predicted_gib": 25.8,
+              "machines": {cpu: "fits: 5.0 GiB anonymous + 20.8 GiB of mapped file", gpu: "fits"}}
+    anonymous = {"step": "bench speed x-onnx-int4 @8192", "full_predicted_gib": 24.0,
+                 "machines": {cpu: "needs 29 GB RAM", gpu: "fits"}}
+    small = {"step": "bench speed x-Q4_K_M @8192", "full_predicted_gib": 11.0,
+             "machines": {cpu: "fits", gpu: "fits"}}
+    for row in (mapped, anonymous, small):  # what the results table beside it reads
+        row.update(peak_rss_mib=1000.0, wall_s=1.0, full_wall_s=40.0)
+    data = {"full_layers": 40, "layers": 1, "work": 1, "steps": [mapped, anonymous, small],
+            "tolerance_pct": 15.0, "within_tolerance": True}
+    (row,) = needs_table(data)["rows"]
+    assert row[:3] == ["the bench", "no", "25.8 GiB"]
+    assert row[3] == "bench speed x-onnx-int4 @8192: needs 29 GB RAM"
+    assert row[4] == "fits"  # the largest step's verdict where every step fits
