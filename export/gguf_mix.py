@@ -406,10 +406,11 @@ def _substituted_kld(runtime, param, weights: np.ndarray, tensor: Tensor, heads:
     import torch
 
     kept = param.data.clone()
-    hook = None if module is None or rounding is None else module.register_forward_pre_hook(
-        lambda _, args: (round_input(args[0], *rounding), *args[1:]))
     with torch.no_grad():
         param.data.copy_(torch.from_numpy(_as_param(weights, tensor, heads)))
+        hook = None if module is None or rounding is None else \
+            module.register_forward_pre_hook(
+                lambda _, args: (round_input(args[0], *rounding), *args[1:]))
         try:
             return _mean_kld(runtime, reference, wins)
         finally:

@@ -96,11 +96,10 @@ def step_mapped(record: dict, shape: Shape, ram: int) -> float:
     bf16 reference's mapped safetensors (not when it streams) and the bench's rows of the
     bf16 folder (the same weights, loaded the same way)."""
     name, key = record["step"], record.get("kind") or ""
-    if key == "reference":
-        if record.get("streamed") or _reference_dtype_bytes(record, shape, ram) != 2:
-            return 0.0
-        return _bf16_resident(shape)
-    if key == "bf16":  # the bench's rows of the bf16 folder: the same mapped weights
+    if key == "reference" and (record.get("streamed")
+                               or _reference_dtype_bytes(record, shape, ram) != 2):
+        return 0.0
+    if key in ("reference", "bf16"):  # bf16: the bench's rows of the bf16 folder
         return _bf16_resident(shape)
     if key == "imatrix":
         return float(record.get("weights", 2 * shape.n_params()))
