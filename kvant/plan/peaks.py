@@ -25,8 +25,15 @@ DEFAULT_OVERHEAD = {"torch/bf16": (363.0, 2.5), "torch/bnb": (405.0, 2.5),
                     "onnxruntime-genai/onnx": (61.0, 11.0)}
 
 
+# kvant.runtimes.onnx feeds GenAI a prompt this many tokens per forward, as llama.cpp's speed
+# rows do (n_batch 512): its logits and its arena follow the batch, not the context.
+PREFILL_BATCH = 512
+
+
 def overhead_bytes(stack: str, ctx: int, vocab: int, fitted: dict | None = None) -> float:
     base_mib, per_logit = {**DEFAULT_OVERHEAD, **(fitted or {})}[stack]
+    if stack == "onnxruntime-genai/onnx":
+        ctx = min(ctx, PREFILL_BATCH)
     return base_mib * MIB + per_logit * ctx * vocab
 
 
@@ -45,11 +52,13 @@ def peak_bytes(shape: Shape, kind: Kind, ctx: int, weights: float | None = None,
 # ONNX Runtime at real width (kvant synth, ONNX int4 from GPTQ at block 128, 1 and 2 layers
 # of 139 MiB of MatMulNBits each, 2026-12-04): a layer adds 156 MiB to a plain session after
 # loading and 189 MiB to GenAI's (MLAS's prepacked copy; the file's pages are let go, 75 MiB
-# of them resident after loading), and GenAI's prefill a further 119 and 226 MiB at 2,048
-# and 8,192 tokens: its fp32 KV cache and its arena, which grows by a chunk per doubling.
+# of them resident after loading). GenAI's prefill in batches of 512 adds a further 59 and
+# 152 MiB per layer at 2,048 and 8,192 tokens: its fp32 KV cache (16 and 64 MiB) and its
+# arena's attention buffers over the whole context, a chunk per doubling (in one forward it
+# was 119 and 226 MiB).
 _MLAS_PREPACKED = 1.4  # resident bytes per byte of MatMulNBits weights
-_ARENA_PER_DOUBLING = 0.3  # GenAI prefill, per layer and doubling of context past 512,
-#                            in bytes per byte of the layer's MatMulNBits weights
+_ARENA_PER_DOUBLING = 0.16  # GenAI prefill, per layer and doubling of context past 512,
+#                             in bytes per byte of the layer's MatMulNBits weights
 
 
 def ort_resident(shape: Shape, kind: Kind, weights: float) -> float:

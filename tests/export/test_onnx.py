@@ -230,3 +230,70 @@ def test_int4_from_gptq_on_widths_unlike_the_stand_ins(odd_model, tmp_path):
     assert 0 < v["mean_kld"] < 0.01 and v["top1_agreement_pct"] > 90, v
     decoder = json.loads((onnx / "genai_config.json").read_text())["model"]["decoder"]
     assert (decoder["num_key_value_heads"], decoder["head_size"]) == (3, 64)
+
+
+def test_genai_takes_a_long_prompt_in_batches_with_the_next_tokens_unchanged(onnx_artifacts,
+                                                                              eval_text):
+    """A prompt over two of GenAI's prefill batches continues as the plain session's argmax
+    of the whole sequence says, token by token, and as one forward of the prompt does."""
+    import numpy as np
+
+    from kvant.runtimes.onnx import PREFILL_BATCH, GenaiRuntime, OrtRuntime, append
+    from kvant.tokenization import tokenize
+
+    path = onnx_artifacts["fp32"]
+    ids = tokenize(path, eval_text.path.read_text(encoding="utf-8"))[:2 * PREFILL_BATCH + 277]
+    runtime = GenaiRuntime(path)
+    generator = runtime._generator(len(ids) + 6)
+    append(generator, ids)
+    batched = []
+    for _ in range(6):
+        generator.generate_next_token()
+        batched.append(int(generator.get_next_tokens()[0]))
+    generator = runtime._generator(len(ids) + 6)
+    append(generator, ids, batch=len(ids))
+    whole = []
+    for _ in range(6):
+        generator.generate_next_token()
+        whole.append(int(generator.get_next_tokens()[0]))
+    logits = OrtRuntime(path).logits(ids + batched)
+    teacher = [int(np.argmax(row)) for row in logits[len(ids) - 1:-1]]
+    assert batched == teacher == whole
+    assert list(runtime.greedy(ids, max_length=len(ids) + 6)) == batched
+
+
+_PREFILL_PEAK = """
+import sys
+import numpy as np
+from kvant.memory import peak_rss_mib
+from kvant.runtimes.onnx import GenaiRuntime, append
+runtime = GenaiRuntime(sys.argv[1])
+ids = list(np.random.default_rng(0).integers(100, runtime._vocab_size(), int(sys.argv[2])))
+generator = runtime._generator(len(ids) + 1)
+before = peak_rss_mib()
+append(generator, ids, batch=int(sys.argv[3]))
+print(peak_rss_mib() - before)
+"""
+
+
+def test_genai_prefill_in_batches_holds_a_batchs_logits_not_the_contexts(onnx_artifacts):
+    """One forward of 16,384 tokens holds GenAI's float32 logits of every position (16,384 x
+    the stand-in's 4,096 entries x 4 bytes = 256 MiB, more with its copies); the runtime's
+    batches hold one batch's. Each measured in a fresh process, as the bench's speed rows
+    are."""
+    import subprocess
+    import sys
+
+    from kvant.plan.peaks import PREFILL_BATCH
+
+    def grown_mib(batch: int) -> float:
+        out = subprocess.run([sys.executable, "-c", _PREFILL_PEAK,
+                              str(path), str(ctx), str(batch)],
+                             capture_output=True, text=True, check=True, timeout=300)
+        return float(out.stdout.split()[-1])
+
+    path, ctx = onnx_artifacts["int4-b128"], 16384
+    whole, batched = grown_mib(ctx), grown_mib(PREFILL_BATCH)
+    logits_mib = ctx * json.loads((path / "config.json").read_text())["vocab_size"] * 4 / 2**20
+    assert whole > logits_mib
+    assert batched < whole - 0.8 * logits_mib
