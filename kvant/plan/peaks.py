@@ -32,8 +32,6 @@ PREFILL_BATCH = 512
 
 def overhead_bytes(stack: str, ctx: int, vocab: int, fitted: dict | None = None) -> float:
     base_mib, per_logit = {**DEFAULT_OVERHEAD, **(fitted or {})}[stack]
-    if stack == "onnxruntime-genai/onnx":
-        ctx = min(ctx, PREFILL_BATCH)
     return base_mib * MIB + per_logit * ctx * vocab
 
 
@@ -43,10 +41,12 @@ def peak_bytes(shape: Shape, kind: Kind, ctx: int, weights: float | None = None,
     + the runtime stack's overhead, at context ``ctx``. ORT GenAI maps its weights file and
     gathers embedding rows from it: the embedding table is never resident."""
     weights = weight_bytes(shape, kind) if weights is None else weights
-    if kind.backend == "onnxruntime-genai":
+    logit_rows = ctx
+    if kind.backend == "onnxruntime-genai":  # its prompt in batches: one batch's logits
         weights = ort_resident(shape, kind, weights) + ort_arena(shape, kind, weights, ctx)
-    return weights + kv_bytes(shape, kind, ctx, kv_type) + overhead_bytes(kind.stack, ctx,
-                                                                          shape.vocab, fitted)
+        logit_rows = min(ctx, PREFILL_BATCH)
+    return weights + kv_bytes(shape, kind, ctx, kv_type) + overhead_bytes(
+        kind.stack, logit_rows, shape.vocab, fitted)
 
 
 # ONNX Runtime at real width (kvant synth, ONNX int4 from GPTQ at block 128, 1 and 2 layers
