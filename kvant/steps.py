@@ -55,10 +55,15 @@ def _rss(pid: int) -> int:
 
 
 def _children(pid: int) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # the process ended (also between its parent's listing and now)
+        return []
     out = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+    for task in tasks:
         try:
-            out += [int(c) for c in task.read_text().split()]
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text()
+                    .split()]
         except OSError:
             continue
     return out
@@ -125,7 +130,10 @@ def step(name: str, **facts) -> Iterator[dict]:
 
     def sample() -> None:
         while not stop.wait(_SAMPLE_S):
-            own, below = _tree_rss(os.getpid())
+            try:
+                own, below = _tree_rss(os.getpid())
+            except OSError:  # /proc changed under the walk: the next sample sees the tree
+                continue
             peak[0] = max(peak[0], own + below)
 
     torch = _cuda()

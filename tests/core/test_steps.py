@@ -26,6 +26,27 @@ def test_a_childs_peak_counts_in_its_step_and_the_next_step_starts_afresh():
     assert big["wall_s"] >= 0.4
 
 
+def test_a_child_that_ends_during_a_sample_does_not_stop_the_sampling(monkeypatch):
+    """A process can end while /proc is walked (seen in a rehearsal: the sampler thread died
+    on /proc/PID/task, and the step's later children went unmeasured)."""
+    import kvant.steps
+
+    walk, calls = kvant.steps._children, [0]
+
+    def vanishing(pid):
+        calls[0] += 1
+        if calls[0] == 2:  # the sampler's first walk (the first is the step's start)
+            raise FileNotFoundError(f"/proc/{pid}/task")
+        return walk(pid)
+
+    monkeypatch.setattr(kvant.steps, "_children", vanishing)
+    with recording() as log:
+        with step("child after a vanished one"):
+            subprocess.run([sys.executable, "-c", HOLD.format(n=400)], check=True)
+    (record,) = log
+    assert calls[0] > 2 and record["peak_rss_mib"] > record["start_rss_mib"] + 300
+
+
 def test_this_processs_own_peak_is_reset_per_step():
     with recording() as log:
         with step("allocate"):
