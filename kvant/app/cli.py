@@ -153,6 +153,18 @@ def cmd_eval(args: argparse.Namespace) -> str:
                         device=pick_device(args.device)))
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> str:
+    try:
+        from kvant.app.lmeval import lm_eval_cli  # lm-eval, registering `kvant` with it
+    except ImportError as exc:
+        raise SettingsError(f"kvant lm-eval needs lm-evaluation-harness ({exc.name} is "
+                            "missing); install it with pip install 'kvant[eval]'") from exc
+    code = lm_eval_cli(args.lm_eval_args, cache_dir=cache_dir(), data_dir=default_data_dir())
+    if code:
+        raise SystemExit(code)
+    return ""
+
+
 def _sampling(args: argparse.Namespace):
     from kvant.generation import Sampling
 
@@ -526,6 +538,14 @@ def build_parser() -> KvantParser:
     _add_data_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
+    # every argument is lm-eval's (prefix "+": no option of Kvant's takes one of them)
+    lm_eval_p = sub.add_parser("lm-eval", prefix_chars="+", add_help=False,
+                             help="lm-evaluation-harness's own command line with `--model "
+                                  "kvant --model_args artifact=PATH` for any artifact; "
+                                  "`kvant lm-eval --help` is lm-eval's help")
+    lm_eval_p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    lm_eval_p.set_defaults(func=cmd_lm_eval, own_stdout=True)
+
     generate = sub.add_parser("generate", help="stream text from any artifact (exact "
                               "NorMistral tokenization for GGUF and ONNX too)")
     generate.add_argument("artifact", type=Path, help="model folder, artifact folder or .gguf")
@@ -650,7 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Libraries (GPTQModel, llama.cpp) print progress to stdout; keep stdout for the
         # result alone, so `model=$(kvant tiny)` and pipes get just the path.
-        with contextlib.redirect_stdout(sys.stderr):
+        # (lm-eval's pass-through keeps its results table on stdout, as lm_eval does)
+        with contextlib.redirect_stdout(sys.stdout if getattr(args, "own_stdout", False)
+                                        else sys.stderr):
             result = args.func(args)
         if result:
             try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -208,6 +209,37 @@ def _lm_eval_file(path: Path, results: dict) -> None:
         with (path / f"samples_{task}.jsonl").open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def lm_eval_cli(argv: list[str], *, cache_dir: Path, data_dir: Path | None) -> int:
+    """lm-eval's own command line (``lm_eval ARGS``) with ``kvant`` registered as a model:
+    ``kvant lm-eval run --model kvant --model_args artifact=PATH --tasks ...``. lm-eval finds
+    installed backends by their ``lm_eval.models`` entry point only from its PR #4013 on, in
+    no release yet (0.4.13 is the newest), so a bare ``lm_eval --model kvant`` cannot find
+    this module; running lm-eval's CLI after importing it can. Kvant's local tasks named in
+    the arguments (kvant_cloze_<lang>, kvant_complete_<lang>) are built from the held-out text
+    into the cache and passed as --include_path when none is given. Returns lm-eval's exit
+    status."""
+    from lm_eval.__main__ import cli_evaluate
+
+    from kvant.bench.lmtasks import LOCAL_TASK, build_tasks
+
+    argv = list(argv)
+    words = [w for arg in argv for w in arg.split(",")]
+    local = sorted({m.group(1) for w in words if (m := LOCAL_TASK.fullmatch(w.strip()))})
+    if local and "--include_path" not in argv:
+        folder = cache_dir / "lm-eval-tasks"
+        build_tasks(folder, cache_dir, data_dir, tuple(local))
+        argv += ["--include_path", str(folder)]
+    saved = sys.argv
+    sys.argv = ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    except SystemExit as exc:  # argparse's usage errors and lm-eval's own exits
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
 
 
 KVANT_ENTRY = "kvant.json"  # beside lm-eval's files: Kvant's summary of one model's run

@@ -74,3 +74,34 @@ def test_eval_refuses_what_it_cannot_run(tiny_model, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     bad = run_kvant("eval", str(tiny_model), "--tasks", "kvant_cloze_nob", "--limit", "0")
     assert bad.returncode == 2 and "--limit 0" in bad.stderr
+
+
+def test_lm_evals_own_command_line_runs_an_artifact_as_kvant_eval_does(evaluated, tmp_path):
+    """`kvant lm-eval` is lm-eval's CLI with `kvant` registered (no lm-eval release discovers
+    installed backends yet): the same requests get the same answers and accuracy as
+    `kvant eval` gave the same file, and lm-eval's results table is on stdout."""
+    out, q4 = evaluated
+    own = tmp_path / "lm-eval-out"
+    result = run_kvant("lm-eval", "--model", "kvant", "--model_args", f"artifact={q4}",
+                       "--tasks", "kvant_cloze_nob", "--limit", str(LIMIT), "--output_path",
+                       str(own), "--log_samples", env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kvant_cloze_nob" in result.stdout and "acc" in result.stdout
+    (results,) = own.rglob("results_*.json")
+    (samples,) = own.rglob("samples_kvant_cloze_nob_*.jsonl")
+    acc = json.loads(results.read_text())["results"]["kvant_cloze_nob"]["acc,none"]
+    kept = json.loads((out / "results.json").read_text())["models"][q4.stem]
+    assert acc == pytest.approx(kept["results"]["kvant_cloze_nob"]["acc"]["value"])
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    before = _samples(out, q4.stem, "kvant_cloze_nob")
+    assert [r["arguments"] for r in rows] == [r["arguments"] for r in before]
+    assert [r["resps"] for r in rows] == [r["resps"] for r in before]
+
+
+def test_lm_evals_command_line_refuses_a_missing_artifact_with_kvants_error(tmp_path):
+    bad = run_kvant("lm-eval", "--model", "kvant", "--model_args",
+                    f"artifact={tmp_path / 'nothing.gguf'}", "--tasks", "kvant_cloze_nob",
+                    "--limit", "2", env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith("kvant: error: ")
+    assert "nothing.gguf" in bad.stderr.strip().splitlines()[-1]
