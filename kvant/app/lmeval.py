@@ -79,6 +79,7 @@ class KvantLM(LM):
                                                  DEFAULT_MAX_LENGTH)
         self.where, self.threads = device, int(threads)  # LM.device is lm-eval's
         self._runtime, self._engine = runtime, None
+        self.dtype = None  # the scoring runtime's, once opened (a bf16 folder's: the plan's)
         self._own_runtime = runtime is None
         self.longest = 0  # the most tokens one forward took (a release step's plan context)
 
@@ -93,6 +94,7 @@ class KvantLM(LM):
                      if self.target.fmt == "bf16" else "bfloat16")
             self._runtime = open_runtime(self.target, self.where, self.threads,
                                          n_ctx=self.max_length + 8, dtype=dtype)
+            self.dtype = dtype
         return self._runtime
 
     def _generator(self) -> Engine:
@@ -298,6 +300,10 @@ def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path
                 lm.close()
             seconds = time.perf_counter() - started
             record["ctx"] = lm.longest
+            if target.fmt == "bf16" and lm.dtype:  # float32 where it fits, as the reference
+                record["dtype"] = lm.dtype
+            if target.fmt == "gguf":  # llama.cpp clears its whole KV cache when it opens
+                record["n_ctx"] = lm.max_length + 8
         _lm_eval_file(out / "lm-eval" / target.name, results)
         requests = sum(len(row["arguments"]) for rows in results["samples"].values()
                        for row in rows)

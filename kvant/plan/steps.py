@@ -34,6 +34,11 @@ start, and the prediction adds to that)."""
 _BUILDER_BASE_MIB = 600.0  # the GenAI builder's process: torch, transformers, onnx, ORT
 _TORCH_IMPORT_MIB = 250.0  # what importing torch and transformers adds to a process
 _BNB_IMPORT_MIB = 100.0  # bitsandbytes and the model's code, beside torch and transformers
+# lm-eval's own working set in a task eval's step (kvant.app.lmeval.run_eval: the task built
+# from its dataset, the requests, the per-sample log it keeps), whatever the model: fitted to
+# the 1-layer real-width rehearsal of 2026-12-05, where every GGUF row's step held 450-460 MiB
+# more than its model and logits
+_LM_EVAL_MIB = 450.0
 
 
 def _reference_dtype_bytes(record: dict, shape: Shape, ram: int) -> int:
@@ -96,8 +101,8 @@ def step_mapped(record: dict, shape: Shape, ram: int) -> float:
     bf16 reference's mapped safetensors (not when it streams) and the bench's rows of the
     bf16 folder (the same weights, loaded the same way)."""
     name, key = record["step"], record.get("kind") or ""
-    if key == "reference" and (record.get("streamed")
-                               or _reference_dtype_bytes(record, shape, ram) != 2):
+    if (key == "reference" or (key == "bf16" and record.get("task_eval"))) and (
+            record.get("streamed") or _reference_dtype_bytes(record, shape, ram) != 2):
         return 0.0
     if key in ("reference", "bf16"):  # bf16: the bench's rows of the bf16 folder
         return _bf16_resident(shape)
@@ -214,6 +219,12 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         return None
     weights = _bf16_resident(shape) if key == "bf16" \
         else record.get("weights") or weight_bytes(shape, k)
+    # a task eval scores a bf16 folder in the reference's dtype (float32 where it fits): the
+    # converted copy beside the mapped pages it was read from, as the reference's
+    if key == "bf16" and record.get("task_eval") and \
+            _reference_dtype_bytes(record, shape, ram) != 2:
+        weights = (2 + _reference_dtype_bytes(record, shape, ram)) * shape.n_params()
+    lm_eval = _LM_EVAL_MIB * MIB if record.get("task_eval") else 0
     if record.get("worker"):  # a fresh process: the one formula of `kvant plan`
         return floor + peak_bytes(shape, k, ctx, weights)
     if name.endswith(("greedy", "greedy check")) or (
@@ -221,12 +232,14 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         # ONNX Runtime in this process (GenAI, or the plain session that scores): mapped
         # weights, repacked copies, its logits three times, drift's comparison
         return floor + ort_resident(shape, k, weights) + kv_bytes(shape, k, ctx) \
-            + 3 * _logits(shape, ctx) + (_drift(shape, ctx, lang) if lang else 0)
+            + 3 * _logits(shape, ctx) + (_drift(shape, ctx, lang) if lang else 0) + lm_eval
     if name == "gguf tokenizer report":  # whole paragraphs, one at a time: bits per byte
         return floor + weights + 2 * _logits(shape, ctx) + 3 * 8 * ctx * shape.vocab
     # scoring in this process: the weights (a mapped file or loaded tensors), the engine's
     # logits of a window and numpy's copy, and drift's comparison of one language (not in a
     # task eval's step, kvant.app.lmeval: it keeps one request's log-probabilities)
     drift = 0 if record.get("task_eval") else _drift(shape, ctx, lang)
-    return floor + torch_import + weights + kv_bytes(shape, k, ctx) + 2 * _logits(shape, ctx) \
-        + drift
+    # (a task eval's llama.cpp context is its longest request's room, n_ctx, not the longest
+    # request it met: llama.cpp allocates and clears the whole KV cache when it opens)
+    kv = kv_bytes(shape, k, record.get("n_ctx") or ctx)
+    return floor + torch_import + weights + kv + 2 * _logits(shape, ctx) + drift + lm_eval

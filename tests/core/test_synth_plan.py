@@ -335,3 +335,32 @@ def test_the_benchs_bf16_rows_run_on_mapped_pages_at_real_width(synth_one_layer,
     for row in rows(bench, shape, replace(shape, n_layers=40), ram_bytes()):
         assert abs(row["error_pct"]) <= TOLERANCE_PCT, row
         assert row["machines"]["24 GB CPU-only"].startswith("fits"), row
+
+
+def test_a_task_eval_of_the_bf16_folder_is_planned_in_the_dtype_it_scores_in(
+        synth_one_layer, cache_dir, tmp_path):
+    """`kvant eval`'s step on one real-width layer of the bf16 folder: KvantLM scores it in
+    the reference's dtype (float32 where it fits, as here: a converted copy beside the mapped
+    pages), and the step's peak is within the rehearsal's 15% of the plan (the plan had it as
+    bf16 pages, 47% under the 1-layer rehearsal's measurement). At 40 layers the dtype is
+    chosen anew: bfloat16 on the 24 GB CPU-only machine, where the step then fits on mapped
+    pages."""
+    from dataclasses import replace
+
+    from kvant.app.lmeval import run_eval
+    from kvant.app.rehearsal import TOLERANCE_PCT, rows
+    from kvant.memory import ram_bytes
+    from kvant.model import read_config
+    from kvant.plan.kinds import shape_of
+    from kvant.steps import recording
+
+    out = synth_one_layer[0]
+    with recording() as steps:
+        run_eval([], out, ["kvant_cloze_nob"], tmp_path / "eval", cache_dir=cache_dir,
+                 data_dir=UD_DIR, limit=4)
+    (record,) = steps
+    assert record["dtype"] == "float32" and record["task_eval"] is True
+    shape = shape_of(read_config(out))
+    (row,) = rows(steps, shape, replace(shape, n_layers=40), ram_bytes())
+    assert abs(row["error_pct"]) <= TOLERANCE_PCT, row
+    assert row["machines"]["24 GB CPU-only"].startswith("fits"), row
