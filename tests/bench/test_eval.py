@@ -94,8 +94,20 @@ def test_lm_evals_own_command_line_runs_an_artifact_as_kvant_eval_does(evaluated
     assert acc == pytest.approx(kept["results"]["kvant_cloze_nob"]["acc"]["value"])
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     before = _samples(out, q4.stem, "kvant_cloze_nob")
-    assert [r["arguments"] for r in rows] == [r["arguments"] for r in before]
-    assert [r["resps"] for r in rows] == [r["resps"] for r in before]
+    assert [lm_eval_args(r) for r in rows] == [lm_eval_args(r) for r in before]
+    assert [lm_eval_lls(r) for r in rows] == [lm_eval_lls(r) for r in before]
+
+
+def lm_eval_args(row: dict) -> list:
+    """A logged request's arguments: lm-eval's CLI logs them as {"gen_args_N": {"arg_M"}},
+    simple_evaluate's samples as lists."""
+    found = row["arguments"]
+    return [list(a.values()) for a in found.values()] if isinstance(found, dict) else found
+
+
+def lm_eval_lls(row: dict) -> list[float]:
+    """A logged request's log-likelihoods (lm-eval's CLI logs them as strings)."""
+    return [float(choice[0][0]) for choice in row["resps"]]
 
 
 def test_lm_evals_command_line_refuses_a_missing_artifact_with_kvants_error(tmp_path):
