@@ -47,6 +47,14 @@ def _reference_dtype_bytes(record: dict, shape: Shape, ram: int) -> int:
     return 4 if reference_dtype_for(shape.n_params(), ram) == "float32" else 2
 
 
+def _reference_weights(record: dict, shape: Shape, ram: int) -> float:
+    """A bf16 checkpoint loaded in the reference's dtype (the reference, a task eval of the
+    bf16 folder): bf16 runs on the mapped pages; float32 is a converted copy beside every
+    page it read."""
+    dtype = _reference_dtype_bytes(record, shape, ram)
+    return shape.n_params() * (2 + dtype) if dtype != 2 else _bf16_resident(shape)
+
+
 def _largest(shape: Shape) -> int:
     """Elements of the largest tensor (the embedding or lm_head, at NorMistral's sizes)."""
     return max(shape.vocab * shape.hidden, shape.intermediate * shape.hidden)
@@ -147,9 +155,8 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         # safetensors maps the bf16 files: a bf16 reference runs on the mapped pages (the
         # embedding's only where a window's rows are gathered); a float32 one is a
         # converted copy beside every page it read
-        dtype = _reference_dtype_bytes(record, shape, ram)
-        weights = shape.n_params() * (2 + dtype) if dtype != 2 else _bf16_resident(shape)
-        return floor + torch_import + weights + 2 * _logits(shape, ctx)
+        return floor + torch_import + _reference_weights(record, shape, ram) \
+            + 2 * _logits(shape, ctx)
     if key == "mix-torch":
         # the torch mix sensitivity (export/gguf_mix.substitution_costs). Loading a float32
         # model holds the mapped bf16 pages beside their converted copy, then lets the pages
@@ -217,13 +224,10 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         if key and record.get("weights") else kind(key) if key else None
     if k is None:
         return None
-    weights = _bf16_resident(shape) if key == "bf16" \
+    # (a task eval scores a bf16 folder in the reference's dtype, float32 where it fits)
+    weights = (_reference_weights(record, shape, ram) if record.get("task_eval")
+               else _bf16_resident(shape)) if key == "bf16" \
         else record.get("weights") or weight_bytes(shape, k)
-    # a task eval scores a bf16 folder in the reference's dtype (float32 where it fits): the
-    # converted copy beside the mapped pages it was read from, as the reference's
-    if key == "bf16" and record.get("task_eval") and \
-            _reference_dtype_bytes(record, shape, ram) != 2:
-        weights = (2 + _reference_dtype_bytes(record, shape, ram)) * shape.n_params()
     lm_eval = _LM_EVAL_MIB * MIB if record.get("task_eval") else 0
     if record.get("worker"):  # a fresh process: the one formula of `kvant plan`
         return floor + peak_bytes(shape, k, ctx, weights)
