@@ -2,14 +2,22 @@
 
     python -m kvant.bench.studies.mix_proof --model DIR --out DIR [--eval-tokens 2048]
         [--methods direct,torch,proxy] [--types q3_k_m,iq4_xs,q4_k_m,q5_k_m]
+        [--repeat-calib TEXT]
 
 One `kvant export gguf` per method (the pipeline itself: the uniform files and the -MIX of
 each, the same importance matrix, made once and reused by the next methods), each file scored
 on the five languages' held-out text against the bf16 model. A -MIX the pipeline withheld
 (not better than its twin on held-out text) is reported with its scores and the reason. Also
 the rank correlation of each method's costs with direct's (all pairs, and within each type:
-the trades the knapsack makes). Writes results.json, table.json (docs/results/) and a
-markdown table. Run it alone on the machine: the times are in the results.
+the trades the knapsack makes). Writes results.json, table.json and agreement.json
+(docs/results/) and the tables in markdown. Run it alone on the machine: the times are in
+the results.
+
+``--repeat-calib TEXT`` measures how far a ranking can be trusted at all: direct and torch run
+again with their sensitivity windows cut from a second calibration text (the same importance
+matrix), and each method's costs on the two texts are rank-correlated with themselves. Where
+direct against itself ranks a type's tensors at 0.6, no method can rank them at 0.8 against
+it: the agreement asked of another method is bounded by direct's own repeatability.
 """
 
 from __future__ import annotations
@@ -44,8 +52,21 @@ def _files(folder: Path) -> dict:
     return files
 
 
+def relative(costs: dict) -> dict:
+    """Each tensor's costs less its own cost at Q8_0. Direct measures a tensor against the
+    all-Q8_0 file, torch against the bf16 model: torch's costs carry each tensor's Q8_0 cost
+    on top. The knapsack gives every tensor exactly one type, so a constant per tensor never
+    changes its choice; compared raw, that constant alone would rank the tensors (on the
+    odd-width stand-in the Q6_K of a 576-wide row is written as Q8_0, cost 0 for direct and
+    the Q8_0 cost for torch). Methods are therefore compared on what the knapsack sees."""
+    return {n: {t: v - per.get("q8_0", 0.0) for t, v in per.items()}
+            for n, per in costs.items()}
+
+
 def rank_agreement(costs: dict, direct: dict) -> dict:
-    """Spearman of a method's costs against direct's: over all (tensor, type) and per type."""
+    """Spearman of a method's costs against direct's, each relative to the tensor's Q8_0
+    (:func:`relative`): over all (tensor, type) and per type."""
+    costs, direct = relative(costs), relative(direct)
     types = sorted({t for per in direct.values() for t in per if t != "q8_0"}
                    & {t for per in costs.values() for t in per})
     names = sorted(set(direct) & set(costs))
@@ -58,8 +79,8 @@ def rank_agreement(costs: dict, direct: dict) -> dict:
 
 
 def study(model: Path, out: Path, calib: Path, methods: list[str], types: list[str],
-          eval_tokens: int, data_dir: Path | None) -> dict:
-    results, imatrix = {"model": str(model), "methods": {}}, None
+          eval_tokens: int, data_dir: Path | None, imatrix: Path | None = None) -> dict:
+    results = {"model": str(model), "calib": str(calib), "methods": {}}
     for method in methods:
         folder = out / method
         if not (folder / "manifest.json").is_file():
@@ -81,7 +102,22 @@ def study(model: Path, out: Path, calib: Path, methods: list[str], types: list[s
         for method, got in results["methods"].items():
             if method != "direct":
                 got["rank_vs_direct"] = rank_agreement(got["sensitivity"]["costs"], direct)
+    results["imatrix"] = str(imatrix)
     return results
+
+
+def repeatability(first: dict, second: dict) -> dict:
+    """Each method's costs from the second calibration text against its own from the first,
+    and, on the second text, each method against direct (all pairs and within a type)."""
+    out = {}
+    for method, got in second["methods"].items():
+        costs = got["sensitivity"]["costs"]
+        out[method] = {"vs_itself": rank_agreement(
+            costs, first["methods"][method]["sensitivity"]["costs"])}
+        if method != "direct" and "direct" in second["methods"]:
+            out[method]["vs_direct"] = rank_agreement(
+                costs, second["methods"]["direct"]["sensitivity"]["costs"])
+    return out
 
 
 COLUMNS = ["file", "sensitivity", "size (bytes)", "mean KLD", "ratio", "top-1",
@@ -127,6 +163,41 @@ def table(results: dict, command: str, label: str) -> dict:
                      COLUMNS, cells, command, notes="; ".join(notes) + ".")
 
 
+AGREEMENT_COLUMNS = ["costs", "against", "calibration text", "all pairs",
+                     *(f"{t} (within)" for t in ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k",
+                                                 "q6_k")), "mean within"]
+
+
+def agreement_table(results: dict, command: str, label: str) -> dict:
+    """How far the rankings agree, as a results table: each method against direct on the
+    first text and (``--repeat-calib``) on the second, then direct and torch each against
+    themselves across the two texts: the repeatability that bounds any agreement with direct.
+    The notes give, per type, torch's -MIX's held-out KLD over direct's on each text."""
+    first, repeat = results["methods"], results.get("repeat", {})
+    texts = (Path(results["calib"]).name, Path(repeat.get("calib", "-")).name)
+    rows = [(m, "direct", texts[0], got["rank_vs_direct"]) for m, got in first.items()
+            if "rank_vs_direct" in got]
+    rank = repeat.get("rank", {})
+    rows += [(m, "direct", texts[1], got["vs_direct"]) for m, got in rank.items()
+             if "vs_direct" in got]
+    rows += [(m, f"{m} on {texts[0]}", texts[1], got["vs_itself"]) for m, got in rank.items()]
+    types = [c.removesuffix(" (within)") for c in AGREEMENT_COLUMNS[4:-1]]
+    cells = [[m, against, text, f"{r['all_pairs']:.3f}",
+              *(f"{r['within'][t]:.3f}" if t in r["within"] else "-" for t in types),
+              f"{r['within_mean']:.3f}"] for m, against, text, r in rows]
+    notes = []
+    for text, methods in zip(texts, (first, repeat.get("methods", {})), strict=True):
+        if "direct" in methods and "torch" in methods:
+            d, t = methods["direct"]["files"], methods["torch"]["files"]
+            notes.append(f"torch's -MIX held-out mean KLD over direct's, calibrated on {text}: "
+                         + ", ".join(f"{k.upper()} {t[k]['mean_kld'] / d[k]['mean_kld']:.2f}"
+                                     for k in d if k.endswith("-mix") and "mean_kld" in d[k]
+                                     and "mean_kld" in t.get(k, {})))
+    return table_doc(f"Rank agreement of the mix sensitivities, {label}: Spearman of the "
+                     "(tensor, type) costs, over all pairs and within each type",
+                     AGREEMENT_COLUMNS, cells, command, notes="; ".join(notes) + ".")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,15 +209,27 @@ def main() -> None:
     parser.add_argument("--methods", default="direct,torch,proxy")
     parser.add_argument("--types", default="q3_k_m,iq4_xs,q4_k_m,q5_k_m")
     parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--repeat-calib", type=Path,
+                        help="a second calibration text: direct and torch again on its "
+                             "windows, each ranked against itself")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = study(args.model, args.out, args.calib, args.methods.split(","),
-                    args.types.split(","), args.eval_tokens, args.data_dir)
+    types = args.types.split(",")
+    results = study(args.model, args.out, args.calib, args.methods.split(","), types,
+                    args.eval_tokens, args.data_dir)
+    if args.repeat_calib:
+        again = study(args.model, args.out / "repeat", args.repeat_calib,
+                      [m for m in ("direct", "torch") if m in args.methods.split(",")], types,
+                      args.eval_tokens, args.data_dir, imatrix=Path(results["imatrix"]))
+        results["repeat"] = {**again, "rank": repeatability(results, again)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     doc = table(results, command_line(module="kvant.bench.studies.mix_proof"), args.label)
     write_table(args.out / "table.json", doc)  # docs/results/gguf-mix-proof*.json
-    (args.out / "results.md").write_text(markdown(doc) + "\n")
-    sys.stdout.write(markdown(doc) + "\n")
+    agreement = agreement_table(results, doc["command"], args.label)
+    write_table(args.out / "agreement.json", agreement)  # docs/results/gguf-mix-agreement*
+    text = markdown(doc) + "\n\n" + markdown(agreement) + "\n"
+    (args.out / "results.md").write_text(text)
+    sys.stdout.write(text)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,50 @@ def test_a_missing_json_is_one_clear_line(tmp_path):
     page = "<!-- table: results/gone.json -->\n<!-- /table -->\n"
     with pytest.raises(SystemExit, match="gone.json is missing; run the study"):
         render_docs.render(page, tmp_path)
+
+
+def test_the_agreement_table_ranks_each_method_against_direct_and_against_itself():
+    """A second calibration text that swaps two q6_k costs of direct's: direct against itself
+    is then below 1 in q6_k only (Spearman of four ranks with two neighbours swapped:
+    1 - 6 * 2 / (4 * 15) = 0.8), torch (unchanged) against itself is 1, and torch against
+    direct on the second text carries the same swap. Torch's costs carry a constant per
+    tensor (its Q8_0 cost) that ranks the tensors in reverse: compared on what the
+    knapsack sees, it agrees with direct exactly."""
+    from kvant.bench.studies.mix_proof import agreement_table, rank_agreement, repeatability
+
+    names = [f"blk.{i}.ffn_down.weight" for i in range(4)]
+    first = {n: {"q8_0": 0.0, "q5_k": 10.0 * (i + 1), "q6_k": 1.0 * (i + 1)}
+             for i, n in enumerate(names)}
+    second = {n: dict(c) for n, c in first.items()}
+    second[names[1]]["q6_k"], second[names[2]]["q6_k"] = 3.0, 2.0
+
+    def files(ratio):
+        return {"q5_k_m-mix": {"mean_kld": 1e-4 * ratio}}
+
+    def method(costs, ratio):
+        return {"sensitivity": {"costs": costs}, "files": files(ratio)}
+
+    # torch measures against bf16: each tensor's costs carry its Q8_0 cost, which ranks
+    # the tensors the other way; the knapsack's choice (and the agreement) ignore it
+    torch_first = {n: {t: v + 100.0 * (4 - i) for t, v in c.items()}
+                   for i, (n, c) in enumerate(first.items())}
+    results = {"calib": "/a/one.txt", "methods": {
+        "direct": method(first, 1.0), "torch": method(torch_first, 1.0)}}
+    results["methods"]["torch"]["rank_vs_direct"] = rank_agreement(torch_first, first)
+    again = {"calib": "/a/two.txt", "methods": {
+        "direct": method(second, 1.0), "torch": method(torch_first, 1.2)}}
+    results["repeat"] = {**again, "rank": repeatability(results, again)}
+    rank = results["repeat"]["rank"]
+    assert rank["direct"]["vs_itself"]["within"] == pytest.approx({"q5_k": 1.0, "q6_k": 0.8})
+    assert rank["torch"]["vs_itself"]["within"] == pytest.approx({"q5_k": 1.0, "q6_k": 1.0})
+    assert rank["torch"]["vs_direct"]["within"]["q6_k"] == pytest.approx(0.8)
+
+    doc = agreement_table(results, "python -m x", "a test")
+    rows = {(r[0], r[1], r[2]): r for r in doc["rows"]}
+    q6 = doc["columns"].index("q6_k (within)")
+    assert rows["direct", "direct on one.txt", "two.txt"][q6] == "0.800"
+    assert rows["torch", "direct", "two.txt"][q6] == "0.800"
+    assert rows["torch", "direct", "one.txt"][q6] == "1.000"
+    assert rows["torch", "direct", "one.txt"][doc["columns"].index("q2_k (within)")] == "-"
+    assert "on one.txt: Q5_K_M-MIX 1.00" in doc["notes"]
+    assert "on two.txt: Q5_K_M-MIX 1.20" in doc["notes"]
