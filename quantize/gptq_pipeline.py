@@ -44,7 +44,7 @@ def calibration_samples(model_dir: Path, text: str, samples: int, seqlen: int) -
              "attention_mask": [1] * seqlen} for i in range(n)]
 
 
-def _gptqmodel():
+def import_gptqmodel():
     # GPTQModel sizes its CPU worker pool from this variable and fails on 2-core machines
     # without it; a user's own setting wins. Imported here, not at the top: the variable
     # must be set before GPTQModel's import reads it.
@@ -55,7 +55,7 @@ def _gptqmodel():
 
 
 @contextlib.contextmanager
-def _working_dir(path: Path):
+def working_dir(path: Path):
     """GPTQModel writes logs/ into the current directory: keep it in scratch space."""
     before = Path.cwd()
     os.chdir(path)
@@ -72,7 +72,7 @@ def quantize_gptq(model_dir: Path, out_dir: Path, settings: GPTQSettings, sample
     ``scratch`` holds GPTQModel's logs/ and its layer offload (model-sized for 11.4B);
     default: a folder inside ``out_dir`` that is removed afterwards.
     """
-    gptqmodel = _gptqmodel()
+    gptqmodel = import_gptqmodel()
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
     own_scratch = scratch is None
     scratch = Path(scratch or out_dir / ".scratch").resolve()
@@ -82,7 +82,7 @@ def quantize_gptq(model_dir: Path, out_dir: Path, settings: GPTQSettings, sample
                                       damp_percent=settings.damp,
                                       offload_to_disk_path=str(scratch / "offload"))
     started = time.perf_counter()
-    with _working_dir(scratch):
+    with working_dir(scratch):
         model = gptqmodel.GPTQModel.load(str(model_dir), config, device=device)
         model.quantize(samples, batch_size=1, calibration_data_min_length=1)
         model.save(str(out_dir))
