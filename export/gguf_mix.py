@@ -10,7 +10,8 @@ minimizes the predicted loss under a byte budget:
    against the bf16 reference on calibration windows; the tensor's cost is that minus the
    all-Q8_0 file's. ``torch`` (11.4B on a GPU): the same cost with the tensor swapped into
    the transformers model and its input rounded as llama.cpp's matmul rounds it for that
-   type (INPUT_ROUNDING), one forward per tensor and type and no llama-quantize each.
+   type (INPUT_ROUNDING), one forward per tensor and type and no llama-quantize each, the
+   layers before the tensor's own replayed from one forward of the unmodified model.
    ``proxy`` (where neither fits the time budget: a CPU at 11.4B): no model run; each
    tensor of a `--pure` file of each candidate type is dequantized (gguf-py) and compared
    with the bf16 tensor, weighted per input column by the importance matrix (mean squared
@@ -419,11 +420,113 @@ def _substituted_kld(runtime, param, weights: np.ndarray, tensor: Tensor, heads:
                 hook.remove()
 
 
+def _layer_of(name: str, n_layers: int) -> int:
+    """The first decoder layer whose output a substituted GGUF tensor changes: token_embd's
+    is 0 (everything), a layer's own index, the output tensor's ``n_layers`` (only the head)."""
+    if name.startswith("blk."):
+        return int(name.split(".")[1])
+    return n_layers if name == "output.weight" else 0
+
+
+def _decoder_layers(model, n_layers: int):
+    """The model's decoder layers (a ModuleList of ``n_layers``), or None where it has none
+    by that name: then every evaluation runs the whole model."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if layers is not None and len(layers) == n_layers else None
+
+
+def _layer_outputs(runtime, layers, wins: list[list[int]]) -> list | None:
+    """What each decoder layer gives for each window in one forward of the unmodified model:
+    [layer][window] tensors, kept on the CPU. None where a layer gives anything but one
+    tensor (transformers before 5 returned tuples; then nothing is replayed)."""
+    import torch
+
+    outputs = [[] for _ in layers]
+    plain = True
+
+    def keep(index):
+        def hook(_module, _args, output):
+            nonlocal plain
+            plain = plain and isinstance(output, torch.Tensor)
+            if plain:
+                outputs[index].append(output.detach().to("cpu", copy=True))
+        return hook
+
+    hooks = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+    try:
+        for window in wins:
+            runtime.logits(window)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs if plain else None
+
+
+class _Replayed:
+    """Within: the decoder layers before ``first`` do no work, and the last of them hands
+    layer ``first`` what it gave in the unmodified forward of each window in turn. Exact:
+    those layers' weights and input are the checkpoint's, so their output is the kept one.
+    Why by hand: transformers runs a model whole (no entry at a given layer), and a forward
+    hook cannot skip a layer's work."""
+
+    def __init__(self, layers, outputs: list | None, first: int):
+        self.layers, self.outputs, self.first = layers, outputs, first
+        self.kept: list = []
+
+    def __enter__(self):
+        if self.outputs is None or self.first == 0:
+            return self
+        import torch
+
+        feed = iter(self.outputs[self.first - 1])
+
+        class Skip(torch.nn.Module):
+            def forward(self, hidden_states, *args, **kwargs):
+                return hidden_states
+
+        class Replay(torch.nn.Module):
+            def forward(self, hidden_states, *args, **kwargs):
+                return next(feed).to(hidden_states.device)
+
+        self.kept = [self.layers[i] for i in range(self.first)]
+        for i in range(self.first - 1):
+            self.layers[i] = Skip()
+        self.layers[self.first - 1] = Replay()
+        return self
+
+    def __exit__(self, *exc):
+        for i, layer in enumerate(self.kept):
+            self.layers[i] = layer
+        return False
+
+
+def _torch_estimate(seconds: dict, tensors: list[Tensor], n_layers: int, types: int,
+                    quantize_s: float, budget: float | None) -> dict:
+    """The torch sensitivity's whole time from its first evaluations: ``seconds`` holds the
+    whole model's ("full", token_embd substituted) and, where layers are replayed, the
+    head's alone ("head", the output tensor: no layer runs). An evaluation of a tensor in
+    layer L runs the layers from L on: head + (full - head) (n_layers - L) / n_layers."""
+    full = seconds["full"]
+    head = seconds.get("head")
+    if head is None:  # nothing replayed: every evaluation is a whole forward
+        per_type = full * len(tensors)
+    else:
+        per_type = sum(head + max(full - head, 0.0) * (n_layers - _layer_of(t.name, n_layers))
+                       / n_layers for t in tensors)
+    estimate = {"evaluations": len(tensors) * types, "first_s": round(full, 2),
+                "quantize_s": round(quantize_s, 2), "types": types,
+                "estimated_s": round(quantize_s * types + per_type * types),
+                "budget_s": budget}
+    if head is not None:
+        estimate["head_s"] = round(head, 2)
+    return estimate
+
+
 def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types: list[str],
                        imatrix: Path | None, ref, wins: list[list[int]], scratch: Path,
                        threads: int, device: str = "cpu", dtype: str = "float32",
-                       progress: bool = False, time_budget_s: float | None = None
-                       ) -> tuple[dict, dict]:
+                       progress: bool = False, time_budget_s: float | None = None,
+                       replay: bool = True) -> tuple[dict, dict]:
     """{(tensor, type): mean calibration KLD against the reference with only that tensor
     quantized to that type, every other weight as in the checkpoint}, and the time estimate.
 
@@ -431,12 +534,16 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
     importance matrix); each tensor of it dequantized with gguf-py (Q/K rows put back in HF's
     order) and swapped into the transformers model, one at a time, for one forward over the
     calibration windows. Its cost is a model forward per evaluation and no llama-quantize per
-    evaluation (direct's cost), so it is the method that fits at 11.4B on a GPU.
-    Over ``time_budget_s`` (the first quantize and the first forward timed, times their
-    counts) it stops after the first evaluation."""
+    evaluation (direct's cost), so it is the method that fits at 11.4B on a GPU. ``replay``:
+    the layers before the substituted tensor's are not run again; their output is kept from
+    one forward of the unmodified model (:class:`_Replayed`; n_layers x the calibration
+    tokens x hidden values on the CPU), which halves the layers a forward runs on average.
+    Over ``time_budget_s`` (the first quantize, the head's evaluation and the whole model's
+    timed: :func:`_torch_estimate`) it stops after those."""
     from kvant.runtimes.hf import TorchRuntime  # torch: only for this method
 
     config = read_config(model_dir)
+    n_layers = config["num_hidden_layers"]
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
     names = _hf_names(model_dir, tensors)
@@ -449,7 +556,12 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
     # the matmul each tensor's input goes through (token_embd's rows are looked up)
     linear = {t.name: modules.get(names[t.name].removesuffix(".weight"))
               if t.name != "token_embd.weight" else None for t in tensors}
-    costs, estimate = {}, None
+    layers = _decoder_layers(runtime.model, n_layers) if replay else None
+    outputs = _layer_outputs(runtime, layers, wins) if layers is not None else None
+    # the head's evaluation first and the whole model's second: the estimate's two timings
+    order = sorted(tensors, key=lambda t: (t.name != "output.weight" or outputs is None,
+                                           t.name != "token_embd.weight"))
+    costs, estimate, seconds = {}, None, {}
     total = len(tensors) * len(types)
     bar = tqdm(total=total, desc="mix sensitivity (torch)", disable=not progress)
     try:
@@ -460,24 +572,28 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
             try:
                 layout = _layout(path)
                 with path.open("rb") as handle:
-                    for tensor in tensors:
+                    for tensor in order:
                         started = time.perf_counter()
-                        costs[tensor.name, type_name] = _substituted_kld(
-                            runtime, params[names[tensor.name]],
-                            _tensor(handle, layout[tensor.name], tensor), tensor,
-                            heads, reference, wins, linear[tensor.name],
-                            INPUT_ROUNDING.get(layout[tensor.name][2].name.lower()))
+                        first = _layer_of(tensor.name, n_layers)
+                        with _Replayed(layers, outputs, first):
+                            costs[tensor.name, type_name] = _substituted_kld(
+                                runtime, params[names[tensor.name]],
+                                _tensor(handle, layout[tensor.name], tensor), tensor,
+                                heads, reference, wins, linear[tensor.name],
+                                INPUT_ROUNDING.get(layout[tensor.name][2].name.lower()))
                         bar.update()
-                        if estimate is None:  # one quantize per type, a forward per pair
-                            eval_s = time.perf_counter() - started
-                            seconds = pure_s * len(types) + eval_s * total
-                            estimate = {"evaluations": total, "first_s": round(eval_s, 2),
-                                        "quantize_s": round(pure_s, 2), "types": len(types),
-                                        "estimated_s": round(seconds),
-                                        "budget_s": time_budget_s}
+                        timed = "full" if first == 0 or outputs is None else \
+                            "head" if first == n_layers else None
+                        if estimate is None and timed is not None:
+                            seconds[timed] = time.perf_counter() - started
+                            if "full" not in seconds:
+                                continue  # the head's alone: the whole model's is next
+                            estimate = _torch_estimate(seconds, tensors, n_layers,
+                                                       len(types), pure_s, time_budget_s)
                             logger.info("torch mix sensitivity: %d evaluations, about %s",
-                                        total, _duration(seconds))
-                            if time_budget_s is not None and seconds > time_budget_s:
+                                        total, _duration(estimate["estimated_s"]))
+                            if time_budget_s is not None \
+                                    and estimate["estimated_s"] > time_budget_s:
                                 raise OverTimeBudget(estimate)
             finally:
                 path.unlink(missing_ok=True)

@@ -189,9 +189,10 @@ def _rehearse_torch(settings: GGUFSettings, model_dir: Path, base: Path,
                     imatrix: Path | None, calib, scratch: Path, reference_dir: Path | None,
                     device: str, specs: tuple) -> None:
     """The torch sensitivity's cost at this depth, for the rehearsal's plan: its reference on
-    the calibration windows, the model loaded, one --pure file and one substituted forward,
-    timed (the estimate, carried to full depth by kvant.app.rehearsal, says whether it fits
-    --mix-time-budget on this machine; where it does not, auto ships the uniform file).
+    the calibration windows, the model loaded, one --pure file and two substituted forwards
+    (the head's alone, every layer replayed, and the whole model's), timed (the estimate,
+    carried to full depth by kvant.app.rehearsal, says whether it fits --mix-time-budget on
+    this machine; where it does not, auto ships the uniform file).
     The rehearsal then times the proxy, as synthetic weights get; the costs measured here
     on random weights are thrown away."""
     types = _candidates(specs, imatrix)
@@ -201,6 +202,7 @@ def _rehearse_torch(settings: GGUFSettings, model_dir: Path, base: Path,
     tensors = quantizable(base)
     with step("gguf mix sensitivity torch", kind="mix-torch", ctx=settings.eval_ctx,
               dtype=ref.dtype, tensors=len(tensors), types=len(types), device=device,
+              tokens=sum(map(len, wins["calib"])),
               time_budget_s=settings.mix_time_budget) as record:
         try:
             substitution_costs(model_dir, base, tensors, types, imatrix, ref, wins["calib"],

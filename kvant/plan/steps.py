@@ -77,13 +77,23 @@ def quantizable_tensors(shape: Shape) -> int:
 
 def mix_torch_seconds(estimate: dict, shape: Shape, full: Shape) -> float:
     """The torch mix sensitivity's whole time at ``full`` depth from its estimate at
-    ``shape``'s (kvant.export.gguf_mix.substitution_costs): a --pure llama-quantize per type
-    and a model forward per tensor and type, each growing with the parameters, and the
-    tensors with the layers; so the whole grows with the square of the depth."""
+    ``shape``'s (kvant.export.gguf_mix.substitution_costs): a --pure llama-quantize per type,
+    growing with the parameters, and an evaluation per tensor and type. Where the estimate
+    has the head's time alone (``head_s``: the layers before a tensor's own are replayed),
+    a tensor in layer L runs the head and the layers from L on, each layer as long as at
+    ``shape``'s width: the layers run grow with the square of the depth, halved. Without it
+    each evaluation is a whole forward, growing with the parameters."""
     grow = full.n_params() / shape.n_params()
     types = estimate.get("types") or estimate["evaluations"] // quantizable_tensors(shape)
-    return grow * (estimate["quantize_s"] * types
-                   + estimate["first_s"] * types * quantizable_tensors(full))
+    quantize = grow * estimate["quantize_s"] * types
+    if "head_s" not in estimate:
+        return quantize + grow * estimate["first_s"] * types * quantizable_tensors(full)
+    head, n = estimate["head_s"], full.n_layers
+    layer = max(estimate["first_s"] - head, 0.0) / shape.n_layers
+    per_layer = (quantizable_tensors(full) - 2) // n  # the matrices of one layer
+    # token_embd runs every layer, output none, a matrix of layer L the n - L from it
+    per_type = (head + layer * n) + head + per_layer * (n * head + layer * n * (n + 1) / 2)
+    return quantize + per_type * types
 
 
 def _drift(shape: Shape, ctx: int, lang_tokens: int) -> float:
@@ -164,10 +174,12 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         # every page resident, the embedding's too once it is substituted. Then per
         # evaluation: the engine's logits of a window and numpy's copy, their KLD a block of
         # 1,024 positions at a time (five float64 arrays), and the largest tensor
-        # dequantized (float32) beside the parameter's saved original.
+        # dequantized (float32) beside the parameter's saved original; throughout, every
+        # layer's output for the calibration tokens, kept to replay the layers before a
+        # substituted tensor's.
         dtype = _reference_dtype_bytes(record, shape, ram)
         work = 2 * _logits(shape, ctx) + 5 * 8 * min(ctx, 1024) * shape.vocab \
-            + big * (4 + dtype)
+            + big * (4 + dtype) + record.get("tokens", 0) * shape.hidden * dtype * shape.n_layers
         held = dtype * shape.n_params()
         return floor + torch_import + max(held + work, (2 + dtype) * shape.n_params()
                                           if dtype != 2 else 0)

@@ -182,6 +182,69 @@ def test_torch_substitution_ranks_like_the_direct_measurement(mix_artifact, tiny
     assert spearman([direct[n][t] for n, t in keys], [costs[n, t] for n, t in keys]) > 0.85
 
 
+def test_replaying_the_layers_before_a_tensor_changes_no_cost(tiny_model, cache_dir, tmp_path,
+                                                              monkeypatch):
+    """The torch sensitivity does not run the layers before a substituted tensor's again: it
+    replays what they gave in one forward of the unmodified model. Every cost is then the
+    same, to the bit, as with the whole model run each time, and layer 0 never runs for a
+    tensor behind it."""
+    from kvant.data import get_text
+    from kvant.export import gguf_mix
+    from kvant.export.gguf_convert import convert
+    from kvant.runtimes.reference import reference_logits
+    from kvant.scoring import eval_windows
+
+    wins = eval_windows(tiny_model, {"calib": get_text(CALIB_FILE, cache_dir)}, 1024, 256)
+    ref = reference_logits(tiny_model, wins, tmp_path / "ref")
+    base = tmp_path / "bf16.gguf"
+    convert(tiny_model, base, "bf16")
+    picked = [t for t in quantizable(base) if t.name in (
+        "output.weight", "blk.1.attn_q.weight", "blk.3.ffn_down.weight")]
+    ran = []
+    capture = gguf_mix._layer_outputs
+
+    def counting(runtime, layers, windows):
+        outputs = capture(runtime, layers, windows)
+        layers[0].register_forward_hook(lambda *_: ran.append(1))  # after the capture
+        return outputs
+
+    monkeypatch.setattr(gguf_mix, "_layer_outputs", counting)
+    replayed, _ = gguf_mix.substitution_costs(tiny_model, base, picked, ["q3_k", "q6_k"],
+                                              None, ref, wins["calib"], tmp_path, 2,
+                                              dtype=ref.dtype)
+    assert ran == []
+    whole, _ = gguf_mix.substitution_costs(tiny_model, base, picked, ["q3_k", "q6_k"], None,
+                                           ref, wins["calib"], tmp_path, 2, dtype=ref.dtype,
+                                           replay=False)
+    assert replayed == whole and len(whole) == 6
+    assert all(cost > 0 for cost in whole.values())
+
+
+def test_the_rehearsals_torch_time_at_its_own_depth_is_the_estimate():
+    """kvant.plan carries the torch estimate to 40 layers; at the depth it was measured at it
+    must give the estimate back: a tensor in layer L runs the head and the layers from L on
+    (the head's time alone measured on the output tensor, every layer replayed)."""
+    from kvant.export.gguf_mix import Tensor, _torch_estimate
+    from kvant.plan.kinds import shape_of
+    from kvant.plan.steps import mix_torch_seconds
+
+    config = {"num_hidden_layers": 3, "hidden_size": 256, "intermediate_size": 768,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096}
+    names = ["output", "token_embd"] + [f"blk.{i}.{m}" for i in range(3) for m in (
+        "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+    tensors = [Tensor(f"{n}.weight", 256, 256) for n in names]
+    shape = shape_of(config)
+    for seconds in ({"full": 4.0, "head": 1.0}, {"full": 4.0}):
+        estimate = _torch_estimate(seconds, tensors, 3, 5, 2.0, None)
+        assert mix_torch_seconds(estimate, shape, shape) == pytest.approx(
+            estimate["estimated_s"], abs=0.5)
+    # by hand: per type, token_embd 4 s, output 1 s, a matrix of layer 0, 1, 2: 4, 3, 2 s
+    assert _torch_estimate({"full": 4.0, "head": 1.0}, tensors, 3, 5, 2.0, None)[
+        "estimated_s"] == 5 * (2 + 4 + 1 + 7 * (4 + 3 + 2))
+    assert _torch_estimate({"full": 4.0}, tensors, 3, 5, 2.0, None)["estimated_s"] == \
+        5 * (2 + 4 * 23)
+
+
 def test_a_substituted_matmul_rounds_its_input_as_llama_cpp_does():
     """The torch sensitivity rounds the substituted tensor's input as ggml's CPU matmul does:
     q8_0 (blocks of 32) bit for bit as gguf-py's port of ggml's reference quantizer; q8_K
