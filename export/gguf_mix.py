@@ -502,20 +502,25 @@ class _Replayed:
 
 def _torch_estimate(seconds: dict, tensors: list[Tensor], n_layers: int, types: int,
                     quantize_s: float, budget: float | None) -> dict:
-    """The torch sensitivity's whole time from its first evaluations: ``seconds`` holds the
-    whole model's ("full", token_embd substituted) and, where layers are replayed, the
-    head's alone ("head", the output tensor: no layer runs). An evaluation of a tensor in
-    layer L runs the layers from L on: head + (full - head) (n_layers - L) / n_layers."""
-    full = seconds["full"]
-    head = seconds.get("head")
+    """The torch sensitivity's whole time from its first evaluations. ``seconds`` holds the
+    whole model's forward and KLD ("full", token_embd substituted) and, where layers are
+    replayed, the head's alone ("head", the output tensor: no layer runs), each without
+    the dequantization, which is timed apart ("dequant", "dequant_values": the values it
+    took that long for) and grows with a tensor's size. An evaluation of a tensor in layer
+    L runs the head and the layers from L on: head + (full - head) (n_layers - L) / n_layers.
+    """
+    full, head = seconds["full"], seconds.get("head")
     if head is None:  # nothing replayed: every evaluation is a whole forward
         per_type = full * len(tensors)
     else:
         per_type = sum(head + max(full - head, 0.0) * (n_layers - _layer_of(t.name, n_layers))
                        / n_layers for t in tensors)
+    dequant = seconds["dequant"] / seconds["dequant_values"] * sum(t.rows * t.ne0
+                                                                   for t in tensors)
     estimate = {"evaluations": len(tensors) * types, "first_s": round(full, 2),
-                "quantize_s": round(quantize_s, 2), "types": types,
-                "estimated_s": round(quantize_s * types + per_type * types),
+                "quantize_s": round(quantize_s, 2), "dequant_s": round(dequant, 2),
+                "types": types,
+                "estimated_s": round((quantize_s + dequant + per_type) * types),
                 "budget_s": budget}
     if head is not None:
         estimate["head_s"] = round(head, 2)
@@ -538,8 +543,8 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
     the layers before the substituted tensor's are not run again; their output is kept from
     one forward of the unmodified model (:class:`_Replayed`; n_layers x the calibration
     tokens x hidden values on the CPU), which halves the layers a forward runs on average.
-    Over ``time_budget_s`` (the first quantize, the head's evaluation and the whole model's
-    timed: :func:`_torch_estimate`) it stops after those."""
+    Over ``time_budget_s`` (the first quantize, the head's evaluation and the whole model's,
+    and their dequantization, timed: :func:`_torch_estimate`) it stops after those."""
     from kvant.runtimes.hf import TorchRuntime  # torch: only for this method
 
     config = read_config(model_dir)
@@ -574,18 +579,23 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
                 with path.open("rb") as handle:
                     for tensor in order:
                         started = time.perf_counter()
+                        weights = _tensor(handle, layout[tensor.name], tensor)
+                        loaded = time.perf_counter()
                         first = _layer_of(tensor.name, n_layers)
                         with _Replayed(layers, outputs, first):
                             costs[tensor.name, type_name] = _substituted_kld(
-                                runtime, params[names[tensor.name]],
-                                _tensor(handle, layout[tensor.name], tensor), tensor,
+                                runtime, params[names[tensor.name]], weights, tensor,
                                 heads, reference, wins, linear[tensor.name],
                                 INPUT_ROUNDING.get(layout[tensor.name][2].name.lower()))
                         bar.update()
                         timed = "full" if first == 0 or outputs is None else \
                             "head" if first == n_layers else None
                         if estimate is None and timed is not None:
-                            seconds[timed] = time.perf_counter() - started
+                            seconds[timed] = time.perf_counter() - loaded
+                            seconds["dequant"] = seconds.get("dequant", 0.0) \
+                                + loaded - started
+                            seconds["dequant_values"] = seconds.get("dequant_values", 0) \
+                                + tensor.rows * tensor.ne0
                             if "full" not in seconds:
                                 continue  # the head's alone: the whole model's is next
                             estimate = _torch_estimate(seconds, tensors, n_layers,

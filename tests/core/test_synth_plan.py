@@ -211,9 +211,9 @@ def test_the_torch_mix_sensitivity_is_timed_and_planned_at_real_width(synth_one_
     (row,) = [r for r in rows(steps, shape, replace(shape, n_layers=40), ram_bytes())
               if r["step"] == "gguf mix sensitivity torch"]
     assert abs(row["error_pct"]) <= TOLERANCE_PCT, row
-    # 40 layers: 282 tensors, each forward 15x the parameters: on 2 cores far over the hour
-    # (64 h measured on a 2-core EPYC)
-    assert row["full_wall_s"] > 10 * 3600
+    # 40 layers: 282 tensors x 5 types, a forward running on average half of 40 layers: on
+    # 2 cores far over the hour's budget (9 h at these 512 tokens on a 2-core Xeon)
+    assert row["full_wall_s"] > 3 * settings.mix_time_budget
     assert row["machines"]["24 GB CPU-only"].endswith("auto ships the uniform file, no -MIX")
     assert "-MIX" not in row["machines"]["24 GB GPU + 32 GB RAM"]  # not measured there
 

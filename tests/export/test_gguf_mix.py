@@ -234,15 +234,18 @@ def test_the_rehearsals_torch_time_at_its_own_depth_is_the_estimate():
         "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
     tensors = [Tensor(f"{n}.weight", 256, 256) for n in names]
     shape = shape_of(config)
-    for seconds in ({"full": 4.0, "head": 1.0}, {"full": 4.0}):
+    # the first two tensors (output and token_embd, 256 x 256 here) took 0.4 s to dequantize
+    dequant = {"dequant": 0.4, "dequant_values": 2 * 256 * 256}
+    for seconds in ({"full": 4.0, "head": 1.0, **dequant}, {"full": 4.0, **dequant}):
         estimate = _torch_estimate(seconds, tensors, 3, 5, 2.0, None)
         assert mix_torch_seconds(estimate, shape, shape) == pytest.approx(
             estimate["estimated_s"], abs=0.5)
-    # by hand: per type, token_embd 4 s, output 1 s, a matrix of layer 0, 1, 2: 4, 3, 2 s
-    assert _torch_estimate({"full": 4.0, "head": 1.0}, tensors, 3, 5, 2.0, None)[
-        "estimated_s"] == 5 * (2 + 4 + 1 + 7 * (4 + 3 + 2))
-    assert _torch_estimate({"full": 4.0}, tensors, 3, 5, 2.0, None)["estimated_s"] == \
-        5 * (2 + 4 * 23)
+    # by hand, per type: the --pure file 2 s, dequantizing 23 tensors at 0.2 s each; then
+    # token_embd 4 s, output 1 s, a matrix of layer 0, 1, 2: 4, 3, 2 s
+    replayed = _torch_estimate({"full": 4.0, "head": 1.0, **dequant}, tensors, 3, 5, 2.0, None)
+    assert replayed["estimated_s"] == 5 * (2 + 4.6 + 4 + 1 + 7 * (4 + 3 + 2))
+    whole = _torch_estimate({"full": 4.0, **dequant}, tensors, 3, 5, 2.0, None)
+    assert whole["estimated_s"] == 5 * (2 + 4.6 + 4 * 23)
 
 
 def test_a_substituted_matmul_rounds_its_input_as_llama_cpp_does():
