@@ -32,6 +32,7 @@ the measured KLD of the final file is reported beside the prediction).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -462,42 +463,37 @@ def _layer_outputs(runtime, layers, wins: list[list[int]]) -> list | None:
     return outputs if plain else None
 
 
-class _Replayed:
+@contextlib.contextmanager
+def _replayed(layers, outputs: list | None, first: int):
     """Within: the decoder layers before ``first`` do no work, and the last of them hands
     layer ``first`` what it gave in the unmodified forward of each window in turn. Exact:
     those layers' weights and input are the checkpoint's, so their output is the kept one.
     Why by hand: transformers runs a model whole (no entry at a given layer), and a forward
     hook cannot skip a layer's work."""
+    if outputs is None or first == 0:
+        yield
+        return
+    import torch
 
-    def __init__(self, layers, outputs: list | None, first: int):
-        self.layers, self.outputs, self.first = layers, outputs, first
-        self.kept: list = []
+    feed = iter(outputs[first - 1])
 
-    def __enter__(self):
-        if self.outputs is None or self.first == 0:
-            return self
-        import torch
+    class Skip(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states
 
-        feed = iter(self.outputs[self.first - 1])
+    class Replay(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return next(feed).to(hidden_states.device)
 
-        class Skip(torch.nn.Module):
-            def forward(self, hidden_states, *args, **kwargs):
-                return hidden_states
-
-        class Replay(torch.nn.Module):
-            def forward(self, hidden_states, *args, **kwargs):
-                return next(feed).to(hidden_states.device)
-
-        self.kept = [self.layers[i] for i in range(self.first)]
-        for i in range(self.first - 1):
-            self.layers[i] = Skip()
-        self.layers[self.first - 1] = Replay()
-        return self
-
-    def __exit__(self, *exc):
-        for i, layer in enumerate(self.kept):
-            self.layers[i] = layer
-        return False
+    kept = [layers[i] for i in range(first)]
+    try:
+        for i in range(first - 1):
+            layers[i] = Skip()
+        layers[first - 1] = Replay()
+        yield
+    finally:
+        for i, layer in enumerate(kept):
+            layers[i] = layer
 
 
 def _torch_estimate(seconds: dict, tensors: list[Tensor], n_layers: int, types: int,
@@ -541,7 +537,7 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
     calibration windows. Its cost is a model forward per evaluation and no llama-quantize per
     evaluation (direct's cost), so it is the method that fits at 11.4B on a GPU. ``replay``:
     the layers before the substituted tensor's are not run again; their output is kept from
-    one forward of the unmodified model (:class:`_Replayed`; n_layers x the calibration
+    one forward of the unmodified model (:func:`_replayed`; n_layers x the calibration
     tokens x hidden values on the CPU), which halves the layers a forward runs on average.
     Over ``time_budget_s`` (the first quantize, the head's evaluation and the whole model's,
     and their dequantization, timed: :func:`_torch_estimate`) it stops after those."""
@@ -582,7 +578,7 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
                         weights = _tensor(handle, layout[tensor.name], tensor)
                         loaded = time.perf_counter()
                         first = _layer_of(tensor.name, n_layers)
-                        with _Replayed(layers, outputs, first):
+                        with _replayed(layers, outputs, first):
                             costs[tensor.name, type_name] = _substituted_kld(
                                 runtime, params[names[tensor.name]], weights, tensor,
                                 heads, reference, wins, linear[tensor.name],

@@ -79,11 +79,11 @@ def mix_torch_seconds(estimate: dict, shape: Shape, full: Shape) -> float:
     """The torch mix sensitivity's whole time at ``full`` depth from its estimate at
     ``shape``'s (kvant.export.gguf_mix.substitution_costs): a --pure llama-quantize per type
     and the dequantization of its tensors, growing with the parameters, and an evaluation
-    per tensor and type. Where the estimate
-    has the head's time alone (``head_s``: the layers before a tensor's own are replayed),
-    a tensor in layer L runs the head and the layers from L on, each layer as long as at
-    ``shape``'s width: the layers run grow with the square of the depth, halved. Without it
-    each evaluation is a whole forward, growing with the parameters."""
+    per tensor and type. Where the estimate has the head's time alone (``head_s``: the
+    layers before a tensor's own are replayed), a tensor in layer L runs the head and the
+    layers from L on, each layer as long as at ``shape``'s width: the layers run grow with
+    the square of the depth, halved. Without it each evaluation is a whole forward, growing
+    with the parameters."""
     grow = full.n_params() / shape.n_params()
     types = estimate.get("types") or estimate["evaluations"] // quantizable_tensors(shape)
     # a --pure file per type, and dequantizing its tensors, both with the parameters
