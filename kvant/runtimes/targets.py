@@ -103,7 +103,7 @@ def targets(path: Path) -> list[Target]:
     if not (path / "config.json").is_file():
         raise ArtifactError(f"'{path}' holds no model Kvant can run (no config.json, "
                             "*.gguf or genai_config.json)")
-    if fmt in ("bf16", "tiny", "synthetic"):  # a plain checkpoint: the reference kind
+    if fmt in ("bf16", "tiny", "synthetic", "peer"):  # a plain checkpoint: the reference kind
         kind = None if read_config(path).get("quantization_config") else "bf16"
         return [Target(path.name, path, "torch", "bf16", _size(path, files), kind, files)]
     return [Target(path.name, path, "torch", fmt, _size(path, files), kinds.get(path.name),
