@@ -539,8 +539,15 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
             finished = True
         finally:
             if rehearse is not None:  # a failed rehearsal still shows the steps it ran
-                data = write_rehearsal(root, steps, read_config(model),
-                                       SHAPES[source["shape"]].n_layers, work, finished)
+                try:
+                    data = write_rehearsal(root, steps, read_config(model),
+                                           SHAPES[source["shape"]].n_layers, work, finished)
+                except Exception:
+                    if finished:
+                        raise
+                    # the error that stopped the run is the one to see: this one is logged
+                    logger.exception("the rehearsal's table of the steps it ran could not "
+                                     "be written")
     if rehearse is not None:
         return root, [f"rehearsal: {root / REHEARSAL_TABLE}", f"rehearsal data: {data}"]
     plan, left_out = upload_plan(root, push_org or "ORG", name, list(artifacts))

@@ -12,7 +12,7 @@ from kvant.app.release import RECIPE_SCHEMA, load_recipe, plan_artifacts, resume
 from kvant.artifact import read_manifest, settings_dict, verify_artifact
 from kvant.bench.settings import BenchSettings
 from kvant.errors import SettingsError
-from tests.conftest import CALIB_FILE, UD_DIR, run_kvant
+from tests.conftest import CALIB_FILE, REPO, UD_DIR, run_kvant
 
 RECIPE = """
 [release]
@@ -186,3 +186,33 @@ def test_the_revision_is_pinned_and_recorded(tmp_path, tiny_model, monkeypatch):
                       "--out", str(tmp_path / "x"))
     assert local.returncode == 2 and "applies to a hub id" in local.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_failing_rehearsal_table_does_not_hide_the_error_that_stopped_the_run(
+        tmp_path, cache_dir, monkeypatch):
+    """The rehearsal writes its table of the steps it ran even when a step failed; if that
+    write fails too, the user still sees the first error."""
+    import json
+
+    from kvant.app import release
+    from kvant.errors import KvantError
+
+    model = tmp_path / "synth"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+    monkeypatch.setattr(release, "_rehearsal_model", lambda *a, **k: (
+        model, {"shape": "normistral-11b-long"}))
+
+    def stopped(*args, **kwargs):
+        raise KvantError("the step that failed")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the rehearsal table could not be written")
+
+    monkeypatch.setattr(release, "_build", stopped)
+    monkeypatch.setattr(release, "write_rehearsal", broken)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text((REPO / "recipes" / "stand-in.toml").read_text().replace(
+        'out = "out/release/normistral-stand-in"', f'out = "{tmp_path / "release"}"'))
+    with pytest.raises(KvantError, match="the step that failed"):
+        release.run_release(recipe, cache_dir=cache_dir, rehearse=1)
