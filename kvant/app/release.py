@@ -565,13 +565,15 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
 
 
 def _push(plan: list[dict], token: str | None, public: bool) -> None:
-    from huggingface_hub import HfApi  # network client: only when pushing
+    """Each repo of ``plan`` in one commit (huggingface_hub's create_commit): a failure
+    midway leaves that repo as it was, never half a model that looks published."""
+    from huggingface_hub import CommitOperationAdd, HfApi  # network client: only when pushing
 
     if not token:
         raise SettingsError("--push needs a Hugging Face token: set HF_TOKEN")
     api = HfApi(token=token)
     for repo in dict.fromkeys(p["repo"] for p in plan):
         api.create_repo(repo, exist_ok=True, private=not public)
-        for item in (p for p in plan if p["repo"] == repo):
-            api.upload_file(path_or_fileobj=item["local"], path_in_repo=item["path"],
-                            repo_id=repo)
+        api.create_commit(repo_id=repo, commit_message="Kvant release", operations=[
+            CommitOperationAdd(path_in_repo=item["path"], path_or_fileobj=str(item["local"]))
+            for item in plan if item["repo"] == repo])

@@ -216,3 +216,43 @@ def test_a_failing_rehearsal_table_does_not_hide_the_error_that_stopped_the_run(
         'out = "out/release/normistral-stand-in"', f'out = "{tmp_path / "release"}"'))
     with pytest.raises(KvantError, match="the step that failed"):
         release.run_release(recipe, cache_dir=cache_dir, rehearse=1)
+
+
+def test_a_push_that_fails_midway_leaves_the_repo_untouched(tmp_path, monkeypatch):
+    """Every file of a repo goes up in one commit: an upload that fails on the third file
+    commits nothing (a fake HfApi that holds what a commit would have published)."""
+    import huggingface_hub
+
+    from kvant.app import release
+
+    committed: dict[str, list[str]] = {}
+
+    class FailingHub:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo, exist_ok=True, private=True):
+            committed.setdefault(repo, [])
+
+        def _add(self, repo, path, sent):
+            if len(sent) == 2:
+                raise OSError("connection reset on the third file")
+            sent.append(path)
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+            self._add(repo_id, path_in_repo, committed[repo_id])  # a commit each
+
+        def create_commit(self, repo_id, operations, commit_message="", **kwargs):
+            sent: list[str] = []
+            for op in operations:
+                self._add(repo_id, op.path_in_repo, sent)
+            committed[repo_id] += sent  # all or nothing
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingHub)
+    files = []
+    for name in ("a.gguf", "b.gguf", "README.md", "manifest.json"):
+        (tmp_path / name).write_text(name)
+        files.append({"repo": "ORG/mini-gguf", "path": name, "local": tmp_path / name})
+    with pytest.raises(OSError, match="third file"):
+        release._push(files, "token", public=False)
+    assert committed == {"ORG/mini-gguf": []}
