@@ -78,7 +78,7 @@ def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: i
     if target.backend == "onnxruntime-genai":
         from kvant.runtimes.onnx import GenaiRuntime
 
-        return GenaiRuntime(target.path, device, threads)
+        return GenaiRuntime(target.path, device, threads, n_ctx)
     if target.backend == "onnxruntime":
         from kvant.runtimes.onnx import OrtRuntime
 

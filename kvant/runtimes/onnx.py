@@ -94,10 +94,13 @@ class GenaiRuntime:
     """An ONNX folder in ONNX Runtime GenAI; logits come from plain onnxruntime on the same
     model.onnx (GenAI exposes only the newest position's logits)."""
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int = 0):
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0, n_ctx: int = 0):
         self.path = Path(path)
         self.model = og_model(path, device)
         self._ort: OrtRuntime | None = None  # opened on the first logits() call
+        # the context a generation may fill (prompt and new tokens): ``n_ctx``, else the
+        # trained context the model was built for
+        self.n_ctx = n_ctx or int(self._config()["model"]["context_length"])
 
     def logits(self, ids: list[int]) -> np.ndarray:
         if self._ort is None:
@@ -115,9 +118,11 @@ class GenaiRuntime:
                 random_seed=secrets.randbits(31) if sampling.seed is None else sampling.seed)
         return og.Generator(self.model, params)
 
+    def _config(self) -> dict:
+        return json.loads((self.path / "genai_config.json").read_text())
+
     def _vocab_size(self) -> int:
-        config = json.loads((self.path / "genai_config.json").read_text())
-        return int(config["model"]["vocab_size"])
+        return int(self._config()["model"]["vocab_size"])
 
     def prefill(self, ids: list[int]) -> float:
         generator = self._generator(len(ids) + 1)
@@ -133,13 +138,15 @@ class GenaiRuntime:
             generator.generate_next_token()
         return time.perf_counter() - start
 
-    def greedy(self, ids: list[int], max_length: int = 32768) -> Iterator[int]:
+    def greedy(self, ids: list[int], max_length: int | None = None) -> Iterator[int]:
         return self.sample(ids, None, max_length)
 
-    def sample(self, ids: list[int], sampling, max_length: int = 32768) -> Iterator[int]:
+    def sample(self, ids: list[int], sampling, max_length: int | None = None
+               ) -> Iterator[int]:
         """Tokens after ``ids`` from GenAI's own search (``sampling``: a
-        kvant.generation.Sampling; greedy at temperature 0 or None)."""
-        generator = self._generator(max_length, sampling)
+        kvant.generation.Sampling; greedy at temperature 0 or None), until the runtime's
+        context (``max_length``: a shorter one) is full."""
+        generator = self._generator(min(max_length or self.n_ctx, self.n_ctx), sampling)
         append(generator, ids)
         while not generator.is_done():
             generator.generate_next_token()

@@ -291,3 +291,26 @@ def test_genai_prefill_in_batches_holds_a_batchs_logits_not_the_contexts(onnx_ar
     logits_mib = ctx * json.loads((path / "config.json").read_text())["vocab_size"] * 4 / 2**20
     assert whole > logits_mib
     assert batched < whole - 0.8 * logits_mib
+
+
+def test_the_runtime_keeps_to_the_context_it_is_opened_with(onnx_artifacts, tiny_model,
+                                                            eval_text):
+    """`serve --ctx`, the bench's contexts and the plan open ONNX Runtime GenAI with a
+    context: a generation stops when prompt and new tokens fill it, as llama.cpp's does."""
+    import itertools
+
+    from kvant.runtimes import open_runtime
+    from kvant.runtimes.targets import targets
+    from kvant.tokenization import exact_tokenizer
+
+    prompt = exact_tokenizer(tiny_model).encode(eval_text.read()[:2000]).ids[:32]
+    target = targets(onnx_artifacts["int4-b32"])[0]
+    got = {}
+    for n_ctx in (0, 40):  # 0: the trained context
+        runtime = open_runtime(target, n_ctx=n_ctx)
+        try:
+            got[n_ctx] = list(itertools.islice(runtime.greedy(prompt), 16))
+        finally:
+            runtime.close()
+    assert len(got[0]) == 16  # the model does not stop by itself within 16 tokens here
+    assert got[40] == got[0][:8]
