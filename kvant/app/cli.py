@@ -148,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> str:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise SettingsError("--tasks is empty: name lm-eval tasks, e.g. kvant_cloze_nob")
-    reference = model_source(args.reference or DEFAULT_MODEL)[0]
+    reference = model_source(args.reference)[0] if args.reference else None
     return str(run_eval(args.artifacts, reference, tasks, args.out, cache_dir=cache_dir(),
                         data_dir=args.data_dir, include_path=args.include_path,
                         limit=args.limit, num_fewshot=args.num_fewshot,
@@ -541,7 +541,8 @@ def build_parser() -> KvantParser:
                           "kvant_cloze_<lang> and kvant_complete_<lang> are built from the "
                           "local held-out text")
     evaluate.add_argument("--reference", help="the bf16 model the drift is against (folder "
-                          f"or hub id; default {DEFAULT_MODEL})")
+                          f"or hub id, e.g. {DEFAULT_MODEL}); without it the scores are "
+                          "reported without drift")
     evaluate.add_argument("--include-path", type=Path, action="append", default=[],
                           metavar="DIR", help="a folder of task YAMLs, as lm-eval's "
                           "--include_path (repeatable)")

@@ -22,6 +22,7 @@ context's own).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -44,6 +45,8 @@ from kvant.tokenization import exact_tokenizer
 
 DEFAULT_MAX_LENGTH = 4096  # tokens per forward unless the artifact states less
 
+logger = logging.getLogger(__name__)
+
 
 def split_request(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids with <s>, continuation ids): the continuation's ids are the tail of
@@ -55,6 +58,18 @@ def split_request(tokenizer, context: str, continuation: str) -> tuple[list[int]
     whole = tokenizer.encode(context + continuation).ids
     head = tokenizer.encode(context).ids if context else whole[:1]  # "" is <s> alone
     return head, whole[len(head):]
+
+
+def usable_device(device: str | None) -> str:
+    """``device`` where it is there; else the CPU, with a warning, as lm-eval's own HFLM
+    does (lm-eval's CLI passes its default, cuda, to every model it builds)."""
+    import torch
+
+    device = device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device %s is not available here: running on the CPU", device)
+        return "cpu"
+    return device
 
 
 @register_model("kvant")
@@ -77,7 +92,7 @@ class KvantLM(LM):
         self.bos_id = self.tokenizer.token_to_id("<s>")
         self.max_length = int(max_length) or min(stated_context(self.target),
                                                  DEFAULT_MAX_LENGTH)
-        self.where, self.threads = device, int(threads)  # LM.device is lm-eval's
+        self.where, self.threads = usable_device(device), int(threads)  # LM.device: lm-eval's
         self._runtime, self._engine = runtime, None
         self.dtype = None  # the scoring runtime's, once opened (a bf16 folder's: the plan's)
         self._own_runtime = runtime is None
@@ -247,21 +262,25 @@ def lm_eval_cli(argv: list[str], *, cache_dir: Path, data_dir: Path | None) -> i
 KVANT_ENTRY = "kvant.json"  # beside lm-eval's files: Kvant's summary of one model's run
 
 
-def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path, *,
+def run_eval(artifacts: list[Path], reference: Path | None, tasks: list[str], out: Path, *,
              cache_dir: Path, data_dir: Path | None, include_path: list[Path] = (),
              limit: int | None = None, num_fewshot: int | None = None,
              device: str = "cpu") -> Path:
     """lm-eval's ``tasks`` on the reference and on every model in ``artifacts`` (each .gguf
     of a GGUF folder), identical requests for all; writes results.json first, then
     report.md and drift.png, and lm-eval's own files per model under lm-eval/. Tasks named
-    kvant_* are Kvant's local ones, built from the held-out text into out/tasks."""
+    kvant_* are Kvant's local ones, built from the held-out text into out/tasks. Without a
+    ``reference`` the scores are reported without their drift."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from kvant.bench.lmtasks import LOCAL_TASK, build_tasks
 
     # every path checked before any work
-    models = [t for p in (reference, *artifacts) for t in targets(Path(p))]
+    models = [t for p in ([reference] if reference else []) + list(artifacts)
+              for t in targets(Path(p))]
+    if reference is None:
+        logger.warning("no --reference: the task scores are reported without their drift")
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(include) for include in include_path]
     local = sorted({m.group(1) for t in tasks if (m := LOCAL_TASK.fullmatch(t))})
@@ -309,29 +328,39 @@ def run_eval(artifacts: list[Path], reference: Path, tasks: list[str], out: Path
                        for row in rows)
         record["requests"] = requests
         found[target.name] = {
-            "key": key, "path": str(target.path), "seconds": round(seconds, 1),
+            "key": key, "file": target.path.name, "seconds": round(seconds, 1),
             "documents": sum(len(rows) for rows in results["samples"].values()),
             "requests": requests,
             "results": {t: _metrics(r) for t, r in results["results"].items()
                         if t in tasks or t in results.get("group_subtasks", {})}}
         write_json(done, found[target.name])
-    ref_name = models[0].name
+    ref_name = models[0].name if reference else None
     data = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
             "reference": ref_name, "lm_eval_version": lm_eval.__version__, "models": found,
             "drift": {n: drift_of(m["results"], found[ref_name]["results"])
-                      for n, m in found.items() if n != ref_name}}
+                      for n, m in found.items() if n != ref_name} if ref_name else {}}
     write_json(out / "results.json", data)
     (out / "report.md").write_text(eval_report(data), encoding="utf-8")
-    _drift_plot(data, out / "drift.png")
+    if ref_name:
+        _drift_plot(data, out / "drift.png")
     return out / "report.md"
 
 
 def eval_report(data: dict) -> str:
     """report.md: per task and metric the reference's value and each model's drift."""
-    lines = [f"# Task drift against {data['reference']}", "",
-             f"lm-eval {data['lm_eval_version']}, tasks {', '.join(data['tasks'])}"
-             + (f", {data['limit']} documents per task" if data["limit"] else "")
-             + (f", {data['num_fewshot']}-shot" if data["num_fewshot"] is not None else ""),
+    run = (f"lm-eval {data['lm_eval_version']}, tasks {', '.join(data['tasks'])}"
+           + (f", {data['limit']} documents per task" if data["limit"] else "")
+           + (f", {data['num_fewshot']}-shot" if data["num_fewshot"] is not None else ""))
+    if data["reference"] is None:
+        lines = ["# Task scores", "", run + "; no reference was given, so no drift", "",
+                 "| model | task | metric | value | stderr |", "|---|---|---|---|---|"]
+        for name, m in data["models"].items():
+            for task, metrics in m["results"].items():
+                for metric, v in metrics.items():
+                    se = f"{v['stderr']:.4f}" if v["stderr"] is not None else "-"
+                    lines.append(f"| {name} | {task} | {metric} | {v['value']:.4f} | {se} |")
+        return "\n".join(lines) + "\n"
+    lines = [f"# Task drift against {data['reference']}", "", run,
              "", "| model | task | metric | value | bf16 | drift (± stderr) | relative |",
              "|---|---|---|---|---|---|---|"]
     for name, tasks in data["drift"].items():

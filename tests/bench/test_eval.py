@@ -117,3 +117,40 @@ def test_lm_evals_command_line_refuses_a_missing_artifact_with_kvants_error(tmp_
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert bad.stderr.strip().splitlines()[-1].startswith("kvant: error: ")
     assert "nothing.gguf" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_eval_without_a_reference_reports_the_scores_and_says_why_no_drift(evaluated,
+                                                                           tmp_path):
+    """Task scores need no reference: without one nothing is fetched, the scores are those
+    the same file got beside its reference, and one line says that the drift is left out."""
+    out, q4 = evaluated
+    alone = tmp_path / "alone"
+    result = run_kvant("--no-progress", "eval", str(q4), "--tasks", "kvant_cloze_nob",
+                       "--limit", str(LIMIT), "--out", str(alone),
+                       env={"KVANT_DATA_DIR": str(UD_DIR), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "without their drift" in result.stderr
+    data = json.loads((alone / "results.json").read_text())
+    assert data["reference"] is None and data["drift"] == {}
+    kept = json.loads((out / "results.json").read_text())["models"][q4.stem]
+    acc = data["models"][q4.stem]["results"]["kvant_cloze_nob"]["acc"]["value"]
+    assert acc == pytest.approx(kept["results"]["kvant_cloze_nob"]["acc"]["value"])
+    assert "no reference was given" in (alone / "report.md").read_text()
+
+
+def test_lm_evals_default_cuda_device_falls_back_to_the_cpu_here(tiny_model):
+    """lm-eval's CLI hands every model its --device default (cuda): on a machine without
+    CUDA the model runs on the CPU, with a warning, as lm-eval's HFLM does."""
+    import torch
+
+    from kvant.app.lmeval import KvantLM
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs cuda")
+    lm = KvantLM(str(tiny_model), device="cuda")  # the bf16 folder: its dtype asks the device
+    try:
+        assert lm.where == "cpu"
+        logprob, _ = lm.score([1, 500], [600, 700])  # the reference's dtype, on the CPU
+        assert logprob < 0
+    finally:
+        lm.close()
