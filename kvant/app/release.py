@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import tempfile
 import tomllib
@@ -456,9 +457,37 @@ def _folders(root: Path, artifacts: dict) -> dict[str, list[str]]:
     return {f: [t.name for t in find_targets(root / f)] for f in artifacts}
 
 
+def effective_recipe(text: str, calib: str | None) -> str:
+    """The recipe that ran: ``text`` with ``--calib`` (``calib``) in its [release] section's
+    calib, the override named in a comment beside it. A local file is named by its file
+    name and sha256, never by the publisher's folder."""
+    if not calib:
+        return text
+    shown, digests = [], []
+    for part in calib.split(","):
+        name, colon, share = part.strip().partition(":")
+        if Path(name).expanduser().is_file():
+            path = Path(name).expanduser()
+            digests.append(f"{path.name} sha256 {sha256_file(path)}")
+            name = path.name
+        shown.append(f"{name}{colon}{share}")
+    line = (f"calib = {json.dumps(','.join(shown))}  # set by --calib for this release"
+            + (f" ({'; '.join(digests)})" if digests else ""))
+    head, found, rest = text.partition("[release]")
+    if not found:
+        return f"[release]\n{line}\n\n{text}"
+    header = re.search(r"(?m)^\[", rest)  # the next section's
+    section, tail = (rest[:header.start()], rest[header.start():]) if header else (rest, "")
+    if re.search(r"(?m)^calib\s*=.*$", section):
+        section = re.sub(r"(?m)^calib\s*=.*$", lambda _: line, section, count=1)
+    else:
+        section = section.replace("\n", f"\n{line}\n", 1)  # right below [release]
+    return head + found + section + tail
+
+
 def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
            artifacts: dict, bench_settings: BenchSettings, at_depth: dict,
-           tasks: dict) -> None:
+           tasks: dict, calib: str | None = None) -> None:
     """Cards, plots and checksums of every artifact and the release's index (with the task
     drift of [eval], ``tasks``: kvant eval's results, or {})."""
     folders = _folders(root, artifacts)
@@ -468,7 +497,7 @@ def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,
     for folder, names in folders.items():
         amend_artifact(root / folder, card_section=artifact_section(targets, names, ctx),
                        files=plots, validation={"bench": {n: targets[n] for n in names}})
-    recipe_text = Path(recipe_path).read_text(encoding="utf-8")
+    recipe_text = effective_recipe(Path(recipe_path).read_text(encoding="utf-8"), calib)
     (root / "recipe.toml").write_text(recipe_text, encoding="utf-8")
     (root / "README.md").write_text(index_card(name, source["id"], recipe_text, targets,
                                                folders, predicted, ctx, PLAN_CTX,
@@ -535,7 +564,7 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
                                         cache_dir, data_dir)
             with step("cards"):
                 _cards(root, recipe_path, name, model, source, artifacts, bench_settings,
-                       at_depth, tasks)
+                       at_depth, tasks, calib)
             finished = True
         finally:
             if rehearse is not None:  # a failed rehearsal still shows the steps it ran

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from kvant.app.release import load_recipe, run_release
 from kvant.artifact import read_manifest, verify_artifact
 from kvant.errors import SettingsError
+from kvant.files import sha256_file
 from tests.conftest import CALIB_FILE, UD_DIR, run_kvant
 
 RECIPE = """
@@ -101,7 +103,13 @@ def test_index_card_and_root_checksums(release):
         assert set(by_lang) == {"nob", "sme"}
         assert all(r["tokens"] == 1536 for r in by_lang.values())
     assert "bench/depth.json" in (out / "SHA256SUMS").read_text()
-    assert (out / "recipe.toml").read_text() == recipe.read_text()
+    # the recipe that ran: --calib in it, named by the file's name and hash, not its path
+    published = tomllib.loads((out / "recipe.toml").read_text())
+    written = tomllib.loads(recipe.read_text())
+    assert published["release"].pop("calib") == CALIB_FILE.name
+    assert published == written  # the mini recipe has no calib of its own
+    assert str(CALIB_FILE.parent) not in (out / "recipe.toml").read_text()
+    assert sha256_file(CALIB_FILE) in (out / "recipe.toml").read_text()
     for line in (out / "SHA256SUMS").read_text().splitlines():
         digest, path = line.split("  ", 1)
         assert hashlib.sha256((out / path).read_bytes()).hexdigest() == digest

@@ -256,3 +256,25 @@ def test_a_push_that_fails_midway_leaves_the_repo_untouched(tmp_path, monkeypatc
     with pytest.raises(OSError, match="third file"):
         release._push(files, "token", public=False)
     assert committed == {"ORG/mini-gguf": []}
+
+
+def test_the_published_recipe_is_the_one_that_ran():
+    """`make demo` passes --calib: the release's recipe.toml must name that text (by file
+    name and sha256, never the publisher's folder), not the recipe file's own calib."""
+    import tomllib
+
+    from kvant.app.release import effective_recipe
+    from kvant.files import sha256_file
+
+    text = (REPO / "recipes" / "stand-in.toml").read_text()
+    written = tomllib.loads(text)
+    ran = effective_recipe(text, str(CALIB_FILE))
+    published = tomllib.loads(ran)
+    assert written["release"]["calib"] != CALIB_FILE.name
+    assert published["release"].pop("calib") == CALIB_FILE.name
+    written["release"].pop("calib")
+    assert published == written
+    assert str(CALIB_FILE.parent) not in ran and sha256_file(CALIB_FILE) in ran
+    assert effective_recipe(text, None) == text
+    mixed = tomllib.loads(effective_recipe(text, "nob-train:0.7,eng:0.3"))
+    assert mixed["release"]["calib"] == "nob-train:0.7,eng:0.3"
