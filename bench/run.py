@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -267,7 +268,7 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
     if results.get("schema_version") != SCHEMA_VERSION:
         results = {}
     results.update({"schema_version": SCHEMA_VERSION, "machine": machine(), "device": device,
-                    "reference": str(reference) if reference else None,
+                    "reference": Path(reference).name if reference else None,
                     "settings": {k: list(v) if isinstance(v, tuple) else v
                                  for k, v in settings.__dict__.items()}})
     results.setdefault("targets", {})
@@ -301,7 +302,9 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
                     entry.pop("peers", None)
                     entry.pop("tokenizer_agreement", None)
             results["targets"][target.name] = entry
-            entry.update({**keys, "path": str(target.path), "backend": target.backend,
+            # where the model is, from the bench folder: nothing of the machine's own folders
+            entry.update({**keys, "path": os.path.relpath(target.path, out),
+                          "backend": target.backend,
                           "format": target.fmt, "kind": target.kind,
                           "size_bytes": target.size_bytes,
                           "engine": engines[target.backend]})
@@ -328,6 +331,14 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
                 _gguf_extras(target, entry, texts, settings, device, out, results)
     finally:
         scratch.cleanup()
+    benched = {t.name for t in all_targets}
+    stale = [n for n in results["targets"] if n not in benched]
+    if stale:  # the report, the plan's fit and a release's upload read every row
+        logger.info("results.json: dropping %d row(s) of models not benched now (%s)",
+                    len(stale), ", ".join(stale))
+        for name in stale:
+            del results["targets"][name]
+        _save(out, results)
     write_report(results, out)
     return out
 

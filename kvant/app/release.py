@@ -420,7 +420,7 @@ def _depth_study(root: Path, model: Path, source: dict, artifacts: dict,
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix=".depth-", dir=root / "bench") as scratch:
         for n, kvs in sorted(caches.items()):  # each target and cache type scored once
-            results.update(depth([Path(targets[n]["path"])], model, docs, tuple(kvs),
+            results.update(depth([root / "bench" / targets[n]["path"]], model, docs, tuple(kvs),
                                  Path(scratch)))
     write_json(root / "bench" / "depth.json", results)
     (root / "bench" / "depth.md").write_text(depth_table(results) + "\n", encoding="utf-8")

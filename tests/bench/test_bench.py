@@ -312,3 +312,23 @@ def test_a_changed_artifact_is_measured_anew(gguf_artifact, tmp_path, cache_dir)
     assert second["speed_key"] != first["speed_key"]
     assert second["size_bytes"] == (gguf_artifact / "tiny-Q8_0.gguf").stat().st_size
     assert second["speed"]["32"] != first["speed"]["32"]  # a fresh measurement
+
+
+def test_a_rerun_keeps_only_the_rows_it_benched_and_no_local_paths(gguf_artifact, tmp_path,
+                                                                   cache_dir):
+    """results.json is what the report, the plan's fit and a release's upload read: a model
+    no longer benched leaves it, and no row names the machine's folders."""
+    for name in ("a.gguf", "b.gguf"):
+        shutil.copyfile(gguf_artifact / "tiny-Q8_0.gguf", tmp_path / name)
+    settings = BenchSettings(ctx=("32",), n_new=4, repeats=1, quality=False,
+                             peer_checks=False, max_attempts=1)
+    out = tmp_path / "bench"
+    run_bench([tmp_path / "a.gguf", tmp_path / "b.gguf"], None, settings, out,
+              cache_dir=cache_dir)
+    assert set(_results(out)["targets"]) == {"a", "b"}
+    run_bench([tmp_path / "b.gguf"], None, settings, out, cache_dir=cache_dir)
+    results = _results(out)
+    assert set(results["targets"]) == {"b"}
+    assert "| a " not in (out / "report.md").read_text()
+    assert str(tmp_path) not in (out / "results.json").read_text()
+    assert (out / results["targets"]["b"]["path"]).resolve() == (tmp_path / "b.gguf")
