@@ -193,6 +193,27 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
         return False
 
 
+def published_arg(arg: str) -> str:
+    """A command-line argument as a published card or manifest shows it: each local path in
+    it (``--calib /home/me/texts/a.txt``, ``--out=/tmp/x``, ``a.txt:0.5,nob-train``) by its
+    file or folder name, never the publisher's folders; anything else as it is.
+
+    >>> published_arg("--out=/tmp/run/tiny-gguf"), published_arg("norallm/normistral-11b-long")
+    ('--out=tiny-gguf', 'norallm/normistral-11b-long')
+    """
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    if not eq:
+        flag, value = "", arg
+    parts = []
+    for part in value.split(","):
+        name, colon, share = part.partition(":")
+        path = Path(name).expanduser()
+        if os.sep in name and (path.is_absolute() or path.exists()):
+            name = path.name
+        parts.append(f"{name}{colon}{share}")
+    return f"{flag}{eq}{','.join(parts)}"
+
+
 @dataclass
 class ArtifactWriter:
     """Stage an artifact folder and publish it atomically with manifest, checksums and card."""
@@ -221,8 +242,8 @@ class ArtifactWriter:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if not self.command:  # shell-quoted, so that it reruns as written
-            self.command = shlex.join(["kvant", *sys.argv[1:]]) if sys.argv[0].endswith(
-                "kvant") else ""
+            self.command = shlex.join(["kvant", *map(published_arg, sys.argv[1:])]) \
+                if sys.argv[0].endswith("kvant") else ""
 
     @property
     def scratch(self) -> Path:

@@ -88,8 +88,8 @@ def model_source(model: str, revision: str | None = None) -> tuple[Path, dict]:
             raise SettingsError(f"--revision {revision} applies to a hub id, and '{model}' is "
                                 "a local folder; drop --revision, or pass the hub id")
         path = resolve_model(model)
-        return path, {"id": str(Path(model).expanduser().resolve()),
-                      "content_hash": content_hash(path)}
+        # a local folder is named by its name and content, never by where it lies here
+        return path, {"id": path.resolve().name, "content_hash": content_hash(path)}
     path = resolve_model(model, revision)
     return path, {"id": str(model), "revision": path.name,
                   "requested_revision": revision or "main"}

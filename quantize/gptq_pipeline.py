@@ -17,6 +17,7 @@ it runs inside the staging folder's scratch space.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -65,6 +66,26 @@ def working_dir(path: Path):
         os.chdir(before)
 
 
+def forget_folders(path: Path, folders: tuple[Path, ...]) -> None:
+    """Drop from the JSON file ``path`` every setting whose value names one of ``folders``:
+    GPTQModel saves its ``offload_to_disk_path``, a scratch folder of the machine that made
+    the checkpoint and gone once it is published."""
+    if not path.is_file():
+        return
+    named = tuple(str(f) for f in folders)
+
+    def keep(value):
+        if isinstance(value, dict):
+            return {k: keep(v) for k, v in value.items()
+                    if not (isinstance(v, str) and v.startswith(named))}
+        return value
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    cleaned = keep(data)
+    if cleaned != data:
+        path.write_text(json.dumps(cleaned, indent=2) + "\n", encoding="utf-8")
+
+
 def quantize_gptq(model_dir: Path, out_dir: Path, settings: GPTQSettings, samples: list[dict],
                   device: str = "cpu", scratch: Path | None = None) -> dict:
     """Quantize and save into ``out_dir`` (which must exist); return timing facts.
@@ -89,6 +110,8 @@ def quantize_gptq(model_dir: Path, out_dir: Path, settings: GPTQSettings, sample
         del model  # its in-memory weights are not valid after quantize(); never score them
     if own_scratch:
         shutil.rmtree(scratch, ignore_errors=True)
+    for name in ("config.json", "quantize_config.json"):
+        forget_folders(out_dir / name, (scratch, out_dir))
     seconds = time.perf_counter() - started
     (out_dir / "quant_log.csv").unlink(missing_ok=True)
     facts = {"quantize_seconds": round(seconds, 1), "device": device,

@@ -108,3 +108,20 @@ def test_gptq_cuda_kernels(gptq_artifact):
     assert layers and not any(name.startswith("Torch") for name in layers), layers
     assert kld < 1e-3 and top1 >= 0.95, (kld, top1)
 
+
+
+def test_no_file_names_a_folder_of_the_machine_that_made_it(gptq_artifact, tiny_model):
+    """GPTQModel saves its offload folder (scratch inside the staging folder, gone once the
+    artifact is published) into config.json and quantize_config.json: a published file names
+    models and texts, never the publisher's folders."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import REPO
+
+    folders = [str(Path(tempfile.gettempdir())), str(Path.home()), str(REPO),
+               str(tiny_model.parent)]
+    for file in gptq_artifact.iterdir():
+        if file.suffix in (".json", ".md", ".txt") or file.name == "SHA256SUMS":
+            text = file.read_text(encoding="utf-8")
+            assert not [f for f in folders if f in text], (file.name, folders)
