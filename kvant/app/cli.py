@@ -682,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(OnceFilter())
+    if args.verbose:  # llama.cpp's own log (file loads, metadata): kvant.runtimes.llamacpp
+        logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG)
     if args.verbose < 2:  # import-time chatter of optional libraries, not about the user's run
         for noisy in ("torchao", "torch.utils._pytree", "gguf.gguf_writer", "gguf.vocab"):
             logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import re
 import secrets
@@ -21,6 +22,13 @@ import numpy as np
 from kvant.errors import KvantError
 from kvant.machine import die_with_parent
 from kvant.tokenization import GGUF_PRE_EXACT, exact_tokenizer
+
+# llama-cpp-python hands llama.cpp's own log (every file load's metadata dump, 80 lines and
+# more) to this logger, and prints everything while its level is unset: quiet unless the
+# application asked for it (the CLI's -v sets DEBUG before this module is imported)
+LLAMA_LOG = logging.getLogger("llama-cpp-python")
+if LLAMA_LOG.level == logging.NOTSET:
+    LLAMA_LOG.setLevel(logging.ERROR)
 
 
 def llama_tool(name: str) -> Path:
@@ -125,7 +133,8 @@ class LlamaCppRuntime:
         with _model_params(repack):
             self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx,
                                        n_batch=n_ctx if all_logits else n_batch,
-                                       logits_all=all_logits, verbose=False,
+                                       logits_all=all_logits,
+                                       verbose=LLAMA_LOG.level <= logging.DEBUG,
                                        flash_attn=self.flash_attn(all_logits) or
                                        kv_type != "f16",
                                        type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type],

@@ -56,3 +56,14 @@ def test_tiny_reuses_the_cached_build(tiny_model, cache_dir):
                        env={"KVANT_CACHE_DIR": str(cache_dir)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(tiny_model)
+
+
+def test_info_on_a_gguf_file_prints_kvants_lines_alone_and_llama_cpps_log_behind_v(
+        gguf_artifact):
+    """llama.cpp dumps a file's metadata (80 lines and more) on every load: kept behind -v."""
+    q4 = gguf_artifact / "tiny-Q4_K_M.gguf"
+    quiet = run_kvant("info", str(q4))
+    assert quiet.returncode == 0 and "gguf-q4_k_m" in quiet.stdout
+    assert "llama_model_loader" not in quiet.stderr, quiet.stderr[:500]
+    loud = run_kvant("-v", "info", str(q4))
+    assert "llama_model_loader" in loud.stderr
