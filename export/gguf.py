@@ -31,7 +31,7 @@ DEFAULT_TYPES = ("bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "iq4_xs")
 PRE_TOKENIZERS = ("ufakzeka", "tekken")
 
 
-MIX_SENSITIVITY = ("auto", "direct", "torch", "proxy")
+MIX_SENSITIVITY = ("auto", "direct", "torch", "fisher", "proxy")
 
 
 def mix_size(gguf_type: str) -> int:
@@ -68,9 +68,11 @@ class GGUFSettings(EvalSettings):
     mix_sensitivity: str = "auto"
     """For <type>-mix and mix:SIZE: direct (KLD per tensor and type on calibration windows,
     one llama-quantize each), torch (the same KLD with the one tensor dequantized into the
-    transformers model: a forward each), proxy (importance-weighted quantization error, no
-    model run; measured worse than llama.cpp's own rule) or auto (direct, else torch,
-    whichever first fits --mix-time-budget; else no <type>-mix is made and its uniform file
+    transformers model: a forward each), fisher (a second-order estimate of that KLD from a
+    few backward passes: minutes where torch takes hours, where the model and its gradients
+    fit in memory), proxy (importance-weighted quantization error, no model run; measured
+    worse than llama.cpp's own rule) or auto (direct, else torch, else fisher, whichever
+    first fits --mix-time-budget and memory; else no <type>-mix is made and its uniform file
     ships in its place)."""
     mix_time_budget: float = 3600.0
     """Seconds the sensitivity may take under auto: each method's first evaluation is timed

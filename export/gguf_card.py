@@ -58,8 +58,9 @@ def mix_section(files: dict) -> str:
     if not mixes:
         return ""
     rows = ["| file | budget (MiB) | size (MiB) | sensitivity | predicted calibration KLD "
-            "(uniform) | held-out mean KLD (uniform) | ratio | tensor types |",
-            "|---|---|---|---|---|---|---|---|"]
+            "(uniform) | held-out mean KLD (uniform) | ratio | uniform frontier (ratio) | "
+            "tensor types |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for t, r in mixes.items():
         mix, uniform = r["mix"], r["mix"].get("uniform", {})
         base = files.get(t.removesuffix("-mix"), {}) if t.endswith("-mix") else {}
@@ -72,9 +73,11 @@ def mix_section(files: dict) -> str:
                 held += f" ({base['mean_kld']:.6f})"
                 ratio = f"{r['mean_kld'] / base['mean_kld']:.2f}" if base["mean_kld"] else "-"
         types = ", ".join(f"{n} {ty.upper()}" for ty, n in mix["types"].items())
+        frontier = (f"{r['uniform_frontier_kld']:.6f} ({r['vs_uniform_frontier']:.2f})"
+                    if "uniform_frontier_kld" in r else "-")
         rows.append(f"| `{r['file']}` | {mix['budget_bytes'] / 2**20:.2f} | "
                     f"{mix['size_bytes'] / 2**20:.2f} | {mix['sensitivity']} | {predicted} | "
-                    f"{held} | {ratio} | {types} |")
+                    f"{held} | {ratio} | {frontier} | {types} |")
     return f"""
 ## MIX files: a type per tensor, chosen by measured sensitivity
 
@@ -84,7 +87,10 @@ matrix (every layer's seven, token_embd, output) has the type that minimizes the
 KLD under that byte budget: the sensitivity of each tensor to each candidate type is measured
 on the calibration text (never on the evaluation text), exact byte sizes per tensor and type
 go into a knapsack, and `--tensor-type` overrides realize it; every tensor of the written
-file is checked to have its planned type. The files are plain GGUF: stock llama.cpp and
+file is checked to have its planned type. The uniform frontier is the best held-out KLD the
+uniform files of this folder reach at the mix's bytes, interpolated log-linearly between two
+that bracket it: a fairer yardstick than the twin where the twin is itself dominated (shown
+only where two uniform files bracket the mix). The files are plain GGUF: stock llama.cpp and
 Ollama load them. Assignments per tensor are in `manifest.json`.
 
 {chr(10).join(rows)}

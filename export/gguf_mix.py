@@ -33,21 +33,40 @@ the measured KLD of the final file is reported beside the prediction).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import re
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
 from kvant.errors import KvantError, SettingsError
+from kvant.export.gguf_fisher import fisher_costs
 from kvant.export.gguf_quantize import quantize
-from kvant.model import read_config, read_safetensors_header, weight_files
+from kvant.export.gguf_tensors import (
+    PURE_FTYPE,
+    ROWS,
+    OverTimeBudget,
+    Tensor,
+    as_param,
+    duration,
+    fallback,
+    file_types,
+    hf_names,
+    pure,
+    quantizable,
+    read_imatrix,
+    read_rows,
+    read_tensor,
+    tensor_bytes,
+    tensor_layout,
+    written_types,
+)
+from kvant.model import read_config
 from kvant.runtimes.llamacpp import LlamaCppRuntime
 from kvant.scoring import kld_per_position
 
@@ -62,80 +81,9 @@ NEIGHBOURS = {
     "q5_k_m": ("q4_k", "q5_k", "q6_k", "q8_0"),
 }
 ALL_CANDIDATES = ("q2_k", "q3_k", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
-# llama-quantize's file types whose --pure default is the tensor type (tools/quantize)
-PURE_FTYPE = {"q2_k": "Q2_K", "q3_k": "Q3_K_M", "q4_k": "Q4_K_M", "q5_k": "Q5_K_M",
-              "q6_k": "Q6_K", "q8_0": "Q8_0", "iq4_xs": "IQ4_XS", "q5_0": "Q5_0",
-              "q4_0": "Q4_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
 BASELINE = "q8_0"
-_ROWS = 256  # rows dequantized at once by the proxy (ffn_down at 11.4B: 88 MiB)
 MIX_KEY = "kvant.mix"  # written into a mix file: what it is, for kvant.runtimes.gguf_kind
 ALIGN = 32  # GGUF's general.alignment default: every tensor's data starts on it
-@dataclass(frozen=True)
-class Tensor:
-    """A quantizable tensor: its GGUF name, row length (ne0) and row count."""
-
-    name: str
-    ne0: int
-    rows: int
-
-
-def ggml(type_name: str) -> gguf.GGMLQuantizationType:
-    return gguf.GGMLQuantizationType[type_name.upper()]
-
-
-# llama-quant.cpp `tensor_type_fallback`: the type written instead when a row of ne0 values
-# does not split into the target's blocks (256 for K and most IQ types, 32 for the rest).
-_FALLBACK = {**dict.fromkeys(("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs",
-                              "iq3_s", "iq4_xs"), "iq4_nl"),
-             **dict.fromkeys(("q2_k", "q3_k", "tq1_0", "tq2_0"), "q4_0"),
-             "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-
-
-def fallback(type_name: str, ne0: int) -> str:
-    """The type llama.cpp actually writes for ``type_name`` on rows of ``ne0`` values: the
-    type itself where the rows divide into its blocks, else its fallback, else f16 (as
-    llama-quant.cpp's `tensor_type_fallback`).
-
-    >>> fallback("q3_k", 576), fallback("q6_k", 576), fallback("q4_k", 100)
-    ('q4_0', 'q8_0', 'f16')
-    """
-    block = gguf.GGML_QUANT_SIZES[ggml(type_name)][0]
-    if ne0 % block == 0:
-        return type_name
-    to = _FALLBACK.get(type_name)
-    if to is None:
-        if block > 32:  # llama.cpp throws "no tensor type fallback is defined"
-            raise KvantError(f"llama.cpp has no fallback for {type_name} on rows of {ne0}")
-        to = type_name
-    return "f16" if ne0 % gguf.GGML_QUANT_SIZES[ggml(to)][0] else to
-
-
-def tensor_bytes(tensor: Tensor, type_name: str) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[ggml(fallback(type_name, tensor.ne0))]
-    return tensor.rows * (tensor.ne0 // block) * size
-
-
-def quantizable(path: Path) -> list[Tensor]:
-    """The tensors llama-quantize quantizes: 2-D weights other than norms."""
-    found = []
-    for t in gguf.GGUFReader(str(path)).tensors:
-        if len(t.shape) == 2 and t.name.endswith("weight") and "_norm" not in t.name:
-            found.append(Tensor(t.name, int(t.shape[0]), int(t.shape[1])))
-    return found
-
-
-def file_types(path: Path) -> dict[str, str]:
-    """{tensor name: ggml type name, lower case} of a GGUF file."""
-    return {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(path)).tensors}
-
-
-def written_types(tensors: list[Tensor], assignment: dict[str, str]) -> dict[str, str]:
-    """What llama-quantize writes for ``assignment``: each tensor's type, or llama.cpp's
-    fallback where its rows do not divide the type's blocks (:func:`fallback`)."""
-    widths = {t.name: t.ne0 for t in tensors}
-    return {n: fallback(t, widths[n]) for n, t in assignment.items()}
-
-
 def quantize_with(base: Path, out: Path, tensors: list[Tensor], assignment: dict[str, str],
                   imatrix: Path | None, threads: int, ftype: str = "Q8_0",
                   tag: str | None = None) -> dict[str, str]:
@@ -153,68 +101,25 @@ def quantize_with(base: Path, out: Path, tensors: list[Tensor], assignment: dict
                *(("--override-kv", f"{MIX_KEY}=str:{tag}") if tag else ()))
     try:
         quantize(base, out, ftype, imatrix, threads, options)
+    except BaseException:
+        out.unlink(missing_ok=True)  # llama-quantize may leave a partial file
+        raise
     finally:
         overrides.unlink(missing_ok=True)
     written = file_types(out)
     wrong = {n: (t, written.get(n)) for n, t in planned.items() if written.get(n) != t}
     if wrong:
+        out.unlink()
         name, (want, got) = next(iter(wrong.items()))
         raise KvantError(f"llama-quantize wrote {len(wrong)} tensor(s) with another type than "
                          f"planned ({name}: {got}, planned {want}); the mix file is not kept")
     return planned
 
 
-def pure(base: Path, type_name: str, out: Path, imatrix: Path | None, threads: int) -> Path:
-    """Every quantizable tensor in ``type_name`` (llama-quantize --pure)."""
-    quantize(base, out, PURE_FTYPE[type_name], imatrix, threads, ("--pure",))
-    return out
-
-
-def read_imatrix(path: Path | None) -> dict[str, np.ndarray]:
-    """{tensor name: mean squared activation per input column} from a GGUF imatrix."""
-    if path is None:
-        return {}
-    tensors = {t.name: np.asarray(t.data, dtype=np.float64).ravel()
-               for t in gguf.GGUFReader(str(path)).tensors}
-    out = {}
-    for name, values in tensors.items():
-        if name.endswith(".in_sum2"):
-            stem = name.removesuffix(".in_sum2")
-            count = tensors.get(stem + ".counts")
-            out[stem] = values / max(float(count[0]) if count is not None else 1.0, 1.0)
-    return out
-
-
-def _layout(path: Path) -> dict[str, tuple[int, int, gguf.GGMLQuantizationType]]:
-    """{tensor: (absolute data offset, bytes per row, type)} of a GGUF file."""
-    return {t.name: (int(t.data_offset), int(t.n_bytes) // int(t.shape[-1]), t.tensor_type)
-            for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2}
-
-
-def _rows(handle, layout: tuple, r0: int, r1: int) -> np.ndarray:
-    """Rows r0..r1 of a tensor as float32, read with plain file reads: a memory map would
-    keep every page it touched in the process's RSS (the whole 23 GB file at 11.4B)."""
-    offset, row_bytes, ttype = layout
-    handle.seek(offset + r0 * row_bytes)
-    raw = np.frombuffer(handle.read((r1 - r0) * row_bytes), dtype=np.uint8)
-    return gguf.quants.dequantize(raw.reshape(r1 - r0, row_bytes), ttype)
-
-
 def token_frequencies(ids, vocab: int) -> np.ndarray:
     """Each token's share of ``ids`` (the calibration text's tokens), per vocabulary row."""
     counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab)[:vocab]
     return counts / max(int(counts.sum()), 1)
-
-
-def _tensor(handle, layout: tuple, tensor: Tensor) -> np.ndarray:
-    """The whole tensor as float32 (rows x ne0), dequantized a block of rows at a time into
-    one array: gguf-py's dequantizers hold several float32 temporaries of their input, which
-    for the 51,200 x 5,120 embedding would be gigabytes at once."""
-    out = np.empty((tensor.rows, tensor.ne0), dtype=np.float32)
-    for r0 in range(0, tensor.rows, _ROWS):
-        r1 = min(r0 + _ROWS, tensor.rows)
-        out[r0:r1] = _rows(handle, layout, r0, r1)
-    return out
 
 
 def proxy_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Path | None,
@@ -235,22 +140,22 @@ def proxy_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Pa
     rows at a time (bounded memory at any width).
     """
     weights = read_imatrix(imatrix)
-    base_layout = _layout(base)
+    base_layout = tensor_layout(base)
     costs = {}
     for type_name in tqdm(types, desc="mix proxy", disable=not progress):
         path = pure(base, type_name, scratch / f"pure-{type_name}.gguf", imatrix, threads)
         try:
-            layout = _layout(path)
+            layout = tensor_layout(path)
             with base.open("rb") as src, path.open("rb") as got:
                 for tensor in tensors:
                     by_row = tensor.name == "token_embd.weight" and token_freq is not None
                     a = np.ones(tensor.ne0) if by_row else \
                         weights.get(tensor.name, np.ones(tensor.ne0))
                     total = 0.0
-                    for r0 in range(0, tensor.rows, _ROWS):
-                        r1 = min(r0 + _ROWS, tensor.rows)
-                        w = _rows(src, base_layout[tensor.name], r0, r1)
-                        q = _rows(got, layout[tensor.name], r0, r1)
+                    for r0 in range(0, tensor.rows, ROWS):
+                        r1 = min(r0 + ROWS, tensor.rows)
+                        w = read_rows(src, base_layout[tensor.name], r0, r1)
+                        q = read_rows(got, layout[tensor.name], r0, r1)
                         err = ((w - q).astype(np.float64) ** 2) @ a
                         total += float(err @ (token_freq[r0:r1] * tensor.rows) if by_row
                                        else err.sum())
@@ -258,6 +163,15 @@ def proxy_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Pa
         finally:
             path.unlink(missing_ok=True)
     return costs
+
+
+AUTO_ORDER = ("direct", "torch", "fisher")
+"""auto's methods, most exact first: the first whose estimate fits is used."""
+
+
+def _why(estimate: dict) -> str:
+    """Why a method was passed over, from its estimate: its memory, or its time."""
+    return estimate.get("reason") or f"would take about {duration(estimate['estimated_s'])}"
 
 
 class NothingFits(Exception):
@@ -268,18 +182,9 @@ class NothingFits(Exception):
         self.tried = tried
 
     def __str__(self) -> str:
-        said = ", ".join(f"{t['mode']} about {_duration(t['estimate']['estimated_s'])}"
-                         for t in self.tried)
-        return (f"no measured sensitivity fits --mix-time-budget ({said}); raise the budget "
-                "or run on a GPU")
-
-
-class OverTimeBudget(Exception):
-    """A measured sensitivity's estimate (from its timed first evaluation) is over budget."""
-
-    def __init__(self, estimate: dict):
-        super().__init__(estimate)
-        self.estimate = estimate
+        said = ", ".join(f"{t['mode']} {_why(t['estimate'])}" for t in self.tried)
+        return (f"no measured sensitivity fits --mix-time-budget and memory ({said}); raise "
+                "the budget or run on a GPU")
 
 
 def direct_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: Path | None,
@@ -297,14 +202,16 @@ def direct_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: P
     def kld(assignment: dict[str, str]) -> float:
         # unrounded: a tensor's share of the KLD is often below the reports' 6 decimals
         path = scratch / "probe.gguf"
-        quantize_with(base, path, tensors, assignment, imatrix, threads)
-        runtime = LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx)
         try:
-            return float(np.concatenate([
-                kld_per_position(r[:-1], runtime.logits(w)[:-1])
-                for r, w in zip(reference, wins, strict=True)]).mean())
+            quantize_with(base, path, tensors, assignment, imatrix, threads)
+            runtime = LlamaCppRuntime(path, threads=threads, n_ctx=n_ctx)
+            try:
+                return float(np.concatenate([
+                    kld_per_position(r[:-1], runtime.logits(w)[:-1])
+                    for r, w in zip(reference, wins, strict=True)]).mean())
+            finally:
+                runtime.close()
         finally:
-            runtime.close()
             path.unlink(missing_ok=True)
 
     everything = {t.name: BASELINE for t in tensors}
@@ -316,7 +223,7 @@ def direct_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: P
     estimate = {"evaluations": evaluations, "first_s": round(first_s, 2),
                 "estimated_s": round(first_s * evaluations), "budget_s": time_budget_s}
     logger.info("direct mix sensitivity: %d evaluations at about %.1f s each, %s in all",
-                evaluations, first_s, _duration(first_s * evaluations))
+                evaluations, first_s, duration(first_s * evaluations))
     if time_budget_s is not None and first_s * evaluations > time_budget_s:
         raise OverTimeBudget(estimate)
     costs = {}
@@ -326,36 +233,6 @@ def direct_costs(base: Path, tensors: list[Tensor], types: list[str], imatrix: P
             continue
         costs[tensor.name, type_name] = kld({**everything, tensor.name: type_name}) - baseline
     return costs, baseline, estimate
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
-
-
-def _hf_names(model_dir: Path, tensors: list[Tensor]) -> dict[str, str]:
-    """{GGUF tensor name: the HF parameter it was converted from} (gguf-py's name map)."""
-    config = read_config(model_dir)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-    found = {}
-    for file in weight_files(model_dir):
-        for hf_name in read_safetensors_header(file):
-            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is not None:
-                found[gguf_name] = hf_name
-    if config.get("tie_word_embeddings") and "output.weight" not in found:
-        found["output.weight"] = "lm_head.weight"
-    return {t.name: found[t.name] for t in tensors}
-
-
-def _as_param(weights: np.ndarray, tensor: Tensor, heads: dict) -> np.ndarray:
-    """A dequantized GGUF tensor (float32 rows of ne0) in its HF parameter's layout: Q/K
-    rows back from llama.cpp's order."""
-    from kvant.export.gguf_convert import unpermute_qk
-
-    parts = tensor.name.split(".")
-    if parts[0] == "blk" and parts[2] in heads:
-        weights = unpermute_qk(weights, heads[parts[2]])
-    return np.ascontiguousarray(weights)
 
 
 # llama.cpp's CPU matmul rounds a matmul's input to its weight type's vec_dot_type before the
@@ -409,7 +286,7 @@ def _substituted_kld(runtime, param, weights: np.ndarray, tensor: Tensor, heads:
 
     kept = param.data.clone()
     with torch.no_grad():
-        param.data.copy_(torch.from_numpy(_as_param(weights, tensor, heads)))
+        param.data.copy_(torch.from_numpy(as_param(weights, tensor, heads)))
         hook = None if module is None or rounding is None else \
             module.register_forward_pre_hook(
                 lambda _, args: (round_input(args[0], *rounding), *args[1:]))
@@ -547,7 +424,7 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
     n_layers = config["num_hidden_layers"]
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
-    names = _hf_names(model_dir, tensors)
+    names = hf_names(model_dir, tensors)
     reference = ref["calib"]
     runtime = TorchRuntime(model_dir, device=device, threads=threads, dtype=dtype)
     params = dict(runtime.model.named_parameters())
@@ -571,11 +448,11 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
             path = pure(base, type_name, scratch / f"pure-{type_name}.gguf", imatrix, threads)
             pure_s = time.perf_counter() - started
             try:
-                layout = _layout(path)
+                layout = tensor_layout(path)
                 with path.open("rb") as handle:
                     for tensor in order:
                         started = time.perf_counter()
-                        weights = _tensor(handle, layout[tensor.name], tensor)
+                        weights = read_tensor(handle, layout[tensor.name], tensor)
                         loaded = time.perf_counter()
                         first = _layer_of(tensor.name, n_layers)
                         with _replayed(layers, outputs, first):
@@ -597,7 +474,7 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
                             estimate = _torch_estimate(seconds, tensors, n_layers,
                                                        len(types), pure_s, time_budget_s)
                             logger.info("torch mix sensitivity: %d evaluations, about %s",
-                                        total, _duration(estimate["estimated_s"]))
+                                        total, duration(estimate["estimated_s"]))
                             if time_budget_s is not None \
                                     and estimate["estimated_s"] > time_budget_s:
                                 raise OverTimeBudget(estimate)
@@ -677,11 +554,16 @@ def spearman(x: list[float], y: list[float]) -> float:
 class Sensitivity:
     """Per (tensor, type) costs of one export, measured once for every mix it makes.
 
-    ``mode`` auto: direct, else torch, whichever's estimated time (its timed first
-    evaluation times the evaluations left) is first within ``time_budget_s``; where neither
+    ``mode`` auto: direct, else torch, else fisher, whichever's estimate (its timed first
+    evaluations, and for fisher its memory) is first within ``time_budget_s``; where none
     fits, NothingFits (a ``<type>-mix`` then ships its uniform twin; the proxy is used only
-    when asked for, or for mix:SIZE, which has no twin). The choice and the estimates are
-    recorded (``as_dict``) and said in the log."""
+    when asked for, or for mix:SIZE, which has no twin). Once auto has chosen, a later mix
+    that needs more types measures them with the same method, within the same budget. The
+    choice and the estimates are recorded (``as_dict``) and said in the log.
+
+    ``ref``: the reference's calibration logits (``ref["calib"]``, one array per window of
+    ``wins``) and the dtype it was computed in (``ref.dtype``), as
+    kvant.runtimes.reference.reference_logits returns them; fisher needs neither."""
 
     def __init__(self, mode: str, base: Path, imatrix: Path | None, scratch: Path,
                  threads: int, ref=None, wins: list[list[int]] | None = None,
@@ -689,6 +571,7 @@ class Sensitivity:
                  model_dir: Path | None = None, device: str = "cpu",
                  token_freq: np.ndarray | None = None):
         self.mode, self.base, self.imatrix, self.scratch = mode, base, imatrix, scratch
+        self.requested = mode
         self.token_freq = token_freq  # the proxy's weights for token_embd's rows
         self.threads, self.ref, self.wins, self.progress = threads, ref, wins, progress
         self.time_budget_s, self.model_dir, self.device = time_budget_s, model_dir, device
@@ -699,44 +582,52 @@ class Sensitivity:
         self.tried: list[dict] = []
         """Each method auto timed and passed over: {"mode", "estimate"}."""
 
+    def _measure(self, mode: str, types: list[str], budget: float | None) -> dict:
+        """One measured method's costs of ``types`` (OverTimeBudget where it does not fit)."""
+        if mode == "direct":
+            costs, self.baseline, self.estimate = direct_costs(
+                self.base, self.tensors, types, self.imatrix, self.ref, self.wins,
+                self.scratch, self.threads, self.progress, budget)
+            return costs
+        if mode == "torch":
+            costs, self.estimate = substitution_costs(
+                self.model_dir, self.base, self.tensors, types, self.imatrix, self.ref,
+                self.wins, self.scratch, self.threads, self.device, self.ref.dtype,
+                self.progress, budget)
+        else:
+            costs, self.estimate = fisher_costs(
+                self.model_dir, self.base, self.tensors, types, self.imatrix, self.wins,
+                self.scratch, self.threads, self.device,
+                self.ref.dtype if self.ref is not None else "float32", self.progress, budget)
+        self.baseline = 0.0  # against the checkpoint itself
+        return costs
+
     def of(self, types: list[str]) -> dict:
+        """The costs of every type in ``types`` (measured where missing)."""
         missing = [t for t in types if (self.tensors[0].name, t) not in self.costs]
         if not missing:
             return self.costs
-        if self.mode == "auto" and self.tried and not self.costs:
+        auto = self.requested == "auto"
+        if auto and self.tried and not self.costs:
             raise NothingFits(self.tried)  # timed once: the next mix is not timed again
-        budget = self.time_budget_s if self.mode == "auto" else None
-        order = ["direct", "torch"] if self.mode == "auto" else [self.mode]
+        budget = self.time_budget_s if auto else None
+        if self.mode == "proxy":
+            return self.proxy(missing)
+        order = [self.mode] if not auto or self.costs else AUTO_ORDER
         for mode in order:
-            if mode == "proxy":
-                break
             try:
-                if mode == "direct":
-                    costs, self.baseline, self.estimate = direct_costs(
-                        self.base, self.tensors, missing, self.imatrix, self.ref, self.wins,
-                        self.scratch, self.threads, self.progress, budget)
-                else:
-                    costs, self.estimate = substitution_costs(
-                        self.model_dir, self.base, self.tensors, missing, self.imatrix,
-                        self.ref, self.wins, self.scratch, self.threads, self.device,
-                        self.ref.dtype, self.progress, budget)
-                    self.baseline = 0.0  # against the checkpoint itself
+                costs = self._measure(mode, missing, budget)
             except OverTimeBudget as over:
                 self.tried.append({"mode": mode, "estimate": over.estimate})
-                logger.warning("%s mix sensitivity would take about %s (%d evaluations), over "
-                               "the %s budget (--mix-time-budget)", mode,
-                               _duration(over.estimate["estimated_s"]),
-                               over.estimate["evaluations"], _duration(budget))
+                logger.warning("%s mix sensitivity passed over: %s (--mix-time-budget %s)",
+                               mode, _why(over.estimate), duration(budget))
                 continue
             self.mode = mode
             self.costs.update(costs)
             return self.costs
-        if self.mode == "auto":
-            # the proxy chose worse than llama.cpp's own rule on both stand-ins (docs/
-            # formats.md): auto never falls back to it; make_mix ships the uniform file
-            raise NothingFits(self.tried)
-        self.proxy(missing)
-        return self.costs
+        # the proxy chose worse than llama.cpp's own rule on both stand-ins (docs/
+        # formats.md): auto never falls back to it; make_mix ships the uniform file
+        raise NothingFits(self.tried)
 
     def proxy(self, types: list[str]) -> dict:
         """The proxy's costs (no model run), asked for or where nothing else is possible."""
@@ -903,3 +794,26 @@ def mix_verdict(mix: dict, uniform: dict) -> str | None:
                     f"file's {u['mean_kld']:.6f} by more than the noise ({noise:.6f}, "
                     f"{NOISE_SIGMAS:g} standard errors)")
     return None
+
+
+def uniform_frontier(points: list[tuple[int, float]], size: int) -> float | None:
+    """The uniform frontier at ``size`` bytes: the lowest KLD that the uniform files
+    (``points``: (bytes, held-out mean KLD) each) reach there, interpolated log-linearly in
+    KLD between two of them that bracket ``size`` (the lower envelope: a uniform type that
+    lies above the line between its neighbours is dominated and sets no bound). None where
+    no two points bracket ``size`` (no extrapolation). A twin can be a poor yardstick: where
+    llama.cpp's fallbacks make Q5_K_M barely larger than Q4_K_M and far better, a mix that
+    merely finds Q5_K_M's quality beats its twin by 4x and the frontier by much less.
+
+    >>> round(uniform_frontier([(93_510_272, 0.1469), (108_977_120, 0.0633),
+    ...                         (112_103_552, 0.0148)], 108_970_272), 4)
+    0.0218
+    """
+    best = None
+    for (b0, k0), (b1, k1) in itertools.combinations(sorted(points), 2):
+        if not b0 <= size <= b1 or k0 <= 0 or k1 <= 0:
+            continue
+        t = 0.0 if b1 == b0 else (size - b0) / (b1 - b0)
+        kld = math.exp((1 - t) * math.log(k0) + t * math.log(k1))
+        best = kld if best is None else min(best, kld)
+    return best

@@ -40,6 +40,7 @@ from kvant.export.gguf_mix import (
     quantizable,
     substitution_costs,
     token_frequencies,
+    uniform_frontier,
 )
 from kvant.export.gguf_quantize import bits_per_weight, compute_imatrix, quantize, tensor_types
 from kvant.files import sha256_file
@@ -141,6 +142,22 @@ def _judge_mix(spec: str, uniform: Path, files: dict, mix: dict, ref: Reference 
     if reason is None and uniform_type not in settings.types:
         del files[uniform_type]  # scored to judge the mix, not published
     return reason
+
+
+def against_frontier(files: dict, withheld: dict) -> None:
+    """Each scored mix's held-out mean KLD beside the uniform frontier at its bytes
+    (kvant.export.gguf_mix.uniform_frontier over the uniform files scored here), written into
+    its entry where two uniform files bracket it."""
+    points = [(f["size_bytes"], f["mean_kld"]) for t, f in files.items()
+              if not is_mix(t) and f.get("mean_kld")]
+    scored = [f for t, f in files.items() if is_mix(t)]
+    scored += [w["held_out"] for w in withheld.values() if "held_out" in w]
+    for entry in scored:
+        frontier = uniform_frontier(points, entry["size_bytes"]) if "mean_kld" in entry \
+            else None
+        if frontier:
+            entry["uniform_frontier_kld"] = round(frontier, 8)
+            entry["vs_uniform_frontier"] = round(entry["mean_kld"] / frontier, 4)
 
 
 def _sensitivity(settings: GGUFSettings, info, model_dir: Path, base: Path,
@@ -357,15 +374,16 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
             paths.pop(spec).unlink(missing_ok=True)
             if uniform.parent != art.dir:  # not asked for on its own: shipped in its place
                 paths[uniform_type] = uniform.rename(art.dir / uniform.name)
-                files.setdefault(uniform_type, {"kind": kind(uniform_type),
-                                                "fallback_tensors": 0,
-                                                **validate(paths[uniform_type], ref, wins,
-                                                           settings)})
+                if uniform_type not in files:  # scored already when the mix was judged
+                    files[uniform_type] = {"kind": kind(uniform_type), "fallback_tensors": 0,
+                                           **validate(paths[uniform_type], ref, wins,
+                                                      settings)}
                 files[uniform_type]["file"] = uniform.name
             withheld[spec] = {"reason": reason, "instead": uniform.name,
                               "mix": quantized[spec]["mix"],
                               **({"held_out": files.pop(spec)} if spec in files else {})}
             art.warn(f"{spec}: not published: {reason}; {uniform.name} is shipped instead")
+        against_frontier(files, withheld)
         with step("gguf tokenizer report", kind=kind(base_type),
                   weights=base.stat().st_size) as record:
             tok_report = tokenizer_report(base, texts, settings)

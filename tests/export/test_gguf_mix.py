@@ -345,13 +345,14 @@ def test_a_mix_worse_on_held_out_text_is_withheld_and_the_uniform_shipped(
 
 
 def test_auto_over_the_time_budget_ships_the_uniform_file(tiny_model, cache_dir, tmp_path):
-    """auto with a 1-second budget times direct's first evaluation, then torch's, and since
-    neither fits makes no -MIX (the proxy chose worse than uniform on both stand-ins): the
-    uniform file ships, the estimates and the reason are in the manifest and a warning."""
+    """auto with a 10 ms budget times direct's first evaluation, then torch's, then
+    fisher's, and since none fits makes no -MIX (the proxy chose worse than uniform on both
+    stand-ins): the uniform file ships, the estimates and the reason are in the manifest
+    and a warning."""
     from kvant.export.gguf_pipeline import export_gguf
 
     settings = GGUFSettings(types=("q4_k_m-mix",), imatrix="none", mix_sensitivity="auto",
-                            mix_time_budget=1.0, calib=str(CALIB_FILE),
+                            mix_time_budget=0.01, calib=str(CALIB_FILE),
                             eval_langs=("nob", "sme"), eval_tokens=512)
     out = export_gguf(tiny_model, tmp_path / "gguf", settings, source={"id": "tiny"},
                       cache_dir=cache_dir, data_dir=UD_DIR).out
@@ -359,14 +360,17 @@ def test_auto_over_the_time_budget_ships_the_uniform_file(tiny_model, cache_dir,
     sensitivity = manifest["validation"]["mix_sensitivity"]
     tried = {t["mode"]: t["estimate"] for t in sensitivity["passed_over"]}
     assert sensitivity["mode"] == "auto" and sensitivity["costs"] == {}
-    assert list(tried) == ["direct", "torch"]
+    assert list(tried) == ["direct", "torch", "fisher"]
     # direct: 30 matrices x 4 candidates besides the Q8_0 baseline, each as long as the
     # timed first; torch: all 5 candidates, one forward each plus one quantize per type
-    assert tried["direct"]["evaluations"] == 30 * 4 and tried["direct"]["budget_s"] == 1.0
+    assert tried["direct"]["evaluations"] == 30 * 4 and tried["direct"]["budget_s"] == 0.01
     assert tried["direct"]["estimated_s"] == pytest.approx(tried["direct"]["first_s"] * 120,
                                                            abs=1)
     assert tried["torch"]["evaluations"] == 30 * 5
-    assert min(tried["direct"]["estimated_s"], tried["torch"]["estimated_s"]) > 1.0
+    assert min(tried["direct"]["estimated_s"], tried["torch"]["estimated_s"],
+               tried["fisher"]["estimated_s"]) > 0.01
+    # 2 draws on each calibration window: 2,048 tokens (mix_tokens) in windows of 256
+    assert tried["fisher"]["evaluations"] == 2 * 2048 // settings.eval_ctx
     withheld = manifest["validation"]["withheld_mixes"]["q4_k_m-mix"]
     assert withheld["reason"].startswith("no measured sensitivity fits --mix-time-budget")
     assert "held_out" not in withheld and withheld["instead"] == "tiny-Q4_K_M.gguf"
