@@ -223,6 +223,14 @@ def unique_names(found: list[Target]) -> list[Target]:
     return out
 
 
+def shown_path(path: Path, out: Path) -> str:
+    """Where a benched model is, as results.json records it: from the bench folder where it
+    lies beside it (a release's artifacts), else by its name alone; never the machine's own
+    folders."""
+    rel = os.path.relpath(Path(path).resolve(), Path(out).resolve().parent)
+    return os.path.join("..", rel) if not rel.startswith("..") else Path(path).name
+
+
 def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSettings,
               out: Path, *, cache_dir: Path, data_dir: Path | None = None,
               progress: bool = False, reference_dir: Path | None = None,
@@ -302,8 +310,7 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
                     entry.pop("peers", None)
                     entry.pop("tokenizer_agreement", None)
             results["targets"][target.name] = entry
-            # where the model is, from the bench folder: nothing of the machine's own folders
-            entry.update({**keys, "path": os.path.relpath(target.path, out),
+            entry.update({**keys, "path": shown_path(target.path, out),
                           "backend": target.backend,
                           "format": target.fmt, "kind": target.kind,
                           "size_bytes": target.size_bytes,

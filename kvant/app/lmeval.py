@@ -215,17 +215,23 @@ def drift_of(model: dict, reference: dict) -> dict:
     return out
 
 
-def _lm_eval_file(path: Path, results: dict) -> None:
-    """lm-eval's own results (its dict as its tracker writes it) and per-sample logs."""
+def _lm_eval_file(path: Path, results: dict, out: Path) -> None:
+    """lm-eval's own results (its dict as its tracker writes it) and per-sample logs. The
+    task configs name their data files by absolute path: written relative to ``out`` (the
+    eval folder, which holds the tasks), never the machine's folders."""
     path.mkdir(parents=True, exist_ok=True)
     samples = results.get("samples") or {}
     kept = {k: v for k, v in results.items() if k != "samples"}
-    (path / "results.json").write_text(json.dumps(kept, indent=2, default=str) + "\n",
-                                       encoding="utf-8")
+    here = str(out.resolve()) + "/"
+
+    def dump(value, **kwargs) -> str:
+        return json.dumps(value, default=str, **kwargs).replace(here, "")
+
+    (path / "results.json").write_text(dump(kept, indent=2) + "\n", encoding="utf-8")
     for task, rows in samples.items():
         with (path / f"samples_{task}.jsonl").open("w", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                f.write(dump(row, ensure_ascii=False) + "\n")
 
 
 def lm_eval_cli(argv: list[str], *, cache_dir: Path, data_dir: Path | None) -> int:
@@ -323,7 +329,7 @@ def run_eval(artifacts: list[Path], reference: Path | None, tasks: list[str], ou
                 record["dtype"] = lm.dtype
             if target.fmt == "gguf":  # llama.cpp clears its whole KV cache when it opens
                 record["n_ctx"] = lm.max_length + 8
-        _lm_eval_file(out / "lm-eval" / target.name, results)
+        _lm_eval_file(out / "lm-eval" / target.name, results, out)
         requests = sum(len(row["arguments"]) for rows in results["samples"].values()
                        for row in rows)
         record["requests"] = requests

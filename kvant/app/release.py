@@ -460,7 +460,11 @@ def _folders(root: Path, artifacts: dict) -> dict[str, list[str]]:
 def effective_recipe(text: str, calib: str | None) -> str:
     """The recipe that ran: ``text`` with ``--calib`` (``calib``) in its [release] section's
     calib, the override named in a comment beside it. A local file is named by its file
-    name and sha256, never by the publisher's folder."""
+    name and sha256, and an absolute ``out`` by its folder's name: never the publisher's
+    folders."""
+    # an output folder given as an absolute path is the publisher's: named by its name
+    text = re.sub(r'(?m)^(out\s*=\s*)"(/[^"]*)"', lambda m: f'{m[1]}"{Path(m[2]).name}"',
+                  text)
     if not calib:
         return text
     shown, digests = [], []

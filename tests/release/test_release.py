@@ -107,6 +107,8 @@ def test_index_card_and_root_checksums(release):
     published = tomllib.loads((out / "recipe.toml").read_text())
     written = tomllib.loads(recipe.read_text())
     assert published["release"].pop("calib") == CALIB_FILE.name
+    assert published["release"].pop("out") == "out"  # the publisher's folder, by name
+    written["release"].pop("out")
     assert published == written  # the mini recipe has no calib of its own
     assert str(CALIB_FILE.parent) not in (out / "recipe.toml").read_text()
     assert sha256_file(CALIB_FILE) in (out / "recipe.toml").read_text()
@@ -403,3 +405,25 @@ def test_the_needs_table_names_a_step_that_does_not_fit_beside_a_larger_one_that
     assert row[:3] == ["the bench", "no", "25.8 GiB"]
     assert row[3] == "bench speed x-onnx-int4 @8192: needs 29 GB RAM"
     assert row[4] == "fits"  # the largest step's verdict where every step fits
+
+
+def test_no_file_of_the_release_names_a_folder_of_the_machine_that_made_it(release,
+                                                                          tiny_model):
+    """Cards, manifests, results, configs and recipes name artifacts, models and texts by
+    their names and hashes: never the checkout, the home folder or the temp folder."""
+    import tempfile
+
+    from tests.conftest import REPO
+
+    out, _, _ = release
+    folders = [str(Path(tempfile.gettempdir())), str(Path.home()), str(REPO)]
+    text_files = [f for f in out.rglob("*") if f.is_file() and f.suffix in (
+        ".json", ".md", ".toml", ".txt", ".csv", ".Modelfile", ".jinja", "")]
+    assert any(f.name == "SHA256SUMS" for f in text_files) and len(text_files) > 20
+    leaks = {}
+    for file in text_files:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        found = [f for f in folders if f in text]
+        if found:
+            leaks[str(file.relative_to(out))] = found
+    assert leaks == {}
