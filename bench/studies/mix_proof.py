@@ -79,12 +79,16 @@ def rank_agreement(costs: dict, direct: dict) -> dict:
 
 
 def study(model: Path, out: Path, calib: Path, methods: list[str], types: list[str],
-          eval_tokens: int, data_dir: Path | None, imatrix: Path | None = None) -> dict:
+          eval_tokens: int, data_dir: Path | None, imatrix: Path | None = None,
+          uniform_only: tuple[str, ...] = ()) -> dict:
+    """One export per method: ``types`` and their -MIX, and ``uniform_only`` types without
+    one (the uniform frontier's other points)."""
     results = {"model": str(model), "calib": str(calib), "methods": {}}
     for method in methods:
         folder = out / method
         if not (folder / "manifest.json").is_file():
-            settings = GGUFSettings(types=tuple(x for t in types for x in (t, f"{t}-mix")),
+            settings = GGUFSettings(types=(*uniform_only,
+                                           *(x for t in types for x in (t, f"{t}-mix"))),
                                     calib=str(calib), imatrix_chunks=32,
                                     eval_tokens=eval_tokens, mix_sensitivity=method,
                                     imatrix=str(imatrix) if imatrix else "auto")
@@ -130,7 +134,7 @@ def table(results: dict, command: str, label: str) -> dict:
     methods = results["methods"]
     first = next(iter(methods.values()))["files"]
     cells = []
-    for uniform in (t for t in first if not t.endswith("-mix")):
+    for uniform in (t for t in first if f"{t}-mix" in first):
         u = first[uniform]
         rows = [(uniform.upper(), "(llama.cpp's rule)", u)]
         rows += [(f"{uniform.upper()}-MIX", m, got["files"][f"{uniform}-mix"])

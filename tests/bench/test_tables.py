@@ -89,3 +89,34 @@ def test_the_agreement_table_ranks_each_method_against_direct_and_against_itself
     assert rows["torch", "direct", "one.txt"][doc["columns"].index("q2_k (within)")] == "-"
     assert "on one.txt: Q5_K_M-MIX 1.00" in doc["notes"]
     assert "on two.txt: Q5_K_M-MIX 1.20" in doc["notes"]
+
+
+def test_the_real_model_mix_table_sets_each_mix_against_its_twin_and_the_frontier():
+    """A Q4_K_M twin that lies above the line from Q3_K_M to Q5_K_M is dominated, and the
+    mix is measured against that line at its own bytes as well as against its twin."""
+    from kvant.bench.studies.real_model import mix_table
+
+    def scored(size, kld):
+        return {"size_bytes": size, "mean_kld": kld, "top1_agreement_pct": 90.0,
+                "delta_ppl_pct": 1.0,
+                "per_language": {lang: {"mean_kld": kld} for lang in
+                                 ("nob", "nno", "sme", "dan", "swe")}}
+
+    files = {"q3_k_m": scored(100, 0.16), "q4_k_m": scored(140, 0.08),
+             "q5_k_m": scored(150, 0.01), "q3_k_m-mix": scored(99, 0.12),
+             "q4_k_m-mix": scored(140, 0.02), "iq4_xs": scored(130, 0.09),
+             "iq4_xs-mix": {**scored(129, 0.1), "withheld": "its held-out mean KLD is not below"},
+             "q5_k_m-mix": {"withheld": "no trade", "same_as_uniform": True}}
+    results = {"methods": {"fisher": {"files": files, "export_wall_s": 60.0,
+                                      "sensitivity": {"time_estimate": {"estimated_s": 50}}}}}
+    doc = mix_table(results, "python -m x", "a model")
+    rows = {(r[0], r[1]): r for r in doc["rows"]}
+    twin = rows["Q4_K_M", "(llama.cpp's rule)"]
+    assert twin[-2] == "dominated"  # 0.08 against 0.16 * (0.01 / 0.16) ** 0.8 = 0.0174
+    mix = rows["Q4_K_M-MIX", "fisher"]
+    assert mix[-3] == "0.25"  # 0.02 / 0.08
+    assert mix[-2] == f"{0.02 / (0.16 * (0.01 / 0.16) ** 0.8):.2f}"
+    assert mix[-1] == "yes"
+    assert rows["Q3_K_M-MIX", "fisher"][-2] == "-"  # below every uniform file: no frontier
+    assert rows["IQ4_XS-MIX", "fisher"][-1].startswith("no: its held-out")
+    assert rows["Q3_K_M", "(llama.cpp's rule)"][-2] == "on the frontier"
