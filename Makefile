@@ -54,7 +54,7 @@ demo: setup ## the whole release recipe on the NorMistral stand-in: artifacts, b
 	$(KVANT) release recipes/stand-in.toml --calib '$(TRAIN_TEXT)'
 
 test: setup ## run the test suite
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=30
 
 docs: setup ## render every results table in README.md and docs/ from docs/results/*.json
 	$(PY) tools/render_docs.py
