@@ -114,7 +114,8 @@ def test_report_files_consistent_with_results(bench):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
-def test_rerun_resumes_finished_measurements(bench, tiny_model, cache_dir, gguf_artifact):
+def test_rerun_resumes_finished_measurements(bench, tiny_model, cache_dir, gguf_artifact,
+                                            bnb_artifacts, gptq_artifact, onnx_artifacts):
     results = _results(bench)
     kept = results["targets"]["tiny-Q8_0"]["speed"]["64"]
     stale = results["targets"]["tiny-Q6_K"]["speed"]["64"]
@@ -123,7 +124,9 @@ def test_rerun_resumes_finished_measurements(bench, tiny_model, cache_dir, gguf_
     (bench / "results.json").write_text(json.dumps(results))
     settings = BenchSettings(langs=("nob", "sme"), ctx=CTX, quality_tokens=1024,
                              quality_ctx=128, repeats=1, n_new=8)
-    run_bench([gguf_artifact], tiny_model, settings, bench, cache_dir=cache_dir,
+    # the fixture's artifacts, all of them: a model left out would leave results.json
+    run_bench([gguf_artifact, bnb_artifacts["int8"], bnb_artifacts["nf4"], gptq_artifact,
+               onnx_artifacts["int4-b32"]], tiny_model, settings, bench, cache_dir=cache_dir,
               data_dir=UD_DIR)
     again = _results(bench)["targets"]
     assert again["tiny-Q8_0"]["speed"]["64"] == kept  # not measured again
