@@ -42,7 +42,7 @@ from kvant.errors import SettingsError
 from kvant.files import sha256_text, write_json
 from kvant.generation import stated_context
 from kvant.machine import die_with_parent, machine
-from kvant.model import model_info, pick_device
+from kvant.model import model_info, pick_device, read_config
 from kvant.plan.kv import kv_types_for
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import Target, targets, verify
@@ -277,6 +277,8 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
         results = {}
     results.update({"schema_version": SCHEMA_VERSION, "machine": machine(), "device": device,
                     "reference": Path(reference).name if reference else None,
+                    # the plan's shape (kvant plan --bench), without the reference's folder
+                    "reference_config": read_config(reference) if reference else None,
                     "settings": {k: list(v) if isinstance(v, tuple) else v
                                  for k, v in settings.__dict__.items()}})
     results.setdefault("targets", {})

@@ -289,6 +289,10 @@ def _kv_types(text: str) -> tuple[str, ...]:
 
 
 def _bench_config(results: dict) -> dict:
+    """The benched model's config.json, as the bench recorded it (older results: read from
+    the reference folder they name)."""
+    if results.get("reference_config"):
+        return results["reference_config"]
     return json.loads((Path(results["reference"]) / "config.json").read_text())
 
 
