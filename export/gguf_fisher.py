@@ -42,7 +42,9 @@ from kvant.export.gguf_tensors import (
     as_param,
     duration,
     hf_names,
+    hf_params,
     pure,
+    qk_heads,
     read_tensor,
     tensor_layout,
 )
@@ -134,8 +136,7 @@ def fisher_costs(model_dir: Path, base: Path, tensors: list[Tensor], types: list
 
     config = read_config(model_dir)
     n_layers = config["num_hidden_layers"]
-    heads = {"attn_q": config["num_attention_heads"],
-             "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
+    heads = qk_heads(config)
     names = hf_names(model_dir, tensors)
     dtype_bytes = 2 if dtype in ("bfloat16", "float16") else 4
     n_quantized = sum(t.rows * t.ne0 for t in tensors)
@@ -152,9 +153,7 @@ def fisher_costs(model_dir: Path, base: Path, tensors: list[Tensor], types: list
                                         f"{free / 2**30:.1f} GiB free"})
     runtime = TorchRuntime(model_dir, device=device, threads=threads, dtype=dtype)
     try:
-        params = dict(runtime.model.named_parameters())
-        if "lm_head.weight" not in params:  # tied: the embedding is the output
-            params["lm_head.weight"] = params["model.embed_tokens.weight"]
+        params = hf_params(runtime.model)
         wanted = {names[t.name]: params[names[t.name]] for t in tensors}
         started = time.perf_counter()
         fisher, positions, first_s = fisher_diagonal(runtime.model, wanted, wins[:1], draws,

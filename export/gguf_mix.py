@@ -57,7 +57,9 @@ from kvant.export.gguf_tensors import (
     fallback,
     file_types,
     hf_names,
+    hf_params,
     pure,
+    qk_heads,
     quantizable,
     read_imatrix,
     read_rows,
@@ -422,14 +424,11 @@ def substitution_costs(model_dir: Path, base: Path, tensors: list[Tensor], types
 
     config = read_config(model_dir)
     n_layers = config["num_hidden_layers"]
-    heads = {"attn_q": config["num_attention_heads"],
-             "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
+    heads = qk_heads(config)
     names = hf_names(model_dir, tensors)
     reference = ref["calib"]
     runtime = TorchRuntime(model_dir, device=device, threads=threads, dtype=dtype)
-    params = dict(runtime.model.named_parameters())
-    if "lm_head.weight" not in params:  # tied: the embedding is the output
-        params["lm_head.weight"] = params["model.embed_tokens.weight"]
+    params = hf_params(runtime.model)
     modules = dict(runtime.model.named_modules())
     # the matmul each tensor's input goes through (token_embd's rows are looked up)
     linear = {t.name: modules.get(names[t.name].removesuffix(".weight"))

@@ -164,6 +164,21 @@ def hf_names(model_dir: Path, tensors: list[Tensor]) -> dict[str, str]:
     return {t.name: found[t.name] for t in tensors}
 
 
+def qk_heads(config: dict) -> dict[str, int]:
+    """Heads per GGUF Q/K tensor kind (attn_q, attn_k), for :func:`as_param`."""
+    return {"attn_q": config["num_attention_heads"],
+            "attn_k": config.get("num_key_value_heads", config["num_attention_heads"])}
+
+
+def hf_params(model) -> dict:
+    """{HF parameter name: parameter} of a transformers model, the output's name included
+    where it is tied to the embedding (the embedding is then the output)."""
+    params = dict(model.named_parameters())
+    if "lm_head.weight" not in params:
+        params["lm_head.weight"] = params["model.embed_tokens.weight"]
+    return params
+
+
 def as_param(weights: np.ndarray, tensor: Tensor, heads: dict) -> np.ndarray:
     """A dequantized GGUF tensor (float32 rows of ne0) in its HF parameter's layout: Q/K
     rows back from llama.cpp's order."""
