@@ -45,7 +45,13 @@ from kvant.app.release_cards import (
     upload_plan,
     verify_release,
 )
-from kvant.artifact import amend_artifact, read_manifest, settings_dict, verify_artifact
+from kvant.artifact import (
+    amend_artifact,
+    published_arg,
+    read_manifest,
+    settings_dict,
+    verify_artifact,
+)
 from kvant.bench.depth import depth, documents
 from kvant.bench.depth import table as depth_table
 from kvant.bench.run import quality_windows, run_bench, texts_for
@@ -467,15 +473,10 @@ def effective_recipe(text: str, calib: str | None) -> str:
                   text)
     if not calib:
         return text
-    shown, digests = [], []
-    for part in calib.split(","):
-        name, colon, share = part.strip().partition(":")
-        if Path(name).expanduser().is_file():
-            path = Path(name).expanduser()
-            digests.append(f"{path.name} sha256 {sha256_file(path)}")
-            name = path.name
-        shown.append(f"{name}{colon}{share}")
-    line = (f"calib = {json.dumps(','.join(shown))}  # set by --calib for this release"
+    digests = [f"{path.name} sha256 {sha256_file(path)}"
+               for part in calib.split(",")
+               if (path := Path(part.strip().partition(":")[0]).expanduser()).is_file()]
+    line = (f"calib = {json.dumps(published_arg(calib))}  # set by --calib for this release"
             + (f" ({'; '.join(digests)})" if digests else ""))
     head, found, rest = text.partition("[release]")
     if not found:
