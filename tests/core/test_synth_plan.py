@@ -212,8 +212,9 @@ def test_the_torch_mix_sensitivity_is_timed_and_planned_at_real_width(synth_one_
               if r["step"] == "gguf mix sensitivity torch"]
     assert abs(row["error_pct"]) <= TOLERANCE_PCT, row
     # 40 layers: 282 tensors x 5 types, a forward running on average half of 40 layers: on
-    # 2 cores far over the hour's budget (9 h at these 512 tokens on a 2-core Xeon)
-    assert row["full_wall_s"] > 3 * settings.mix_time_budget
+    # 2 cores over the hour's budget on every CPU measured (9 h on a 2-core Xeon, 2.4-2.7 h on
+    # 2 cores of an EPYC), so the budget is the bound, not a multiple tuned to one machine
+    assert row["full_wall_s"] > settings.mix_time_budget
     assert row["machines"]["24 GB CPU-only"].endswith("auto ships the uniform file, no -MIX")
     assert "-MIX" not in row["machines"]["24 GB GPU + 32 GB RAM"]  # not measured there
 
