@@ -34,7 +34,7 @@ TRAIN_TEXT ?= nob-train,nno-train
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint docs clean distclean
+.PHONY: help setup demo check test lint docs clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,7 +53,14 @@ $(VENV)/.installed: pyproject.toml patches/llama.cpp/normistral-tokenizer.patch 
 demo: setup ## the whole release recipe on the NorMistral stand-in: artifacts, bench, cards
 	$(KVANT) release recipes/stand-in.toml --calib '$(TRAIN_TEXT)'
 
-test: setup ## run the test suite
+# The fast tier: what to run while working. Tests that use a model-building fixture are
+# marked slow in tests/conftest.py (slow_fixtures); tests/core/test_tiers.py keeps it so.
+CHECK_MARKERS := not slow
+
+check: setup ## the fast tier (under 5 min): unit tests and a smoke run of every pipeline
+	$(PY) -m pytest -m "$(CHECK_MARKERS)" --durations=10
+
+test: setup ## the whole suite (what CI runs)
 	$(PY) -m pytest --durations=30
 
 docs: setup ## render every results table in README.md and docs/ from docs/results/*.json

