@@ -21,7 +21,9 @@ class BenchSettings:
     n_new: int = 32
     """Tokens generated per decode measurement."""
     repeats: int = 3
+    """Timed runs per speed phase (at least; short runs repeat until half a second)."""
     quality_ctx: int = 512
+    """Tokens per scored window of the quality rows."""
     quality_tokens: int = 4096
     """Held-out tokens scored per language."""
     quality: bool = True
@@ -29,7 +31,9 @@ class BenchSettings:
     peer_checks: bool = True
     """GGUF: compare perplexity with llama-perplexity and speed with llama-bench."""
     device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when torch sees a GPU, else cpu)."""
     threads: int = 0
+    """CPU threads (0: every core)."""
     max_attempts: int = 3
     """A speed row measured while other programs used the CPU, or whose repeats spread
     widely, is measured again, up to this many times in all; if it stays noisy it is kept

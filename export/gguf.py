@@ -54,11 +54,17 @@ class GGUFSettings(EvalSettings):
     """What `kvant export gguf` makes; stored in the manifest."""
 
     types: tuple[str, ...] = DEFAULT_TYPES
+    """Comma-separated llama.cpp types (bf16, q8_0, q6_k, q5_k_m, q4_k_m, q3_k_m, iq4_xs, ...),
+    <type>-mix (per-tensor types no larger than uniform <type>) or mix:SIZE (mix:6.5GiB)."""
     imatrix: str = "auto"
     """auto (computed on --calib), none, or the path of an existing imatrix file."""
     calib: str = DEFAULT_CALIB
+    """Calibration text of the importance matrix and the mix: a text file, a set name, or
+    a weighted mix of them (nob-train:0.5,nno-train:0.3,...)."""
     imatrix_chunks: int = 64
+    """Windows of --imatrix-ctx tokens llama-imatrix reads."""
     imatrix_ctx: int = 512
+    """Tokens per llama-imatrix window."""
     pre: str = "ufakzeka"
     """tokenizer.ggml.pre for stock llama.cpp users (ufakzeka, or tekken for old builds)."""
     threads: int = 0

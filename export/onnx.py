@@ -27,6 +27,7 @@ class ONNXSettings(EvalSettings):
     """ONNX export settings; stored in the manifest."""
 
     precision: str = "int4"
+    """fp32 (CPU), fp16 (cuda or dml) or int4 (4-bit weights, MatMulNBits)."""
     provider: str = "cpu"
     """Execution provider the model is built for: cpu, cuda or dml (DirectML)."""
     block_size: int = 32

@@ -102,9 +102,12 @@ class EvalSettings:
     pipeline's settings)."""
 
     eval_langs: tuple[str, ...] = EVAL_SETS
+    """Held-out text sets scored (comma-separated: nob, nno, sme, dan, swe, eng, or paths
+    of UTF-8 files)."""
     eval_tokens: int = 2048
     """Held-out tokens per language scored for KLD and top-1 agreement."""
     eval_ctx: int = 256
+    """Tokens per scored window: each window starts afresh, as a user's prompt does."""
 
     def __post_init__(self) -> None:
         if min(self.eval_tokens, self.eval_ctx) <= 1:

@@ -52,7 +52,9 @@ class TinyRecipe:
     """SwiGLU width; NorMistral's ratio 14336/5120 = 2.8, rounded to a multiple of 256 (of 32
     accepted, as hidden_size)."""
     num_hidden_layers: int = 4
+    """Decoder layers (NorMistral has 40)."""
     num_attention_heads: int = 4
+    """Query heads."""
     num_key_value_heads: int = 1
     """GQA 4:1 as NorMistral's 32/8."""
     head_dim: int = 128
@@ -60,9 +62,13 @@ class TinyRecipe:
     seq_len: int = 256
     """Training window in tokens."""
     batch_size: int = 8
+    """Training windows per step."""
     steps: int = 300
+    """Training steps (AdamW, cosine schedule)."""
     lr: float = 3e-3
+    """Peak learning rate."""
     seed: int = 20240601
+    """Seed of the initial weights and the training windows."""
     max_train_chars: int = 1_000_000
     """Characters of training text used (UD train splits are larger than needed)."""
     eval_tokens: int = 8192

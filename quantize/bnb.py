@@ -20,6 +20,8 @@ class BnbSettings(EvalSettings):
     """bitsandbytes settings; stored in the manifest."""
 
     mode: str = "nf4"
+    """nf4 (4-bit NormalFloat), fp4 (4-bit float) or int8 (LLM.int8 with outliers in
+    16 bits)."""
     double_quant: bool = False
     """Quantize the 4-bit scales too (about 0.4 bits/weight less)."""
     compute_dtype: str = "bf16"

@@ -18,16 +18,22 @@ class GPTQSettings(EvalSettings):
     """GPTQ settings; stored in the manifest."""
 
     bits: int = 4
+    """Bits per weight: 2, 3, 4 or 8."""
     group_size: int = 128
     """Columns per scale; -1 for one scale per row."""
     desc_act: bool = False
     """Quantize columns by decreasing activation (better quality, slower kernels)."""
     sym: bool = True
+    """Symmetric quantization (no zero point; the kernels' usual choice)."""
     damp: float = 0.01
     """Hessian dampening, as a fraction of its mean diagonal."""
     calib: str = DEFAULT_CALIB
+    """Calibration text: a text file, a set name, or a weighted mix of them
+    (nob-train:0.5,nno-train:0.3,...)."""
     samples: int = 256
+    """Calibration windows."""
     seqlen: int = 512
+    """Tokens per calibration window."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,13 +9,16 @@ loaded by building the parser).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 from kvant import DEFAULT_MODEL, __version__
@@ -70,15 +73,37 @@ class KvantParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 
+def field_docs(cls) -> dict[str, str]:
+    """{field: its docstring} of a settings dataclass and its bases: the string literal under
+    each field, as Sphinx reads attribute docstrings (Python keeps none at run time, so the
+    class's source is parsed)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for field, after in zip(body, body[1:], strict=False):
+            if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[field.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One --flag per field of a settings dataclass, so flags never drift from the settings."""
+    """One --flag per field of a settings dataclass, so flags never drift from the settings;
+    each flag's help is its field's docstring (choices and what they do) and its default."""
     group = parser.add_argument_group(f"{cls.__name__} settings")
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        doc = docs.get(f.name, "").replace("%", "%%")
         if str(f.type) == "bool":  # --desc-act / --no-desc-act
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=default, help=f"default {default}")
+                               default=default, help=f"{doc} (default {default})".lstrip())
             continue
         if str(f.type).startswith("tuple"):
             kind = _comma_list
@@ -87,7 +112,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             shown = default
         group.add_argument(flag, dest=f.name, type=kind, default=default,
-                           help=f"default {shown}")
+                           help=f"{doc} (default {shown})".lstrip())
 
 
 def _comma_list(text: str) -> tuple[str, ...]:

@@ -67,3 +67,38 @@ def test_info_on_a_gguf_file_prints_kvants_lines_alone_and_llama_cpps_log_behind
     assert "llama_model_loader" not in quiet.stderr, quiet.stderr[:500]
     loud = run_kvant("-v", "info", str(q4))
     assert "llama_model_loader" in loud.stderr
+
+
+def test_every_settings_flag_says_what_it_does_and_names_its_choices():
+    """Each flag's help is its field's docstring: no flag says only its default, and a flag
+    with a fixed set of values names every one."""
+    import argparse
+
+    from kvant.app.cli import build_parser
+    from kvant.export.gguf import MIX_SENSITIVITY, PRE_TOKENIZERS
+    from kvant.export.onnx import INT4_ALGOS, PRECISIONS, PROVIDERS
+    from kvant.plan.kv import KV_TYPES
+    from kvant.quantize.bnb import MODES
+
+    def actions(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from ((f"{name} {c}", a) for c, a in actions(sub))
+            else:
+                yield "", action
+
+    found = {}
+    for command, action in actions(build_parser()):
+        if action.container.title and action.container.title.endswith(" settings"):
+            flag = action.option_strings[0]
+            assert not action.help.startswith("(default"), (command, flag)
+            found[(command.split()[0], flag)] = action.help
+    assert len(found) > 60
+    choices = {("export", "--mix-sensitivity"): MIX_SENSITIVITY,
+               ("export", "--pre"): PRE_TOKENIZERS, ("export", "--precision"): PRECISIONS,
+               ("export", "--provider"): PROVIDERS, ("export", "--int4-algo"): INT4_ALGOS,
+               ("quantize", "--mode"): MODES, ("bench", "--kv-type"): KV_TYPES}
+    for key, values in choices.items():
+        for value in values:
+            assert value in found[key], (key, value)
