@@ -537,19 +537,6 @@ def knapsack(tensors: list[Tensor], types: list[str], costs: dict, budget: int,
     return chosen
 
 
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-    def ranks(values):
-        order = np.argsort(values, kind="mergesort")
-        r = np.empty(len(values))
-        r[order] = np.arange(len(values))
-        values = np.asarray(values)
-        for v in np.unique(values):  # ties share their mean rank
-            r[values == v] = r[values == v].mean()
-        return r
-    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
-
-
 class Sensitivity:
     """Per (tensor, type) costs of one export, measured once for every mix it makes.
 

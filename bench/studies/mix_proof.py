@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from kvant.artifact import read_manifest
 from kvant.bench.tables import command_line, markdown, table_doc, write_table
 from kvant.export.gguf import GGUFSettings
-from kvant.export.gguf_mix import spearman
 from kvant.export.gguf_pipeline import export_gguf
 from kvant.paths import cache_dir
 
@@ -71,10 +71,10 @@ def rank_agreement(costs: dict, direct: dict) -> dict:
                    & {t for per in costs.values() for t in per})
     names = sorted(set(direct) & set(costs))
     pairs = [(n, t) for n in names for t in types]
-    within = {t: spearman([direct[n][t] for n in names], [costs[n][t] for n in names])
-              for t in types}
-    return {"all_pairs": spearman([direct[n][t] for n, t in pairs],
-                                  [costs[n][t] for n, t in pairs]),
+    within = {t: float(spearmanr([direct[n][t] for n in names],
+                                 [costs[n][t] for n in names]).statistic) for t in types}
+    return {"all_pairs": float(spearmanr([direct[n][t] for n, t in pairs],
+                                         [costs[n][t] for n, t in pairs]).statistic),
             "within": within, "within_mean": float(np.mean(list(within.values())))}
 
 
