@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from kvant.machine import CpuWatch
 from kvant.memory import peak_rss_mib
 from kvant.runtimes import open_runtime
@@ -119,20 +121,11 @@ def _torch_allocator() -> dict:
 
 
 def process_tree(root: int) -> set[int]:
-    """``root`` and every process below it (from /proc: runtimes may start helpers)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended while being read
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo += children.get(pid, [])
-    return tree
+    """``root`` and every process below it (runtimes may start helpers)."""
+    try:
+        return {root} | {p.pid for p in psutil.Process(root).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return {root}
 
 
 class VramWatch:

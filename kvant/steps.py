@@ -9,9 +9,9 @@ Outside ``recording()`` a step only hands freed memory back to the kernel (as it
 inside), so a run and its rehearsal hold the same. A step's peak RAM is the most this
 process and every process below it (llama-quantize, the ONNX builder, bench workers) held:
 this process's own peak exactly (the kernel's VmHWM, reset at the step's start through
-/proc/self/clear_refs), its children's by sampling /proc every 20 ms. Written by hand
-because no library resets and reads a process tree's peak per step (psutil samples only,
-and is not a dependency). Steps do not nest: an inner step would reset the outer one's peak.
+/proc/self/clear_refs), its children's by sampling them with psutil every 20 ms. The reset
+is by hand: no library resets a process's peak (psutil samples only). Steps do not nest: an
+inner step would reset the outer one's peak.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 from kvant.errors import KvantError
 from kvant.memory import peak_rss_mib, return_freed_memory
 
 REHEARSAL_WARNING = ("rehearsal on synthetic weights: run for time and memory only, every "
                      "quality number here is meaningless; never publish it")
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _SAMPLE_S = 0.02
 _log: list[dict] | None = None
 _open = threading.local()
@@ -46,36 +47,6 @@ def recording() -> Iterator[list[dict]]:
         _log = before
 
 
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):  # the process just ended
-        return 0
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:  # the process ended (also between its parent's listing and now)
-        return []
-    out = []
-    for task in tasks:
-        try:
-            out += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text()
-                    .split()]
-        except OSError:
-            continue
-    return out
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _tree_rss(pid: int) -> tuple[int, int]:
     """(this process's RSS, its descendants' RSS together).
 
@@ -83,13 +54,21 @@ def _tree_rss(pid: int) -> tuple[int, int]:
     (a 2.3 GB parent starting a 0.6 GB bench worker measured as 4.3 GB): a child whose
     command line is still its parent's is skipped until it has exec'd.
     """
-    below, todo = 0, [(c, pid) for c in _children(pid)]
+    try:
+        root = psutil.Process(pid)
+        own, todo = root.memory_info().rss, [(c, root) for c in root.children()]
+    except psutil.Error:
+        return 0, 0
+    below = 0
     while todo:
         child, parent = todo.pop()
-        if _cmdline(child) != _cmdline(parent):
-            below += _rss(child)
-        todo += [(c, child) for c in _children(child)]
-    return _rss(pid), below
+        try:  # either may end while being read
+            if child.cmdline() != parent.cmdline():
+                below += child.memory_info().rss
+            todo += [(c, child) for c in child.children()]
+        except psutil.Error:
+            continue
+    return own, below
 
 
 def _reset_hwm() -> bool:
