@@ -28,7 +28,8 @@ def bench(tiny_model, gguf_artifact, bnb_artifacts, gptq_artifact, onnx_artifact
         str(bnb_artifacts["nf4"]), str(gptq_artifact), str(onnx_artifacts["int4-b32"]),
         "--reference", str(tiny_model), "--out", str(out), "--langs", "nob,sme",
         "--ctx", ",".join(CTX), "--quality-tokens", "1024", "--quality-ctx", "128",
-        "--repeats", "1", "--n-new", "8", env={"KVANT_DATA_DIR": str(UD_DIR)})
+        "--repeats", "1", "--n-new", "8", "--max-attempts", "1",
+        env={"KVANT_DATA_DIR": str(UD_DIR)}, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == str(out / "report.md")
     return out
@@ -59,7 +60,12 @@ def test_every_target_measured(bench):
                 assert s[f"{phase}_tok_s_max"] == pytest.approx(tokens / min(runs), rel=1e-3)
             assert sum(s["prefill_runs_s"]) + sum(s["decode_runs_s"]) + s["load_s"] < \
                 s["worker_wall_s"], name
-            assert 0 <= s["other_cpu_pct"] <= 100 and isinstance(s["noisy"], bool)
+            # on a busy machine a row may be noisy: its contract is to say so and why (one
+            # attempt here; retries are test_speed_beside_a_cpu_hog_is_marked_noisy's)
+            assert 0 <= s["other_cpu_pct"] <= 100 and s["attempts"] == 1
+            assert s["noisy"] == bool(s["noise"]), (name, s)
+            assert (s["other_cpu_pct"] > BenchSettings.max_other_cpu_pct) == any(
+                r.startswith("other programs used") for r in s["noise"]), (name, s)
             # the process held the weights it ran: its peak is above the file size
             assert s["peak_rss_mib"] * 2**20 > entry["size_bytes"], name
         assert entry["kind"] is not None and len(entry["quality_key"]) == 16, name
@@ -257,6 +263,7 @@ def test_speed_beside_a_cpu_hog_is_marked_noisy(gguf_artifact, tmp_path, cache_d
     finally:
         for h in hogs:
             h.kill()
+    assert all(h.wait() is not None for h in hogs)
     row = _results(out)["targets"]["tiny-Q4_K_M"]["speed"]["64"]
     assert row["noisy"] is True and row["attempts"] == 2
     assert row["other_cpu_pct"] > settings.max_other_cpu_pct
@@ -335,3 +342,4 @@ def test_a_rerun_keeps_only_the_rows_it_benched_and_no_local_paths(gguf_artifact
     assert "| a " not in (out / "report.md").read_text()
     assert str(tmp_path) not in (out / "results.json").read_text()
     assert (out / results["targets"]["b"]["path"]).resolve() == (tmp_path / "b.gguf")
+
