@@ -163,8 +163,11 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path,
 def og_tokenizer_json(exact: dict) -> dict:
     """The most faithful tokenizer.json onnxruntime-extensions can run without crashing."""
     spec = json.loads(json.dumps(exact))
-    for part in spec["pre_tokenizer"]["pretokenizers"]:
-        if part["type"] == "Split" and part["pattern"].get("Regex") == ".{1,24}":
+    pre = spec.get("pre_tokenizer") or {}
+    # NorMistral's is a Sequence holding the 24-character chunk split; other models' (a
+    # single ByteLevel, or none) have nothing onnxruntime-extensions crashes on
+    for part in pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]:
+        if part.get("type") == "Split" and part["pattern"].get("Regex") == ".{1,24}":
             part["pattern"] = {"Regex": OG_SPLIT}
     return spec
 

@@ -314,3 +314,19 @@ def test_the_runtime_keeps_to_the_context_it_is_opened_with(onnx_artifacts, tiny
             runtime.close()
     assert len(got[0]) == 16  # the model does not stop by itself within 16 tokens here
     assert got[40] == got[0][:8]
+
+
+def test_the_genai_tokenizer_rewrites_only_normistrals_chunk_split():
+    """Other models' pre-tokenizers (SmolLM2's single ByteLevel, or none) pass through; the
+    24-character chunk split inside NorMistral's Sequence becomes the 24-byte one."""
+    from kvant.export.onnx_pipeline import OG_SPLIT, og_tokenizer_json
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    for pre in (byte_level, None):
+        spec = {"pre_tokenizer": pre, "model": {"type": "BPE"}}
+        assert og_tokenizer_json(spec) == spec
+    chunks = {"type": "Split", "pattern": {"Regex": ".{1,24}"}, "behavior": "Isolated"}
+    spec = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [byte_level, chunks]}}
+    rewritten = og_tokenizer_json(spec)["pre_tokenizer"]["pretokenizers"]
+    assert rewritten == [byte_level, {**chunks, "pattern": {"Regex": OG_SPLIT}}]
+    assert spec["pre_tokenizer"]["pretokenizers"][1] == chunks  # the input is left as it was
