@@ -31,18 +31,11 @@ from kvant.export.gguf import (
 from kvant.export.gguf_card import card, run_it
 from kvant.export.gguf_clients import client_fidelity, modelfile
 from kvant.export.gguf_convert import convert
-from kvant.export.gguf_mix import (
-    OverTimeBudget,
-    Sensitivity,
-    candidates,
-    make_mix,
-    mix_verdict,
-    quantizable,
-    substitution_costs,
-    token_frequencies,
-    uniform_frontier,
-)
+from kvant.export.gguf_mix import candidates, make_mix, mix_verdict, uniform_frontier
 from kvant.export.gguf_quantize import bits_per_weight, compute_imatrix, quantize, tensor_types
+from kvant.export.gguf_sensitivity import Sensitivity, token_frequencies
+from kvant.export.gguf_substitution import substitution_costs
+from kvant.export.gguf_tensors import OverTimeBudget, quantizable
 from kvant.files import sha256_file
 from kvant.model import (
     model_info,

@@ -4,6 +4,8 @@ parameter's layout, for every sensitivity method to share."""
 
 from __future__ import annotations
 
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +93,41 @@ def pure(base: Path, type_name: str, out: Path, imatrix: Path | None, threads: i
     """Every quantizable tensor in ``type_name`` (llama-quantize --pure)."""
     quantize(base, out, PURE_FTYPE[type_name], imatrix, threads, ("--pure",))
     return out
+
+
+MIX_KEY = "kvant.mix"  # written into a mix file: what it is, for kvant.runtimes.gguf_kind
+
+
+def quantize_with(base: Path, out: Path, tensors: list[Tensor], assignment: dict[str, str],
+                  imatrix: Path | None, threads: int, ftype: str = "Q8_0",
+                  tag: str | None = None) -> dict[str, str]:
+    """llama-quantize ``base`` (whose quantizable ``tensors`` these are) with one anchored
+    override per tensor of ``assignment``, each asked for in the type llama.cpp will write
+    (its fallback where the rows do not divide); the file is read back against that. Returns
+    the types written."""
+    planned = written_types(tensors, assignment)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=out.parent,
+                                     delete=False) as handle:
+        for name, type_name in planned.items():
+            handle.write(f"^{re.escape(name)}$={type_name}\n")
+        overrides = Path(handle.name)
+    options = ("--pure", "--tensor-type-file", overrides,
+               *(("--override-kv", f"{MIX_KEY}=str:{tag}") if tag else ()))
+    try:
+        quantize(base, out, ftype, imatrix, threads, options)
+    except BaseException:
+        out.unlink(missing_ok=True)  # llama-quantize may leave a partial file
+        raise
+    finally:
+        overrides.unlink(missing_ok=True)
+    written = file_types(out)
+    wrong = {n: (t, written.get(n)) for n, t in planned.items() if written.get(n) != t}
+    if wrong:
+        out.unlink()
+        name, (want, got) = next(iter(wrong.items()))
+        raise KvantError(f"llama-quantize wrote {len(wrong)} tensor(s) with another type than "
+                         f"planned ({name}: {got}, planned {want}); the mix file is not kept")
+    return planned
 
 
 def read_imatrix(path: Path | None) -> dict[str, np.ndarray]:

@@ -90,6 +90,14 @@ def kld_per_position(ref: np.ndarray, cur: np.ndarray, rows: int = 1024) -> np.n
     return out
 
 
+def mean_kld(runtime, reference: list[np.ndarray], wins: list[list[int]]) -> float:
+    """Mean KLD over every position of ``wins`` but each window's last, of ``runtime``'s
+    logits (any kvant.runtimes runtime) against ``reference``'s, unrounded (a tensor's share
+    of a mix's KLD is often below the reports' six decimals)."""
+    return float(np.concatenate([kld_per_position(r[:-1], runtime.logits(w)[:-1])
+                                 for r, w in zip(reference, wins, strict=True)]).mean())
+
+
 def position_scores(ref: np.ndarray, cur: np.ndarray, ids: list[int], rows: int = 1024
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per predicted position (t predicts ids[t+1]): KL(ref || cur), the reference's and the

@@ -77,8 +77,9 @@ def quantizable_tensors(shape: Shape) -> int:
 
 def mix_torch_seconds(estimate: dict, shape: Shape, full: Shape) -> float:
     """The torch mix sensitivity's whole time at ``full`` depth from its estimate at
-    ``shape``'s (kvant.export.gguf_mix.substitution_costs): a --pure llama-quantize per type
-    and the dequantization of its tensors, growing with the parameters, and an evaluation
+    ``shape``'s (kvant.export.gguf_substitution.substitution_costs): a --pure
+    llama-quantize per type and the dequantization of its tensors, growing with the
+    parameters, and an evaluation
     per tensor and type. Where the estimate has the head's time alone (``head_s``: the
     layers before a tensor's own are replayed), a tensor in layer L runs the head and the
     layers from L on, each layer as long as at ``shape``'s width: the layers run grow with
@@ -170,7 +171,7 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         return floor + torch_import + _reference_weights(record, shape, ram) \
             + 2 * _logits(shape, ctx)
     if key == "mix-torch":
-        # the torch mix sensitivity (export/gguf_mix.substitution_costs). Loading a float32
+        # the torch mix sensitivity (export/gguf_substitution.substitution_costs). Loading a float32
         # model holds the mapped bf16 pages beside their converted copy, then lets the pages
         # go (measured at real width: 6 then 4 bytes per parameter); a bf16 model ends with
         # every page resident, the embedding's too once it is substituted. Then per

@@ -67,7 +67,7 @@ def _size(folder: Path, files: tuple[str, ...]) -> int:
 
 def gguf_kind(path: Path) -> str | None:
     """The kind of a bare .gguf from its own metadata (no file-name parsing): Kvant's mix tag
-    (`kvant.mix`, written by kvant.export.gguf_mix), else `general.file_type`."""
+    (`kvant.mix`, written by kvant.export.gguf_tensors.quantize_with), else `general.file_type`."""
     import gguf  # gguf-py: numpy only, but not needed unless a bare file is given
 
     mix = _read_gguf(path).get_field("kvant.mix")

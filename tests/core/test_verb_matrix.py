@@ -1,6 +1,8 @@
-"""Every user-facing verb on every artifact kind a release makes, through the installed
-console script: `info`, `generate` (greedy, sampled, --stop-at-newline), `serve`'s
-/v1/completions, `bench --no-quality`, `plan` and `eval`.
+"""Every user-facing verb on every artifact kind a release makes: `info`, `generate`
+(greedy, sampled, --stop-at-newline), `serve`'s /v1/completions, `bench --no-quality`, `plan`
+and `eval`. Each verb runs through the installed console script on one kind (CONSOLE); its
+other cells run the same command line in this process (`kvant.app.cli.main`; serve's app in a
+thread), which spares a fresh interpreter and torch import per cell.
 
 The expected greedy text of each kind comes from another path than the one under test: the
 runtime's full-window logits (no KV cache, no sampler, no streaming), argmax token by token.
@@ -10,12 +12,15 @@ ONNX fp32) their generated texts must be equal.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,6 +38,22 @@ KINDS = {"bf16": "bf16", "gptq": "gptq-4bit-g128", "bnb-nf4": "bnb-nf4",
          "gguf-q4_k_m-mix": "gguf-q4_k_m-mix", "onnx-int4": "onnx-int4-b32",
          "onnx-fp16": "onnx-fp16", "onnx-fp32": "onnx-fp32"}
 AGREE = ("bf16", "gguf-bf16", "onnx-fp32")
+# the kind each verb runs through the console script, as a user runs it: a different kind
+# (backend) per verb
+CONSOLE = {"info": "bnb-nf4", "generate": "gguf-q4_k_m-mix", "serve": "onnx-int4",
+           "plan": "gptq"}
+
+
+def kvant(verb: str, kind: str, *args: str) -> subprocess.CompletedProcess:
+    """`kvant VERB ARGS`: the console script for CONSOLE[verb]'s kind, else in process."""
+    if CONSOLE[verb] == kind:
+        return run_kvant(verb, *args)
+    from kvant.app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([verb, *args])
+    return subprocess.CompletedProcess([verb, *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -71,9 +92,9 @@ def expected_greedy(path: Path) -> str:
 
 
 @functools.cache
-def generated(path: Path, *options: str) -> str:
-    result = run_kvant("generate", str(path), "--prompt", PROMPT, "--max-new-tokens",
-                       str(N_NEW), *options)
+def generated(kind: str, path: Path, *options: str) -> str:
+    result = kvant("generate", kind if not options else "", str(path), "--prompt", PROMPT,
+                   "--max-new-tokens", str(N_NEW), *options)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.endswith("\n")
     return result.stdout[:-1]
@@ -81,7 +102,7 @@ def generated(path: Path, *options: str) -> str:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_info(artifacts, kind):
-    result = run_kvant("info", str(artifacts[kind]), "--json")
+    result = kvant("info", kind, str(artifacts[kind]), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads(result.stdout)
     assert info["kind"] == KINDS[kind]
@@ -94,13 +115,13 @@ def test_info(artifacts, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_greedy_is_the_logits_argmax(artifacts, kind):
-    text = generated(artifacts[kind])
+    text = generated(kind, artifacts[kind])
     assert text.strip(), "no text"
     assert text == expected_greedy(artifacts[kind])
 
 
 def test_runtimes_that_compute_the_same_function_generate_the_same_text(artifacts):
-    texts = {kind: generated(artifacts[kind]) for kind in AGREE}
+    texts = {kind: generated(kind, artifacts[kind]) for kind in AGREE}
     assert len(set(texts.values())) == 1, texts
 
 
@@ -108,14 +129,14 @@ def test_runtimes_that_compute_the_same_function_generate_the_same_text(artifact
 def test_generate_stops_at_a_newline_or_a_stop_text(artifacts, kind):
     # the stand-in's greedy continuations rarely reach a newline within a few tokens, so the
     # stop machinery is also walked with a text it does reach (" det", checked below)
-    greedy = generated(artifacts[kind])
-    stopped = generated(artifacts[kind], "--stop-at-newline", "--stop", STOP)
+    greedy = generated(kind, artifacts[kind])
+    stopped = generated(kind, artifacts[kind], "--stop-at-newline", "--stop", STOP)
     assert stopped == greedy.split("\n")[0].split(STOP)[0]
 
 
 def test_the_stop_text_is_reached(artifacts):
     """So that the stop cells stop something: most kinds' greedy text holds STOP."""
-    reached = [k for k in KINDS if STOP in generated(artifacts[k])]
+    reached = [k for k in KINDS if STOP in generated(k, artifacts[k])]
     assert len(reached) >= len(KINDS) // 2, reached
 
 
@@ -123,39 +144,62 @@ def test_the_stop_text_is_reached(artifacts):
 def test_generate_samples_with_top_k_1_as_greedy(artifacts, kind):
     # hot sampling restricted to the best token is greedy: a sampler that ignored top-k
     # (or the temperature's place after it) would wander off
-    sampled = generated(artifacts[kind], "--temperature", "1.5", "--top-k", "1", "--seed", "3")
-    assert sampled == generated(artifacts[kind])
+    sampled = generated(kind, artifacts[kind], "--temperature", "1.5", "--top-k", "1",
+                        "--seed", "3")
+    assert sampled == generated(kind, artifacts[kind])
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_serve_completions(artifacts, kind):
+@contextlib.contextmanager
+def serving(kind: str, path: Path):
+    """The base URL of `kvant serve PATH --ctx 256`: the console script for CONSOLE["serve"],
+    else create_app over the same Engine in a thread of this process."""
+    if CONSOLE["serve"] != kind:
+        from kvant.app.serve import create_app
+        from kvant.generation import Engine
+        from tests.serve.test_serve import Server
+
+        engine = Engine(path, "cpu", 256)
+        engine.load()  # as `kvant serve` does before it listens
+        running = Server(create_app(engine))
+        try:
+            yield running.url
+        finally:
+            running.stop()
+            engine.close()
+        return
     port = _free_port()
     exe = Path(sys.executable).with_name("kvant")
-    proc = subprocess.Popen([str(exe), "serve", str(artifacts[kind]), "--port", str(port),
-                             "--ctx", "256"], stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/v1/completions"
+    proc = subprocess.Popen([str(exe), "serve", str(path), "--port", str(port), "--ctx", "256"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         banner = proc.stderr.readline()
         assert f"http://127.0.0.1:{port}/v1" in banner, banner
         deadline = time.monotonic() + 120
         while True:
             try:
-                status, greedy = post(url, {"prompt": PROMPT, "max_tokens": N_NEW,
-                                            "temperature": 0})
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
                 break
             except urllib.error.URLError:
                 assert time.monotonic() < deadline and proc.poll() is None, "no server"
                 time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_serve_completions(artifacts, kind):
+    with serving(kind, artifacts[kind]) as base:
+        url = f"{base}/v1/completions"
+        status, greedy = post(url, {"prompt": PROMPT, "max_tokens": N_NEW, "temperature": 0})
         assert status == 200, greedy
-        assert greedy["choices"][0]["text"] == generated(artifacts[kind])
+        assert greedy["choices"][0]["text"] == generated(kind, artifacts[kind])
         hot = {"prompt": PROMPT, "max_tokens": N_NEW, "temperature": 1.5}
         first = [post(url, {**hot, "seed": seed})[1]["choices"][0]["text"] for seed in (5, 6)]
         again = post(url, {**hot, "seed": 5})[1]["choices"][0]["text"]
         assert again == first[0], "the same seed must give the same text"
         assert any(t != greedy["choices"][0]["text"] for t in first), "sampling is greedy"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +226,8 @@ def test_bench_no_quality(speed_only, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_plan(artifacts, kind):
-    result = run_kvant("plan", "--model", str(artifacts[kind]), "--ctx", "512,32768",
-                       "--budget", "1GiB")
+    result = kvant("plan", kind, "--model", str(artifacts[kind]), "--ctx", "512,32768",
+                   "--budget", "1GiB")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines()
             if line.startswith(f"| {KINDS[kind]} |")]

@@ -58,7 +58,7 @@ def test_fisher_ranks_like_the_direct_measurement(mix_artifact, tiny_model, cach
     from kvant.bench.studies.mix_proof import rank_agreement
     from kvant.export.gguf_convert import convert
     from kvant.export.gguf_fisher import fisher_costs
-    from kvant.export.gguf_mix import quantizable
+    from kvant.export.gguf_tensors import quantizable
 
     direct = read_manifest(mix_artifact)["validation"]["mix_sensitivity"]["costs"]
     wins = _calib_windows(tiny_model, cache_dir, 2048)["calib"]
@@ -83,8 +83,7 @@ def test_fisher_is_passed_over_where_it_does_not_fit_in_memory(tiny_model, cache
     machine: the estimate says so and nothing is loaded."""
     from kvant.export import gguf_fisher
     from kvant.export.gguf_convert import convert
-    from kvant.export.gguf_mix import quantizable
-    from kvant.export.gguf_tensors import OverTimeBudget
+    from kvant.export.gguf_tensors import OverTimeBudget, quantizable
 
     monkeypatch.setattr(gguf_fisher, "available_bytes", lambda device: 2**20)
     loaded = []
@@ -106,36 +105,36 @@ def test_auto_takes_fisher_when_direct_and_torch_are_over_budget(tiny_model, cac
                                                                  tmp_path, monkeypatch):
     """auto's order is direct, torch, fisher: each timed and passed over when its estimate
     is over --mix-time-budget; every pass-over is recorded."""
-    from kvant.export import gguf_mix
+    from kvant.export import gguf_sensitivity
     from kvant.export.gguf_convert import convert
     from kvant.export.gguf_tensors import OverTimeBudget
 
     def over(*args, **kwargs):
         raise OverTimeBudget({"evaluations": 1, "estimated_s": 10**6, "budget_s": 60})
 
-    monkeypatch.setattr(gguf_mix, "direct_costs", over)
-    monkeypatch.setattr(gguf_mix, "substitution_costs", over)
+    monkeypatch.setattr(gguf_sensitivity, "direct_costs", over)
+    monkeypatch.setattr(gguf_sensitivity, "substitution_costs", over)
     base = tmp_path / "bf16.gguf"
     convert(tiny_model, base, "bf16")
     wins = _calib_windows(tiny_model, cache_dir, 512)["calib"]
     class Reference(dict):  # fisher needs no reference logits, only their dtype
         dtype = "float32"
 
-    sensitivity = gguf_mix.Sensitivity("auto", base, None, tmp_path, 2, Reference(), wins,
-                                       time_budget_s=600, model_dir=tiny_model)
+    sensitivity = gguf_sensitivity.Sensitivity("auto", base, None, tmp_path, 2, Reference(),
+                                                wins, time_budget_s=600, model_dir=tiny_model)
     costs = sensitivity.of(["q4_k", "q6_k"])
     assert sensitivity.mode == "fisher"
     assert [t["mode"] for t in sensitivity.tried] == ["direct", "torch"]
     assert all(costs[t.name, "q4_k"] > costs[t.name, "q6_k"] for t in sensitivity.tensors)
     # a later mix's extra type is measured by the chosen method, within the same budget
     seen = []
-    real = gguf_mix.fisher_costs
+    real = gguf_sensitivity.fisher_costs
 
     def recording(*args, **kwargs):
         seen.append(args[11])  # time_budget_s
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gguf_mix, "fisher_costs", recording)
+    monkeypatch.setattr(gguf_sensitivity, "fisher_costs", recording)
     sensitivity.of(["q4_k", "q5_k"])
     assert seen == [600] and (sensitivity.tensors[0].name, "q5_k") in sensitivity.costs
 
@@ -161,22 +160,23 @@ def test_a_failed_llama_quantize_leaves_no_mix_or_probe_file(tmp_path, monkeypat
     """quantize_with (a mix file) and direct_costs (its probe file): whatever llama-quantize
     left before failing is removed, and its override list too."""
     from kvant.errors import KvantError
-    from kvant.export import gguf_mix
+    from kvant.export import gguf_sensitivity, gguf_tensors
     from kvant.export.gguf_tensors import Tensor
 
     def failing(base, out, *args, **kwargs):
         out.write_bytes(b"half a GGUF")
         raise KvantError("llama-quantize failed")
 
-    monkeypatch.setattr(gguf_mix, "quantize", failing)
+    monkeypatch.setattr(gguf_tensors, "quantize", failing)
     tensors = [Tensor("blk.0.ffn_down.weight", 256, 256)]
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     with pytest.raises(KvantError):
-        gguf_mix.quantize_with(tmp_path / "bf16.gguf", scratch / "x-MIX.gguf", tensors,
-                               {"blk.0.ffn_down.weight": "q4_k"}, None, 1)
+        gguf_tensors.quantize_with(tmp_path / "bf16.gguf", scratch / "x-MIX.gguf", tensors,
+                                   {"blk.0.ffn_down.weight": "q4_k"}, None, 1)
     assert list(scratch.iterdir()) == []
     with pytest.raises(KvantError):
-        gguf_mix.direct_costs(tmp_path / "bf16.gguf", tensors, ["q4_k"], None,
-                              {"calib": [np.zeros((4, 8))]}, [[1, 2, 3, 4]], scratch, 1)
+        gguf_sensitivity.direct_costs(tmp_path / "bf16.gguf", tensors, ["q4_k"], None,
+                                      {"calib": [np.zeros((4, 8))]}, [[1, 2, 3, 4]], scratch,
+                                      1)
     assert list(scratch.iterdir()) == []

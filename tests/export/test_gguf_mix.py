@@ -13,17 +13,14 @@ from scipy.stats import spearmanr
 from kvant.artifact import read_manifest
 from kvant.errors import SettingsError
 from kvant.export.gguf import GGUFSettings, file_name, mix_size
-from kvant.export.gguf_mix import (
-    ALL_CANDIDATES,
+from kvant.export.gguf_mix import ALL_CANDIDATES, knapsack, mix_verdict, stored_bytes
+from kvant.export.gguf_sensitivity import proxy_costs
+from kvant.export.gguf_tensors import (
     Tensor,
     fallback,
     file_types,
-    knapsack,
-    mix_verdict,
-    proxy_costs,
     pure,
     quantizable,
-    stored_bytes,
     tensor_bytes,
 )
 from kvant.runtimes.targets import gguf_kind
@@ -79,7 +76,7 @@ def test_proxy_ranks_like_the_direct_measurement(mix_artifact, tiny_model, tmp_p
     base = tmp_path / "bf16.gguf"
     convert(tiny_model, base, "bf16")
     from kvant.data import get_text
-    from kvant.export.gguf_mix import token_frequencies
+    from kvant.export.gguf_sensitivity import token_frequencies
     from kvant.tokenization import exact_tokenizer
 
     ids = exact_tokenizer(tiny_model).encode(get_text(CALIB_FILE, tmp_path).read()).ids
@@ -99,7 +96,7 @@ def test_the_proxy_weighs_token_embd_rows_by_calibration_frequency(tiny_model, t
     calibration text reads that token (weights of mean one over the rows), here computed
     from a --pure file read independently."""
     from kvant.export.gguf_convert import convert
-    from kvant.export.gguf_mix import token_frequencies
+    from kvant.export.gguf_sensitivity import token_frequencies
 
     base = tmp_path / "bf16.gguf"
     convert(tiny_model, base, "bf16")
@@ -125,7 +122,7 @@ def test_the_proxy_weighs_token_embd_rows_by_calibration_frequency(tiny_model, t
 
 def test_a_mix_imatrix_records_the_output_tensor(mix_artifact):
     """The proxy's weights for output come from llama-imatrix --process-output."""
-    from kvant.export.gguf_mix import read_imatrix
+    from kvant.export.gguf_tensors import read_imatrix
 
     weights = read_imatrix(mix_artifact / "tiny.imatrix.gguf")
     assert "output.weight" in weights and "blk.0.ffn_down.weight" in weights
@@ -160,7 +157,7 @@ def test_torch_substitution_ranks_like_the_direct_measurement(mix_artifact, tiny
     proxy's was 0.52)."""
     from kvant.data import get_text
     from kvant.export.gguf_convert import convert
-    from kvant.export.gguf_mix import substitution_costs
+    from kvant.export.gguf_substitution import substitution_costs
     from kvant.runtimes.reference import reference_logits
     from kvant.scoring import eval_windows
 
@@ -190,7 +187,7 @@ def test_replaying_the_layers_before_a_tensor_changes_no_cost(tiny_model, cache_
     same, to the bit, as with the whole model run each time, and layer 0 never runs for a
     tensor behind it."""
     from kvant.data import get_text
-    from kvant.export import gguf_mix
+    from kvant.export import gguf_substitution
     from kvant.export.gguf_convert import convert
     from kvant.runtimes.reference import reference_logits
     from kvant.scoring import eval_windows
@@ -202,21 +199,21 @@ def test_replaying_the_layers_before_a_tensor_changes_no_cost(tiny_model, cache_
     picked = [t for t in quantizable(base) if t.name in (
         "output.weight", "blk.1.attn_q.weight", "blk.3.ffn_down.weight")]
     ran = []
-    capture = gguf_mix._layer_outputs
+    capture = gguf_substitution._layer_outputs
 
     def counting(runtime, layers, windows):
         outputs = capture(runtime, layers, windows)
         layers[0].register_forward_hook(lambda *_: ran.append(1))  # after the capture
         return outputs
 
-    monkeypatch.setattr(gguf_mix, "_layer_outputs", counting)
-    replayed, _ = gguf_mix.substitution_costs(tiny_model, base, picked, ["q3_k", "q6_k"],
-                                              None, ref, wins["calib"], tmp_path, 2,
-                                              dtype=ref.dtype)
+    monkeypatch.setattr(gguf_substitution, "_layer_outputs", counting)
+    replayed, _ = gguf_substitution.substitution_costs(
+        tiny_model, base, picked, ["q3_k", "q6_k"], None, ref, wins["calib"], tmp_path, 2,
+        dtype=ref.dtype)
     assert ran == []
-    whole, _ = gguf_mix.substitution_costs(tiny_model, base, picked, ["q3_k", "q6_k"], None,
-                                           ref, wins["calib"], tmp_path, 2, dtype=ref.dtype,
-                                           replay=False)
+    whole, _ = gguf_substitution.substitution_costs(
+        tiny_model, base, picked, ["q3_k", "q6_k"], None, ref, wins["calib"], tmp_path, 2,
+        dtype=ref.dtype, replay=False)
     assert replayed == whole and len(whole) == 6
     assert all(cost > 0 for cost in whole.values())
 
@@ -225,7 +222,8 @@ def test_the_rehearsals_torch_time_at_its_own_depth_is_the_estimate():
     """kvant.plan carries the torch estimate to 40 layers; at the depth it was measured at it
     must give the estimate back: a tensor in layer L runs the head and the layers from L on
     (the head's time alone measured on the output tensor, every layer replayed)."""
-    from kvant.export.gguf_mix import Tensor, _torch_estimate
+    from kvant.export.gguf_substitution import _torch_estimate
+    from kvant.export.gguf_tensors import Tensor
     from kvant.plan.kinds import shape_of
     from kvant.plan.steps import mix_torch_seconds
 
@@ -255,7 +253,7 @@ def test_a_substituted_matmul_rounds_its_input_as_llama_cpp_does():
     (blocks of 256, no port to check against) on its grid, the block's extreme exact."""
     import torch
 
-    from kvant.export.gguf_mix import INPUT_ROUNDING, round_input
+    from kvant.export.gguf_substitution import INPUT_ROUNDING, round_input
 
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((16, 512)) * rng.exponential(1.0, (16, 512))).astype(np.float32)
@@ -322,11 +320,11 @@ def test_a_mix_worse_on_held_out_text_is_withheld_and_the_uniform_shipped(
     """A forced bad sensitivity table (the costs negated: the solver then spends the budget
     where it hurts most) makes a -MIX worse than uniform; it is not published, the uniform
     file ships in its place, and the manifest, the card and a warning say why."""
-    import kvant.export.gguf_mix as gguf_mix
+    import kvant.export.gguf_sensitivity as gguf_sensitivity
     from kvant.export.gguf_pipeline import export_gguf
 
-    real_of = gguf_mix.Sensitivity.of
-    monkeypatch.setattr(gguf_mix.Sensitivity, "of",
+    real_of = gguf_sensitivity.Sensitivity.of
+    monkeypatch.setattr(gguf_sensitivity.Sensitivity, "of",
                         lambda self, types: {k: -v for k, v in real_of(self, types).items()})
     settings = GGUFSettings(types=("q4_k_m-mix",), imatrix="none", mix_sensitivity="proxy",
                             calib=str(CALIB_FILE), eval_langs=("nob", "sme"), eval_tokens=512)
