@@ -133,8 +133,13 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path,
     # ONNX Runtime's default (MLAS) round to nearest, in the builder's own graph
     # (kvant.export.onnx_builder): k_quant's search on its 262M weights took 2 of the 2.7
     # minutes of a 2-layer build and most of its 13.6 GB (int8 leaves a search little to find)
+    # shared_embeddings off: for a model with tied embeddings (SmolLM2) the builder (0.18)
+    # shares them by default, and from a GPTQ checkpoint it then writes a graph whose int8
+    # lm_head names an initializer it never wrote (ONNX Runtime refuses to load it); the
+    # lm_head gets its own int8 copy instead
     algo = ["algo_config=default", "matmul_mixed_precision=last_matmul:int8",
-            *(["--lean"] if lean else [])] if settings.int4_algo == "gptq" \
+            "shared_embeddings=false", *(["--lean"] if lean else [])] \
+        if settings.int4_algo == "gptq" \
         else [f"algo_config={settings.int4_algo}"]
     extra = [] if settings.precision != "int4" else [
         f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}", *algo]

@@ -330,3 +330,37 @@ def test_the_genai_tokenizer_rewrites_only_normistrals_chunk_split():
     rewritten = og_tokenizer_json(spec)["pre_tokenizer"]["pretokenizers"]
     assert rewritten == [byte_level, {**chunks, "pattern": {"Regex": OG_SPLIT}}]
     assert spec["pre_tokenizer"]["pretokenizers"][1] == chunks  # the input is left as it was
+
+
+def test_int4_from_gptq_of_a_model_with_tied_embeddings(micro_model, cache_dir, tmp_path):
+    """SmolLM2 and most small Llamas tie lm_head to the embeddings: the builder shares them
+    by default and from a GPTQ checkpoint wrote a graph ONNX Runtime refused to load (an
+    int8 lm_head naming an initializer never written). The lm_head is now its own int8
+    MatMulNBits, and the model scores against its source."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvant.app.pipelines import PIPELINES
+    from kvant.quantize.gptq import GPTQSettings
+
+    torch.manual_seed(0)
+    model = tmp_path / "tied"
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=32, tie_word_embeddings=True, max_position_embeddings=2048)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(micro_model / name, model / name)
+    scored = {"eval_tokens": 256, "eval_ctx": 64, "eval_langs": ("nob",)}
+    PIPELINES["gptq"].run(model, tmp_path / "gptq", GPTQSettings(
+        group_size=32, calib=str(CALIB_FILE), samples=16, seqlen=64, **scored),
+        source={"id": "tied"}, cache_dir=cache_dir, data_dir=UD_DIR)
+    out = PIPELINES["onnx"].run(model, tmp_path / "onnx", ONNXSettings(
+        int4_algo="gptq", block_size=32, **scored), source={"id": "tied"},
+        cache_dir=cache_dir, data_dir=UD_DIR, gptq_dir=tmp_path / "gptq").out
+    assert verify_artifact(out) == []
+    validation = read_manifest(out)["validation"]
+    assert validation["quantized_in_place"] == ["/lm_head/MatMul"]
+    assert validation["mean_kld"] < 0.01 and validation["top1_agreement_pct"] > 50
