@@ -460,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Libraries (GPTQModel, llama.cpp) print progress to stdout; keep stdout for the
         # result alone, so `model=$(kvant tiny)` and pipes get just the path.
-        # (lm-eval's pass-through keeps its results table on stdout, as lm_eval does)
+        # (lm-eval's pass-through keeps its results table on stdout, as lm_eval does). A
+        # command that streams its result (generate) writes to args.stdout, the stdout main
+        # was called with.
+        args.stdout = sys.stdout
         with contextlib.redirect_stdout(sys.stdout if getattr(args, "own_stdout", False)
                                         else sys.stderr):
             result = args.func(args)

@@ -117,9 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> str:
                           device=pick_device(args.device), check=args.verify,
                           sampling=_sampling(args), stop=tuple(args.stop),
                           kv_type=args.kv_type):
-        sys.__stdout__.write(piece)  # stream past the stdout guard in main()
-        sys.__stdout__.flush()
-    sys.__stdout__.write("\n")
+        args.stdout.write(piece)  # stream past the stdout guard in main()
+        args.stdout.flush()
+    args.stdout.write("\n")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
