@@ -306,8 +306,11 @@ def run_eval(artifacts: list[Path], reference: Path | None, tasks: list[str], ou
         "task files": {str(f.relative_to(p)): sha256_file(f) for p in paths
                        for f in sorted(p.rglob("*")) if f.suffix in (".yaml", ".jsonl")}}))
     found = {}
+    where = usable_device(device)
     for target in models:
-        key = sha256_text(f"{target.digest()}|{setup}")
+        # the device and the dtype a model is scored in change its log-likelihoods too
+        dtype = reference_dtype(target.path, where) if target.fmt == "bf16" else target.fmt
+        key = sha256_text(f"{target.digest()}|{setup}|{where}|{dtype}")
         done = out / "lm-eval" / target.name / KVANT_ENTRY
         if done.is_file() and (entry := json.loads(done.read_text())).get("key") == key:
             found[target.name] = entry

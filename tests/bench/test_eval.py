@@ -154,3 +154,22 @@ def test_lm_evals_default_cuda_device_falls_back_to_the_cpu_here(tiny_model):
         assert logprob < 0
     finally:
         lm.close()
+
+
+def test_a_model_is_scored_again_when_its_dtype_changes_and_only_then(micro_model, cache_dir,
+                                                                      tmp_path, monkeypatch):
+    """A resumed eval reuses a model's scores only when they were made the same way: the
+    dtype a bf16 folder is scored in (float32 where it fits, else bfloat16) changes them."""
+    import kvant.app.lmeval as lmeval
+
+    def run():
+        lmeval.run_eval([], micro_model, ["kvant_cloze_nob"], tmp_path / "eval",
+                        cache_dir=cache_dir, data_dir=UD_DIR, limit=2)
+        entry = tmp_path / "eval" / "lm-eval" / micro_model.name / lmeval.KVANT_ENTRY
+        return json.loads(entry.read_text())["key"], entry.stat().st_mtime_ns
+
+    first = run()
+    assert run() == first  # the same dtype: kept, not scored again
+    monkeypatch.setattr(lmeval, "reference_dtype", lambda *_: "bfloat16")
+    again = run()
+    assert again[0] != first[0] and again[1] != first[1]
