@@ -162,6 +162,16 @@ def _tuple(value):
     return tuple(str(v) for v in value) if isinstance(value, list) else value
 
 
+def bench_settings(recipe: Recipe) -> BenchSettings:
+    """The bench of a release: the recipe's [bench] on its [release] langs."""
+    bench_args = {k: (tuple(str(c) for c in v) if k == "ctx" else v)
+                  for k, v in (recipe.get("bench") or {}).items()}
+    langs = tuple(recipe.release.get("langs", ["nob", "nno", "sme", "dan", "swe"]))
+    # every artifact here was just verified against its manifest (_complete) or just written
+    # by this run: the bench checks sizes, not sha256 a second time (minutes at 11.4B)
+    return replace(BenchSettings(**bench_args), langs=langs, verify=False)
+
+
 def plan_artifacts(recipe: Recipe) -> dict[str, tuple[str, object]]:
     """{artifact folder name: (pipeline key, settings)} in build order."""
     rel = recipe.release
@@ -550,25 +560,20 @@ def run_release(recipe_path: Path, *, cache_dir: Path, data_dir: Path | None = N
     else:
         model, source = _model(rel, calib_text, cache_dir, data_dir, progress)
     artifacts = plan_artifacts(recipe)
-    bench_args = {k: (tuple(str(c) for c in v) if k == "ctx" else v)
-                  for k, v in (recipe.get("bench") or {}).items()}
-    langs = tuple(rel.get("langs", ["nob", "nno", "sme", "dan", "swe"]))
-    # every artifact here was just verified against its manifest (_complete) or just written
-    # by this run: the bench checks sizes, not sha256 a second time (minutes at 11.4B)
-    bench_settings = replace(BenchSettings(**bench_args), langs=langs, verify=False)
+    bench = bench_settings(recipe)
     root.mkdir(parents=True, exist_ok=True)
     finished = False
     with recording() as steps:
         try:
-            _build(root, model, source, artifacts, bench_settings, cache_dir, data_dir,
+            _build(root, model, source, artifacts, bench, cache_dir, data_dir,
                    progress, rehearse is not None, rebuild)
-            tasks = _task_eval(root, model, artifacts, recipe.get("eval"), langs,
+            tasks = _task_eval(root, model, artifacts, recipe.get("eval"), bench.langs,
                                rehearse is not None, work, cache_dir, data_dir)
-            with step("depth study", ctx=bench_settings.depth_ctx):
-                at_depth = _depth_study(root, model, source, artifacts, bench_settings,
+            with step("depth study", ctx=bench.depth_ctx):
+                at_depth = _depth_study(root, model, source, artifacts, bench,
                                         cache_dir, data_dir)
             with step("cards"):
-                _cards(root, recipe_path, name, model, source, artifacts, bench_settings,
+                _cards(root, recipe_path, name, model, source, artifacts, bench,
                        at_depth, tasks, calib)
             finished = True
         finally:

@@ -296,15 +296,12 @@ def test_the_uniform_assignment_is_always_a_candidate():
     flat = {(t.name, ty): (1.0 if ty == "q3_k" else 0.5) for t in tensors for ty in types}
     budget = sum(stored_bytes(t, "q4_k") for t in tensors)
     assert knapsack(tensors, types, flat, budget, uniform=uniform) == uniform
-    # a budget too tight for the uniform file by a few bytes: the solver's best within it
-    # costs more than uniform, so uniform is what comes back (never predicted worse)
-    assert knapsack(tensors, types, costs, budget - 5, uniform=uniform) == uniform or \
-        sum(costs[t.name, knapsack(tensors, types, costs, budget - 5, uniform=uniform)[
-            t.name]] for t in tensors) < sum(costs[t.name, "q4_k"] for t in tensors)
-    # where a trade helps, the mix is strictly better than the uniform assignment
+    # where a trade helps, the mix is the best assignment within the budget (enumerated by
+    # hand), and that is strictly better than the uniform one
     mixed = knapsack(tensors, types, costs, budget, uniform=uniform)
     total = sum(costs[t.name, mixed[t.name]] for t in tensors)
-    assert total <= sum(costs[t.name, "q4_k"] for t in tensors)
+    assert total == pytest.approx(_brute_force(tensors, types, costs, budget), abs=1e-12)
+    assert total < sum(costs[t.name, "q4_k"] for t in tensors)
     with pytest.raises(SettingsError, match="below the smallest mix"):
         knapsack(tensors, types, costs, sum(stored_bytes(t, "q3_k") for t in tensors) - 1)
 
@@ -363,8 +360,6 @@ def test_auto_over_the_time_budget_ships_the_uniform_file(tiny_model, cache_dir,
     # direct: 30 matrices x 4 candidates besides the Q8_0 baseline, each as long as the
     # timed first; torch: all 5 candidates, one forward each plus one quantize per type
     assert tried["direct"]["evaluations"] == 30 * 4 and tried["direct"]["budget_s"] == 0.01
-    assert tried["direct"]["estimated_s"] == pytest.approx(tried["direct"]["first_s"] * 120,
-                                                           abs=1)
     assert tried["torch"]["evaluations"] == 30 * 5
     assert min(tried["direct"]["estimated_s"], tried["torch"]["estimated_s"],
                tried["fisher"]["estimated_s"]) > 0.01

@@ -4,11 +4,18 @@ now; recipes reach every settings field; the hub revision is pinned and recorded
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 from kvant.app.pipelines import PIPELINES
-from kvant.app.release import RECIPE_SCHEMA, load_recipe, plan_artifacts, resume_changes
+from kvant.app.release import (
+    RECIPE_SCHEMA,
+    bench_settings,
+    load_recipe,
+    plan_artifacts,
+    resume_changes,
+)
 from kvant.artifact import read_manifest, settings_dict, verify_artifact
 from kvant.bench.settings import BenchSettings
 from kvant.errors import SettingsError
@@ -134,13 +141,47 @@ def test_resume_changes_names_each_input_that_differs(tmp_path):
                           source, {}) == ["gguf.mix_tokens: null -> 4096"]
 
 
-def test_recipes_reach_every_settings_field(tmp_path):
-    for key in ("gguf", "gptq", "onnx"):
-        assert RECIPE_SCHEMA[key] == {f.name for f in dataclasses.fields(
-            PIPELINES[key].settings)}, key
-    assert "modes" in RECIPE_SCHEMA["bnb"] and "mode" not in RECIPE_SCHEMA["bnb"]
-    assert {f.name for f in dataclasses.fields(BenchSettings)} - RECIPE_SCHEMA["bench"] == {
-        "langs", "verify"}
+# a value other than the default for each settings field whose doubled or negated default is
+# not one (strings, lists, and numbers with rules of their own)
+OTHER = {"types": ["q8_0"], "imatrix": "nob.imatrix", "calib": "nob-train", "pre": "tekken",
+         "mix_sensitivity": "proxy", "precision": "fp32", "provider": "cpu",
+         "int4_algo": "rtn", "accuracy_level": 1, "compute_dtype": "fp32", "ctx": ["64"],
+         "kv_type": "q8_0", "device": "cpu", "group_size": 64, "bits": 8, "damp": 0.05,
+         "eval_langs": ["sme"], "langs": ["sme"]}
+
+
+def _other(field):
+    if field.name in OTHER:
+        return OTHER[field.name]
+    if isinstance(field.default, bool):
+        return not field.default
+    if isinstance(field.default, int | float):
+        return field.default * 2 if field.default else 1
+    raise AssertionError(f"give {field.name} a value in OTHER")
+
+
+def test_every_settings_field_a_recipe_documents_reaches_its_setting(tmp_path):
+    """What a user sees: each key of a recipe's pipeline and bench sections, set to another
+    value than its default, is the value the artifact (or the bench) is made with."""
+    recipe = tmp_path / "r.toml"
+    reached = 0
+    for section, cls in (*((k, PIPELINES[k].settings) for k in ("gguf", "gptq", "onnx", "bnb")),
+                         ("bench", BenchSettings)):
+        for field in dataclasses.fields(cls):
+            if field.name not in RECIPE_SCHEMA[section]:
+                continue  # [release] langs for every eval_langs; bnb's modes, below
+            value = _other(field)
+            if field.name == "provider":
+                continue  # cpu is its default; cuda needs fp16 (reached: the GPU recipe)
+            recipe.write_text(f'[release]\nname = "r"\nmodel = "@stand-in"\n[{section}]\n'
+                              f"{field.name} = {json.dumps(value)}\n")
+            loaded = load_recipe(recipe)
+            got = (bench_settings(loaded) if section == "bench" else next(
+                s for _, (kind, s, *_) in plan_artifacts(loaded).items() if kind == section))
+            want = tuple(value) if isinstance(value, list) else value
+            assert getattr(got, field.name) == want, (section, field.name)
+            reached += 1
+    assert reached > 50
     recipe = tmp_path / "r.toml"
     recipe.write_text('[release]\nname = "r"\nmodel = "@stand-in"\nlangs = ["nob"]\n'
                       '[gguf]\ntypes = ["q4_k_m-mix"]\nmix_sensitivity = "proxy"\n'
