@@ -219,3 +219,30 @@ def test_killed_run_leaves_no_final_folder(tmp_path):
     _write(out)
     assert not list(tmp_path.glob(".art.partial-*"))
     assert json.loads((out / "manifest.json").read_text())["format"] == "test"
+
+
+def test_a_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    """A release verifies each artifact several times: the second check of an unchanged file
+    reads nothing; a changed one (size or mtime) is hashed again; a file written moments
+    before it was hashed is not trusted (its next change may not move its mtime)."""
+    import hashlib
+    import os
+
+    from kvant import files
+
+    calls = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda *a: calls.append(1) or real(*a))
+    old = tmp_path / "old.bin"
+    old.write_bytes(b"a" * 1000)
+    os.utime(old, ns=(1_000_000_000, 1_000_000_000))
+    first = files.sha256_file(old)
+    assert files.sha256_file(old) == first and len(calls) == 1
+    old.write_bytes(b"b" * 1000)  # same size, new mtime
+    assert files.sha256_file(old) == hashlib.sha256(b"b" * 1000).hexdigest()
+    assert len(calls) == 2
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(b"c")
+    files.sha256_file(fresh)
+    files.sha256_file(fresh)
+    assert len(calls) == 4
