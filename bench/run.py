@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from kvant.artifact import installed_versions
 from kvant.bench.report import write_report
 from kvant.bench.settings import BenchSettings
-from kvant.data import get_text, paragraphs
+from kvant.data import get_text
 from kvant.errors import SettingsError
 from kvant.files import sha256_text, write_json
 from kvant.generation import stated_context
@@ -46,7 +46,7 @@ from kvant.model import model_info, pick_device, read_config
 from kvant.plan.kv import kv_types_for
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import Target, targets, verify
-from kvant.scoring import require_windows, windows
+from kvant.scoring import leading_ids, require_windows, windows
 from kvant.steps import language_tokens, shared_or_step, step
 
 logger = logging.getLogger(__name__)
@@ -59,17 +59,6 @@ def _texts(langs, cache_dir, data_dir):
             get_text(lang, cache_dir, data_dir) for lang in langs}
 
 
-def _quality_ids(tokenizer, text: str, n_tokens: int) -> tuple[list[int], int]:
-    """Whole paragraphs until n_tokens: (their ids concatenated, their UTF-8 bytes)."""
-    ids, n_bytes = [], 0
-    for unit in paragraphs(text):
-        ids += tokenizer.encode(unit).ids
-        n_bytes += len(unit.encode("utf-8")) + 1  # +1: the separator between paragraphs
-        if len(ids) >= n_tokens:
-            break
-    return ids, n_bytes
-
-
 def quality_windows(reference: Path | None, texts: dict, settings: BenchSettings
                     ) -> tuple[dict[str, list[list[int]]], dict[str, float]]:
     """The bench's quality windows per language, and each text's bytes per token."""
@@ -78,7 +67,7 @@ def quality_windows(reference: Path | None, texts: dict, settings: BenchSettings
         return wins, bytes_per_token
     tokenizer = Tokenizer.from_file(str(reference / "tokenizer.json"))
     for lang, text in texts.items():
-        ids, n_bytes = _quality_ids(tokenizer, text.read(), settings.quality_tokens)
+        ids, n_bytes = leading_ids(tokenizer, text.read(), settings.quality_tokens)
         wins[lang] = require_windows(lang, windows(ids[: settings.quality_tokens],
                                                    settings.quality_ctx), len(ids),
                                      settings.quality_ctx)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvant.data import TextFile, encode_stream, paragraphs
+from kvant.data import TextFile, paragraphs
 from kvant.errors import DataError
 
 
@@ -34,16 +34,29 @@ def eval_windows(model_dir: Path, texts: dict[str, TextFile], n_tokens: int,
     """Per language: the HF tokenizer's ids of its held-out text, cut into scoring windows.
 
     Paragraphs are encoded one by one (each starts with <s>) and concatenated; the first
-    ``n_tokens`` are kept. Every runtime scores exactly these ids.
+    ``n_tokens`` are kept (:func:`leading_ids`). Every runtime scores exactly these ids.
     """
     from tokenizers import Tokenizer  # Rust extension; only needed here
 
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
     out = {}
     for lang, text in texts.items():
-        ids = encode_stream(tok, paragraphs(text.read()))
+        ids, _ = leading_ids(tok, text.read(), n_tokens)
         out[lang] = require_windows(lang, windows(ids[:n_tokens], n_ctx), len(ids), n_ctx)
     return out
+
+
+def leading_ids(tokenizer, text: str, n_tokens: int) -> tuple[list[int], int]:
+    """The ids of ``text``'s paragraphs, each encoded alone (from <s>) and concatenated,
+    until there are ``n_tokens`` (or the text ends), and those paragraphs' UTF-8 bytes (each
+    with its separator): every scorer's windows, and the bench's bytes per token."""
+    ids, n_bytes = [], 0
+    for unit in paragraphs(text):
+        ids += tokenizer.encode(unit).ids
+        n_bytes += len(unit.encode("utf-8")) + 1
+        if len(ids) >= n_tokens:
+            break
+    return ids, n_bytes
 
 
 def require_windows(name: str, wins: list[list[int]], n_ids: int, n_ctx: int) -> list:
