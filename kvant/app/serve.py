@@ -34,7 +34,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -195,173 +195,199 @@ class _Reply:
                                                   "finish_reason": finish}]}
 
 
+# The routes read what they serve from the application's state (FastAPI's APIRouter and
+# app.state, rather than closures over create_app's arguments): engine, generator, api_key.
+router = APIRouter()
+
+
+def authorize(request: Request) -> None:
+    api_key = request.app.state.api_key
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' "
+                       "with the key the server was started with", "invalid_api_key",
+                       kind="authentication_error")
+
+
+def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.code, exc.param, exc.kind, exc.headers)
+
+
+def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    if first.get("type") == "json_invalid":
+        return _error(400, "the request body is not valid JSON", "invalid_json")
+    return _error(400, f"{where or 'body'}: {first.get('msg')}", "invalid_value",
+                  where or None)
+
+
+def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), None)
+
+
+def _failure(request: Request, exc: Exception) -> JSONResponse:
+    # anything else is the server's fault: OpenAI's shape too, so clients show the message;
+    # uvicorn still logs the traceback
+    return JSONResponse(_failure_body(exc), status_code=500)
+
+
+HANDLERS = ((APIError, _api_error), (RequestValidationError, _invalid), (HTTPException, _http),
+            (Exception, _failure))
+
+
+def _start(request: Request, prompt, req: _Request, stop: tuple[str, ...],
+           param: str) -> Job:
+    """The request's generation, queued; or the 400 (503) that explains why not."""
+    engine = request.app.state.engine
+    if req.model not in (None, "", engine.name):
+        raise APIError(404, f"model '{req.model}' is not served here; this server serves "
+                       f"'{engine.name}' (GET /v1/models)", "model_not_found", "model")
+    limit = req.max_completion_tokens or req.max_tokens or engine.n_ctx
+    try:
+        completion = engine.complete(prompt, limit, stop, req.sampling())
+    except ContextError as exc:
+        raise APIError(400, str(exc), "context_length_exceeded", param) from exc
+    except KvantError as exc:
+        raise APIError(400, str(exc), "invalid_value") from exc
+    return request.app.state.generator.submit(Job(completion, asyncio.get_running_loop()))
+
+
+async def _collect(job: Job, request: Request) -> str:
+    """The whole text of a job; a client that disconnects meanwhile cancels it."""
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        job.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return "".join([piece async for piece in job])
+    finally:
+        watcher.cancel()
+
+
+def _stream(job: Job, chunks) -> StreamingResponse:
+    """Server-sent events of ``chunks(pieces)``; a failure midway is an error event and then
+    [DONE]; a client that goes away cancels the generation."""
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks(job):
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except Exception as exc:
+            logger.warning("stream failed: %s", exc)
+            yield f"data: {json.dumps(_failure_body(exc), ensure_ascii=False)}\n\n"
+        finally:  # also when the client disconnected and the response was cancelled
+            job.cancel()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _usage(completion) -> dict:
+    return {"prompt_tokens": len(completion.ids), "completion_tokens": completion.n_new,
+            "total_tokens": len(completion.ids) + completion.n_new}
+
+
+def _check_ids(engine: Engine, ids: list[int], param: str) -> None:
+    vocab = engine.tokenizer.get_vocab_size()
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0-{vocab - 1})",
+                       "invalid_value", param)
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    # on the event loop, never behind the engine: it answers while generation runs
+    generator = request.app.state.generator
+    return {"status": "ok", "waiting": generator.waiting.qsize(),
+            "generating": generator.running is not None}
+
+
+@router.get("/v1/models", dependencies=[Depends(authorize)])
+def models(request: Request) -> dict:
+    engine = request.app.state.engine
+    return {"object": "list", "data": [{"id": engine.name, "object": "model",
+                                        "created": int(time.time()), "owned_by": "kvant",
+                                        "context_length": engine.n_ctx}]}
+
+
+@router.post("/v1/completions", dependencies=[Depends(authorize)])
+async def completions(req: CompletionRequest, request: Request):
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise APIError(400, "one prompt per request: send a string", "invalid_value",
+                           "prompt")
+        prompt = prompt[0]
+    elif isinstance(prompt, list):
+        _check_ids(request.app.state.engine, prompt, "prompt")
+    job = _start(request, prompt, req, req.stops(), "prompt")
+    completion = job.completion
+    reply = _Reply(request.app.state.engine.name, "cmpl", "text_completion")
+    if req.stream:
+        async def chunks(pieces) -> AsyncIterator[dict]:
+            async for piece in pieces:
+                yield reply({"text": piece}, None)
+            yield reply({"text": ""}, completion.finish_reason)
+        return _stream(job, chunks)
+    text = await _collect(job, request)
+    return {**reply({"text": text}, completion.finish_reason), "usage": _usage(completion)}
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+async def chat(req: ChatRequest, request: Request):
+    try:
+        prompt = chat_prompt([m.model_dump() for m in req.messages])
+    except KvantError as exc:
+        raise APIError(400, str(exc), "invalid_value", "messages") from exc
+    job = _start(request, prompt, req, (*CHAT_STOP, *req.stops()), "messages")
+    completion = job.completion
+    reply = _Reply(request.app.state.engine.name, "chatcmpl", "chat.completion.chunk")
+    if req.stream:
+        async def chunks(pieces) -> AsyncIterator[dict]:
+            yield reply({"delta": {"role": "assistant", "content": ""}}, None)
+            started = False
+            async for piece in pieces:
+                if not started:  # the space after "Assistent:" (see below)
+                    piece = piece.lstrip(" ")
+                    started = bool(piece)
+                if piece:
+                    yield reply({"delta": {"content": piece}}, None)
+            yield reply({"delta": {}}, completion.finish_reason)
+        return _stream(job, chunks)
+    # the format puts a space after "Assistent:"; it belongs to the format, not the answer
+    text = (await _collect(job, request)).lstrip(" ")
+    message = {"message": {"role": "assistant", "content": text}}
+    return {**reply(message, completion.finish_reason, "chat.completion"),
+            "usage": _usage(completion)}
+
+
+@router.post("/tokenize", dependencies=[Depends(authorize)])
+def tokenize(req: TokenizeRequest, request: Request) -> dict:
+    return {"tokens": request.app.state.engine.encode(req.content, req.add_special)}
+
+
+@router.post("/detokenize", dependencies=[Depends(authorize)])
+def detokenize(req: DetokenizeRequest, request: Request) -> dict:
+    _check_ids(request.app.state.engine, req.tokens, "tokens")
+    return {"content": request.app.state.engine.decode(req.tokens)}
+
+
 def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 8) -> FastAPI:
     """The FastAPI application serving ``engine`` (loaded by the caller). With an API key,
     the interactive docs and the OpenAPI schema are off (they would answer without it)."""
     docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="Kvant", description=f"NorMistral ({engine.name}), exact tokens",
                   **docs)
-    generator = Generator(max_queue)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' "
-                           "with the key the server was started with", "invalid_api_key",
-                           kind="authentication_error")
-
-    @app.exception_handler(APIError)
-    def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.code, exc.param, exc.kind, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        if first.get("type") == "json_invalid":
-            return _error(400, "the request body is not valid JSON", "invalid_json")
-        return _error(400, f"{where or 'body'}: {first.get('msg')}", "invalid_value",
-                      where or None)
-
-    @app.exception_handler(HTTPException)
-    def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), None)
-
-    @app.exception_handler(Exception)
-    def _failure(request: Request, exc: Exception) -> JSONResponse:
-        # anything else is the server's fault: OpenAI's shape too, so clients show the
-        # message; uvicorn still logs the traceback
-        return JSONResponse(_failure_body(exc), status_code=500)
-
-    def check_model(name: str | None) -> None:
-        if name not in (None, "", engine.name):
-            raise APIError(404, f"model '{name}' is not served here; this server serves "
-                           f"'{engine.name}' (GET /v1/models)", "model_not_found", "model")
-
-    def start(prompt, req: _Request, stop: tuple[str, ...], param: str) -> Job:
-        """The request's generation, queued; or the 400 (503) that explains why not."""
-        check_model(req.model)
-        limit = req.max_completion_tokens or req.max_tokens or engine.n_ctx
-        try:
-            completion = engine.complete(prompt, limit, stop, req.sampling())
-        except ContextError as exc:
-            raise APIError(400, str(exc), "context_length_exceeded", param) from exc
-        except KvantError as exc:
-            raise APIError(400, str(exc), "invalid_value") from exc
-        return generator.submit(Job(completion, asyncio.get_running_loop()))
-
-    async def collect(job: Job, request: Request) -> str:
-        """The whole text of a job; a client that disconnects meanwhile cancels it."""
-        async def watch() -> None:
-            while not await request.is_disconnected():
-                await asyncio.sleep(0.25)
-            job.cancel()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            return "".join([piece async for piece in job])
-        finally:
-            watcher.cancel()
-
-    def stream(job: Job, chunks) -> StreamingResponse:
-        """Server-sent events of ``chunks(pieces)``; a failure midway is an error event and
-        then [DONE]; a client that goes away cancels the generation."""
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for chunk in chunks(job):
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-            except Exception as exc:
-                logger.warning("stream failed: %s", exc)
-                yield f"data: {json.dumps(_failure_body(exc), ensure_ascii=False)}\n\n"
-            finally:  # also when the client disconnected and the response was cancelled
-                job.cancel()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    def usage(completion) -> dict:
-        return {"prompt_tokens": len(completion.ids), "completion_tokens": completion.n_new,
-                "total_tokens": len(completion.ids) + completion.n_new}
-
-    def check_ids(ids: list[int], param: str) -> None:
-        vocab = engine.tokenizer.get_vocab_size()
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0-{vocab - 1})",
-                           "invalid_value", param)
-
-    @app.get("/health")
-    async def health() -> dict:
-        # on the event loop, never behind the engine: it answers while generation runs
-        return {"status": "ok", "waiting": generator.waiting.qsize(),
-                "generating": generator.running is not None}
-
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": engine.name, "object": "model",
-                                            "created": int(time.time()), "owned_by": "kvant",
-                                            "context_length": engine.n_ctx}]}
-
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(req: CompletionRequest, request: Request):
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "one prompt per request: send a string", "invalid_value",
-                               "prompt")
-            prompt = prompt[0]
-        elif isinstance(prompt, list):
-            check_ids(prompt, "prompt")
-        job = start(prompt, req, req.stops(), "prompt")
-        completion = job.completion
-        reply = _Reply(engine.name, "cmpl", "text_completion")
-        if req.stream:
-            async def chunks(pieces) -> AsyncIterator[dict]:
-                async for piece in pieces:
-                    yield reply({"text": piece}, None)
-                yield reply({"text": ""}, completion.finish_reason)
-            return stream(job, chunks)
-        text = await collect(job, request)
-        return {**reply({"text": text}, completion.finish_reason), "usage": usage(completion)}
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(req: ChatRequest, request: Request):
-        try:
-            prompt = chat_prompt([m.model_dump() for m in req.messages])
-        except KvantError as exc:
-            raise APIError(400, str(exc), "invalid_value", "messages") from exc
-        job = start(prompt, req, (*CHAT_STOP, *req.stops()), "messages")
-        completion = job.completion
-        reply = _Reply(engine.name, "chatcmpl", "chat.completion.chunk")
-        if req.stream:
-            async def chunks(pieces) -> AsyncIterator[dict]:
-                yield reply({"delta": {"role": "assistant", "content": ""}}, None)
-                started = False
-                async for piece in pieces:
-                    if not started:  # the space after "Assistent:" (see below)
-                        piece = piece.lstrip(" ")
-                        started = bool(piece)
-                    if piece:
-                        yield reply({"delta": {"content": piece}}, None)
-                yield reply({"delta": {}}, completion.finish_reason)
-            return stream(job, chunks)
-        # the format puts a space after "Assistent:"; it belongs to the format, not the answer
-        text = (await collect(job, request)).lstrip(" ")
-        message = {"message": {"role": "assistant", "content": text}}
-        return {**reply(message, completion.finish_reason, "chat.completion"),
-                "usage": usage(completion)}
-
-    @app.post("/tokenize", dependencies=[Depends(authorize)])
-    def tokenize(req: TokenizeRequest) -> dict:
-        return {"tokens": engine.encode(req.content, req.add_special)}
-
-    @app.post("/detokenize", dependencies=[Depends(authorize)])
-    def detokenize(req: DetokenizeRequest) -> dict:
-        check_ids(req.tokens, "tokens")
-        return {"content": engine.decode(req.tokens)}
-
+    app.state.engine, app.state.api_key = engine, api_key
+    app.state.generator = Generator(max_queue)
+    for exc_type, handler in HANDLERS:
+        app.add_exception_handler(exc_type, handler)
+    app.include_router(router)
     return app
 
 
