@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -56,6 +57,8 @@ from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.tokenization import exact_tokenizer, fidelity
 
 logger = logging.getLogger(__name__)
+
+BASE_TYPE = "bf16"  # the file every other type is made from
 MAX_UNIT_TOKENS = 1024  # longer paragraphs are left out of the bits-per-byte score
 
 
@@ -239,25 +242,37 @@ def write_modelfiles(folder: Path, paths: dict[str, Path], config: dict, context
     return written
 
 
-def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
-                cache_dir: Path, data_dir: Path | None = None, force: bool = False,
-                progress: bool = False, device: str = "cpu", reference_dir: Path | None = None,
-                rehearsal: bool = False) -> Made:
-    """Convert, quantize and validate; publish ``out`` atomically (``reference_dir`` and
-    ``rehearsal``: see kvant.quantize.checkpoint)."""
+@dataclass
+class _Inputs:
+    """What an export was asked for, checked before any work (:func:`_inputs`)."""
+
+    config: dict
+    info: object
+    name: str
+    model_id: str
+    context: int
+    context_warning: str | None
+    quant_types: list[str]
+    mix_types: list[str]
+    imatrix_file: Path | None
+    calib: object  # the calibration TextFile of an importance matrix to compute, or None
+
+
+def _inputs(model_dir: Path, out: Path, settings: GGUFSettings, source: dict, force: bool,
+            cache_dir: Path, data_dir: Path | None, progress: bool) -> _Inputs:
+    """Every refusal an export can make before it starts: the output folder, the model, the
+    importance matrix file, free space, a calibration text too short for one chunk."""
     refuse_existing(out, force, protect=(model_dir,))
     refuse_quantized(model_dir)
     require_tokenizer(model_dir)
     config = read_config(model_dir)
     refuse_sliding_window(config, model_dir, "GGUF")
-    info = model_info(model_dir)
     name = Path(source.get("id", model_dir.name)).name
     # hub ids (and Kvant's stand-in) name the model in its general.* metadata; a local
     # folder's path does not
     model_id = source.get("id", name) if not Path(source.get("id", "")).is_absolute() else name
     context, context_warning = trained_context(config, source.get("id", model_dir.name),
                                                settings.context_length)
-    base_type = "bf16"
     quant_types = [t for t in settings.types if t not in DIRECT and not is_mix(t)]
     mix_types = [t for t in settings.types if is_mix(t)]
     imatrix_file = None
@@ -268,15 +283,92 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                             "imatrix file, auto (compute one) or none")
     check_free_space(out.parent, disk_need(
         config, [kind(t) for t in settings.types],
-        scratch=[] if base_type in settings.types else [kind(base_type)]))
+        scratch=[] if BASE_TYPE in settings.types else [kind(BASE_TYPE)]))
     calib = None
-    if (quant_types or mix_types) and settings.imatrix == "auto":  # checked before any work
+    if (quant_types or mix_types) and settings.imatrix == "auto":
         calib = get_mix(settings.calib, cache_dir, data_dir, progress)
         calib_tokens = len(exact_tokenizer(model_dir).encode(calib.read()).ids)
         if calib_tokens < settings.imatrix_ctx:
             raise DataError(f"calibration text '{calib.name}' gives {calib_tokens} tokens, "
                             f"fewer than one --imatrix-ctx {settings.imatrix_ctx} chunk; pass "
                             "a longer --calib text or --imatrix none")
+    return _Inputs(config, model_info(model_dir), name, model_id, context, context_warning,
+                   quant_types, mix_types, imatrix_file, calib)
+
+
+def _importance(art, model_dir: Path, base: Path, settings: GGUFSettings,
+                asked: _Inputs) -> tuple[Path | None, dict | None]:
+    """The importance matrix the quantized types are made with (computed on the calibration
+    text, or the user's file), recorded in the manifest; (None, None) where there is none."""
+    if not (asked.quant_types or asked.mix_types) or settings.imatrix == "none":
+        return None, None
+    if asked.calib is None:  # the user's file: its digest says what a release was made with
+        art.data.append({"name": asked.imatrix_file.name, "path": asked.imatrix_file.name,
+                         "sha256": sha256_file(asked.imatrix_file), "source": "--imatrix"})
+        return asked.imatrix_file, {"file": asked.imatrix_file.name, "chunks": None,
+                                    "ctx": None}
+    art.data.append(asked.calib.as_manifest())
+    normalizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")).normalizer
+    path = art.dir / f"{asked.name}.imatrix.gguf"
+    with step("gguf imatrix", kind="imatrix", ctx=settings.imatrix_ctx):
+        return path, compute_imatrix(base, asked.calib.read(), path, settings, normalizer,
+                                     art.scratch, process_output=bool(asked.mix_types))
+
+
+def _mixes(art, base: Path, paths: dict, quantized: dict, sensitivity, imatrix_path,
+           settings: GGUFSettings, asked: _Inputs) -> dict[str, Path]:
+    """Make each -MIX and mix:SIZE file into ``paths`` and ``quantized``; return each
+    ``<type>-mix``'s uniform twin (its budget), made in scratch where not asked for."""
+    twins: dict[str, Path] = {}
+    for spec in asked.mix_types:
+        uniform_type, uniform = mix_base(spec), None
+        if uniform_type:
+            uniform = paths.get(uniform_type)
+            if uniform is None:  # the budget's measure, published only in the mix's place
+                uniform = art.scratch / file_name(asked.name, uniform_type)
+                with step(f"gguf quantize {uniform_type}", kind="llama-quantize"):
+                    quantize(base, uniform, uniform_type, imatrix_path, settings.n_threads)
+            twins[spec] = uniform
+        paths[spec] = art.dir / file_name(asked.name, spec)
+        with step(f"gguf mix {spec}", kind="llama-quantize"):
+            quantized[spec] = {"fallback_tensors": 0, "mix": make_mix(
+                spec, base, paths[spec], sensitivity, uniform,
+                None if uniform_type else mix_size(spec), settings.n_threads)}
+    return twins
+
+
+def _withhold(art, twins: dict[str, Path], paths: dict, files: dict, quantized: dict, ref,
+              wins, settings: GGUFSettings) -> dict:
+    """Each -MIX worse than its twin on held-out text, removed with its uniform twin shipped
+    in its place (kvant.export.gguf_mix.mix_verdict); returns why, per mix."""
+    withheld = {}
+    for spec, uniform in twins.items():
+        reason = _judge_mix(spec, uniform, files, quantized[spec]["mix"], ref, wins, settings)
+        if reason is None:
+            continue
+        uniform_type = mix_base(spec)
+        paths.pop(spec).unlink(missing_ok=True)
+        if uniform.parent != art.dir:  # not asked for on its own: shipped in its place
+            paths[uniform_type] = uniform.rename(art.dir / uniform.name)
+            if uniform_type not in files:  # scored already when the mix was judged
+                files[uniform_type] = {"kind": kind(uniform_type), "fallback_tensors": 0,
+                                       **validate(paths[uniform_type], ref, wins, settings)}
+            files[uniform_type]["file"] = uniform.name
+        withheld[spec] = {"reason": reason, "instead": uniform.name,
+                          "mix": quantized[spec]["mix"],
+                          **({"held_out": files.pop(spec)} if spec in files else {})}
+        art.warn(f"{spec}: not published: {reason}; {uniform.name} is shipped instead")
+    return withheld
+
+
+def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
+                cache_dir: Path, data_dir: Path | None = None, force: bool = False,
+                progress: bool = False, device: str = "cpu", reference_dir: Path | None = None,
+                rehearsal: bool = False) -> Made:
+    """Convert, quantize and validate; publish ``out`` atomically (``reference_dir`` and
+    ``rehearsal``: see kvant.quantize.checkpoint)."""
+    asked = _inputs(model_dir, out, settings, source, force, cache_dir, data_dir, progress)
+    name, info = asked.name, asked.info
     # synthetic weights: convert and quantize for speed and memory, but score nothing
     langs = () if info.synthetic and not rehearsal else settings.eval_langs
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in langs}
@@ -287,39 +379,24 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
             with shared_or_step(reference_dir, settings.eval_ctx):
                 ref = reference_logits(model_dir, wins,
                                        reference_dir or art.scratch / "reference", device)
-        paths: dict[str, Path] = {}
-        base = (art.dir if base_type in settings.types else art.scratch) / file_name(name,
-                                                                                      base_type)
+        base = (art.dir if BASE_TYPE in settings.types else art.scratch) / file_name(
+            name, BASE_TYPE)
         art.settings = settings_dict(settings)
         art.source = source
-        if context_warning:
-            art.warn(context_warning)
-        with step(f"gguf convert {base_type}", kind=kind(base_type)):
-            conv = convert(model_dir, base, base_type, settings.pre, name, progress, context,
-                           model_id)
-        paths[base_type] = base
-        for direct in (t for t in settings.types if t in DIRECT and t != base_type):
+        if asked.context_warning:
+            art.warn(asked.context_warning)
+        with step(f"gguf convert {BASE_TYPE}", kind=kind(BASE_TYPE)):
+            conv = convert(model_dir, base, BASE_TYPE, settings.pre, name, progress,
+                           asked.context, asked.model_id)
+        paths: dict[str, Path] = {BASE_TYPE: base}
+        for direct in (t for t in settings.types if t in DIRECT and t != BASE_TYPE):
             paths[direct] = art.dir / file_name(name, direct)
             with step(f"gguf convert {direct}", kind=kind(direct)):
-                convert(model_dir, paths[direct], direct, settings.pre, name, progress, context,
-                        model_id)
-        imatrix_path, imatrix = None, None
-        if (quant_types or mix_types) and settings.imatrix != "none":
-            if calib is not None:
-                art.data.append(calib.as_manifest())
-                normalizer = Tokenizer.from_file(str(model_dir / "tokenizer.json")).normalizer
-                imatrix_path = art.dir / f"{name}.imatrix.gguf"
-                with step("gguf imatrix", kind="imatrix", ctx=settings.imatrix_ctx):
-                    imatrix = compute_imatrix(base, calib.read(), imatrix_path, settings,
-                                              normalizer, art.scratch,
-                                              process_output=bool(mix_types))
-            else:  # the user's file: its digest says what a resumed release was made with
-                imatrix_path = imatrix_file
-                imatrix = {"file": imatrix_path.name, "chunks": None, "ctx": None}
-                art.data.append({"name": imatrix_file.name, "path": imatrix_file.name,
-                                 "sha256": sha256_file(imatrix_file), "source": "--imatrix"})
+                convert(model_dir, paths[direct], direct, settings.pre, name, progress,
+                        asked.context, asked.model_id)
+        imatrix_path, imatrix = _importance(art, model_dir, base, settings, asked)
         quantized = {}
-        for gguf_type in quant_types:
+        for gguf_type in asked.quant_types:
             paths[gguf_type] = art.dir / file_name(name, gguf_type)
             with step(f"gguf quantize {gguf_type}", kind="llama-quantize"):
                 q = quantize(base, paths[gguf_type], gguf_type, imatrix_path,
@@ -328,26 +405,13 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                 art.warn(f"{gguf_type}: {q['fallback_tensors']} tensor(s) fell back to another "
                          "type (rows not divisible by the block size)")
             quantized[gguf_type] = q
-        if mix_types:
-            sensitivity = _sensitivity(settings, info, model_dir, base, imatrix_path, calib,
-                                       art.scratch, reference_dir, device, cache_dir,
-                                       data_dir, progress, rehearsal, tuple(mix_types))
-        twins: dict[str, Path] = {}  # each <type>-mix's uniform file (its budget)
-        for spec in mix_types:
-            uniform_type, uniform = mix_base(spec), None
-            if uniform_type:
-                uniform = paths.get(uniform_type)
-                if uniform is None:  # the budget's measure, published only in the mix's place
-                    uniform = art.scratch / file_name(name, uniform_type)
-                    with step(f"gguf quantize {uniform_type}", kind="llama-quantize"):
-                        quantize(base, uniform, uniform_type, imatrix_path, settings.n_threads)
-                twins[spec] = uniform
-            paths[spec] = art.dir / file_name(name, spec)
-            with step(f"gguf mix {spec}", kind="llama-quantize"):
-                quantized[spec] = {"fallback_tensors": 0, "mix": make_mix(
-                    spec, base, paths[spec], sensitivity, uniform,
-                    None if uniform_type else mix_size(spec),
-                    settings.n_threads)}
+        sensitivity = None
+        if asked.mix_types:
+            sensitivity = _sensitivity(settings, info, model_dir, base, imatrix_path,
+                                       asked.calib, art.scratch, reference_dir, device,
+                                       cache_dir, data_dir, progress, rehearsal,
+                                       tuple(asked.mix_types))
+        twins = _mixes(art, base, paths, quantized, sensitivity, imatrix_path, settings, asked)
         files = {}
         for t in settings.types:
             mix = quantized.get(t, {}).get("mix", {})
@@ -357,33 +421,15 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                       weights=paths[t].stat().st_size, tokens_per_language=language_tokens(wins)):
                 files[t] = {"file": paths[t].name, "kind": kind(t), **quantized.get(t, {}),
                             **validate(paths[t], ref, wins, settings)}
-        withheld = {}
-        for spec, uniform in twins.items():
-            reason = _judge_mix(spec, uniform, files, quantized[spec]["mix"], ref, wins,
-                                settings)
-            if reason is None:
-                continue
-            uniform_type = mix_base(spec)
-            paths.pop(spec).unlink(missing_ok=True)
-            if uniform.parent != art.dir:  # not asked for on its own: shipped in its place
-                paths[uniform_type] = uniform.rename(art.dir / uniform.name)
-                if uniform_type not in files:  # scored already when the mix was judged
-                    files[uniform_type] = {"kind": kind(uniform_type), "fallback_tensors": 0,
-                                           **validate(paths[uniform_type], ref, wins,
-                                                      settings)}
-                files[uniform_type]["file"] = uniform.name
-            withheld[spec] = {"reason": reason, "instead": uniform.name,
-                              "mix": quantized[spec]["mix"],
-                              **({"held_out": files.pop(spec)} if spec in files else {})}
-            art.warn(f"{spec}: not published: {reason}; {uniform.name} is shipped instead")
+        withheld = _withhold(art, twins, paths, files, quantized, ref, wins, settings)
         against_frontier(files, withheld)
-        with step("gguf tokenizer report", kind=kind(base_type),
+        with step("gguf tokenizer report", kind=kind(BASE_TYPE),
                   weights=base.stat().st_size) as record:
             tok_report = tokenizer_report(base, texts, settings)
             record["ctx"] = max((r["longest_scored_tokens"] for r in tok_report.values()),
                                 default=0)
             clients = client_fidelity(base, texts)
-        modelfiles = write_modelfiles(art.dir, paths, config, context)
+        modelfiles = write_modelfiles(art.dir, paths, asked.config, asked.context)
         if rehearsal:
             art.warn(REHEARSAL_WARNING)
         elif info.synthetic:
@@ -395,13 +441,13 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                           "tokenizer": {"gguf": conv["tokenizer"], "stock_llama_cpp": tok_report,
                                         "clients": clients},
                           "modelfiles": modelfiles,
-                          "mix_sensitivity": sensitivity.as_dict() if mix_types else None,
+                          "mix_sensitivity": sensitivity.as_dict() if sensitivity else None,
                           "withheld_mixes": withheld,
                           "imatrix": imatrix, "eval_ctx": settings.eval_ctx,
-                          "context_length": context, "rehearsal": rehearsal}
+                          "context_length": asked.context, "rehearsal": rehearsal}
         art.tags = ["gguf", "llama.cpp"]
         art.title = f"{name} GGUF"
-        art.card_body = card(name, files, tok_report, imatrix, calib,
-                              run_it(files, clients, context), withheld)
+        art.card_body = card(name, files, tok_report, imatrix, asked.calib,
+                              run_it(files, clients, asked.context), withheld)
     logger.info("GGUF export: %s", json.dumps({t: f.get("mean_kld") for t, f in files.items()}))
     return Made(out, art.kinds)
