@@ -220,6 +220,54 @@ def shown_path(path: Path, out: Path) -> str:
     return os.path.join("..", rel) if not rel.startswith("..") else Path(path).name
 
 
+def _targets(artifacts: list[Path], reference: Path | None, settings: BenchSettings,
+             rehearsal: bool) -> list[Target]:
+    """What a bench measures, the reference first, each checked before any work: a quality
+    run has a real reference, nothing is corrupt, no context is past a model's training."""
+    if settings.quality and reference is None:
+        raise SettingsError("quality needs --reference (the bf16 model); pass one, or bench "
+                            "speed alone with --no-quality")
+    if settings.quality and model_info(reference).synthetic and not rehearsal:
+        raise SettingsError(f"'{reference}' has synthetic weights: perplexity and KLD would "
+                            "mean nothing; bench speed with --no-quality, or use a real checkpoint")
+    found: list[Target] = []
+    if reference is not None:
+        ref = targets(reference)[0]
+        found.append(Target(REFERENCE, ref.path, "torch", "bf16", ref.size_bytes, "bf16",
+                            ref.files))
+    for artifact in artifacts:
+        found += targets(artifact)
+    found = unique_names(found)
+    for target in found:  # nothing corrupt is measured
+        verify(target, settings.verify)
+    longest = max(int(c) for c in settings.ctx)
+    for target in found:  # and no context past what a model was trained for
+        trained = stated_context(target)
+        if longest > trained:
+            raise SettingsError(f"--ctx {longest:,} is past the {trained:,} tokens "
+                                f"'{target.name}' was trained for; pass a smaller --ctx")
+    return found
+
+
+def _entry(results: dict, target: Target, keys: dict, engine_facts: dict, out: Path) -> dict:
+    """``target``'s row of results.json, with the parts measured under other keys (another
+    engine, machine, text or setting) dropped so that they are measured anew."""
+    entry = results["targets"].get(target.name, {})
+    for part in ("quality", "speed"):
+        if entry.get(f"{part}_key") != keys[f"{part}_key"] and part in entry:
+            logger.info("%s: what its %s depends on changed; measuring it anew",
+                        target.name, part)
+            del entry[part]
+            # the llama.cpp peer checks time and score too
+            entry.pop("peers", None)
+            entry.pop("tokenizer_agreement", None)
+    results["targets"][target.name] = entry
+    entry.update({**keys, "path": shown_path(target.path, out), "backend": target.backend,
+                  "format": target.fmt, "kind": target.kind, "size_bytes": target.size_bytes,
+                  "engine": engine_facts})
+    return entry
+
+
 def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSettings,
               out: Path, *, cache_dir: Path, data_dir: Path | None = None,
               progress: bool = False, reference_dir: Path | None = None,
@@ -231,31 +279,8 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
     shared with a release (else computed into scratch space); ``rehearsal``: a synthetic
     reference is scored anyway, for time and memory only.
     """
-    if settings.quality and reference is None:
-        raise SettingsError("quality needs --reference (the bf16 model); pass one, or bench "
-                            "speed alone with --no-quality")
-    if settings.quality and model_info(reference).synthetic and not rehearsal:
-        raise SettingsError(f"'{reference}' has synthetic weights: perplexity and KLD would "
-                            "mean nothing; bench speed with --no-quality, or use a real checkpoint")
-    all_targets: list[Target] = []
-    ref_target = None
-    if reference is not None:
-        found = targets(reference)[0]
-        ref_target = Target(REFERENCE, found.path, "torch", "bf16", found.size_bytes, "bf16",
-                            found.files)
-        all_targets.append(ref_target)
-    for artifact in artifacts:
-        all_targets += targets(artifact)
-    all_targets = unique_names(all_targets)
+    all_targets = _targets(artifacts, reference, settings, rehearsal)
     ref_target = all_targets[0] if reference is not None else None
-    for target in all_targets:  # nothing corrupt is measured
-        verify(target, settings.verify)
-    longest = max(int(c) for c in settings.ctx)
-    for target in all_targets:  # and no context past what a model was trained for
-        trained = stated_context(target)
-        if longest > trained:
-            raise SettingsError(f"--ctx {longest:,} is past the {trained:,} tokens "
-                                f"'{target.name}' was trained for; pass a smaller --ctx")
     device = pick_device(settings.device)
     texts = texts_for(settings, cache_dir, data_dir)
     wins, bytes_per_token = quality_windows(reference, texts, settings)
@@ -291,21 +316,7 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
             keys = {"quality_key": quality_key(digest, ref_digest, texts, settings,
                                                engines[target.backend], where),
                     "speed_key": speed_key(digest, settings, engines[target.backend], where)}
-            entry = results["targets"].get(target.name, {})
-            for part in ("quality", "speed"):
-                if entry.get(f"{part}_key") != keys[f"{part}_key"] and part in entry:
-                    logger.info("%s: what its %s depends on changed; measuring it anew",
-                                target.name, part)
-                    del entry[part]
-                    # the llama.cpp peer checks time and score too
-                    entry.pop("peers", None)
-                    entry.pop("tokenizer_agreement", None)
-            results["targets"][target.name] = entry
-            entry.update({**keys, "path": shown_path(target.path, out),
-                          "backend": target.backend,
-                          "format": target.fmt, "kind": target.kind,
-                          "size_bytes": target.size_bytes,
-                          "engine": engines[target.backend]})
+            entry = _entry(results, target, keys, engines[target.backend], out)
             if settings.quality and "quality" not in entry:
                 if ref is None:
                     with shared_or_step(reference_dir, settings.quality_ctx):
