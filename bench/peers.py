@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from kvant.errors import KvantError
+from kvant.machine import child_limit, weights_flops
 from kvant.runtimes.llamacpp import (
     LlamaCppRuntime,
     gpu_layers,
@@ -73,7 +74,9 @@ def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
     """
     log = run_tool([llama_tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", n_ctx,
                     "-b", n_ctx, "--chunks", chunks, "-t", threads or os.cpu_count(),
-                    "-ngl", "0", repack_flag(repack)])
+                    "-ngl", "0", repack_flag(repack)],
+                   child_limit(flops=weights_flops(Path(gguf).stat().st_size, n_ctx * chunks),
+                               nbytes=Path(gguf).stat().st_size))
     running = re.findall(r"\[(\d+)\]([0-9.]+),", log)
     if not running:
         raise KvantError("llama-perplexity printed no perplexity estimate")
@@ -88,9 +91,13 @@ def llama_bench(gguf: Path, n_prompt: int, n_gen: int, device: str = "cpu", thre
     weight repacking."""
     threads = threads or os.cpu_count()
     ngl = 99 if gpu_layers(device) < 0 else 0  # llama-bench's "all layers" is a count
+    # each repetition of each depth: a prefill, and the generated tokens at that depth
+    tokens = 2 * repetitions * (n_prompt + n_gen) + n_prompt
     log = run_tool([llama_tool("llama-bench"), "-m", gguf, "-p", n_prompt, "-n", n_gen,
                     "-d", f"0,{n_prompt}", "-t", threads, "-r", repetitions, "-ngl", ngl,
-                    "--repack", int(repack), "-fa", SPEED_FLASH_ATTN, "-o", "json"])
+                    "--repack", int(repack), "-fa", SPEED_FLASH_ATTN, "-o", "json"],
+                   child_limit(flops=weights_flops(Path(gguf).stat().st_size, tokens),
+                               nbytes=Path(gguf).stat().st_size))
     rows = json.loads(log[log.index("["):log.rindex("]") + 1])
     out = {"n_prompt": n_prompt, "n_gen": n_gen, "decode_depth": n_prompt, "threads": threads,
            "n_gpu_layers": ngl, "device": device, "repack": repack,

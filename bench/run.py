@@ -41,7 +41,7 @@ from kvant.data import get_text
 from kvant.errors import SettingsError
 from kvant.files import sha256_text, write_json
 from kvant.generation import stated_context
-from kvant.machine import die_with_parent, machine
+from kvant.machine import child_limit, die_with_parent, machine, over_limit, weights_flops
 from kvant.model import model_info, pick_device, read_config
 from kvant.plan.kv import kv_types_for
 from kvant.runtimes.reference import reference_logits, score_against
@@ -116,10 +116,20 @@ def measure_once(target: Target, ids: list[int], ctx: int, settings: BenchSettin
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_file.write_text(json.dumps(spec))
+        # its work: the warm-up and at least `repeats` prefills of ctx and decodes of n_new at
+        # that depth, and loading the weights (short phases repeating up to half a second
+        # more are within the limit's floor)
+        runs = settings.repeats + 2
+        limit = child_limit(flops=weights_flops(target.size_bytes,
+                                                runs * (2 * ctx + settings.n_new)),
+                            nbytes=target.size_bytes)
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "kvant.bench.worker", str(spec_file),
-                               str(result_file)], capture_output=True, text=True,
-                              preexec_fn=die_with_parent)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "kvant.bench.worker", str(spec_file),
+                                   str(result_file)], capture_output=True, text=True,
+                                  preexec_fn=die_with_parent, timeout=limit)
+        except subprocess.TimeoutExpired:
+            return {"error": over_limit(f"the bench worker for {target.name} at {ctx}", limit)}
         wall = time.perf_counter() - started
         if proc.returncode:
             tail = " | ".join(proc.stderr.strip().splitlines()[-2:])

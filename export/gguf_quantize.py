@@ -9,6 +9,7 @@ from pathlib import Path
 import gguf
 
 from kvant.export.gguf import GGUFSettings
+from kvant.machine import child_limit
 from kvant.runtimes.llamacpp import llama_tool, repack_flag, run_tool
 
 
@@ -31,10 +32,14 @@ def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettin
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         calib = Path(tmp) / "calib.txt"
         calib.write_text(text, encoding="utf-8")
+        # a bf16 file: 2 bytes a parameter, 2 FLOPs a parameter and token
+        tokens = settings.imatrix_ctx * settings.imatrix_chunks
         log = run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib, "-o", out,
                         "-c", settings.imatrix_ctx, "--chunks", settings.imatrix_chunks,
                         "-t", settings.n_threads, "-ngl", "0", repack_flag(False),
-                        *(("--process-output",) if process_output else ())])
+                        *(("--process-output",) if process_output else ())],
+                       child_limit(flops=base.stat().st_size * tokens,
+                                   nbytes=base.stat().st_size))
     chunks = re.findall(r"compute_imatrix: computing over (\d+) chunks", log)
     return {"file": out.name, "chunks": int(chunks[-1]) if chunks else None,
             "ctx": settings.imatrix_ctx, "process_output": process_output}
@@ -47,7 +52,9 @@ def quantize(base: Path, out: Path, gguf_type: str, imatrix: Path | None, thread
     cmd = [llama_tool("llama-quantize"), *options]
     if imatrix is not None:
         cmd += ["--imatrix", imatrix]
-    log = run_tool([*cmd, base, out, gguf_type.upper(), threads])
+    # read once, written once smaller; the K-quant search is far under the byte rate here
+    log = run_tool([*cmd, base, out, gguf_type.upper(), threads],
+                   child_limit(nbytes=2 * base.stat().st_size))
     # llama-quant.cpp's summary: "WARNING: N of M tensor(s) required fallback quantization"
     summary = re.search(r"(\d+) of \d+ tensor\(s\) required fallback quantization", log)
     return {"fallback_tensors": int(summary.group(1)) if summary else 0}

@@ -31,6 +31,39 @@ def die_with_parent() -> None:
         pass
 
 
+# A child process (llama.cpp's tools, a bench worker) gets a time limit from the work it was
+# given at rates far below any 2-core laptop's, so that it stops a hung child, not a slow one:
+# a 10-minute floor plus its matmul FLOPs at 2 GFLOP/s and the bytes it reads and writes at
+# 5 MB/s. --timeout-scale (this variable) multiplies every limit, for a slower machine.
+TIMEOUT_ENV = "KVANT_TIMEOUT_SCALE"
+SLOW_FLOPS = 2e9
+SLOW_BYTES = 5e6
+FLOOR_S = 600.0
+
+
+def child_limit(flops: float = 0.0, nbytes: float = 0.0) -> float:
+    """Seconds a child doing ``flops`` of matmuls over ``nbytes`` of files may take."""
+    try:
+        scale = float(os.environ.get(TIMEOUT_ENV) or 1.0)
+    except ValueError:
+        scale = 1.0
+    return scale * (FLOOR_S + flops / SLOW_FLOPS + nbytes / SLOW_BYTES)
+
+
+def weights_flops(weight_bytes: float, tokens: float) -> float:
+    """Matmul FLOPs of ``tokens`` through weights stored in ``weight_bytes``: 2 a parameter
+    and token, at up to 2 parameters a byte (4-bit; a bf16 file has 0.5)."""
+    return 4.0 * weight_bytes * tokens
+
+
+def over_limit(name: str, limit_s: float) -> str:
+    """The one line that says a child ran past its limit, and how to raise it."""
+    shown = f"{limit_s / 3600:.1f} h" if limit_s >= 3600 else f"{limit_s / 60:.0f} min"
+    return (f"{name} gave no result within {shown}, its time limit for this work (is it "
+            f"hung?); on a machine this slow, raise every limit with --timeout-scale N "
+            f"(or ${TIMEOUT_ENV})")
+
+
 def machine() -> dict:
     """CPU, cores, RAM, platform (and the GPU, when torch is already loaded and sees one)."""
     import sys

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import os
 import re
 import sys
 import textwrap
@@ -40,6 +41,7 @@ from kvant.app.commands import (
 from kvant.app.pipelines import PIPELINES
 from kvant.bench.settings import BenchSettings
 from kvant.errors import KvantError
+from kvant.machine import TIMEOUT_ENV
 from kvant.paths import ENV_DATA_DIR, default_data_dir
 from kvant.peer import PEERS
 from kvant.plan.kv import KV_TYPES
@@ -416,6 +418,11 @@ def build_parser() -> KvantParser:
     parser.add_argument("--version", action="version", version=f"kvant {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--timeout-scale", type=float, metavar="N",
+                        help="multiply the time limit of every child process (llama.cpp's "
+                             "tools, bench workers) by N: each limit is set for a hung "
+                             f"process from its work at slow rates (default 1, or "
+                             f"${TIMEOUT_ENV})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=KvantParser)
     sub.required = True
     below = []
@@ -448,6 +455,12 @@ class OnceFilter(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.timeout_scale is not None:
+        if args.timeout_scale <= 0:
+            print(f"kvant: error: --timeout-scale {args.timeout_scale}: give a positive factor, "
+                  "such as 3", file=sys.stderr)
+            return 2
+        os.environ[TIMEOUT_ENV] = str(args.timeout_scale)  # children and this process alike
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:

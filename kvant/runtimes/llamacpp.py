@@ -20,7 +20,7 @@ import llama_cpp
 import numpy as np
 
 from kvant.errors import KvantError
-from kvant.machine import die_with_parent
+from kvant.machine import die_with_parent, over_limit
 from kvant.tokenization import GGUF_PRE_EXACT, exact_tokenizer
 
 # llama-cpp-python hands llama.cpp's own log (every file load's metadata dump, 80 lines and
@@ -62,10 +62,14 @@ def build_info() -> dict:
     return info
 
 
-def run_tool(cmd: list) -> str:
-    """Run a llama.cpp tool; its output, or one error line with the end of its log."""
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                          preexec_fn=die_with_parent)
+def run_tool(cmd: list, limit_s: float) -> str:
+    """Run a llama.cpp tool; its output, or one error line with the end of its log, or
+    with ``limit_s`` (kvant.machine.child_limit), after which it is killed."""
+    try:
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                              preexec_fn=die_with_parent, timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        raise KvantError(over_limit(Path(cmd[0]).name, limit_s)) from None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise KvantError(f"{Path(cmd[0]).name} failed (exit {proc.returncode}): "

@@ -102,3 +102,16 @@ def test_every_settings_flag_says_what_it_does_and_names_its_choices():
     for key, values in choices.items():
         for value in values:
             assert value in found[key], (key, value)
+
+
+def test_timeout_scale_reaches_every_child_and_refuses_nonsense(monkeypatch, capsys):
+    from kvant.app.cli import main
+    from kvant.machine import TIMEOUT_ENV, child_limit
+
+    monkeypatch.setenv(TIMEOUT_ENV, "1")  # restored after the test
+    assert main(["--timeout-scale", "0", "data", "list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "positive factor" in err[0]
+    before = child_limit()
+    assert main(["--timeout-scale", "2.5", "data", "list"]) == 0
+    assert child_limit() == 2.5 * before

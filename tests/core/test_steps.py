@@ -66,3 +66,39 @@ def test_steps_do_not_nest_and_cost_nothing_outside_a_recording():
     with recording(), step("outer"), pytest.raises(KvantError, match="do not nest"), \
             step("inner"):
         pass
+
+
+def test_a_hung_llama_cpp_tool_is_stopped_at_its_limit_with_one_line(monkeypatch):
+    """A child that never answers: killed at its limit, one line naming it, the limit and
+    how to raise it; --timeout-scale (its variable) multiplies every limit."""
+    import time
+
+    from kvant.errors import KvantError
+    from kvant.machine import TIMEOUT_ENV, child_limit
+    from kvant.runtimes.llamacpp import run_tool
+
+    started = time.monotonic()
+    with pytest.raises(KvantError) as raised:
+        run_tool(["sleep", "60"], 0.5)
+    assert time.monotonic() - started < 10
+    message = str(raised.value)
+    assert "sleep gave no result within" in message and "--timeout-scale" in message
+    assert "\n" not in message
+    base = child_limit(flops=4e9, nbytes=1e7)
+    assert base == pytest.approx(600 + 2 + 2)
+    monkeypatch.setenv(TIMEOUT_ENV, "3")
+    assert child_limit(flops=4e9, nbytes=1e7) == pytest.approx(3 * base)
+
+
+def test_a_hung_bench_worker_is_an_error_row_and_the_bench_goes_on(micro_model, monkeypatch):
+    """The bench worker past its limit: that row says why (a rerun measures it again), and
+    the bench is not stopped."""
+    import kvant.bench.run as bench_run
+    from kvant.bench.settings import BenchSettings
+    from kvant.runtimes.targets import targets
+
+    monkeypatch.setattr(bench_run, "child_limit", lambda **_: 0.05)
+    target = targets(micro_model)[0]
+    row = bench_run.speed(target, list(range(16, 80)), 32, BenchSettings(repeats=1, n_new=2),
+                          "cpu")
+    assert "no result within" in row["error"] and target.name in row["error"]

@@ -90,6 +90,7 @@ def test_info_says_which_tokenizer_feeds_llama_cpp(q4):
 
 
 def test_llama_tokenize_tool_reads_raw_documents_exactly(q4, texts, tmp_path):
+    from kvant.machine import child_limit
     from kvant.runtimes.llamacpp import llama_tool, run_tool
 
     exact = exact_tokenizer(q4)
@@ -98,6 +99,6 @@ def test_llama_tokenize_tool_reads_raw_documents_exactly(q4, texts, tmp_path):
         path = tmp_path / f"{lang}.txt"
         path.write_text(doc, encoding="utf-8")
         out = run_tool([llama_tool("llama-tokenize"), "-m", q4, "-f", path, "--ids",
-                        "--log-disable"])
+                        "--log-disable"], child_limit())
         printed = [line for line in out.splitlines() if line.startswith("[")][-1]
         assert json.loads(printed) == exact.encode(doc).ids, lang
