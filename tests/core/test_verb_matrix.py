@@ -1,6 +1,6 @@
 """Every user-facing verb on every artifact kind a release makes: `info`, `generate`
-(greedy, sampled, --stop-at-newline), `serve`'s /v1/completions, `bench --no-quality`, `plan`
-and `eval`. Each verb runs through the installed console script on one kind (CONSOLE); its
+(greedy, sampled, --stop-at-newline), `serve`'s /v1/completions, `bench --no-quality`, `plan`,
+`eval` and `lm-eval`. Each verb runs through the installed console script on one kind (CONSOLE); its
 other cells run the same command line in this process (`kvant.app.cli.main`; serve's app in a
 thread), which spares a fresh interpreter and torch import per cell.
 
@@ -41,7 +41,7 @@ AGREE = ("bf16", "gguf-bf16", "onnx-fp32")
 # the kind each verb runs through the console script, as a user runs it: a different kind
 # (backend) per verb
 CONSOLE = {"info": "bnb-nf4", "generate": "gguf-q4_k_m-mix", "serve": "onnx-int4",
-           "plan": "gptq"}
+           "plan": "gptq", "lm-eval": "gguf-iq4_xs"}
 
 
 def kvant(verb: str, kind: str, *args: str) -> subprocess.CompletedProcess:
@@ -276,3 +276,37 @@ def test_eval_on_every_kind(artifacts, tmp_path):
         theirs = [c[0][0] for r in log(kind, "kvant_cloze_nob") for c in r["resps"]]
         assert max(abs(a - b) for a, b in zip(reference, theirs, strict=True)) < 0.01 * 40, \
             kind
+
+
+@functools.cache
+def lm_evaluated(kind: str, path: Path, out: Path) -> list[dict]:
+    """`kvant lm-eval --model kvant --model_args artifact=PATH` as the README gives it (no
+    --device: lm-eval's default, cuda, falls back to the CPU here), its logged requests."""
+    result = kvant("lm-eval", kind, "--model", "kvant", "--model_args", f"artifact={path}",
+                   "--tasks", "kvant_cloze_nob", "--limit", "2", "--output_path",
+                   str(out / kind), "--log_samples")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kvant_cloze_nob" in result.stdout  # lm-eval's table, on stdout
+    (samples,) = (out / kind).rglob("samples_kvant_cloze_nob_*.jsonl")
+    return [json.loads(line) for line in samples.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lm_eval_on_every_kind(artifacts, kind, tmp_path_factory, monkeypatch):
+    """lm-eval's own command line on every kind: the same requests as the bf16 folder's,
+    each answered with a finite log-likelihood."""
+    import math
+
+    from tests.conftest import UD_DIR
+
+    monkeypatch.setenv("KVANT_DATA_DIR", str(UD_DIR))
+    out = _lm_eval_root(tmp_path_factory)
+    rows = lm_evaluated(kind, artifacts[kind], out)
+    asked = lm_evaluated("bf16", artifacts["bf16"], out)
+    assert [r["arguments"] for r in rows] == [r["arguments"] for r in asked]
+    assert rows and all(math.isfinite(float(c[0][0])) for r in rows for c in r["resps"])
+
+
+@functools.cache
+def _lm_eval_root(factory) -> Path:
+    return factory.mktemp("lm-eval")
