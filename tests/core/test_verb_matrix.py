@@ -291,8 +291,13 @@ def lm_evaluated(kind: str, path: Path, out: Path) -> list[dict]:
     return [json.loads(line) for line in samples.read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def lm_eval_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lm-eval")
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_lm_eval_on_every_kind(artifacts, kind, tmp_path_factory, monkeypatch):
+def test_lm_eval_on_every_kind(artifacts, kind, lm_eval_root, monkeypatch):
     """lm-eval's own command line on every kind: the same requests as the bf16 folder's,
     each answered with a finite log-likelihood."""
     import math
@@ -300,13 +305,7 @@ def test_lm_eval_on_every_kind(artifacts, kind, tmp_path_factory, monkeypatch):
     from tests.conftest import UD_DIR
 
     monkeypatch.setenv("KVANT_DATA_DIR", str(UD_DIR))
-    out = _lm_eval_root(tmp_path_factory)
-    rows = lm_evaluated(kind, artifacts[kind], out)
-    asked = lm_evaluated("bf16", artifacts["bf16"], out)
+    rows = lm_evaluated(kind, artifacts[kind], lm_eval_root)
+    asked = lm_evaluated("bf16", artifacts["bf16"], lm_eval_root)
     assert [r["arguments"] for r in rows] == [r["arguments"] for r in asked]
     assert rows and all(math.isfinite(float(c[0][0])) for r in rows for c in r["resps"])
-
-
-@functools.cache
-def _lm_eval_root(factory) -> Path:
-    return factory.mktemp("lm-eval")
