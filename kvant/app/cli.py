@@ -12,12 +12,12 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import os
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 from kvant import DEFAULT_MODEL, __version__
@@ -81,17 +81,24 @@ class KvantParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 
+@functools.cache
+def _class_defs(path: str) -> dict[str, ast.ClassDef]:
+    """The top-level classes of a source file, parsed once per process."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
 def field_docs(cls) -> dict[str, str]:
     """{field: its docstring} of a settings dataclass and its bases: the string literal under
     each field, as Sphinx reads attribute docstrings (Python keeps none at run time, so the
-    class's source is parsed)."""
+    classes' source files are parsed, each once: every `kvant` start builds the parser)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__[:-1]):
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            node = _class_defs(inspect.getsourcefile(klass) or "").get(klass.__name__)
         except (OSError, TypeError):
             continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        body = node.body if node is not None else []
         for field, after in zip(body, body[1:], strict=False):
             if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
                     and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
