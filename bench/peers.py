@@ -63,6 +63,12 @@ def kvant_perplexity_llama_protocol(gguf: Path, text: str, n_ctx: int, chunks: i
         runtime.close()
 
 
+def _limit(gguf: Path, tokens: int) -> float:
+    """A llama.cpp tool's time limit for ``tokens`` through the file (kvant.machine)."""
+    size = Path(gguf).stat().st_size
+    return child_limit(flops=weights_flops(size, tokens), nbytes=size)
+
+
 def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
                      threads: int = 0, repack: bool = False) -> tuple[float, int]:
     """llama-perplexity's own estimate on the same file and settings, CPU weight repacking
@@ -75,8 +81,7 @@ def llama_perplexity(gguf: Path, text_file: Path, n_ctx: int, chunks: int,
     log = run_tool([llama_tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", n_ctx,
                     "-b", n_ctx, "--chunks", chunks, "-t", threads or os.cpu_count(),
                     "-ngl", "0", repack_flag(repack)],
-                   child_limit(flops=weights_flops(Path(gguf).stat().st_size, n_ctx * chunks),
-                               nbytes=Path(gguf).stat().st_size))
+                   _limit(gguf, n_ctx * chunks))
     running = re.findall(r"\[(\d+)\]([0-9.]+),", log)
     if not running:
         raise KvantError("llama-perplexity printed no perplexity estimate")
@@ -96,8 +101,7 @@ def llama_bench(gguf: Path, n_prompt: int, n_gen: int, device: str = "cpu", thre
     log = run_tool([llama_tool("llama-bench"), "-m", gguf, "-p", n_prompt, "-n", n_gen,
                     "-d", f"0,{n_prompt}", "-t", threads, "-r", repetitions, "-ngl", ngl,
                     "--repack", int(repack), "-fa", SPEED_FLASH_ATTN, "-o", "json"],
-                   child_limit(flops=weights_flops(Path(gguf).stat().st_size, tokens),
-                               nbytes=Path(gguf).stat().st_size))
+                   _limit(gguf, tokens))
     rows = json.loads(log[log.index("["):log.rindex("]") + 1])
     out = {"n_prompt": n_prompt, "n_gen": n_gen, "decode_depth": n_prompt, "threads": threads,
            "n_gpu_layers": ngl, "device": device, "repack": repack,

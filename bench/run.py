@@ -31,7 +31,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from kvant.artifact import installed_versions
@@ -46,7 +45,7 @@ from kvant.model import model_info, pick_device, read_config
 from kvant.plan.kv import kv_types_for
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import Target, targets, verify
-from kvant.scoring import leading_ids, require_windows, windows
+from kvant.scoring import text_windows
 from kvant.steps import language_tokens, shared_or_step, step
 
 logger = logging.getLogger(__name__)
@@ -62,17 +61,9 @@ def _texts(langs, cache_dir, data_dir):
 def quality_windows(reference: Path | None, texts: dict, settings: BenchSettings
                     ) -> tuple[dict[str, list[list[int]]], dict[str, float]]:
     """The bench's quality windows per language, and each text's bytes per token."""
-    wins, bytes_per_token = {}, {}
-    if not texts:
-        return wins, bytes_per_token
-    tokenizer = Tokenizer.from_file(str(reference / "tokenizer.json"))
-    for lang, text in texts.items():
-        ids, n_bytes = leading_ids(tokenizer, text.read(), settings.quality_tokens)
-        wins[lang] = require_windows(lang, windows(ids[: settings.quality_tokens],
-                                                   settings.quality_ctx), len(ids),
-                                     settings.quality_ctx)
-        bytes_per_token[lang] = n_bytes / len(ids)
-    return wins, bytes_per_token
+    if not texts:  # a speed-only run may have no reference
+        return {}, {}
+    return text_windows(reference, texts, settings.quality_tokens, settings.quality_ctx)
 
 
 def texts_for(settings: BenchSettings, cache_dir: Path, data_dir: Path | None) -> dict:

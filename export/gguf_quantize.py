@@ -33,13 +33,12 @@ def compute_imatrix(base: Path, calib_text: str, out: Path, settings: GGUFSettin
         calib = Path(tmp) / "calib.txt"
         calib.write_text(text, encoding="utf-8")
         # a bf16 file: 2 bytes a parameter, 2 FLOPs a parameter and token
-        tokens = settings.imatrix_ctx * settings.imatrix_chunks
+        tokens, size = settings.imatrix_ctx * settings.imatrix_chunks, base.stat().st_size
         log = run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib, "-o", out,
                         "-c", settings.imatrix_ctx, "--chunks", settings.imatrix_chunks,
                         "-t", settings.n_threads, "-ngl", "0", repack_flag(False),
                         *(("--process-output",) if process_output else ())],
-                       child_limit(flops=base.stat().st_size * tokens,
-                                   nbytes=base.stat().st_size))
+                       child_limit(flops=size * tokens, nbytes=size))
     chunks = re.findall(r"compute_imatrix: computing over (\d+) chunks", log)
     return {"file": out.name, "chunks": int(chunks[-1]) if chunks else None,
             "ctx": settings.imatrix_ctx, "process_output": process_output}

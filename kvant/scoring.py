@@ -36,14 +36,22 @@ def eval_windows(model_dir: Path, texts: dict[str, TextFile], n_tokens: int,
     Paragraphs are encoded one by one (each starts with <s>) and concatenated; the first
     ``n_tokens`` are kept (:func:`leading_ids`). Every runtime scores exactly these ids.
     """
+    return text_windows(model_dir, texts, n_tokens, n_ctx)[0]
+
+
+def text_windows(model_dir: Path, texts: dict[str, TextFile], n_tokens: int, n_ctx: int
+                 ) -> tuple[dict[str, list[list[int]]], dict[str, float]]:
+    """:func:`eval_windows`, and each text's UTF-8 bytes per token (the bench's bits per
+    byte)."""
     from tokenizers import Tokenizer  # Rust extension; only needed here
 
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-    out = {}
+    wins, bytes_per_token = {}, {}
     for lang, text in texts.items():
-        ids, _ = leading_ids(tok, text.read(), n_tokens)
-        out[lang] = require_windows(lang, windows(ids[:n_tokens], n_ctx), len(ids), n_ctx)
-    return out
+        ids, n_bytes = leading_ids(tok, text.read(), n_tokens)
+        wins[lang] = require_windows(lang, windows(ids[:n_tokens], n_ctx), len(ids), n_ctx)
+        bytes_per_token[lang] = n_bytes / len(ids)
+    return wins, bytes_per_token
 
 
 def leading_ids(tokenizer, text: str, n_tokens: int) -> tuple[list[int], int]:

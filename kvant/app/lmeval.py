@@ -318,7 +318,7 @@ def run_eval(artifacts: list[Path], reference: Path | None, tasks: list[str], ou
         # a release step each (kvant.steps): its memory planned like the bench's scoring
         with step(f"eval {target.name}", kind=target.kind, weights=target.size_bytes,
                   task_eval=True) as record:
-            lm = KvantLM(str(target.path), device=device)
+            lm = KvantLM(str(target.path), device=where)
             started = time.perf_counter()
             try:
                 results = lm_eval.simple_evaluate(model=lm, tasks=tasks,

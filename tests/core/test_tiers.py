@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def _collected(tmp_path, *args: str) -> dict[str, list[str]]:
     (tmp_path / "tiers_plugin.py").write_text(PLUGIN)
     out = tmp_path / "collected.json"
     env = {"PYTHONPATH": str(tmp_path), "KVANT_TIERS_OUT": str(out),
-           **{k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}}
+           **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}}
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                              "-p", "tiers_plugin", "-p", "no:cacheprovider", *args],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
