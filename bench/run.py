@@ -156,6 +156,7 @@ _ENGINE_LIBRARIES = {
     "torch": ("torch", "transformers", "gptqmodel", "bitsandbytes", "optimum"),
     "onnxruntime-genai": ("onnxruntime", "onnxruntime-genai"),
     "onnxruntime": ("onnxruntime",),
+    "mlx": ("mlx", "mlx-lm"),
 }
 
 

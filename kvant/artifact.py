@@ -41,7 +41,8 @@ CARD = "README.md"
 # Libraries whose versions decide what an artifact contains; recorded when installed.
 TRACKED_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate",
                      "gptqmodel", "optimum", "bitsandbytes", "gguf", "llama_cpp_python",
-                     "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "huggingface_hub")
+                     "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "huggingface_hub",
+                     "mlx", "mlx-lm")
 CARD_LANGUAGES = ("no", "nb", "nn", "se")
 
 

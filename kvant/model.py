@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -206,6 +207,19 @@ def validate_model_dir(path: Path) -> Path:
     for file in weight_files(path):
         read_safetensors_header(file)
     return path
+
+
+# Shipped from the source into every checkpoint-like artifact, never re-saved: a re-save by
+# GPTQModel or mlx-lm goes through transformers, whose Mistral regex "fix" would change
+# NorMistral's pre-tokenizer (and transformers 5 writes a tokenizer_class older ones lack).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer(model_dir: Path, out_dir: Path) -> None:
+    """The source's own tokenizer files into ``out_dir`` (replacing any written there)."""
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out_dir / name)
 
 
 def require_tokenizer(path: Path) -> None:

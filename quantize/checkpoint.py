@@ -8,23 +8,24 @@ scores it against the reference on identical ids and publishes the artifact atom
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
 from kvant.data import EvalSettings, TextFile, get_text
-from kvant.model import read_config, refuse_quantized, refuse_synthetic, require_tokenizer
+from kvant.model import (
+    copy_tokenizer,
+    read_config,
+    refuse_quantized,
+    refuse_synthetic,
+    require_tokenizer,
+)
 from kvant.plan.peaks import disk_need
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import Target
 from kvant.scoring import drift_table, eval_windows
 from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
-
-# Shipped from the source, never re-saved: GPTQModel's re-save switches on transformers'
-# Mistral regex "fix", which would change NorMistral's pre-tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -72,9 +73,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, f
             art.warn(REHEARSAL_WARNING)
         for message in done.warnings:
             art.warn(message)
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, art.dir / name)
+        copy_tokenizer(model_dir, art.dir)
         # Every number comes from the checkpoint as saved: reloaded from disk, never the
         # in-memory model (GPTQModel's is invalid after quantize(); bnb's must not run first).
         target = Target(out.name, art.dir, "torch", fmt, 0, kind)

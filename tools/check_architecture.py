@@ -40,7 +40,8 @@ TOP = ("app", "study")  # the layers that may import lazily
 # Engines and other imports that cost a second or more, or pull in a GPU stack.
 HEAVY = {"torch", "transformers", "gptqmodel", "llama_cpp", "onnxruntime",
          "onnxruntime_genai", "bitsandbytes", "accelerate", "optimum", "matplotlib",
-         "huggingface_hub", "gguf", "tokenizers", "safetensors", "numpy", "tqdm"}
+         "huggingface_hub", "gguf", "tokenizers", "safetensors", "numpy", "tqdm", "mlx",
+         "mlx_lm"}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kvant.artifact import Made
 from kvant.export.gguf import GGUFSettings
+from kvant.export.mlx import MLXSettings
 from kvant.export.onnx import ONNXSettings
 from kvant.quantize.bnb import BnbSettings
 from kvant.quantize.gptq import GPTQSettings
@@ -27,6 +28,12 @@ def _run_gguf(model_dir: Path, out: Path, settings: GGUFSettings, **kwargs) -> M
 
 def _run_onnx(model_dir: Path, out: Path, settings: ONNXSettings, **kwargs) -> Made:
     from kvant.export.onnx_pipeline import run  # heavy: onnxruntime, transformers
+
+    return run(model_dir, out, settings, **kwargs)
+
+
+def _run_mlx(model_dir: Path, out: Path, settings: MLXSettings, **kwargs) -> Made:
+    from kvant.export.mlx_pipeline import run  # heavy: mlx, mlx-lm, torch
 
     return run(model_dir, out, settings, **kwargs)
 
@@ -73,6 +80,9 @@ PIPELINES.add("onnx", Pipeline(
     "ONNX Runtime GenAI: fp32/fp16/int4 with KV cache, logits-verified",
     (("gptq", "with --int4-algo gptq: the GPTQ checkpoint of --model whose 4-bit weights the "
               "int4 model takes (kvant quantize gptq --group-size = --block-size)"),)))
+PIPELINES.add("mlx", Pipeline(
+    "export", MLXSettings, _run_mlx, lambda s: f"mlx-{s.bits}bit",
+    "MLX for Apple silicon (mlx-lm, LM Studio): 2-8 bit affine through mlx-lm's convert"))
 PIPELINES.add("gptq", Pipeline(
     "quantize", GPTQSettings, _run_gptq, lambda s: f"gptq-{s.bits}bit",
     "GPTQ through GPTQModel, calibrated on Norwegian text"))

@@ -29,6 +29,7 @@ class Kind:
 
 _GPTQ = re.compile(r"gptq-(\d+)bit-g(-?\d+)")
 _ONNX = re.compile(r"onnx-(fp32|fp16|int4)(?:-b(\d+))?")
+_MLX = re.compile(r"mlx-(\d+)bit-g(\d+)")
 
 
 def kind(key: str, file_bpw: float | None = None) -> Kind | None:
@@ -70,6 +71,12 @@ def kind(key: str, file_bpw: float | None = None) -> Kind | None:
         width = 32 if precision == "fp32" else 16
         return Kind("onnxruntime-genai", "onnxruntime-genai/onnx", width, width, width,
                     width // 8)
+    if match := _MLX.fullmatch(key):
+        # MLX affine: a bf16 scale and bias per group, for the embedding and lm_head too
+        # (mlx-lm quantizes every Linear and Embedding); bf16 KV cache
+        bits, group = int(match.group(1)), int(match.group(2))
+        q = bits + 32 / group
+        return Kind("mlx", "mlx/mlx", q, q, q, 2)
     return None
 
 

@@ -22,7 +22,10 @@ from kvant.synth import Shape
 DEFAULT_OVERHEAD = {"torch/bf16": (363.0, 2.5), "torch/bnb": (405.0, 2.5),
                     "torch/bnb-int8": (405.0, 4.0),
                     "torch/gptq": (569.0, 2.5), "llama.cpp/gguf": (51.0, 0.0),
-                    "onnxruntime-genai/onnx": (61.0, 11.0)}
+                    "onnxruntime-genai/onnx": (61.0, 11.0), "mlx/mlx": (276.0, 26.0)}
+# MLX (mlx-lm 0.32.2 on the CPU, the stand-in at 4 bits g64, 512 tokens, one run): 276 MiB
+# after loading beside 6 MiB of weights; a whole-window forward adds 26 bytes per token per
+# vocabulary entry (its float32 logits, the copy numpy takes, and what MLX's allocator keeps)
 
 
 # kvant.runtimes.onnx feeds GenAI a prompt this many tokens per forward, as llama.cpp's speed

@@ -8,7 +8,7 @@
 
 Pipelines validate their output with these runtimes and the bench measures with them, so a
 GGUF, an ONNX folder or a GPTQ checkpoint yields logits one way only. The engines (torch,
-llama.cpp, ONNX Runtime) are heavy imports: each lives in its own module, imported when a
+llama.cpp, ONNX Runtime, MLX) are heavy imports: each lives in its own module, imported when a
 runtime of that kind is opened.
 
 What to run is found by kvant.runtimes.targets; the reference distributions every
@@ -26,7 +26,7 @@ from kvant.errors import SettingsError
 from kvant.plan.kv import require_kv_type
 from kvant.runtimes.targets import Target
 
-BACKENDS = ("torch", "llama.cpp", "onnxruntime-genai", "onnxruntime")
+BACKENDS = ("torch", "llama.cpp", "onnxruntime-genai", "onnxruntime", "mlx")
 
 
 class Runtime(Protocol):
@@ -61,7 +61,8 @@ def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: i
     (tokens x vocab) floats would be measured as compute); ``dtype`` applies to plain
     (unquantized) torch checkpoints; ``repack`` to llama.cpp's CPU weight repacking (see
     kvant.runtimes.llamacpp); ``kv_type`` to the KV cache (kvant.plan.KV_CACHES: f16, q8_0
-    and q4_0 in llama.cpp, f16, fp8 and int4 in transformers, f16 in ONNX Runtime GenAI).
+    and q4_0 in llama.cpp, f16, fp8 and int4 in transformers, f16 in ONNX Runtime GenAI
+    and MLX).
     """
     require_kv_type(target.backend, kv_type)
     # Each engine module imports its engine (torch, llama_cpp, onnxruntime) at its top:
@@ -83,6 +84,10 @@ def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: i
         from kvant.runtimes.onnx import OrtRuntime
 
         return OrtRuntime(target.path)
+    if target.backend == "mlx":
+        from kvant.runtimes.mlx import MLXRuntime
+
+        return MLXRuntime(target.path, device)
     raise SettingsError(f"unknown backend '{target.backend}' (valid: {', '.join(BACKENDS)})")
 
 

@@ -22,9 +22,9 @@ class Target:
     name: str
     path: Path
     backend: str
-    """torch, llama.cpp or onnxruntime-genai."""
+    """torch, llama.cpp, onnxruntime-genai or mlx."""
     fmt: str
-    """bf16, bnb, gptq, gguf or onnx: how it was made."""
+    """bf16, bnb, gptq, gguf, onnx or mlx: how it was made."""
     size_bytes: int
     kind: str | None = None
     """The artifact kind its manifest records (e.g. gguf-q4_k_m, gptq-4bit-g128), or for a
@@ -100,6 +100,9 @@ def targets(path: Path) -> list[Target]:
     if fmt == "onnx" or (path / "genai_config.json").is_file():
         return [Target(path.name, path, "onnxruntime-genai", "onnx", _size(path, files),
                        kinds.get(path.name), files)]
+    if fmt == "mlx":
+        return [Target(path.name, path, "mlx", "mlx", _size(path, files), kinds.get(path.name),
+                       files)]
     if not (path / "config.json").is_file():
         raise ArtifactError(f"'{path}' holds no model Kvant can run (no config.json, "
                             "*.gguf or genai_config.json)")

@@ -1,0 +1,217 @@
+"""`kvant export mlx`: MLX folders for Apple silicon (mlx-lm, LM Studio), 2-8 bit affine.
+
+Through mlx-lm's own `convert` (its quantize and its save), never a hand-written writer, in a
+child process: its peak memory is its own, and MLX's buffers go with it. The folder is what
+`mlx_lm.convert` writes, with the source's own tokenizer files in place of mlx-lm's re-save
+(kvant.model.TOKENIZER_FILES). Every number comes from that folder reloaded by mlx-lm
+(kvant.runtimes.mlx) on the exact HF ids: drift against the source on held-out text, the
+cached greedy decode against the full-sequence argmax, and whether mlx-lm's own tokenizer
+gives the exact ids on every held-out paragraph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlx_lm.utils import load_tokenizer
+from tokenizers import Tokenizer
+
+from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
+from kvant.data import get_text, paragraphs
+from kvant.errors import KvantError
+from kvant.export.mlx import MLXSettings
+from kvant.machine import die_with_parent
+from kvant.model import (
+    copy_tokenizer,
+    read_config,
+    read_safetensors_header,
+    refuse_quantized,
+    refuse_synthetic,
+    require_tokenizer,
+    rope_theta,
+    weight_files,
+)
+from kvant.plan.peaks import disk_need
+from kvant.runtimes.mlx import MLXRuntime
+from kvant.runtimes.reference import reference_logits, score_against
+from kvant.runtimes.targets import Target
+from kvant.scoring import drift_table, eval_windows
+from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
+from kvant.tokenization import fidelity
+
+_CONVERT = """
+import sys
+from mlx_lm import convert
+model, out, bits, group, dtype = sys.argv[1:6]
+convert(model, out, quantize=True, q_bits=int(bits), q_group_size=int(group), dtype=dtype)
+from kvant.memory import peak_rss_mib
+print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
+"""
+# mlx-lm's convert loads from the Hub when a path does not exist: never here
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def convert(model_dir: Path, out_dir: Path, settings: MLXSettings) -> dict:
+    """mlx-lm's convert of ``model_dir`` into ``out_dir`` (which must not exist)."""
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CONVERT, str(model_dir.resolve()), str(out_dir),
+             str(settings.bits), str(settings.group_size), settings.dtype],
+            stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent,
+            env={**os.environ, **_OFFLINE})
+        proc.wait()
+        log.seek(0)
+        text = log.read()
+    if proc.returncode:
+        tail = " | ".join(text.strip().splitlines()[-3:])
+        raise KvantError(f"mlx-lm's convert failed: {tail}")
+    peak = re.findall(r"KVANT_PEAK_RSS_MIB ([0-9.]+)", text)
+    bpw = re.findall(r"Quantized model with ([0-9.]+) bits per weight", text)
+    return {"convert_seconds": round(time.perf_counter() - started, 1),
+            "convert_peak_rss_mib": float(peak[-1]) if peak else None,
+            "bits_per_weight": float(bpw[-1]) if bpw else None}
+
+
+def state_rope_theta(folder: Path, source_config: dict) -> bool:
+    """Write the RoPE base at the top of ``folder``'s config.json, where mlx-lm reads it.
+
+    mlx-lm 0.32 reads only a top-level `rope_theta` and otherwise silently runs 10,000;
+    transformers 5 saves it inside `rope_parameters`. A NorMistral saved by transformers 5
+    (1e6) would run as another model: on the stand-in the unquantized MLX conversion drifted
+    by a mean KLD of 0.0142 from the source, and 8e-9 with the key stated. True when added."""
+    config = read_config(folder)
+    theta = rope_theta(source_config)
+    if config.get("rope_theta") == theta:
+        return False
+    (folder / "config.json").write_text(json.dumps({**config, "rope_theta": theta}, indent=4),
+                                        encoding="utf-8")
+    return True
+
+
+def unquantized(folder: Path) -> list[str]:
+    """The weight tensors mlx-lm left in float: those whose rows the group size does not
+    divide (it skips them), read from the folder's safetensors headers."""
+    names = set()
+    for file in weight_files(folder):
+        names.update(read_safetensors_header(file))
+    return sorted(n for n in names if n.endswith(".weight") and "norm" not in n
+                  and n.removesuffix(".weight") + ".scales" not in names)
+
+
+def mlx_fidelity(folder: Path, exact: Tokenizer, units: list[str]) -> dict:
+    """What mlx-lm's own tokenizer (`mlx_lm.utils.load_tokenizer`, what mlx_lm.generate and
+    mlx_lm.server encode with) gives on raw text against the exact HF ids."""
+    theirs = load_tokenizer(folder)
+    fid = fidelity([exact.encode(u).ids for u in units], [theirs.encode(u) for u in units])
+    return {"units": fid.units, "identical_pct": fid.identical_pct,
+            "aligned_pct": fid.aligned_pct}
+
+
+def _card(name: str, settings: MLXSettings, validation: dict, kept: list[str]) -> str:
+    fid_rows = ["| language | paragraphs | identical | aligned agreement |", "|---|---|---|---|"]
+    for lang, f in validation["mlx_tokenizer"].items():
+        fid_rows.append(f"| {lang} | {f['units']} | {f['identical_pct']:.1f}% | "
+                        f"{f['aligned_pct']:.2f}% |")
+    left = (f"\n{len(kept)} tensors whose rows {settings.group_size} does not divide stay "
+            f"{settings.dtype}, as mlx-lm leaves them.\n" if kept else "")
+    return f"""MLX model of `{name}` for Apple silicon: {settings.bits}-bit affine weights, a
+{settings.dtype} scale and bias per {settings.group_size} weights
+({validation['bits_per_weight']} bits per weight), made by mlx-lm's own convert.
+{left}
+## Run it
+
+    pip install mlx-lm
+    mlx_lm.generate --model . --prompt "Noreg er"
+    mlx_lm.server --model .        # an OpenAI-compatible server on port 8080
+
+LM Studio lists the folder as an MLX model. On a Mac it runs on the GPU (Metal); elsewhere
+`pip install 'mlx[cpu]' mlx-lm` runs it on the CPU, slowly. Kvant's own
+`kvant generate --model .` and `kvant serve --model .` run it through mlx-lm too.
+
+## Drift
+
+Reloaded by mlx-lm on the exact HF token ids and scored against the source model (float32)
+on the CPU, with float32 activations (kvant.runtimes.mlx): max |Δlogit|
+{validation['max_abs_logit_diff']:.5f}; mlx-lm's cached greedy decode of
+{validation['greedy_tokens']} tokens matched the full-sequence greedy choice on
+{validation['greedy_match_pct']:.0f}% of tokens.
+
+{drift_table(validation)}
+
+## Tokenization
+
+mlx-lm tokenizes with the folder's own `tokenizer.json` through transformers, so it runs
+NorMistral's whole pipeline (prepended space, NFKC, newline rule, split, chunks). What it
+gives on raw held-out text, against the exact HF ids:
+
+{chr(10).join(fid_rows)}
+"""
+
+
+def run(model_dir: Path, out: Path, settings: MLXSettings, *, source: dict, cache_dir: Path,
+        data_dir: Path | None = None, force: bool = False, progress: bool = False,
+        device: str = "cpu", reference_dir: Path | None = None,
+        rehearsal: bool = False) -> Made:
+    """`kvant export mlx`: convert, ship the exact tokenizer, validate, publish ``out``
+    (``reference_dir`` and ``rehearsal``: see kvant.quantize.checkpoint)."""
+    refuse_existing(out, force, protect=(model_dir,))
+    refuse_quantized(model_dir)
+    if not rehearsal:
+        refuse_synthetic(model_dir)
+    require_tokenizer(model_dir)
+    config = read_config(model_dir)
+    check_free_space(out.parent, disk_need(config, [settings.kind]))
+    texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
+    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
+    exact = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    with ArtifactWriter(out, fmt="mlx", force=force, protect=(model_dir,)) as art:
+        if rehearsal:
+            art.warn(REHEARSAL_WARNING)
+        with shared_or_step(reference_dir, settings.eval_ctx):
+            ref = reference_logits(model_dir, wins, reference_dir or art.scratch / "reference",
+                                   device)
+        converted = art.scratch / "mlx"
+        with step(f"{settings.kind} convert", kind=settings.kind):
+            facts = convert(model_dir, converted, settings)
+        for item in converted.iterdir():
+            if item.name != "README.md":  # mlx-lm's one-line card: ours replaces it
+                shutil.move(item, art.dir / item.name)
+        copy_tokenizer(model_dir, art.dir)
+        facts["rope_theta_stated"] = state_rope_theta(art.dir, config)
+        kept = unquantized(art.dir)
+        target = Target(out.name, art.dir, "mlx", "mlx", 0, settings.kind)
+        with step(f"{settings.kind} score", kind=settings.kind, ctx=settings.eval_ctx,
+                  tokens_per_language=language_tokens(wins)):
+            scored = score_against(target, ref, wins)
+        prompt = wins[settings.eval_langs[0]][0][:32]
+        with step(f"{settings.kind} greedy", kind=settings.kind, ctx=len(prompt) + 16):
+            runtime = MLXRuntime(art.dir)
+            greedy = [t for t, _ in zip(runtime.greedy(prompt), range(16), strict=False)]
+            expected = runtime.logits(prompt + greedy[:-1])[len(prompt) - 1:].argmax(-1)
+            runtime.close()
+        same = sum(a == b for a, b in zip(greedy, expected.tolist(), strict=True))
+        fid = {lang: mlx_fidelity(art.dir, exact, paragraphs(t.read()))
+               for lang, t in texts.items()}
+        art.validation = {
+            "reference": f"transformers, {ref.dtype} weights, float32 log-softmax",
+            "runtime": "mlx-lm (CPU, float32 activations)", **facts,
+            "unquantized_tensors": kept, "greedy_tokens": len(greedy),
+            "greedy_match_pct": round(100 * same / max(len(greedy), 1), 1),
+            **scored, "rehearsal": rehearsal, "mlx_tokenizer": fid}
+        art.source, art.settings = source, settings_dict(settings)
+        art.kinds = {out.name: settings.kind}
+        art.data = [t.as_manifest() for t in texts.values()]
+        art.tags = ["mlx", "mlx-lm", f"{settings.bits}-bit"]
+        name = Path(source.get("id", model_dir.name)).name
+        art.title = f"{name} MLX {settings.bits}-bit (group size {settings.group_size})"
+        art.card_body = _card(name, settings, art.validation, kept)
+    return Made(out, art.kinds)
