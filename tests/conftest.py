@@ -233,6 +233,16 @@ def onnx_artifacts(tiny_model, cache_dir, tmp_path_factory):
     return outs
 
 
+@pytest.fixture(scope="session")
+def mlx_artifact(tiny_model, tmp_path_factory) -> Path:
+    """The stand-in in MLX 4-bit at group size 64 (the defaults), through the console script."""
+    out = tmp_path_factory.mktemp("mlx") / "mlx-4bit"
+    result = run_kvant("--no-progress", "export", "mlx", "--model", str(tiny_model), "--out",
+                       str(out), "--eval-tokens", "1024", env={"KVANT_DATA_DIR": str(UD_DIR)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
 def logits_of(path: Path, wins: list[list[int]], dtype: str = "float32") -> list:
     """Logits of each window from any model path, through Kvant's one runtime layer."""
     from kvant.runtimes import score_target

@@ -296,6 +296,9 @@ def _artifact_rows(target) -> dict:
         rows["tokenizer"] = ("NorMistral's exact tokenizer (tokenizer.normistral.json) feeds "
                              "ONNX Runtime GenAI; its own tokenizer.json is the nearest it "
                              "runs")
+    elif target.backend == "mlx":
+        rows["tokenizer"] = ("the artifact's tokenizer.json (NorMistral's own) feeds mlx-lm; "
+                             "mlx-lm's tokenizer gives the same ids (its card measures it)")
     return rows
 
 

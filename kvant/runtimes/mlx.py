@@ -55,16 +55,22 @@ class MLXRuntime:
             self.model.update(tree_map(
                 lambda v: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v,
                 self.model.parameters()))
+            # now, in this thread: a lazy cast left for a server's worker thread to evaluate
+            # would run on a stream that thread does not have
+            mx.eval(self.model.parameters())
         self.model.eval()
-        self.stream = mx.new_stream(self.device)  # mlx-lm's own is made on the default device
+        # MLX streams belong to a thread, and `kvant serve` generates in its worker threads:
+        # a thread-local stream on this runtime's device, as mlx-lm's own generation stream
+        self.stream = mx.new_thread_local_stream(self.device)
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        out = self.model(mx.array([ids]))[0].astype(mx.float32)
-        return np.array(out)
+        with mx.stream(self.stream):
+            return np.array(self.model(mx.array([ids]))[0].astype(mx.float32))
 
     def _forward(self, ids: list[int], cache) -> mx.array:
-        out = self.model(mx.array([ids]), cache=cache)
-        mx.eval(out)
+        with mx.stream(self.stream):
+            out = self.model(mx.array([ids]), cache=cache)
+            mx.eval(out)
         return out
 
     def prefill(self, ids: list[int]) -> float:
@@ -74,10 +80,10 @@ class MLXRuntime:
 
     def decode(self, ids: list[int], n_new: int) -> float:
         cache = make_prompt_cache(self.model)
-        token = self._forward(ids, cache)[0, -1].argmax()
+        token = int(self._forward(ids, cache)[0, -1].argmax().item())
         start = time.perf_counter()
         for _ in range(n_new):
-            token = self._forward([int(token)], cache)[0, -1].argmax()
+            token = int(self._forward([token], cache)[0, -1].argmax().item())
         return time.perf_counter() - start
 
     def greedy(self, ids: list[int]) -> Iterator[int]:

@@ -24,6 +24,7 @@ RUNS = {
              "--samples", "16", "--seqlen", "64", "--device", "cpu", *EVAL],
     "bnb": ["quantize", "bnb", "--mode", "nf4", *EVAL],
     "onnx": ["export", "onnx", "--precision", "int4", "--block-size", "32", *EVAL],
+    "mlx": ["export", "mlx", "--bits", "4", "--group-size", "32", *EVAL],
 }
 
 

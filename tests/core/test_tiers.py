@@ -13,7 +13,8 @@ from tests.conftest import REPO
 # What builds a model, an export, a bench or a release, named here by hand so that this test
 # does not re-use the rule it checks (tests/conftest.py: slow_fixtures)
 EXPENSIVE = {"tiny_model", "odd_model", "model_copy", "gguf_artifact", "mix_artifact",
-             "gptq_artifact", "bnb_artifacts", "onnx_artifacts", "synth_one_layer",
+             "gptq_artifact", "bnb_artifacts", "onnx_artifacts", "mlx_artifact",
+             "synth_one_layer",
              "synth_gguf", "tied_llama", "odd_mix", "bench", "evaluated", "release",
              "artifacts", "speed_only", "held", "engine", "server", "client", "gguf_file", "q4"}
 

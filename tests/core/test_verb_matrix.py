@@ -36,7 +36,7 @@ KINDS = {"bf16": "bf16", "gptq": "gptq-4bit-g128", "bnb-nf4": "bnb-nf4",
          "bnb-int8": "bnb-int8", "gguf-bf16": "gguf-bf16", "gguf-q8_0": "gguf-q8_0",
          "gguf-q4_k_m": "gguf-q4_k_m", "gguf-iq4_xs": "gguf-iq4_xs",
          "gguf-q4_k_m-mix": "gguf-q4_k_m-mix", "onnx-int4": "onnx-int4-b32",
-         "onnx-fp16": "onnx-fp16", "onnx-fp32": "onnx-fp32"}
+         "onnx-fp16": "onnx-fp16", "onnx-fp32": "onnx-fp32", "mlx-4bit": "mlx-4bit-g64"}
 AGREE = ("bf16", "gguf-bf16", "onnx-fp32")
 # the kind each verb runs through the console script, as a user runs it: a different kind
 # (backend) per verb
@@ -58,7 +58,7 @@ def kvant(verb: str, kind: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def artifacts(tiny_model, gptq_artifact, bnb_artifacts, gguf_artifact, mix_artifact,
-              onnx_artifacts) -> dict[str, Path]:
+              onnx_artifacts, mlx_artifact) -> dict[str, Path]:
     return {"bf16": tiny_model, "gptq": gptq_artifact, "bnb-nf4": bnb_artifacts["nf4"],
             "bnb-int8": bnb_artifacts["int8"], "gguf-bf16": gguf_artifact / "tiny-BF16.gguf",
             "gguf-q8_0": gguf_artifact / "tiny-Q8_0.gguf",
@@ -66,7 +66,7 @@ def artifacts(tiny_model, gptq_artifact, bnb_artifacts, gguf_artifact, mix_artif
             "gguf-iq4_xs": gguf_artifact / "tiny-IQ4_XS.gguf",
             "gguf-q4_k_m-mix": mix_artifact / "tiny-Q4_K_M-MIX.gguf",
             "onnx-int4": onnx_artifacts["int4-b32"], "onnx-fp16": onnx_artifacts["fp16"],
-            "onnx-fp32": onnx_artifacts["fp32"]}
+            "onnx-fp32": onnx_artifacts["fp32"], "mlx-4bit": mlx_artifact}
 
 
 @functools.cache
