@@ -11,7 +11,8 @@ Recipe schema (TOML), every key optional except release.name and release.model:
 
     [release]  name, model (hub id, folder, or "@stand-in"), revision (hub ids: branch, tag
                or commit), out, calib, langs, eval_tokens
-    [gguf] [gptq] [onnx]  every field of GGUFSettings, GPTQSettings, ONNXSettings
+    [gguf] [gptq] [onnx] [mlx]  every field of GGUFSettings, GPTQSettings, ONNXSettings,
+                          MLXSettings
     [bnb]      every field of BnbSettings, with `modes` (a list) for `mode`
     [bench]    every field of BenchSettings but langs (release.langs) and verify
     [eval]     tasks (lm-eval task names), limit, num_fewshot, include_path (folders of
@@ -89,7 +90,7 @@ def _fields(cls, drop=(), add=()) -> set[str]:
 # Built from the settings classes, so a field added to a pipeline is a recipe key at once.
 RECIPE_SCHEMA = {
     "release": {"name", "model", "revision", "out", "calib", "langs", "eval_tokens"},
-    **{key: _fields(PIPELINES[key].settings) for key in ("gguf", "gptq", "onnx")},
+    **{key: _fields(PIPELINES[key].settings) for key in ("gguf", "gptq", "onnx", "mlx")},
     "bnb": _fields(PIPELINES["bnb"].settings, drop=("mode",), add=("modes",)),
     "bench": _fields(BenchSettings, drop=("langs", "verify")),
     "eval": {"tasks", "limit", "num_fewshot", "include_path"},
@@ -189,8 +190,9 @@ def plan_artifacts(recipe: Recipe) -> dict[str, tuple[str, object]]:
             four_bit = {k: v for k, v in extra.items()
                         if mode != "int8" or k not in ("double_quant", "compute_dtype")}
             wanted.append(("bnb", {**common, **four_bit, "mode": mode}))
-    if (o := recipe.get("onnx")) is not None:
-        wanted.append(("onnx", {**common, **o}))
+    for key in ("onnx", "mlx"):
+        if (section := recipe.get(key)) is not None:
+            wanted.append((key, {**common, **section}))
     out: dict[str, tuple[str, object]] = {}
     for key, args in wanted:
         pipeline = PIPELINES[key]

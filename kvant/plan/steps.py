@@ -33,6 +33,7 @@ recorded step that has no `start_rss_mib` (each step records what the tree held 
 start, and the prediction adds to that)."""
 _BUILDER_BASE_MIB = 600.0  # the GenAI builder's process: torch, transformers, onnx, ORT
 _TORCH_IMPORT_MIB = 250.0  # what importing torch and transformers adds to a process
+_MLX_BASE_MIB = 290.0  # mlx-lm's convert process: MLX, mlx-lm, transformers (stand-in: 287)
 _BNB_IMPORT_MIB = 100.0  # bitsandbytes and the model's code, beside torch and transformers
 # lm-eval's own working set in a task eval's step (kvant.app.lmeval.run_eval: the task built
 # from its dataset, the requests, the per-sample log it keeps), whatever the model: fitted to
@@ -225,6 +226,14 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
         layer = (shape.n_params() - 2 * table) / shape.n_layers
         held = 2 * (2 * table + min(shape.n_layers, 2) * layer)
         return floor + torch_import + _TORCH_IMPORT_MIB * MIB + held + activations + hessian
+    if name.endswith(" convert") and key and key.startswith("mlx"):
+        # mlx-lm's convert in a child process (kvant.export.mlx_pipeline): it loads the
+        # safetensors lazily, quantizes, and evaluates the quantized model as it saves it:
+        # the source's pages (2 bytes per parameter) beside the quantized model and the
+        # largest tensor in float32. Measured on the stand-in only (287 MiB); not yet at
+        # real width, where scoring on MLX's CPU backend takes seconds per token
+        return floor + _MLX_BASE_MIB * MIB + 2 * shape.n_params() \
+            + weight_bytes(shape, kind(key)) + 4 * big
     if name.endswith(" quantize") and key and key.startswith("bnb"):
         # tensor by tensor (kvant.quantize.bnb_pipeline): bitsandbytes and the model code
         # imported, one shard of the output (at most SHARD_BYTES plus the tensor that

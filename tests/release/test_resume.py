@@ -150,7 +150,13 @@ OTHER = {"types": ["q8_0"], "imatrix": "nob.imatrix", "calib": "nob-train", "pre
          "eval_langs": ["sme"], "langs": ["sme"]}
 
 
-def _other(field):
+# where one section's default is another's OTHER value
+OTHER_IN = {("mlx", "group_size"): 32, ("mlx", "dtype"): "float16"}
+
+
+def _other(field, section: str = ""):
+    if (section, field.name) in OTHER_IN:
+        return OTHER_IN[section, field.name]
     if field.name in OTHER:
         return OTHER[field.name]
     if isinstance(field.default, bool):
@@ -165,14 +171,16 @@ def test_every_settings_field_a_recipe_documents_reaches_its_setting(tmp_path):
     value than its default, is the value the artifact (or the bench) is made with."""
     recipe = tmp_path / "r.toml"
     reached = 0
-    for section, cls in (*((k, PIPELINES[k].settings) for k in ("gguf", "gptq", "onnx", "bnb")),
+    for section, cls in (*((k, PIPELINES[k].settings)
+                           for k in ("gguf", "gptq", "onnx", "bnb", "mlx")),
                          ("bench", BenchSettings)):
         for field in dataclasses.fields(cls):
             if field.name not in RECIPE_SCHEMA[section]:
                 continue  # [release] langs for every eval_langs; bnb's modes, below
-            value = _other(field)
             if field.name == "provider":
                 continue  # cpu is its default; cuda needs fp16 (reached: the GPU recipe)
+            value = _other(field, section)
+            assert value != field.default, (section, field.name)
             recipe.write_text(f'[release]\nname = "r"\nmodel = "@stand-in"\n[{section}]\n'
                               f"{field.name} = {json.dumps(value)}\n")
             loaded = load_recipe(recipe)
