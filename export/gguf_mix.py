@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,14 +60,17 @@ def stored_bytes(tensor: Tensor, type_name: str) -> int:
     return -(-tensor_bytes(tensor, type_name) // ALIGN) * ALIGN
 
 
-def knapsack(tensors: list[Tensor], types: list[str], costs: dict, budget: int,
-             uniform: dict[str, str] | None = None) -> dict:
+def knapsack(tensors: list[Tensor], types: list, costs: dict, budget: int,
+             uniform: dict | None = None,
+             size_of: Callable[[Tensor, object], int] = stored_bytes) -> dict:
     """{tensor: type} minimizing the summed cost with the summed stored bytes within
     ``budget``, exactly: a mixed-integer programme (scipy.optimize.milp, HiGHS, no gap),
     one binary per (tensor, type), one type per tensor, one budget row in bytes; the solution
     is checked in integer bytes (and solved again below any excess a solver tolerance let
     through). ``uniform`` (an assignment, e.g. the uniform file's) is returned when nothing
     within the budget is predicted to cost less: the result never predicts worse than it.
+    ``size_of(tensor, type)``: its bytes in the file (GGUF's by default; the MLX mix's bits
+    per tensor, kvant.export.mlx_mix).
 
     Why an exact solver: the earlier dynamic programme rounded every option up to 1/8,192 of
     the budget, which at 11.4B is 0.85 MB per tensor and 120-240 MB of budget lost."""
@@ -74,7 +78,7 @@ def knapsack(tensors: list[Tensor], types: list[str], costs: dict, budget: int,
 
     n, m = len(tensors), len(types)
     cost = np.array([costs[t.name, ty] for t in tensors for ty in types], dtype=np.float64)
-    size = np.array([stored_bytes(t, ty) for t in tensors for ty in types], dtype=np.float64)
+    size = np.array([size_of(t, ty) for t in tensors for ty in types], dtype=np.float64)
     one_each = np.kron(np.eye(n), np.ones(m))
     cheapest = int(size.reshape(n, m).min(axis=1).sum())
     if cheapest > budget:
@@ -91,7 +95,7 @@ def knapsack(tensors: list[Tensor], types: list[str], costs: dict, budget: int,
             raise KvantError(f"the mix solver found no assignment ({found.message})")
         picks = found.x.reshape(n, m).argmax(axis=1)
         chosen = {t.name: types[k] for t, k in zip(tensors, picks, strict=True)}
-        over = sum(stored_bytes(t, chosen[t.name]) for t in tensors) - budget
+        over = sum(size_of(t, chosen[t.name]) for t in tensors) - budget
         if over <= 0:
             break
         limit -= over  # a tolerance's worth over the budget: tighten and solve again

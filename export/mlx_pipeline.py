@@ -19,15 +19,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from mlx_lm.utils import load_tokenizer
 from tokenizers import Tokenizer
 
 from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
-from kvant.data import get_text, paragraphs
+from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import KvantError
+from kvant.export.gguf_mix import mix_verdict
 from kvant.export.mlx import MLXSettings
+from kvant.export.mlx_mix import CANDIDATE_BITS, choose_bits, fisher_bits_costs, quantizable
 from kvant.machine import die_with_parent
 from kvant.model import (
     copy_tokenizer,
@@ -48,10 +52,17 @@ from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.tokenization import fidelity
 
 _CONVERT = """
-import sys
+import json, sys
 from mlx_lm import convert
-model, out, bits, group, dtype = sys.argv[1:6]
-convert(model, out, quantize=True, q_bits=int(bits), q_group_size=int(group), dtype=dtype)
+model, out, bits, group, dtype, plan = sys.argv[1:7]
+predicate = None
+if plan != "-":  # a mix: {module path: bits}, stored per module in config.json
+    chosen = json.loads(open(plan, encoding="utf-8").read())
+    def predicate(path, module):
+        b = chosen.get(path)
+        return {"group_size": int(group), "bits": b, "mode": "affine"} if b else True
+convert(model, out, quantize=True, q_bits=int(bits), q_group_size=int(group), dtype=dtype,
+        quant_predicate=predicate)
 from kvant.memory import peak_rss_mib
 print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
 """
@@ -59,13 +70,19 @@ print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-def convert(model_dir: Path, out_dir: Path, settings: MLXSettings) -> dict:
-    """mlx-lm's convert of ``model_dir`` into ``out_dir`` (which must not exist)."""
+def convert(model_dir: Path, out_dir: Path, settings: MLXSettings,
+            bits_of: dict[str, int] | None = None) -> dict:
+    """mlx-lm's convert of ``model_dir`` into ``out_dir`` (which must not exist), every
+    module at ``settings.bits``, or a mix's ``bits_of`` {module path: bits}."""
+    plan = out_dir.with_name(out_dir.name + ".bits.json")
+    if bits_of:
+        plan.write_text(json.dumps(bits_of), encoding="utf-8")
     with tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-c", _CONVERT, str(model_dir.resolve()), str(out_dir),
-             str(settings.bits), str(settings.group_size), settings.dtype],
+             str(settings.bits), str(settings.group_size), settings.dtype,
+             str(plan) if bits_of else "-"],
             stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent,
             env={**os.environ, **_OFFLINE})
         proc.wait()
@@ -97,6 +114,58 @@ def state_rope_theta(folder: Path, source_config: dict) -> bool:
     return True
 
 
+def _complete(folder: Path, model_dir: Path, config: dict) -> bool:
+    """What mlx-lm's folder lacks: the source's own tokenizer files and the RoPE base where
+    mlx-lm reads it (True when that was added)."""
+    copy_tokenizer(model_dir, folder)
+    return state_rope_theta(folder, config)
+
+
+def _sensitivity(model_dir: Path, settings: MLXSettings, cache_dir: Path,
+                 data_dir: Path | None, progress: bool, device: str) -> tuple[dict, dict]:
+    """The mix's bits per module (kvant.export.mlx_mix) and what choosing them took."""
+    calib = get_mix(settings.calib, cache_dir, data_dir, progress)
+    wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
+    tensors = quantizable(model_dir, settings.group_size)
+    with step(f"{settings.kind} mix sensitivity", kind="mix-fisher", ctx=settings.eval_ctx,
+              tensors=len(tensors), tokens=sum(map(len, wins["calib"]))):
+        costs, facts = fisher_bits_costs(model_dir, tensors, CANDIDATE_BITS,
+                                         settings.group_size, settings.dtype, wins["calib"],
+                                         device, progress=progress)
+    bits_of = choose_bits(tensors, costs, settings.bits, settings.group_size)
+    counts = Counter(bits_of.values())
+    return bits_of, {**facts, "calib": calib.name, "bits_of_tensors": {
+        str(b): counts[b] for b in sorted(counts)}, "bits_per_module": bits_of}
+
+
+def _against_twin(model_dir: Path, settings: MLXSettings, config: dict, scored: dict, ref,
+                  wins: dict, scratch: Path) -> dict:
+    """The uniform file of the same bits scored beside the mix; refuse to publish a mix that
+    held-out text does not score better (kvant.export.gguf_mix.mix_verdict)."""
+    uniform = replace(settings, mix=False)
+    twin = scratch / "uniform"
+    with step(f"{uniform.kind} convert", kind=uniform.kind):
+        convert(model_dir, twin, uniform)
+    _complete(twin, model_dir, config)
+    with step(f"{uniform.kind} score", kind=uniform.kind, ctx=settings.eval_ctx,
+              tokens_per_language=language_tokens(wins)):
+        twin_scored = score_against(Target(twin.name, twin, "mlx", "mlx", 0, uniform.kind),
+                                    ref, wins)
+    mix_size, twin_size = (sum(f.stat().st_size for f in weight_files(d))
+                           for d in (scratch / "mlx", twin))
+    verdict = mix_verdict(scored, twin_scored)
+    if verdict is None and mix_size > twin_size:
+        verdict = f"it is {mix_size:,} bytes, larger than the uniform file's {twin_size:,}"
+    if verdict is not None:
+        raise KvantError(f"the MLX {settings.bits}-bit mix is not published: {verdict}; "
+                         f"drop --mix for the uniform {settings.bits}-bit file")
+    return {"uniform_mean_kld": twin_scored["mean_kld"],
+            "uniform_per_language": {lang: d["mean_kld"]
+                                     for lang, d in twin_scored["per_language"].items()},
+            "vs_uniform": round(scored["mean_kld"] / twin_scored["mean_kld"], 3),
+            "size_bytes": mix_size, "uniform_size_bytes": twin_size}
+
+
 def unquantized(folder: Path) -> list[str]:
     """The weight tensors mlx-lm left in float: those whose rows the group size does not
     divide (it skips them), read from the folder's safetensors headers."""
@@ -123,6 +192,13 @@ def _card(name: str, settings: MLXSettings, validation: dict, kept: list[str]) -
                         f"{f['aligned_pct']:.2f}% |")
     left = (f"\n{len(kept)} tensors whose rows {settings.group_size} does not divide stay "
             f"{settings.dtype}, as mlx-lm leaves them.\n" if kept else "")
+    if mix := validation.get("mix"):
+        widths = ", ".join(f"{n} at {b} bits" for b, n in mix["bits_of_tensors"].items())
+        left += (f"\n**A mix**: bits per tensor ({widths}) chosen by Kvant's Fisher sensitivity "
+                 f"on `{mix['calib']}` within the uniform {settings.bits}-bit file's bytes "
+                 f"({mix['size_bytes']:,} against {mix['uniform_size_bytes']:,}); its held-out "
+                 f"mean KLD is {mix['vs_uniform']:.2f}x the uniform file's "
+                 f"({validation['mean_kld']:.5f} against {mix['uniform_mean_kld']:.5f}).\n")
     return f"""MLX model of `{name}` for Apple silicon: {settings.bits}-bit affine weights, a
 {settings.dtype} scale and bias per {settings.group_size} weights
 ({validation['bits_per_weight']} bits per weight), made by mlx-lm's own convert.
@@ -179,19 +255,23 @@ def run(model_dir: Path, out: Path, settings: MLXSettings, *, source: dict, cach
         with shared_or_step(reference_dir, settings.eval_ctx):
             ref = reference_logits(model_dir, wins, reference_dir or art.scratch / "reference",
                                    device)
+        bits_of, mix = (_sensitivity(model_dir, settings, cache_dir, data_dir, progress,
+                                     device) if settings.mix else (None, None))
         converted = art.scratch / "mlx"
         with step(f"{settings.kind} convert", kind=settings.kind):
-            facts = convert(model_dir, converted, settings)
+            facts = convert(model_dir, converted, settings, bits_of)
+        facts["rope_theta_stated"] = _complete(converted, model_dir, config)
+        kept = unquantized(converted)
+        with step(f"{settings.kind} score", kind=settings.kind, ctx=settings.eval_ctx,
+                  tokens_per_language=language_tokens(wins)):
+            scored = score_against(Target(out.name, converted, "mlx", "mlx", 0, settings.kind),
+                                   ref, wins)
+        if settings.mix:
+            facts["mix"] = {**mix, **_against_twin(model_dir, settings, config, scored, ref,
+                                                   wins, art.scratch)}
         for item in converted.iterdir():
             if item.name != "README.md":  # mlx-lm's one-line card: ours replaces it
                 shutil.move(item, art.dir / item.name)
-        copy_tokenizer(model_dir, art.dir)
-        facts["rope_theta_stated"] = state_rope_theta(art.dir, config)
-        kept = unquantized(art.dir)
-        target = Target(out.name, art.dir, "mlx", "mlx", 0, settings.kind)
-        with step(f"{settings.kind} score", kind=settings.kind, ctx=settings.eval_ctx,
-                  tokens_per_language=language_tokens(wins)):
-            scored = score_against(target, ref, wins)
         prompt = wins[settings.eval_langs[0]][0][:32]
         with step(f"{settings.kind} greedy", kind=settings.kind, ctx=len(prompt) + 16):
             runtime = MLXRuntime(art.dir)
@@ -210,8 +290,10 @@ def run(model_dir: Path, out: Path, settings: MLXSettings, *, source: dict, cach
         art.source, art.settings = source, settings_dict(settings)
         art.kinds = {out.name: settings.kind}
         art.data = [t.as_manifest() for t in texts.values()]
-        art.tags = ["mlx", "mlx-lm", f"{settings.bits}-bit"]
+        art.tags = ["mlx", "mlx-lm", f"{settings.bits}-bit", *(["mixed-bits"] if settings.mix
+                                                               else [])]
         name = Path(source.get("id", model_dir.name)).name
-        art.title = f"{name} MLX {settings.bits}-bit (group size {settings.group_size})"
+        art.title = (f"{name} MLX {settings.bits}-bit{' mix' if settings.mix else ''} (group "
+                     f"size {settings.group_size})")
         art.card_body = _card(name, settings, art.validation, kept)
     return Made(out, art.kinds)

@@ -81,7 +81,7 @@ PIPELINES.add("onnx", Pipeline(
     (("gptq", "with --int4-algo gptq: the GPTQ checkpoint of --model whose 4-bit weights the "
               "int4 model takes (kvant quantize gptq --group-size = --block-size)"),)))
 PIPELINES.add("mlx", Pipeline(
-    "export", MLXSettings, _run_mlx, lambda s: f"mlx-{s.bits}bit",
+    "export", MLXSettings, _run_mlx, lambda s: f"mlx-{s.bits}bit" + ("-mix" if s.mix else ""),
     "MLX for Apple silicon (mlx-lm, LM Studio): 2-8 bit affine through mlx-lm's convert"))
 PIPELINES.add("gptq", Pipeline(
     "quantize", GPTQSettings, _run_gptq, lambda s: f"gptq-{s.bits}bit",

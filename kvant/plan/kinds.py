@@ -29,7 +29,7 @@ class Kind:
 
 _GPTQ = re.compile(r"gptq-(\d+)bit-g(-?\d+)")
 _ONNX = re.compile(r"onnx-(fp32|fp16|int4)(?:-b(\d+))?")
-_MLX = re.compile(r"mlx-(\d+)bit-g(\d+)")
+_MLX = re.compile(r"mlx-(\d+)bit-g(\d+)(?:-mix)?")
 
 
 def kind(key: str, file_bpw: float | None = None) -> Kind | None:
@@ -73,7 +73,7 @@ def kind(key: str, file_bpw: float | None = None) -> Kind | None:
                     width // 8)
     if match := _MLX.fullmatch(key):
         # MLX affine: a bf16 scale and bias per group, for the embedding and lm_head too
-        # (mlx-lm quantizes every Linear and Embedding); bf16 KV cache
+        # (mlx-lm quantizes every Linear and Embedding); bf16 KV cache; a -mix within those bytes
         bits, group = int(match.group(1)), int(match.group(2))
         q = bits + 32 / group
         return Kind("mlx", "mlx/mlx", q, q, q, 2)
