@@ -1,7 +1,7 @@
 """Every quality claim on a real pretrained model: SmolLM2-135M-Instruct beside the stand-in.
 
     python -m kvant.bench.studies.real_model --out out/real --calib CALIB.txt
-        [--model DIR] [--parts uniform,mix,checkpoints] [--methods fisher,proxy]
+        [--model DIR] [--parts uniform,mix,checkpoints,mlx] [--methods fisher,proxy]
         [--eval-tokens 2048] [--data-dir DIR] [--gptq-samples 64]
 
 Without --model the model is ``kvant peer smollm2`` (cached after the first run). What it
@@ -18,12 +18,16 @@ model, with the bench's metrics (mean KLD, top-1 agreement, ΔPPL, per language)
 - ``checkpoints``: GPTQ 4-bit g64 and g32 (the model's 576-wide rows do not divide into
   the release's groups of 128), bitsandbytes nf4 and int8, ONNX int4 by
   k_quant_last and from the g32 GPTQ checkpoint, each beside the GGUF uniform frontier
-  (Norwegian importance matrix) at its bytes.
+  (Norwegian importance matrix) at its bytes;
+- ``mlx``: MLX (mlx-lm's convert) 4-bit at group sizes 64 and 32, 3-bit and 6-bit at 64,
+  beside the same frontier.
 
 Writes results.json and docs tables (real-gguf-uniform.json, real-gguf-mix.json,
-real-checkpoints.json) beside it. Its limits go with every table: the model's weights once
-passed through Q4_1 (Q4_0/Q4_1 files of it flatter; K-quants and IQ types are fair), and it
-is English-first (Norwegian text measures drift, not fluency).
+real-checkpoints.json, real-mlx.json; --prefix names them) beside it; the checkpoints and
+mlx tables need the uniform part's Norwegian export in the same --out. Its limits go with
+every table: the model's weights once passed through Q4_1 (Q4_0/Q4_1 files of it flatter;
+K-quants and IQ types are fair), and it is English-first (Norwegian text measures drift,
+not fluency).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from kvant.bench.tables import command_line, markdown, table_doc, write_table
 from kvant.data import get_text
 from kvant.export.gguf import GGUFSettings
 from kvant.export.gguf_mix import uniform_frontier
+from kvant.export.mlx import MLXSettings
 from kvant.export.onnx import ONNXSettings
 from kvant.paths import cache_dir
 from kvant.peer import PEERS, default_dir, get_peer
@@ -51,6 +56,12 @@ LANGS = mix_proof.LANGS
 UNIFORM = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m")
 MIXED = ("q3_k_m", "iq4_xs", "q4_k_m", "q5_k_m")
 LIMITS = PEERS["smollm2"].limits
+PEER_LABEL = "SmolLM2-135M-Instruct"
+
+
+def measured_on(label: str) -> str:
+    """Who the numbers are from, with the peer's limits when it is the peer."""
+    return f"Measured on {label}" + (f": {LIMITS}" if label == PEER_LABEL else "")
 
 
 def _timed(folder: Path, make) -> float:
@@ -99,6 +110,21 @@ def checkpoint_part(model: Path, out: Path, calib: Path, eval_tokens: int,
                                                          eval_tokens=eval_tokens),
                                     {"gptq_dir": out / "gptq-4bit-g32"}),
     }
+    return _made(model, out, runs, data_dir)
+
+
+def mlx_part(model: Path, out: Path, eval_tokens: int, data_dir: Path | None) -> dict:
+    """{name: validation} of MLX 4-bit at group sizes 64 (mlx-lm's default) and 32, and
+    mlx-lm's 3-bit and 6-bit at 64 (a model's 576-wide rows do not divide into 128s)."""
+    runs = {f"mlx-{bits}bit-g{group}": ("mlx", MLXSettings(bits=bits, group_size=group,
+                                                          eval_tokens=eval_tokens), {})
+            for bits, group in ((4, 64), (4, 32), (3, 64), (6, 64))}
+    return _made(model, out, runs, data_dir)
+
+
+def _made(model: Path, out: Path, runs: dict, data_dir: Path | None) -> dict:
+    """Run each (pipeline, settings, inputs) of ``runs`` into out/NAME once; {name: its
+    validation, model files' bytes and wall time}."""
     found = {}
     for name, (key, settings, extra) in runs.items():
         folder = out / name
@@ -134,7 +160,7 @@ def uniform_table(found: dict, command: str, label: str) -> dict:
     return table_doc(f"Uniform GGUF types on {label}, without and with an importance matrix: "
                      "held-out text of five languages, KLD against the float32 model",
                      ["type", "importance matrix", "size (bytes)", *SCORE_COLUMNS], cells,
-                     command, notes=f"Measured on {label}: {LIMITS}.")
+                     command, notes=f"{measured_on(label)}.")
 
 
 def frontier_points(files: dict) -> list[tuple[int, float]]:
@@ -168,7 +194,7 @@ def mix_table(results: dict, command: str, label: str) -> dict:
                           f"{f['mean_kld'] / twin['mean_kld']:.2f}",
                           f"{f['mean_kld'] / frontier:.2f}" if frontier else "-",
                           "no: " + f["withheld"] if "withheld" in f else "yes"])
-    notes = [f"Measured on {label}: {LIMITS}",
+    notes = [measured_on(label),
              "uniform frontier: the best uniform KLD at the file's bytes, interpolated "
              "log-linearly between two uniform files of the same export that bracket it "
              "(Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, Q3_K_M); a twin is dominated where that "
@@ -183,7 +209,8 @@ def mix_table(results: dict, command: str, label: str) -> dict:
                      notes="; ".join(notes) + ".")
 
 
-def checkpoint_table(found: dict, gguf_files: dict, command: str, label: str) -> dict:
+def checkpoint_table(found: dict, gguf_files: dict, command: str, label: str,
+                     what: str = "GPTQ, bitsandbytes and ONNX int4") -> dict:
     points = frontier_points(gguf_files)
     q4 = gguf_files["q4_k_m"]
     cells = [["GGUF Q4_K_M (Norwegian imatrix)", f"{q4['size_bytes']:,}", *_scores(q4), "1.00"]]
@@ -191,11 +218,24 @@ def checkpoint_table(found: dict, gguf_files: dict, command: str, label: str) ->
         frontier = uniform_frontier(points, f["size_bytes"])
         cells.append([name, f"{f['size_bytes']:,}", *_scores(f),
                       f"{f['mean_kld'] / frontier:.2f}" if frontier else "beyond Q8_0"])
-    return table_doc(f"GPTQ, bitsandbytes and ONNX int4 on {label}, against the GGUF uniform "
+    return table_doc(f"{what} on {label}, against the GGUF uniform "
                      "frontier at their bytes: held-out text of five languages",
                      ["artifact", "weights (bytes)", *SCORE_COLUMNS, "vs GGUF frontier"],
-                     cells, command, notes=f"Measured on {label}: {LIMITS}; weights: the "
+                     cells, command, notes=f"{measured_on(label)}; weights: the "
                      "model files' bytes (safetensors or ONNX data), embeddings included.")
+
+
+def _against_gguf(out: Path, found: dict, command: str, label: str, name: str,
+                  what: str) -> dict | None:
+    """The table of ``found`` beside the Norwegian-imatrix GGUF export of the uniform
+    part (None when that part has not run into ``out``)."""
+    gguf = out / "uniform-norwegian"
+    if not (gguf / "manifest.json").is_file():
+        return None
+    doc = checkpoint_table(found, read_manifest(gguf)["validation"]["files"], command, label,
+                           what)
+    write_table(out / name, doc)
+    return doc
 
 
 def main() -> None:
@@ -205,8 +245,10 @@ def main() -> None:
     parser.add_argument("--calib", type=Path, required=True,
                         help="the Norwegian calibration text (importance matrix, GPTQ)")
     parser.add_argument("--model", type=Path, help="default: kvant peer smollm2")
-    parser.add_argument("--label", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--label", default=PEER_LABEL)
     parser.add_argument("--parts", default="uniform,mix,checkpoints")
+    parser.add_argument("--prefix", default="real",
+                        help="the tables' file names: PREFIX-gguf-uniform.json, ...")
     parser.add_argument("--methods", default="fisher,proxy")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--data-dir", type=Path)
@@ -225,7 +267,7 @@ def main() -> None:
         results["uniform"] = uniform_part(model, args.out, args.calib, english,
                                           args.eval_tokens, args.data_dir)
         doc = uniform_table(results["uniform"], command, args.label)
-        write_table(args.out / "real-gguf-uniform.json", doc)
+        write_table(args.out / f"{args.prefix}-gguf-uniform.json", doc)
         texts.append(markdown(doc))
     if "mix" in parts:
         results["mix"] = mix_proof.study(model, args.out / "mix", args.calib,
@@ -233,19 +275,21 @@ def main() -> None:
                                          args.eval_tokens, args.data_dir,
                                          uniform_only=("q8_0", "q6_k"))
         doc = mix_table(results["mix"], command, args.label)
-        write_table(args.out / "real-gguf-mix.json", doc)
+        write_table(args.out / f"{args.prefix}-gguf-mix.json", doc)
         texts.append(markdown(doc))
     if "checkpoints" in parts:
         results["checkpoints"] = checkpoint_part(model, args.out, args.calib,
                                                  args.eval_tokens, args.data_dir,
                                                  args.gptq_samples)
-        gguf = args.out / "uniform-norwegian"  # the GGUF frontier they are set against
-        if (gguf / "manifest.json").is_file():
-            doc = checkpoint_table(results["checkpoints"],
-                                   read_manifest(gguf)["validation"]["files"], command,
-                                   args.label)
-            write_table(args.out / "real-checkpoints.json", doc)
-            texts.append(markdown(doc))
+        doc = _against_gguf(args.out, results["checkpoints"], command, args.label,
+                            f"{args.prefix}-checkpoints.json",
+                            "GPTQ, bitsandbytes and ONNX int4")
+        texts += [markdown(doc)] if doc else []
+    if "mlx" in parts:
+        results["mlx"] = mlx_part(model, args.out, args.eval_tokens, args.data_dir)
+        doc = _against_gguf(args.out, results["mlx"], command, args.label,
+                            f"{args.prefix}-mlx.json", "MLX (mlx-lm's affine quantization)")
+        texts += [markdown(doc)] if doc else []
     (args.out / f"results-{'-'.join(parts)}.json").write_text(
         json.dumps(results, indent=2, default=str) + "\n")
     sys.stdout.write("\n\n".join(texts) + "\n")
