@@ -70,6 +70,15 @@ print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
+class MixWithheld(KvantError):
+    """A mix that held-out text does not score better than its uniform twin: nothing is
+    published. ``scores``: both files' held-out scores and bytes, for a study to report."""
+
+    def __init__(self, message: str, scores: dict):
+        super().__init__(message)
+        self.scores = scores
+
+
 def convert(model_dir: Path, out_dir: Path, settings: MLXSettings,
             bits_of: dict[str, int] | None = None) -> dict:
     """mlx-lm's convert of ``model_dir`` into ``out_dir`` (which must not exist), every
@@ -157,11 +166,15 @@ def _against_twin(model_dir: Path, settings: MLXSettings, config: dict, scored: 
     if verdict is None and mix_size > twin_size:
         verdict = f"it is {mix_size:,} bytes, larger than the uniform file's {twin_size:,}"
     if verdict is not None:
-        raise KvantError(f"the MLX {settings.bits}-bit mix is not published: {verdict}; "
-                         f"drop --mix for the uniform {settings.bits}-bit file")
+        raise MixWithheld(f"the MLX {settings.bits}-bit mix is not published: {verdict}; "
+                          f"drop --mix for the uniform {settings.bits}-bit file",
+                          {"mix": {**scored, "size_bytes": mix_size},
+                           "uniform": {**twin_scored, "size_bytes": twin_size}})
     return {"uniform_mean_kld": twin_scored["mean_kld"],
             "uniform_per_language": {lang: d["mean_kld"]
                                      for lang, d in twin_scored["per_language"].items()},
+            "uniform_top1_agreement_pct": twin_scored["top1_agreement_pct"],
+            "uniform_delta_ppl_pct": twin_scored["delta_ppl_pct"],
             "vs_uniform": round(scored["mean_kld"] / twin_scored["mean_kld"], 3),
             "size_bytes": mix_size, "uniform_size_bytes": twin_size}
 

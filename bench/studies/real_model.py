@@ -19,8 +19,9 @@ model, with the bench's metrics (mean KLD, top-1 agreement, ΔPPL, per language)
   the release's groups of 128), bitsandbytes nf4 and int8, ONNX int4 by
   k_quant_last and from the g32 GPTQ checkpoint, each beside the GGUF uniform frontier
   (Norwegian importance matrix) at its bytes;
-- ``mlx``: MLX (mlx-lm's convert) 4-bit at group sizes 64 and 32, 3-bit and 6-bit at 64,
-  beside the same frontier.
+- ``mlx``: MLX 4-bit at group size 64 and its mix (kvant export mlx --mix: the Fisher
+  sensitivity, calibrated on --calib), beside the Norwegian export's GGUF files scored on the
+  same windows (--mlx-tokens per language: MLX's CPU backend is slow).
 
 Writes results.json and docs tables (real-gguf-uniform.json, real-gguf-mix.json,
 real-checkpoints.json, real-mlx.json; --prefix names them) beside it; the checkpoints and
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,11 +48,15 @@ from kvant.data import get_text
 from kvant.export.gguf import GGUFSettings
 from kvant.export.gguf_mix import uniform_frontier
 from kvant.export.mlx import MLXSettings
+from kvant.export.mlx_pipeline import MixWithheld
 from kvant.export.onnx import ONNXSettings
 from kvant.paths import cache_dir
 from kvant.peer import PEERS, default_dir, get_peer
 from kvant.quantize.bnb import BnbSettings
 from kvant.quantize.gptq import GPTQSettings
+from kvant.runtimes.reference import reference_logits, score_against
+from kvant.runtimes.targets import targets
+from kvant.scoring import eval_windows
 
 LANGS = mix_proof.LANGS
 UNIFORM = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "q3_k_m")
@@ -113,13 +119,68 @@ def checkpoint_part(model: Path, out: Path, calib: Path, eval_tokens: int,
     return _made(model, out, runs, data_dir)
 
 
-def mlx_part(model: Path, out: Path, eval_tokens: int, data_dir: Path | None) -> dict:
-    """{name: validation} of MLX 4-bit at group sizes 64 (mlx-lm's default) and 32, and
-    mlx-lm's 3-bit and 6-bit at 64 (a model's 576-wide rows do not divide into 128s)."""
-    runs = {f"mlx-{bits}bit-g{group}": ("mlx", MLXSettings(bits=bits, group_size=group,
-                                                          eval_tokens=eval_tokens), {})
-            for bits, group in ((4, 64), (4, 32), (3, 64), (6, 64))}
-    return _made(model, out, runs, data_dir)
+def mlx_part(model: Path, out: Path, calib: Path, eval_tokens: int,
+             data_dir: Path | None) -> dict:
+    """MLX 4-bit at group size 64 (mlx-lm's default) and its mix (the mix's export scores
+    its uniform twin too), and the GGUF files of the uniform part's Norwegian export scored
+    again on the same windows: MLX's CPU backend takes seconds per window where llama.cpp
+    takes a fraction of one, so this part may use fewer --mlx-tokens than the rest."""
+    settings = MLXSettings(bits=4, group_size=64, mix=True, calib=str(calib),
+                           eval_tokens=eval_tokens)
+    folder = out / "mlx-4bit-mix"
+    found: dict = {}
+    try:
+        wall = _timed(folder, lambda: PIPELINES["mlx"].run(
+            model, folder, settings, source={"id": model.name}, cache_dir=cache_dir(),
+            data_dir=data_dir))
+        v = read_manifest(folder)["validation"]
+        mix = v["mix"]
+        found["mlx-4bit-g64"] = {
+            "mean_kld": mix["uniform_mean_kld"], "size_bytes": mix["uniform_size_bytes"],
+            "top1_agreement_pct": mix["uniform_top1_agreement_pct"],
+            "delta_ppl_pct": mix["uniform_delta_ppl_pct"],
+            "per_language": {lang: {"mean_kld": k}
+                             for lang, k in mix["uniform_per_language"].items()}}
+        found["mlx-4bit-g64-mix"] = {**v, "size_bytes": mix["size_bytes"], "wall_s": wall,
+                                     "published": "yes"}
+    except MixWithheld as withheld:
+        found["mlx-4bit-g64"] = withheld.scores["uniform"]
+        found["mlx-4bit-g64-mix"] = {**withheld.scores["mix"], "published": f"no: {withheld}"}
+    texts = {lang: get_text(lang, cache_dir(), data_dir) for lang in LANGS}
+    wins = eval_windows(model, texts, eval_tokens, settings.eval_ctx)
+    gguf = out / "uniform-norwegian"
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        ref = reference_logits(model, wins, Path(scratch) / "reference")
+        for target in targets(gguf):
+            if target.kind and target.kind.removeprefix("gguf-") in UNIFORM:
+                found[f"GGUF {target.kind.removeprefix('gguf-').upper()}"] = {
+                    **score_against(target, ref, wins), "size_bytes": target.size_bytes}
+    return found
+
+
+def mlx_table(found: dict, command: str, label: str, eval_tokens: int) -> dict:
+    """MLX uniform and mix beside the GGUF uniform files, all on the same windows: bytes,
+    scores, the ratio to the MLX uniform file and to the GGUF frontier at each one's bytes."""
+    points = [(f["size_bytes"], f["mean_kld"]) for n, f in found.items()
+              if n.startswith("GGUF")]
+    uniform = found["mlx-4bit-g64"]["mean_kld"]
+    cells = []
+    for name, f in sorted(found.items(), key=lambda item: -item[1]["size_bytes"]):
+        frontier = uniform_frontier([p for p in points if p[0] != f["size_bytes"]],
+                                    f["size_bytes"])
+        cells.append([name, f"{f['size_bytes']:,}", *_scores(f),
+                      f"{f['mean_kld'] / uniform:.2f}" if name.startswith("mlx") else "",
+                      f"{f['mean_kld'] / frontier:.2f}" if frontier else "-",
+                      f.get("published", "")])
+    return table_doc(
+        f"MLX 4-bit and its mix on {label}, beside the GGUF uniform types (Norwegian "
+        f"importance matrix) on the same {eval_tokens:,} held-out tokens per language",
+        ["file", "size (bytes)", *SCORE_COLUMNS, "vs MLX 4-bit", "vs GGUF frontier",
+         "published"], cells, command,
+        notes=f"{measured_on(label)}; MLX scored by mlx-lm on the CPU with float32 "
+              "activations; GGUF frontier: the best GGUF uniform KLD at the file's bytes, "
+              "interpolated log-linearly between the two that bracket it (a GGUF row's own "
+              "point left out); size: the model files' bytes.")
 
 
 def _made(model: Path, out: Path, runs: dict, data_dir: Path | None) -> dict:
@@ -251,6 +312,8 @@ def main() -> None:
                         help="the tables' file names: PREFIX-gguf-uniform.json, ...")
     parser.add_argument("--methods", default="fisher,proxy")
     parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--mlx-tokens", type=int, default=0,
+                        help="held-out tokens per language of the mlx part (0: --eval-tokens)")
     parser.add_argument("--data-dir", type=Path)
     # GPTQModel's 256 windows of 512 tokens take 37 min per checkpoint on 2 CPU cores; 64
     # (32,768 tokens, 57 per column of the 576-wide model) is what the checkpoints table uses
@@ -286,10 +349,11 @@ def main() -> None:
                             "GPTQ, bitsandbytes and ONNX int4")
         texts += [markdown(doc)] if doc else []
     if "mlx" in parts:
-        results["mlx"] = mlx_part(model, args.out, args.eval_tokens, args.data_dir)
-        doc = _against_gguf(args.out, results["mlx"], command, args.label,
-                            f"{args.prefix}-mlx.json", "MLX (mlx-lm's affine quantization)")
-        texts += [markdown(doc)] if doc else []
+        tokens = args.mlx_tokens or args.eval_tokens
+        results["mlx"] = mlx_part(model, args.out, args.calib, tokens, args.data_dir)
+        doc = mlx_table(results["mlx"], command, args.label, tokens)
+        write_table(args.out / f"{args.prefix}-mlx.json", doc)
+        texts.append(markdown(doc))
     (args.out / f"results-{'-'.join(parts)}.json").write_text(
         json.dumps(results, indent=2, default=str) + "\n")
     sys.stdout.write("\n\n".join(texts) + "\n")
