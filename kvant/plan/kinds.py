@@ -81,7 +81,7 @@ def kind(key: str, file_bpw: float | None = None) -> Kind | None:
 
 
 # The kinds `kvant plan` lists when no measurements are given: what a release makes.
-PLAN_KINDS = ("bf16", "bnb-int8", "bnb-nf4", "gptq-4bit-g128", "onnx-int4-b32",
+PLAN_KINDS = ("bf16", "bnb-int8", "bnb-nf4", "gptq-4bit-g128", "onnx-int4-b32", "mlx-4bit-g64",
               *(f"gguf-{t}" for t in GGUF_BPW))
 
 

@@ -31,6 +31,7 @@ DEFAULT_OVERHEAD = {"torch/bf16": (363.0, 2.5), "torch/bnb": (405.0, 2.5),
 # kvant.runtimes.onnx feeds GenAI a prompt this many tokens per forward, as llama.cpp's speed
 # rows do (n_batch 512): its logits and its arena follow the batch, not the context.
 PREFILL_BATCH = 512
+MLX_PREFILL_STEP = 2048  # mlx-lm's generate_step feeds a prompt 2,048 tokens per forward
 
 
 def overhead_bytes(stack: str, ctx: int, vocab: int, fitted: dict | None = None) -> float:
@@ -48,6 +49,8 @@ def peak_bytes(shape: Shape, kind: Kind, ctx: int, weights: float | None = None,
     if kind.backend == "onnxruntime-genai":  # its prompt in batches: one batch's logits
         weights = ort_resident(shape, kind, weights) + ort_arena(shape, kind, weights, ctx)
         logit_rows = min(ctx, PREFILL_BATCH)
+    if kind.backend == "mlx":  # mlx-lm's prefill steps (kvant.runtimes.mlx.PREFILL_STEP)
+        logit_rows = min(ctx, MLX_PREFILL_STEP)
     return weights + kv_bytes(shape, kind, ctx, kv_type) + overhead_bytes(
         kind.stack, logit_rows, shape.vocab, fitted)
 
