@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvant.artifact import Made
+from kvant.errors import SettingsError
 from kvant.export.gguf import GGUFSettings
 from kvant.export.mlx import MLXSettings
 from kvant.export.onnx import ONNXSettings
@@ -33,7 +34,11 @@ def _run_onnx(model_dir: Path, out: Path, settings: ONNXSettings, **kwargs) -> M
 
 
 def _run_mlx(model_dir: Path, out: Path, settings: MLXSettings, **kwargs) -> Made:
-    from kvant.export.mlx_pipeline import run  # heavy: mlx, mlx-lm, torch
+    try:
+        from kvant.export.mlx_pipeline import run  # heavy: mlx, mlx-lm, torch
+    except ImportError as exc:
+        raise SettingsError(f"kvant export mlx needs MLX ({exc.name} is missing); install it "
+                            "with pip install 'kvant[mlx]' (macOS or Linux)") from exc
 
     return run(model_dir, out, settings, **kwargs)
 

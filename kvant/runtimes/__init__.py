@@ -85,7 +85,12 @@ def open_runtime(target: Target, device: str = "cpu", threads: int = 0, n_ctx: i
 
         return OrtRuntime(target.path)
     if target.backend == "mlx":
-        from kvant.runtimes.mlx import MLXRuntime
+        try:
+            from kvant.runtimes.mlx import MLXRuntime
+        except ImportError as exc:
+            raise SettingsError(f"'{target.path}' is an MLX model and MLX is not installed "
+                                f"({exc.name} is missing); pip install 'kvant[mlx]' (macOS or "
+                                "Linux)") from None
 
         return MLXRuntime(target.path, device)
     raise SettingsError(f"unknown backend '{target.backend}' (valid: {', '.join(BACKENDS)})")

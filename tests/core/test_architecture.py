@@ -98,9 +98,10 @@ def test_building_the_parser_loads_no_engine():
 
 def test_each_optional_engine_stays_optional():
     """A user with only torch (pip install kvant[bnb]) can still bench and release: no
-    module outside an engine's own imports llama.cpp, ONNX Runtime or GPTQModel."""
+    module outside an engine's own imports llama.cpp, ONNX Runtime, GPTQModel or MLX."""
     code = ("import sys\n"
-            "for m in ('llama_cpp', 'onnxruntime', 'onnxruntime_genai', 'gptqmodel', 'gguf'):\n"
+            "for m in ('llama_cpp', 'onnxruntime', 'onnxruntime_genai', 'gptqmodel', 'gguf',\n"
+            "          'mlx', 'mlx_lm'):\n"
             "    sys.modules[m] = None  # import fails as if not installed\n"
             "import kvant.bench.run, kvant.app.generate, kvant.app.release, kvant.app.cli\n"
             "import kvant.quantize.bnb_pipeline, kvant.runtimes.hf\n")

@@ -179,3 +179,19 @@ def test_a_mix_that_held_out_text_scores_worse_is_not_published(tiny_model, tmp_
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "not published" in err[0] and "drop --mix" in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_without_mlx_the_export_says_which_extra_to_install(micro_model, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.modules['mlx'] = sys.modules['mlx_lm'] = None\n"
+            "from kvant.app.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "mlx"
+    result = subprocess.run([sys.executable, "-c", code, "export", "mlx", "--model",
+                             str(micro_model), "--out", str(out)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "pip install 'kvant[mlx]'" in err[0], err
+    assert not out.exists()
