@@ -31,11 +31,27 @@ def describe(info: dict) -> str:
     return f"{info.get('cpu_count', '?')} cores of an {cpu}{ram}, {info.get('gpu') or 'no GPU'}"
 
 
+def portable(arg: str) -> str:
+    """``arg`` with this machine's paths made ones any checkout has: the working folder's
+    relative, its parent's `../`, the home folder's `~/` (inside comma-separated lists too)."""
+    cwd = Path.cwd()
+    for prefix, short in ((cwd, ""), (cwd.parent, "../"), (Path.home(), "~/")):
+        if prefix != Path(prefix.anchor):
+            arg = arg.replace(f"{prefix}/", short)
+    return arg
+
+
 def command_line(argv: list[str] | None = None, module: str | None = None) -> str:
-    """The command that ran, as a user would type it (`python -m kvant.bench.studies.X ...`)."""
+    """The command that ran, as a user would type it (`python -m kvant.bench.studies.X ...`),
+    with no path of the machine that ran it (:func:`portable`)."""
     argv = sys.argv[1:] if argv is None else argv
     head = f"python -m {module}" if module else Path(sys.argv[0]).name
-    return " ".join([head, *map(shlex.quote, argv)])
+    return " ".join([head, *map(_quoted, map(portable, argv))])
+
+
+def _quoted(arg: str) -> str:
+    """shlex.quote, leaving a leading ~/ outside the quotes (where the shell expands it)."""
+    return "~/" + shlex.quote(arg[2:]) if arg.startswith("~/") else shlex.quote(arg)
 
 
 def table_doc(title: str, columns: list[str], rows: list[list[str]], command: str,

@@ -164,11 +164,13 @@ def mlx_table(found: dict, command: str, label: str, eval_tokens: int) -> dict:
     points = [(f["size_bytes"], f["mean_kld"]) for n, f in found.items()
               if n.startswith("GGUF")]
     uniform = found["mlx-4bit-g64"]["mean_kld"]
+    # the stand-in's KLDs are 100x a real model's smaller: six decimals where four show 0
+    kld = ".6f" if max(f["mean_kld"] for f in found.values()) < 0.01 else ".4f"
     cells = []
     for name, f in sorted(found.items(), key=lambda item: -item[1]["size_bytes"]):
         frontier = uniform_frontier([p for p in points if p[0] != f["size_bytes"]],
                                     f["size_bytes"])
-        cells.append([name, f"{f['size_bytes']:,}", *_scores(f),
+        cells.append([name, f"{f['size_bytes']:,}", *_scores(f, kld),
                       f"{f['mean_kld'] / uniform:.2f}" if name.startswith("mlx") else "",
                       f"{f['mean_kld'] / frontier:.2f}" if frontier else "-",
                       f.get("published", "")])
@@ -180,7 +182,8 @@ def mlx_table(found: dict, command: str, label: str, eval_tokens: int) -> dict:
         notes=f"{measured_on(label)}; MLX scored by mlx-lm on the CPU with float32 "
               "activations; GGUF frontier: the best GGUF uniform KLD at the file's bytes, "
               "interpolated log-linearly between the two that bracket it (a GGUF row's own "
-              "point left out); size: the model files' bytes.")
+              "point left out; '-' below the smallest or above the largest GGUF file: no "
+              "extrapolation); size: the model files' bytes.")
 
 
 def _made(model: Path, out: Path, runs: dict, data_dir: Path | None) -> dict:
@@ -199,10 +202,10 @@ def _made(model: Path, out: Path, runs: dict, data_dir: Path | None) -> dict:
     return found
 
 
-def _scores(f: dict) -> list[str]:
-    return [f"{f['mean_kld']:.4f}", f"{f['top1_agreement_pct']:.2f}%",
+def _scores(f: dict, kld: str = ".4f") -> list[str]:
+    return [f"{f['mean_kld']:{kld}}", f"{f['top1_agreement_pct']:.2f}%",
             f"{f['delta_ppl_pct']:+.2f}%",
-            *(f"{f['per_language'][lang]['mean_kld']:.4f}" for lang in LANGS)]
+            *(f"{f['per_language'][lang]['mean_kld']:{kld}}" for lang in LANGS)]
 
 
 SCORE_COLUMNS = ["mean KLD", "top-1", "ΔPPL", *(f"{lang} KLD" for lang in LANGS)]

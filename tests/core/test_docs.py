@@ -95,3 +95,22 @@ def test_every_results_json_is_shown_and_says_where_it_was_measured():
         doc = json.loads((REPO / "docs" / name).read_text(encoding="utf-8"))
         assert doc["machine"] and doc["command"] and doc["measured"], name
         assert all(len(row) == len(doc["columns"]) for row in doc["rows"]), name
+
+
+def test_no_published_page_names_a_path_of_the_machine_that_made_it():
+    pattern = re.compile(r"(?<![\w.~])/(?:root|home|work|tmp|Users)/")
+    pages = [REPO / "README.md", *(REPO / "docs").glob("*.md"),
+             *(REPO / "docs" / "results").glob("*.json")]
+    found = [f"{p.name}: {m.group(0)}" for p in pages
+             for m in pattern.finditer(p.read_text(encoding="utf-8"))]
+    assert found == []
+
+
+def test_a_study_command_keeps_no_machine_path(tmp_path, monkeypatch):
+    from kvant.bench.tables import command_line
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/someone")
+    line = command_line([f"{tmp_path}/out", "--calib", f"eng:0.5,{tmp_path.parent}/c.txt",
+                         "--model", "/home/someone/.cache/kvant/tiny/m"], module="m")
+    assert line == "python -m m out --calib eng:0.5,../c.txt --model ~/.cache/kvant/tiny/m"
