@@ -62,13 +62,20 @@ def task_cell(summary: dict | None) -> str:
     return f"{100 * summary['relative']:+.1f}% ({summary['tasks']} tasks{worse})"
 
 
+# What runs where: MLX is Apple silicon's (on other machines MLX's CPU backend is a
+# correctness path, seconds per token at 11.4B); a Mac also runs llama.cpp (Metal)
+MAC_BACKENDS = frozenset({"mlx", "llama.cpp"})
+
+
 def recommendations(targets: dict, predicted: dict[str, float],
-                    tasks: dict[str, dict] | None = None) -> list[tuple[int, str]]:
+                    tasks: dict[str, dict] | None = None, mac: bool = False
+                    ) -> list[tuple[int, str]]:
     """For each memory budget, the most faithful target whose predicted peak fits.
 
     ``predicted`` holds only what the release ships (the reference model is not a pick).
     ``tasks`` ({target: task_drift summary}, when the release ran [eval]): a target worse
-    than bf16 on some task beyond its noise is passed over where another fits.
+    than bf16 on some task beyond its noise is passed over where another fits. ``mac``: the
+    picks of an Apple-silicon Mac (MAC_BACKENDS), else of every other machine (no MLX).
     """
     tasks = tasks or {}
     picks = []
@@ -76,7 +83,9 @@ def recommendations(targets: dict, predicted: dict[str, float],
         fitting = [(bool(tasks.get(n, {}).get("worse")),
                     _mean(d["mean_kld"] for d in targets[n]["quality"].values()), n)
                    for n, peak in predicted.items()
-                   if peak <= gb * 1e9 and targets[n].get("quality")]
+                   if peak <= gb * 1e9 and targets[n].get("quality")
+                   and (targets[n].get("backend") in MAC_BACKENDS if mac
+                        else targets[n].get("backend") != "mlx")]
         picks.append((gb, min(fitting)[2] if fitting else "none fits"))
     return picks
 
@@ -94,7 +103,8 @@ def long_context_picks(targets: dict, predicted: dict[str, dict[str, float]]
         fitting = []
         for n, by_kv in predicted.items():
             kv = next((kv for kv, peak in by_kv.items() if peak <= gb * 1e9), None)
-            if kv is not None and targets[n].get("quality"):
+            if kv is not None and targets[n].get("quality") and targets[n].get(
+                    "backend") != "mlx":  # (recommendations: MLX is a Mac's)
                 fitting.append((_mean(d["mean_kld"] for d in targets[n]["quality"].values()),
                                 n, kv))
         picks.append((gb, *min(fitting)[1:]) if fitting else (gb, None, None))
@@ -151,6 +161,11 @@ def index_card(name: str, model_id: str, recipe_text: str, targets: dict,
     picks = "\n".join(f"- **{gb} GB**: {pick}" + (f" (tasks {task_cell(summaries.get(pick))})"
                                                   if pick in summaries else "")
                       for gb, pick in recommendations(targets, predicted, summaries))
+    if any(targets[n].get("backend") == "mlx" for n in predicted):
+        picks += ("\n\nOn an Apple-silicon Mac, whose GPU shares that memory, the MLX files "
+                  "join the GGUF ones (mlx-lm, LM Studio):\n\n" + "\n".join(
+                      f"- **{gb} GB**: {pick}" for gb, pick in
+                      recommendations(targets, predicted, summaries, mac=True)))
     passed_over = (" A file worse than bf16 on a task (by more than twice the stderr of the "
                    "difference, `eval/report.md`) is passed over where another fits."
                    if evaluated else "")

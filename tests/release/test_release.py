@@ -428,3 +428,20 @@ def test_no_file_of_the_release_names_a_folder_of_the_machine_that_made_it(relea
         if found:
             leaks[str(file.relative_to(out))] = found
     assert leaks == {}
+
+
+def test_mlx_is_picked_for_a_mac_only():
+    from kvant.app.release_cards import long_context_picks, recommendations
+
+    quality = {"nob": {"mean_kld": 0.01}}
+    targets = {"mlx": {"backend": "mlx", "quality": {"nob": {"mean_kld": 0.001}}},
+               "gguf": {"backend": "llama.cpp", "quality": quality},
+               "gptq": {"backend": "torch", "quality": {"nob": {"mean_kld": 0.005}}}}
+    predicted = dict.fromkeys(targets, 5e9)
+    assert recommendations(targets, predicted)[0] == (8, "gptq")
+    assert recommendations(targets, predicted, mac=True)[0] == (8, "mlx")
+    del targets["mlx"]["quality"]  # the best a Mac runs, MLX or GGUF
+    assert recommendations(targets, predicted, mac=True)[0] == (8, "gguf")
+    targets["mlx"]["quality"] = {"nob": {"mean_kld": 0.001}}
+    long = {n: {"f16": 5e9} for n in targets}
+    assert long_context_picks(targets, long)[0] == (8, "gptq", "f16")
