@@ -327,7 +327,8 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
                 with step(f"bench quality {target.name}", kind=target.kind,
                           ctx=settings.quality_ctx, weights=target.size_bytes,
                           tokens_per_language=language_tokens(wins)):
-                    entry["quality"] = quality(target, wins, ref, bytes_per_token, device,
+                    entry["quality"] = quality(target, wins, ref, bytes_per_token,
+                                               pick_device(settings.device, target.backend),
                                                settings.threads)
                 _save(out, results)
             entry.setdefault("speed", {})
@@ -336,7 +337,8 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
                     with step(f"bench speed {target.name} @{ctx}", kind=target.kind,
                               ctx=int(ctx), weights=target.size_bytes, worker=True):
                         entry["speed"][ctx] = speed(target, speed_ids, int(ctx), settings,
-                                                    device)
+                                                    pick_device(settings.device,
+                                                                target.backend))
                     _save(out, results)
             if target.fmt == "gguf":
                 _gguf_extras(target, entry, texts, settings, device, out, results)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvant.errors import SettingsError
+from kvant.model import pick_device
 from kvant.plan.kv import KV_TYPES, require_kv_type
 from kvant.registry import unknown_key_message
 from kvant.runtimes import open_runtime
@@ -230,7 +231,8 @@ class Engine:
         self.name = self.target.path.stem if self.target.path.suffix == ".gguf" else \
             self.target.path.name
         self.lock = threading.Lock()
-        self.device, self.threads, self.kv_type = device, threads, kv_type
+        self.device = pick_device(device, self.target.backend)
+        self.threads, self.kv_type = threads, kv_type
         self.runtime = None
 
     def load(self) -> None:

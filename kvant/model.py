@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,10 +98,13 @@ def model_source(model: str, revision: str | None = None) -> tuple[Path, dict]:
                   "requested_revision": revision or "main"}
 
 
-def pick_device(requested: str = "auto") -> str:
-    """``requested``, or for "auto" cuda when torch sees a GPU, else cpu."""
+def pick_device(requested: str = "auto", backend: str | None = None) -> str:
+    """``requested``, or for "auto" cuda when torch sees a GPU, else cpu; for an MLX model
+    (``backend`` "mlx") the GPU of an Apple-silicon Mac (Metal), else cpu."""
     if requested != "auto":
         return requested
+    if backend == "mlx":
+        return "gpu" if sys.platform == "darwin" and platform.machine() == "arm64" else "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

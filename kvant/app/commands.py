@@ -114,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> str:
 
     for piece in generate(args.artifact, args.prompt, args.max_new_tokens,
                           stop_at_newline=args.stop_at_newline,
-                          device=pick_device(args.device), check=args.verify,
+                          device=args.device, check=args.verify,  # the Engine picks
                           sampling=_sampling(args), stop=tuple(args.stop),
                           kv_type=args.kv_type):
         args.stdout.write(piece)  # stream past the stdout guard in main()
@@ -134,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     api_key = _api_key(args)
     if args.max_queue < 1:
         raise SettingsError(f"--max-queue {args.max_queue}: let at least 1 request wait")
-    engine = Engine(args.artifact, pick_device(args.device), args.ctx, args.threads,
+    engine = Engine(args.artifact, args.device, args.ctx, args.threads,
                     check=args.verify, kv_type=args.kv_type)
     if not is_loopback(args.host) and api_key is None:
         sys.stderr.write(f"kvant: warning: {args.host} is reachable from other machines and no "

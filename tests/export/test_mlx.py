@@ -195,3 +195,18 @@ def test_without_mlx_the_export_says_which_extra_to_install(micro_model, tmp_pat
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and "pip install 'kvant[mlx]'" in err[0], err
     assert not out.exists()
+
+
+def test_an_mlx_model_runs_on_a_macs_gpu_unless_told_otherwise(monkeypatch):
+    import platform
+    import sys
+
+    from kvant.model import pick_device
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert pick_device("auto", "mlx") == "gpu"  # Metal
+    assert pick_device("cpu", "mlx") == "cpu"
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert pick_device("auto", "mlx") == "cpu"
