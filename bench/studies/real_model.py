@@ -20,8 +20,9 @@ model, with the bench's metrics (mean KLD, top-1 agreement, ΔPPL, per language)
   k_quant_last and from the g32 GPTQ checkpoint, each beside the GGUF uniform frontier
   (Norwegian importance matrix) at its bytes;
 - ``mlx``: MLX 4-bit at group size 64 and its mix (kvant export mlx --mix: the Fisher
-  sensitivity, calibrated on --calib), beside the Norwegian export's GGUF files scored on the
-  same windows (--mlx-tokens per language: MLX's CPU backend is slow).
+  sensitivity, calibrated on --calib) and at group size 32, beside the Norwegian export's
+  GGUF files scored on the same windows (--mlx-tokens per language: MLX's CPU backend is
+  slow).
 
 Writes results.json and docs tables (real-gguf-uniform.json, real-gguf-mix.json,
 real-checkpoints.json, real-mlx.json; --prefix names them) beside it; the checkpoints and
@@ -122,9 +123,10 @@ def checkpoint_part(model: Path, out: Path, calib: Path, eval_tokens: int,
 def mlx_part(model: Path, out: Path, calib: Path, eval_tokens: int,
              data_dir: Path | None) -> dict:
     """MLX 4-bit at group size 64 (mlx-lm's default) and its mix (the mix's export scores
-    its uniform twin too), and the GGUF files of the uniform part's Norwegian export scored
-    again on the same windows: MLX's CPU backend takes seconds per window where llama.cpp
-    takes a fraction of one, so this part may use fewer --mlx-tokens than the rest."""
+    its uniform twin too), MLX 4-bit at group size 32, and the GGUF files of the uniform
+    part's Norwegian export scored again on the same windows: MLX's CPU backend takes
+    seconds per window where llama.cpp takes a fraction of one, so this part may use fewer
+    --mlx-tokens than the rest."""
     settings = MLXSettings(bits=4, group_size=64, mix=True, calib=str(calib),
                            eval_tokens=eval_tokens)
     folder = out / "mlx-4bit-mix"
@@ -146,6 +148,10 @@ def mlx_part(model: Path, out: Path, calib: Path, eval_tokens: int,
     except MixWithheld as withheld:
         found["mlx-4bit-g64"] = withheld.scores["uniform"]
         found["mlx-4bit-g64-mix"] = {**withheld.scores["mix"], "published": f"no: {withheld}"}
+    # group size 32 beside mlx-lm's 64: a model whose weights passed through Q4_1 (blocks
+    # of 32 with a scale and a minimum) is on a grid that MLX's groups of 32 reproduce
+    found.update(_made(model, out, {"mlx-4bit-g32": ("mlx", MLXSettings(
+        bits=4, group_size=32, eval_tokens=eval_tokens), {})}, data_dir))
     texts = {lang: get_text(lang, cache_dir(), data_dir) for lang in LANGS}
     wins = eval_windows(model, texts, eval_tokens, settings.eval_ctx)
     gguf = out / "uniform-norwegian"
