@@ -15,10 +15,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +28,7 @@ from kvant.errors import KvantError
 from kvant.export.gguf_mix import mix_verdict
 from kvant.export.mlx import MLXSettings
 from kvant.export.mlx_mix import CANDIDATE_BITS, choose_bits, fisher_bits_costs, quantizable
-from kvant.machine import die_with_parent
+from kvant.machine import PEAK_REPORT, run_python
 from kvant.model import (
     copy_tokenizer,
     read_config,
@@ -63,9 +59,7 @@ if plan != "-":  # a mix: {module path: bits}, stored per module in config.json
         return {"group_size": int(group), "bits": b, "mode": "affine"} if b else True
 convert(model, out, quantize=True, q_bits=int(bits), q_group_size=int(group), dtype=dtype,
         quant_predicate=predicate)
-from kvant.memory import peak_rss_mib
-print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
-"""
+""" + PEAK_REPORT
 # mlx-lm's convert loads from the Hub when a path does not exist: never here
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
@@ -86,24 +80,12 @@ def convert(model_dir: Path, out_dir: Path, settings: MLXSettings,
     plan = out_dir.with_name(out_dir.name + ".bits.json")
     if bits_of:
         plan.write_text(json.dumps(bits_of), encoding="utf-8")
-    with tempfile.TemporaryFile("w+") as log:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _CONVERT, str(model_dir.resolve()), str(out_dir),
-             str(settings.bits), str(settings.group_size), settings.dtype,
-             str(plan) if bits_of else "-"],
-            stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent,
-            env={**os.environ, **_OFFLINE})
-        proc.wait()
-        log.seek(0)
-        text = log.read()
-    if proc.returncode:
-        tail = " | ".join(text.strip().splitlines()[-3:])
-        raise KvantError(f"mlx-lm's convert failed: {tail}")
-    peak = re.findall(r"KVANT_PEAK_RSS_MIB ([0-9.]+)", text)
+    text, seconds, peak = run_python(
+        _CONVERT, [str(model_dir.resolve()), str(out_dir), str(settings.bits),
+                   str(settings.group_size), settings.dtype, str(plan) if bits_of else "-"],
+        "mlx-lm's convert", env={**os.environ, **_OFFLINE})
     bpw = re.findall(r"Quantized model with ([0-9.]+) bits per weight", text)
-    return {"convert_seconds": round(time.perf_counter() - started, 1),
-            "convert_peak_rss_mib": float(peak[-1]) if peak else None,
+    return {"convert_seconds": round(seconds, 1), "convert_peak_rss_mib": peak,
             "bits_per_weight": float(bpw[-1]) if bpw else None}
 
 

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
 from kvant.data import get_text, paragraphs
-from kvant.errors import KvantError, SettingsError
+from kvant.errors import SettingsError
 from kvant.export.onnx import ONNXSettings
 from kvant.files import sha256_file
-from kvant.machine import die_with_parent
+from kvant.machine import PEAK_REPORT, run_python
 from kvant.model import (
     read_config,
     refuse_quantized,
@@ -60,9 +57,7 @@ if "--lean" in sys.argv:
 model, out, precision, provider, cache = sys.argv[1:6]
 opts = parse_extra_options(model, model, out, precision, provider, cache, sys.argv[6:])
 create_model(model, model, out, precision, provider, cache, **opts)
-from kvant.memory import peak_rss_mib
-print("KVANT_PEAK_RSS_MIB", peak_rss_mib())
-"""
+""" + PEAK_REPORT
 
 
 def with_context(model_dir: Path, context: int, scratch: Path) -> Path:
@@ -143,22 +138,11 @@ def build(model_dir: Path, out_dir: Path, settings: ONNXSettings, scratch: Path,
         else [f"algo_config={settings.int4_algo}"]
     extra = [] if settings.precision != "int4" else [
         f"block_size={settings.block_size}", f"accuracy_level={settings.accuracy_level}", *algo]
-    with tempfile.TemporaryDirectory(prefix="builder-", dir=scratch) as cache, \
-            tempfile.TemporaryFile("w+") as log:
-        started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", _BUILD, str(model_dir), str(out_dir),
-                                 settings.precision, settings.provider, cache, *extra],
-                                stdout=log, stderr=subprocess.STDOUT, text=True,
-                                preexec_fn=die_with_parent)
-        proc.wait()
-        log.seek(0)
-        text = log.read()
-        if proc.returncode:
-            tail = " | ".join(text.strip().splitlines()[-3:])
-            raise KvantError(f"the ONNX Runtime GenAI builder failed: {tail}")
-    peak = re.findall(r"KVANT_PEAK_RSS_MIB ([0-9.]+)", text)
-    facts = {"build_seconds": round(time.perf_counter() - started, 1),
-             "builder_peak_rss_mib": float(peak[-1]) if peak else None}
+    with tempfile.TemporaryDirectory(prefix="builder-", dir=scratch) as cache:
+        text, seconds, peak = run_python(
+            _BUILD, [str(model_dir), str(out_dir), settings.precision, settings.provider,
+                     cache, *extra], "the ONNX Runtime GenAI builder")
+    facts = {"build_seconds": round(seconds, 1), "builder_peak_rss_mib": peak}
     in_place = re.findall(r"KVANT_IN_PLACE (\S+)", text)
     if in_place:  # which float MatMuls kvant.export.onnx_builder quantized in place
         facts["quantized_in_place"] = in_place

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from kvant.errors import KvantError
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -29,6 +35,35 @@ def die_with_parent() -> None:
         libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     except (OSError, AttributeError):  # not Linux: the child outlives a kill, as before
         pass
+
+
+# What a Python child (run_python) prints last so that its own peak memory is known: the
+# parent cannot read a child's VmHWM after it has exited
+PEAK_REPORT = ('\nfrom kvant.memory import peak_rss_mib\n'
+               'print("KVANT_PEAK_RSS_MIB", peak_rss_mib())\n')
+
+
+def run_python(script: str, args: list[str], what: str, env: dict | None = None
+               ) -> tuple[str, float, float | None]:
+    """Run ``script`` (ending with PEAK_REPORT) in a fresh interpreter with ``args``, dying
+    with Kvant, its output kept in a temporary file (a pipe would block a chatty child):
+    (its output, seconds, its peak RSS in MiB). A failure is one KvantError naming ``what``
+    and the output's last three lines. The ONNX builder and mlx-lm's convert run so: a
+    child's peak memory is its own, and what the engine allocates goes with it."""
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=log,
+                                stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=die_with_parent, env=env)
+        proc.wait()
+        seconds = time.perf_counter() - started
+        log.seek(0)
+        text = log.read()
+    if proc.returncode:
+        tail = " | ".join(text.strip().splitlines()[-3:])
+        raise KvantError(f"{what} failed: {tail}")
+    peak = re.findall(r"KVANT_PEAK_RSS_MIB ([0-9.]+)", text)
+    return text, seconds, float(peak[-1]) if peak else None
 
 
 # A child process (llama.cpp's tools, a bench worker) gets a time limit from the work it was
