@@ -16,7 +16,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
+from kvant.artifact import (
+    ArtifactWriter,
+    Made,
+    check_free_space,
+    check_input,
+    settings_dict,
+)
 from kvant.data import TextFile, get_mix, get_text, paragraphs
 from kvant.errors import DataError, SettingsError
 from kvant.export.gguf import (
@@ -41,9 +47,7 @@ from kvant.files import sha256_file
 from kvant.model import (
     model_info,
     read_config,
-    refuse_quantized,
     refuse_sliding_window,
-    require_tokenizer,
     trained_context,
 )
 from kvant.plan.kinds import shape_of
@@ -262,10 +266,7 @@ def _inputs(model_dir: Path, out: Path, settings: GGUFSettings, source: dict, fo
             cache_dir: Path, data_dir: Path | None, progress: bool) -> _Inputs:
     """Every refusal an export can make before it starts: the output folder, the model, the
     importance matrix file, free space, a calibration text too short for one chunk."""
-    refuse_existing(out, force, protect=(model_dir,))
-    refuse_quantized(model_dir)
-    require_tokenizer(model_dir)
-    config = read_config(model_dir)
+    config = check_input(model_dir, out, force, allow_synthetic=True)  # synthetic: converted
     refuse_sliding_window(config, model_dir, "GGUF")
     name = Path(source.get("id", model_dir.name)).name
     # hub ids (and Kvant's stand-in) name the model in its general.* metadata; a local

@@ -22,7 +22,13 @@ from pathlib import Path
 from mlx_lm.utils import load_tokenizer
 from tokenizers import Tokenizer
 
-from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
+from kvant.artifact import (
+    ArtifactWriter,
+    Made,
+    check_free_space,
+    check_input,
+    settings_dict,
+)
 from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import KvantError
 from kvant.export.gguf_mix import mix_verdict
@@ -33,9 +39,6 @@ from kvant.model import (
     copy_tokenizer,
     read_config,
     read_safetensors_header,
-    refuse_quantized,
-    refuse_synthetic,
-    require_tokenizer,
     rope_theta,
     weight_files,
 )
@@ -234,12 +237,7 @@ def run(model_dir: Path, out: Path, settings: MLXSettings, *, source: dict, cach
         rehearsal: bool = False) -> Made:
     """`kvant export mlx`: convert, ship the exact tokenizer, validate, publish ``out``
     (``reference_dir`` and ``rehearsal``: see kvant.quantize.checkpoint)."""
-    refuse_existing(out, force, protect=(model_dir,))
-    refuse_quantized(model_dir)
-    if not rehearsal:
-        refuse_synthetic(model_dir)
-    require_tokenizer(model_dir)
-    config = read_config(model_dir)
+    config = check_input(model_dir, out, force, allow_synthetic=rehearsal)
     check_free_space(out.parent, disk_need(config, [settings.kind]))
     texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)

@@ -21,7 +21,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
+from kvant.artifact import (
+    ArtifactWriter,
+    Made,
+    check_free_space,
+    check_input,
+    settings_dict,
+)
 from kvant.data import get_text, paragraphs
 from kvant.errors import SettingsError
 from kvant.export.onnx import ONNXSettings
@@ -29,10 +35,7 @@ from kvant.files import sha256_file
 from kvant.machine import PEAK_REPORT, run_python
 from kvant.model import (
     read_config,
-    refuse_quantized,
     refuse_sliding_window,
-    refuse_synthetic,
-    require_tokenizer,
     trained_context,
     weight_files,
 )
@@ -221,14 +224,9 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
     """`kvant export onnx`: build, rewrite the tokenizer, validate, publish ``out``
     (``reference_dir`` and ``rehearsal``: see kvant.quantize.checkpoint; ``gptq_dir``: the
     GPTQ checkpoint of ``model_dir`` an ``int4_algo = "gptq"`` build reads)."""
-    refuse_existing(out, force, protect=(model_dir,))
-    refuse_quantized(model_dir)
+    config = check_input(model_dir, out, force, allow_synthetic=rehearsal)
     weights = (gptq_source(gptq_dir, model_dir, settings) if settings.int4_algo == "gptq"
                and settings.precision == "int4" else model_dir)
-    if not rehearsal:
-        refuse_synthetic(model_dir)
-    require_tokenizer(model_dir)
-    config = read_config(model_dir)
     refuse_sliding_window(config, model_dir, "ONNX")
     context, context_warning = trained_context(config, source.get("id", model_dir.name),
                                                settings.context_length)

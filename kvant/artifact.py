@@ -30,6 +30,7 @@ from pathlib import Path
 from kvant import __version__
 from kvant.errors import ArtifactError
 from kvant.files import sha256_file
+from kvant.model import read_config, refuse_quantized, refuse_synthetic, require_tokenizer
 from kvant.paths import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,20 @@ def refuse_existing(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> N
         raise ArtifactError(f"--force replaces only a finished Kvant artifact, and '{out}' is "
                             "not one (no Kvant manifest.json); move it away yourself or "
                             "choose another --out")
+
+
+def check_input(model_dir: Path, out: Path, force: bool, allow_synthetic: bool = False
+                ) -> dict:
+    """What every pipeline refuses before any work, in this order: an existing ``out``
+    (:func:`refuse_existing`), a quantized model, synthetic weights (unless
+    ``allow_synthetic``: a rehearsal), a model without tokenizer.json; returns its
+    config.json."""
+    refuse_existing(out, force, protect=(model_dir,))
+    refuse_quantized(model_dir)
+    if not allow_synthetic:
+        refuse_synthetic(model_dir)
+    require_tokenizer(model_dir)
+    return read_config(model_dir)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -12,14 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvant.artifact import ArtifactWriter, Made, check_free_space, refuse_existing, settings_dict
+from kvant.artifact import (
+    ArtifactWriter,
+    Made,
+    check_free_space,
+    check_input,
+    settings_dict,
+)
 from kvant.data import EvalSettings, TextFile, get_text
 from kvant.model import (
     copy_tokenizer,
-    read_config,
-    refuse_quantized,
-    refuse_synthetic,
-    require_tokenizer,
 )
 from kvant.plan.peaks import disk_need
 from kvant.runtimes.reference import reference_logits, score_against
@@ -53,12 +55,8 @@ def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, f
 
     ``reference_dir``: a reference folder shared with the rest of a release (else one in
     scratch); ``rehearsal``: synthetic weights are scored for time and memory only."""
-    refuse_existing(out, force, protect=(model_dir,))
-    refuse_quantized(model_dir)
-    if not rehearsal:
-        refuse_synthetic(model_dir)
-    require_tokenizer(model_dir)
-    check_free_space(out.parent, disk_need(read_config(model_dir), [kind]))
+    config = check_input(model_dir, out, force, allow_synthetic=rehearsal)
+    check_free_space(out.parent, disk_need(config, [kind]))
     texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
     wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
     with ArtifactWriter(out, fmt=fmt, force=force, protect=(model_dir,)) as art:
