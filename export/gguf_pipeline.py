@@ -16,13 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kvant.artifact import (
-    ArtifactWriter,
-    Made,
-    check_free_space,
-    check_input,
-    settings_dict,
-)
+from kvant.artifact import ArtifactWriter, Made, check_free_space, check_input, settings_dict
 from kvant.data import TextFile, get_mix, get_text, paragraphs
 from kvant.errors import DataError, SettingsError
 from kvant.export.gguf import (

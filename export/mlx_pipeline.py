@@ -22,13 +22,7 @@ from pathlib import Path
 from mlx_lm.utils import load_tokenizer
 from tokenizers import Tokenizer
 
-from kvant.artifact import (
-    ArtifactWriter,
-    Made,
-    check_free_space,
-    check_input,
-    settings_dict,
-)
+from kvant.artifact import ArtifactWriter, Made, check_free_space, check_input, settings_dict
 from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import KvantError
 from kvant.export.gguf_mix import mix_verdict

@@ -21,13 +21,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kvant.artifact import (
-    ArtifactWriter,
-    Made,
-    check_free_space,
-    check_input,
-    settings_dict,
-)
+from kvant.artifact import ArtifactWriter, Made, check_free_space, check_input, settings_dict
 from kvant.data import get_text, paragraphs
 from kvant.errors import SettingsError
 from kvant.export.onnx import ONNXSettings

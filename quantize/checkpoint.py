@@ -12,17 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvant.artifact import (
-    ArtifactWriter,
-    Made,
-    check_free_space,
-    check_input,
-    settings_dict,
-)
+from kvant.artifact import ArtifactWriter, Made, check_free_space, check_input, settings_dict
 from kvant.data import EvalSettings, TextFile, get_text
-from kvant.model import (
-    copy_tokenizer,
-)
+from kvant.model import copy_tokenizer
 from kvant.plan.peaks import disk_need
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import Target
