@@ -168,10 +168,10 @@ def unquantized(folder: Path) -> list[str]:
                   and n.removesuffix(".weight") + ".scales" not in names)
 
 
-def mlx_fidelity(folder: Path, exact: Tokenizer, units: list[str]) -> dict:
-    """What mlx-lm's own tokenizer (`mlx_lm.utils.load_tokenizer`, what mlx_lm.generate and
-    mlx_lm.server encode with) gives on raw text against the exact HF ids."""
-    theirs = load_tokenizer(folder)
+def mlx_fidelity(theirs, exact: Tokenizer, units: list[str]) -> dict:
+    """What mlx-lm's own tokenizer (``theirs``: `mlx_lm.utils.load_tokenizer` of the folder,
+    what mlx_lm.generate and mlx_lm.server encode with) gives on raw text against the exact
+    HF ids."""
     fid = fidelity([exact.encode(u).ids for u in units], [theirs.encode(u) for u in units])
     return {"units": fid.units, "identical_pct": fid.identical_pct,
             "aligned_pct": fid.aligned_pct}
@@ -203,7 +203,7 @@ def _card(name: str, settings: MLXSettings, validation: dict, kept: list[str]) -
 
 LM Studio lists the folder as an MLX model. On a Mac it runs on the GPU (Metal); elsewhere
 `pip install 'mlx[cpu]' mlx-lm` runs it on the CPU, slowly. Kvant's own
-`kvant generate --model .` and `kvant serve --model .` run it through mlx-lm too.
+`kvant generate . --prompt "Noreg er"` and `kvant serve .` run it through mlx-lm too.
 
 ## Drift
 
@@ -266,7 +266,8 @@ def run(model_dir: Path, out: Path, settings: MLXSettings, *, source: dict, cach
             expected = runtime.logits(prompt + greedy[:-1])[len(prompt) - 1:].argmax(-1)
             runtime.close()
         same = sum(a == b for a, b in zip(greedy, expected.tolist(), strict=True))
-        fid = {lang: mlx_fidelity(art.dir, exact, paragraphs(t.read()))
+        theirs = load_tokenizer(art.dir)  # once, for every language
+        fid = {lang: mlx_fidelity(theirs, exact, paragraphs(t.read()))
                for lang, t in texts.items()}
         art.validation = {
             "reference": f"transformers, {ref.dtype} weights, float32 log-softmax",
