@@ -160,3 +160,31 @@ def test_the_installed_entry_point_names_the_registered_model():
     (point,) = [e for e in entry_points(group="lm_eval.models") if e.name == "kvant"]
     assert point.load() is get_model("kvant") is KvantLM
 
+
+
+def test_only_kvants_own_tasks_skip_lm_evals_bundled_index(tmp_path, monkeypatch):
+    """When every task asked for is Kvant's own, lm-eval's TaskManager indexes the include
+    path alone (its 27,000 bundled task files take seconds); any other task keeps them."""
+    from lm_eval.tasks import TaskManager
+
+    import kvant.bench.lmtasks as lmtasks
+    from kvant.app import lmeval
+
+    built = []
+
+    def record(self, *args, **kwargs):
+        built.append(kwargs.get("include_defaults", True))
+        raise SystemExit(0)  # as far as the test needs lm-eval to go
+
+    monkeypatch.setattr(TaskManager, "__init__", record)
+    monkeypatch.setattr(lmtasks, "build_tasks",
+                        lambda folder, *a: folder.mkdir(parents=True, exist_ok=True))
+    for tasks, defaults in (("kvant_cloze_nob,kvant_complete_sme", False),
+                            ("kvant_cloze_nob,hellaswag", True)):
+        built.clear()
+        code = lmeval.lm_eval_cli(["run", "--model", "kvant", "--model_args", "artifact=x",
+                                   "--tasks", tasks], cache_dir=tmp_path, data_dir=None)
+        assert code == 0 and built == [defaults], (tasks, built)
+    assert TaskManager.__init__ is record  # lm-eval's own default, put back after the run
+    assert lmeval._tasks_argument(["--tasks=a,b"]) == ["a", "b"]
+    assert lmeval._tasks_argument(["--limit", "2"]) == []
