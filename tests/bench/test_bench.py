@@ -129,7 +129,7 @@ def test_rerun_resumes_finished_measurements(bench, tiny_model, cache_dir, gguf_
     results["targets"]["tiny-Q6_K"]["speed_key"] = "measured-on-another-artifact"
     (bench / "results.json").write_text(json.dumps(results))
     settings = BenchSettings(langs=("nob", "sme"), ctx=CTX, quality_tokens=1024,
-                             quality_ctx=128, repeats=1, n_new=8)
+                             quality_ctx=128, repeats=1, n_new=8, max_attempts=1)
     # the fixture's artifacts, all of them: a model left out would leave results.json
     run_bench([gguf_artifact, bnb_artifacts["int8"], bnb_artifacts["nf4"], gptq_artifact,
                onnx_artifacts["int4-b32"]], tiny_model, settings, bench, cache_dir=cache_dir,

@@ -326,7 +326,7 @@ def test_the_benchs_bf16_rows_run_on_mapped_pages_at_real_width(synth_one_layer,
     assert anonymous < mapped / 2, anonymous
 
     settings = BenchSettings(langs=("nob",), ctx=("512",), quality_tokens=512, repeats=1,
-                             peer_checks=False, device="cpu")
+                             peer_checks=False, device="cpu", max_attempts=1)
     with recording() as steps:
         run_bench([], out, settings, tmp_path / "bench", cache_dir=cache_dir,
                   data_dir=UD_DIR, rehearsal=True)

@@ -207,6 +207,7 @@ def speed_only(artifacts, tmp_path_factory):
     out = tmp_path_factory.mktemp("speed-only")
     result = run_kvant("--no-progress", "bench", *map(str, artifacts.values()), "--no-quality",
                        "--ctx", "64", "--repeats", "1", "--n-new", "4", "--no-peer-checks",
+                       "--max-attempts", "1",
                        "--out", str(out), timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "results.json").read_text())

@@ -46,6 +46,7 @@ quality_ctx = 128
 repeats = 1
 n_new = 4
 depth_ctx = 1536
+max_attempts = 1
 
 [eval]
 tasks = ["kvant_cloze_nob"]
