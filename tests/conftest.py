@@ -263,12 +263,12 @@ def reference_for(model: Path, langs, n_tokens: int, n_ctx: int, cache: Path, fo
     return wins, reference_logits(model, wins, folder)
 
 
-def run_kvant(*args: str, env: dict | None = None, timeout: int = 900):
-    """The installed console script, as a user runs it."""
+def run_kvant(*args: str, env: dict | None = None, timeout: int = 900, cwd: Path | None = None):
+    """The installed console script, as a user runs it (in ``cwd``, else this folder)."""
     exe = Path(sys.executable).with_name("kvant")
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 def cpu_gpu_drift(path, n_tokens: int = 64) -> tuple[float, float, set[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -43,6 +44,7 @@ repeats = 1
 n_new = 4
 peer_checks = false
 depth_ctx = 0
+max_attempts = 1
 """
 
 
@@ -52,63 +54,82 @@ def _snapshot(folder):
 
 
 def _release(recipe, *extra):
+    """`kvant release RECIPE` in the recipe's folder (where its relative paths lead)."""
     return run_kvant("--no-progress", "release", str(recipe), *extra,
-                     env={"KVANT_DATA_DIR": str(UD_DIR)})
+                     env={"KVANT_DATA_DIR": str(UD_DIR)}, cwd=recipe.parent)
 
 
 def _gguf_files(folder):
-    return sorted(p.name for p in folder.glob("*.gguf"))
+    return sorted(p.name for p in folder.glob("*.gguf") if not p.name.endswith(".imatrix.gguf"))
 
 
-def test_an_edited_recipe_is_refused_then_rebuilt_with_rebuild(tmp_path, tiny_model):
-    """The old resume kept any folder whose checksums verified: edit `types` from q8_0 to
-    q4_k_m and the release still carded the Q8_0 file."""
-    recipe = tmp_path / "one.toml"
-    out = tmp_path / "out"
-    recipe.write_text(RECIPE.format(out=out, types='["q8_0"]', imatrix="none", calib="",
-                                    stand_in_calib=CALIB_FILE))
-    first = _release(recipe)
+@pytest.fixture(scope="module")
+def first_release(tmp_path_factory, tiny_model):
+    """One finished release (Q4_K_M with an imatrix from its own calibration text) that
+    each resume scenario copies and changes: recipe, calibration text and output folder."""
+    root = tmp_path_factory.mktemp("resume")
+    (root / "calib.txt").write_text(CALIB_FILE.read_text(encoding="utf-8"), encoding="utf-8")
+    _write_recipe(root, '["q4_k_m"]')
+    first = _release(root / "one.toml")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert _gguf_files(out / "one-gguf") == ["kvant-stand-in-Q8_0.gguf"]
+    assert _gguf_files(root / "out" / "one-gguf") == ["kvant-stand-in-Q4_K_M.gguf"]
+    return root
+
+
+def _write_recipe(root, types):
+    """The recipe in ``root``, its output folder and calibration text named relative to it."""
+    (root / "one.toml").write_text(RECIPE.format(
+        out="out", types=types, imatrix="auto", calib='calib = "calib.txt"',
+        stand_in_calib=CALIB_FILE))
+
+
+def _copy_of(first_release, tmp_path):
+    """The first release, its recipe and its text, copied into ``tmp_path`` with their
+    times (so that a kept file is seen as kept)."""
+    root = tmp_path / "copy"
+    shutil.copytree(first_release, root)
+    return root
+
+
+def test_an_edited_recipe_is_refused_then_rebuilt_with_rebuild(first_release, tmp_path):
+    """Resume keeps a folder only when the recipe still asks for it: edit `types` from q4_k_m
+    to q8_0, and a folder whose checksums verify is still not carded as the new type."""
+    root = _copy_of(first_release, tmp_path)
+    recipe, out = root / "one.toml", root / "out"
     # the same recipe again: kept as it is (the same file, not rebuilt)
-    made = (out / "one-gguf" / "kvant-stand-in-Q8_0.gguf").stat()
+    made = (out / "one-gguf" / "kvant-stand-in-Q4_K_M.gguf").stat()
     again = _release(recipe)
     assert again.returncode == 0, again.stderr[-3000:]
-    kept = (out / "one-gguf" / "kvant-stand-in-Q8_0.gguf").stat()
+    kept = (out / "one-gguf" / "kvant-stand-in-Q4_K_M.gguf").stat()
     assert (kept.st_ino, kept.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
-    recipe.write_text(RECIPE.format(out=out, types='["q4_k_m"]', imatrix="none", calib="",
-                                    stand_in_calib=CALIB_FILE))
+    _write_recipe(root, '["q8_0"]')
     before = _snapshot(out)
     refused = _release(recipe)
     assert refused.returncode == 2, refused.stderr[-3000:]
     line = refused.stderr.strip().splitlines()[-1]
-    assert 'gguf.types: ["q8_0"] -> ["q4_k_m"]' in line and "--rebuild" in line
+    assert 'gguf.types: ["q4_k_m"] -> ["q8_0"]' in line and "--rebuild" in line
     assert _snapshot(out) == before  # refused before any work: nothing touched
     rebuilt = _release(recipe, "--rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
     assert "rebuilding" in rebuilt.stderr and "gguf.types" in rebuilt.stderr
-    assert _gguf_files(out / "one-gguf") == ["kvant-stand-in-Q4_K_M.gguf"]
+    assert _gguf_files(out / "one-gguf") == ["kvant-stand-in-Q8_0.gguf"]
     assert verify_artifact(out / "one-gguf") == []
-    assert read_manifest(out / "one-gguf")["settings"]["types"] == ["q4_k_m"]
+    assert read_manifest(out / "one-gguf")["settings"]["types"] == ["q8_0"]
     index = (out / "README.md").read_text()
-    assert "Q4_K_M" in index and "Q8_0" not in index
+    assert "Q8_0" in index and "Q4_K_M" not in index
 
 
-def test_changed_calibration_text_is_named(tmp_path, tiny_model):
+def test_changed_calibration_text_is_named(first_release, tmp_path):
     """Same recipe, same calibration path, other bytes: the imatrix it made is stale."""
-    text = tmp_path / "calib.txt"
-    text.write_text(CALIB_FILE.read_text(encoding="utf-8"), encoding="utf-8")
-    recipe = tmp_path / "one.toml"
-    out = tmp_path / "out"
-    recipe.write_text(RECIPE.format(out=out, types='["q4_k_m"]', imatrix="auto",
-                                    calib=f'calib = "{text}"', stand_in_calib=CALIB_FILE))
-    first = _release(recipe)
-    assert first.returncode == 0, first.stderr[-3000:]
+    root = _copy_of(first_release, tmp_path)
+    text = root / "calib.txt"
     paragraphs = text.read_text(encoding="utf-8").split("\n")
     text.write_text("\n".join(reversed(paragraphs)), encoding="utf-8")
-    refused = _release(recipe)
+    before = _snapshot(root / "out")
+    refused = _release(root / "one.toml")
     assert refused.returncode == 2
     assert "text 'calib' changed (sha256" in refused.stderr.strip().splitlines()[-1]
+    assert _snapshot(root / "out") == before
 
 
 def _manifested(tmp_path, settings, source, data=()):
