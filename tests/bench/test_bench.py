@@ -251,7 +251,7 @@ def test_plan_predicts_the_measured_peaks_within_10_percent(bench, tiny_model):
     assert "| gguf-q4_k_m | llama.cpp |" in result.stdout and "held-out" in result.stdout
 
 
-def test_speed_beside_a_cpu_hog_is_marked_noisy(gguf_artifact, tmp_path, cache_dir):
+def test_speed_beside_a_cpu_hog_is_marked_noisy(gguf_artifact, tmp_path, cache_dir, caplog):
     """Other programs spinning on every core: the row is retried, then kept as noisy."""
     hog = "import time\nend = time.time() + 90\nwhile time.time() < end:\n    pass\n"
     hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(os.cpu_count() or 2)]
@@ -266,6 +266,8 @@ def test_speed_beside_a_cpu_hog_is_marked_noisy(gguf_artifact, tmp_path, cache_d
     assert all(h.wait() is not None for h in hogs)
     row = _results(out)["targets"]["tiny-Q4_K_M"]["speed"]["64"]
     assert row["noisy"] is True and row["attempts"] == 2
+    said = [r.getMessage() for r in caplog.records if "tiny-Q4_K_M at 64" in r.getMessage()]
+    assert [m.rsplit("; ", 1)[1] for m in said] == ["measuring again", "kept as noisy"], said
     assert row["other_cpu_pct"] > settings.max_other_cpu_pct
     assert any("other programs used" in reason for reason in row["noise"])
     report = (out / "report.md").read_text()
