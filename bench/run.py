@@ -37,16 +37,16 @@ from kvant.artifact import installed_versions
 from kvant.bench.report import write_report
 from kvant.bench.settings import BenchSettings
 from kvant.data import get_text
+from kvant.engine import stated_context
 from kvant.errors import SettingsError
 from kvant.files import sha256_text, write_json
-from kvant.generation import stated_context
 from kvant.machine import child_limit, die_with_parent, machine, over_limit, weights_flops
 from kvant.model import model_info, pick_device, read_config
 from kvant.plan.kv import kv_types_for
+from kvant.recorder import language_tokens, shared_or_step, step
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import Target, targets, verify
 from kvant.scoring import text_windows
-from kvant.steps import language_tokens, shared_or_step, step
 
 logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 3

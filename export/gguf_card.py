@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvant.engine import ASSISTANT, USER
 from kvant.export.gguf_clients import fidelity_table
-from kvant.generation import ASSISTANT, USER
 
 
 def run_it(files: dict, clients: dict, context: int) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvant.data import TextFile, paragraphs
-from kvant.generation import ASSISTANT, USER
+from kvant.engine import ASSISTANT, USER
 from kvant.runtimes.llamacpp import StockTokenizer
 from kvant.tokenization import CLIENT_INPUTS, exact_tokenizer, fidelity
 
@@ -21,7 +21,7 @@ DOC_PARAGRAPHS = 5  # a multi-line document: this many consecutive paragraphs, a
 # Ollama's Go template. One user message and no system prompt is a plain prompt (`ollama run
 # MODEL $'Engelsk: ...\nBokmål:'`, /api/generate): the text itself with the leading space the
 # model was trained with, continued. Anything else is Kvant's dialogue format (see
-# kvant.generation), written as NorMistral's normalizer would leave it: a space at the start
+# kvant.engine), written as NorMistral's normalizer would leave it: a space at the start
 # and after each newline of the template's own text. Go templates have no string
 # replacement, so newlines inside a message stay without their space.
 OLLAMA_TEMPLATE = (

@@ -175,7 +175,7 @@ def make_mix(spec: str, base: Path, out: Path, sensitivity: Sensitivity,
         budget_bytes = uniform.stat().st_size
     types = candidates(spec, set(uniform_types.values()), sensitivity.imatrix is not None)
     try:
-        costs = sensitivity.of(types)
+        costs = sensitivity.costs_of(types)
     except NothingFits as nothing:
         if uniform is not None:  # its uniform twin ships in its place
             return {"sensitivity": None, "candidates": types, "budget_bytes": budget_bytes,

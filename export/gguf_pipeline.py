@@ -16,7 +16,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kvant.artifact import ArtifactWriter, Made, check_free_space, check_input, settings_dict
+from kvant.artifact import (
+    ArtifactWriter,
+    PipelineOutput,
+    check_free_space,
+    check_input,
+    settings_dict,
+)
 from kvant.data import TextFile, get_mix, get_text, paragraphs
 from kvant.errors import DataError, SettingsError
 from kvant.export.gguf import (
@@ -47,11 +53,11 @@ from kvant.model import (
 from kvant.plan.kinds import shape_of
 from kvant.plan.peaks import LAPTOP_BUDGET, context_that_fits, disk_need
 from kvant.plan.sizes import GIB
+from kvant.recorder import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.runtimes.llamacpp import LlamaCppRuntime, StockTokenizer
 from kvant.runtimes.reference import Reference, reference_logits, score_against
 from kvant.runtimes.targets import Target
 from kvant.scoring import eval_windows, sequence_nll_bits
-from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.tokenization import exact_tokenizer, fidelity
 
 logger = logging.getLogger(__name__)
@@ -179,7 +185,7 @@ def _sensitivity(settings: GGUFSettings, info, model_dir: Path, base: Path,
         with step("gguf mix sensitivity", kind="llama-quantize"):
             sensitivity = Sensitivity(mode, base, imatrix, scratch, settings.n_threads,
                                       progress=progress, token_freq=freq)
-            sensitivity.of(_candidates(specs, imatrix))
+            sensitivity.costs_of(_candidates(specs, imatrix))
         return sensitivity
     wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
     with shared_or_step(reference_dir, settings.eval_ctx):
@@ -314,7 +320,7 @@ def _mixes(art, base: Path, paths: dict, quantized: dict, sensitivity, imatrix_p
            settings: GGUFSettings, asked: _Inputs) -> dict[str, Path]:
     """Make each -MIX and mix:SIZE file into ``paths`` and ``quantized``; return each
     ``<type>-mix``'s uniform twin (its budget), made in scratch where not asked for."""
-    twins: dict[str, Path] = {}
+    uniform_of: dict[str, Path] = {}
     for spec in asked.mix_types:
         uniform_type, uniform = mix_base(spec), None
         if uniform_type:
@@ -323,21 +329,21 @@ def _mixes(art, base: Path, paths: dict, quantized: dict, sensitivity, imatrix_p
                 uniform = art.scratch / file_name(asked.name, uniform_type)
                 with step(f"gguf quantize {uniform_type}", kind="llama-quantize"):
                     quantize(base, uniform, uniform_type, imatrix_path, settings.n_threads)
-            twins[spec] = uniform
+            uniform_of[spec] = uniform
         paths[spec] = art.dir / file_name(asked.name, spec)
         with step(f"gguf mix {spec}", kind="llama-quantize"):
             quantized[spec] = {"fallback_tensors": 0, "mix": make_mix(
                 spec, base, paths[spec], sensitivity, uniform,
                 None if uniform_type else mix_size(spec), settings.n_threads)}
-    return twins
+    return uniform_of
 
 
-def _withhold(art, twins: dict[str, Path], paths: dict, files: dict, quantized: dict, ref,
+def _withhold(art, uniform_of: dict[str, Path], paths: dict, files: dict, quantized: dict, ref,
               wins, settings: GGUFSettings) -> dict:
     """Each -MIX worse than its twin on held-out text, removed with its uniform twin shipped
     in its place (kvant.export.gguf_mix.mix_verdict); returns why, per mix."""
     withheld = {}
-    for spec, uniform in twins.items():
+    for spec, uniform in uniform_of.items():
         reason = _judge_mix(spec, uniform, files, quantized[spec]["mix"], ref, wins, settings)
         if reason is None:
             continue
@@ -356,10 +362,10 @@ def _withhold(art, twins: dict[str, Path], paths: dict, files: dict, quantized: 
     return withheld
 
 
-def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
-                cache_dir: Path, data_dir: Path | None = None, force: bool = False,
-                progress: bool = False, device: str = "cpu", reference_dir: Path | None = None,
-                rehearsal: bool = False) -> Made:
+def run(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
+        cache_dir: Path, data_dir: Path | None = None, force: bool = False,
+        progress: bool = False, device: str = "cpu", reference_dir: Path | None = None,
+        rehearsal: bool = False) -> PipelineOutput:
     """Convert, quantize and validate; publish ``out`` atomically (``reference_dir`` and
     ``rehearsal``: see kvant.quantize.checkpoint)."""
     asked = _inputs(model_dir, out, settings, source, force, cache_dir, data_dir, progress)
@@ -406,7 +412,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                                        asked.calib, art.scratch, reference_dir, device,
                                        cache_dir, data_dir, progress, rehearsal,
                                        tuple(asked.mix_types))
-        twins = _mixes(art, base, paths, quantized, sensitivity, imatrix_path, settings, asked)
+        uniform_of = _mixes(art, base, paths, quantized, sensitivity, imatrix_path, settings, asked)
         files = {}
         for t in settings.types:
             mix = quantized.get(t, {}).get("mix", {})
@@ -416,7 +422,7 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
                       weights=paths[t].stat().st_size, tokens_per_language=language_tokens(wins)):
                 files[t] = {"file": paths[t].name, "kind": kind(t), **quantized.get(t, {}),
                             **validate(paths[t], ref, wins, settings)}
-        withheld = _withhold(art, twins, paths, files, quantized, ref, wins, settings)
+        withheld = _withhold(art, uniform_of, paths, files, quantized, ref, wins, settings)
         against_frontier(files, withheld)
         with step("gguf tokenizer report", kind=kind(BASE_TYPE),
                   weights=base.stat().st_size) as record:
@@ -445,4 +451,4 @@ def export_gguf(model_dir: Path, out: Path, settings: GGUFSettings, *, source: d
         art.card_body = card(name, files, tok_report, imatrix, asked.calib,
                               run_it(files, clients, asked.context), withheld)
     logger.info("GGUF export: %s", json.dumps({t: f.get("mean_kld") for t, f in files.items()}))
-    return Made(out, art.kinds)
+    return PipelineOutput(out, art.kinds)

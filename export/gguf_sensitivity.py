@@ -213,7 +213,7 @@ class Sensitivity:
         self.baseline = 0.0  # against the checkpoint itself
         return costs
 
-    def of(self, types: list[str]) -> dict:
+    def costs_of(self, types: list[str]) -> dict:
         """The costs of every type in ``types`` (measured where missing)."""
         missing = [t for t in types if (self.tensors[0].name, t) not in self.costs]
         if not missing:

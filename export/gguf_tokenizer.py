@@ -17,9 +17,9 @@ from pathlib import Path
 
 import gguf
 
+from kvant.engine import CHAT_TEMPLATE
 from kvant.errors import ModelError
 from kvant.export.gguf import PRE_TOKENIZERS
-from kvant.generation import CHAT_TEMPLATE
 from kvant.tokenization import GGUF_PRE_EXACT, PRE_EXACT_NORMISTRAL, is_normistral_pipeline
 
 
@@ -54,7 +54,7 @@ def add_tokenizer(writer, model_dir: Path, pre: str = PRE_TOKENIZERS[0]) -> dict
     special_vocab = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=n_vocab)
     # a model with its own chat template (an instruction-tuned NorMistral) keeps it; the base
     # model gets Kvant's plain dialogue, pre-normalized for tokenizers without NorMistral's
-    # normalizer (kvant.generation.CHAT_TEMPLATE)
+    # normalizer (kvant.engine.CHAT_TEMPLATE)
     template = "model's own" if special_vocab.chat_template else "kvant dialogue"
     special_vocab.chat_template = special_vocab.chat_template or CHAT_TEMPLATE
     special_vocab.add_to_gguf(writer, quiet=True)  # ids, and add_bos from "<s> $A"

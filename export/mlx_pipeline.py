@@ -22,7 +22,13 @@ from pathlib import Path
 from mlx_lm.utils import load_tokenizer
 from tokenizers import Tokenizer
 
-from kvant.artifact import ArtifactWriter, Made, check_free_space, check_input, settings_dict
+from kvant.artifact import (
+    ArtifactWriter,
+    PipelineOutput,
+    check_free_space,
+    check_input,
+    settings_dict,
+)
 from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import KvantError
 from kvant.export.gguf_mix import mix_verdict
@@ -37,11 +43,11 @@ from kvant.model import (
     weight_files,
 )
 from kvant.plan.peaks import disk_need
+from kvant.recorder import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.runtimes.mlx import MLXRuntime
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import Target
 from kvant.scoring import drift_table, eval_windows
-from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.tokenization import fidelity
 
 _CONVERT = """
@@ -102,7 +108,7 @@ def state_rope_theta(folder: Path, source_config: dict) -> bool:
     return True
 
 
-def _complete(folder: Path, model_dir: Path, config: dict) -> bool:
+def _add_what_mlx_lm_lacks(folder: Path, model_dir: Path, config: dict) -> bool:
     """What mlx-lm's folder lacks: the source's own tokenizer files and the RoPE base where
     mlx-lm reads it (True when that was added)."""
     copy_tokenizer(model_dir, folder)
@@ -134,7 +140,7 @@ def _against_twin(model_dir: Path, settings: MLXSettings, config: dict, scored: 
     twin = scratch / "uniform"
     with step(f"{uniform.kind} convert", kind=uniform.kind):
         convert(model_dir, twin, uniform)
-    _complete(twin, model_dir, config)
+    _add_what_mlx_lm_lacks(twin, model_dir, config)
     with step(f"{uniform.kind} score", kind=uniform.kind, ctx=settings.eval_ctx,
               tokens_per_language=language_tokens(wins)):
         twin_scored = score_against(Target(twin.name, twin, "mlx", "mlx", 0, uniform.kind),
@@ -228,7 +234,7 @@ gives on raw held-out text, against the exact HF ids:
 def run(model_dir: Path, out: Path, settings: MLXSettings, *, source: dict, cache_dir: Path,
         data_dir: Path | None = None, force: bool = False, progress: bool = False,
         device: str = "cpu", reference_dir: Path | None = None,
-        rehearsal: bool = False) -> Made:
+        rehearsal: bool = False) -> PipelineOutput:
     """`kvant export mlx`: convert, ship the exact tokenizer, validate, publish ``out``
     (``reference_dir`` and ``rehearsal``: see kvant.quantize.checkpoint)."""
     config = check_input(model_dir, out, force, allow_synthetic=rehearsal)
@@ -247,7 +253,7 @@ def run(model_dir: Path, out: Path, settings: MLXSettings, *, source: dict, cach
         converted = art.scratch / "mlx"
         with step(f"{settings.kind} convert", kind=settings.kind):
             facts = convert(model_dir, converted, settings, bits_of)
-        facts["rope_theta_stated"] = _complete(converted, model_dir, config)
+        facts["rope_theta_stated"] = _add_what_mlx_lm_lacks(converted, model_dir, config)
         kept = unquantized(converted)
         with step(f"{settings.kind} score", kind=settings.kind, ctx=settings.eval_ctx,
                   tokens_per_language=language_tokens(wins)):
@@ -284,4 +290,4 @@ def run(model_dir: Path, out: Path, settings: MLXSettings, *, source: dict, cach
         art.title = (f"{name} MLX {settings.bits}-bit{' mix' if settings.mix else ''} (group "
                      f"size {settings.group_size})")
         art.card_body = _card(name, settings, art.validation, kept)
-    return Made(out, art.kinds)
+    return PipelineOutput(out, art.kinds)

@@ -21,7 +21,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kvant.artifact import ArtifactWriter, Made, check_free_space, check_input, settings_dict
+from kvant.artifact import (
+    ArtifactWriter,
+    PipelineOutput,
+    check_free_space,
+    check_input,
+    settings_dict,
+)
 from kvant.data import get_text, paragraphs
 from kvant.errors import SettingsError
 from kvant.export.onnx import ONNXSettings
@@ -34,11 +40,11 @@ from kvant.model import (
     weight_files,
 )
 from kvant.plan.peaks import disk_need
+from kvant.recorder import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.runtimes.onnx import GenaiRuntime, OrtRuntime
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import Target
 from kvant.scoring import drift_table, eval_windows
-from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.tokenization import ONNX_EXACT_TOKENIZER, fidelity
 
 OG_SPLIT = r"[\s\S]{1,24}(?![\x80-\xBF])"  # 24 bytes, never ending inside a UTF-8 character
@@ -214,7 +220,7 @@ on some words). What `og.Tokenizer` gives on raw held-out text, against the exac
 def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cache_dir: Path,
         data_dir: Path | None = None, force: bool = False, progress: bool = False,
         device: str = "cpu", reference_dir: Path | None = None,
-        rehearsal: bool = False, gptq_dir: Path | None = None) -> Made:
+        rehearsal: bool = False, gptq_dir: Path | None = None) -> PipelineOutput:
     """`kvant export onnx`: build, rewrite the tokenizer, validate, publish ``out``
     (``reference_dir`` and ``rehearsal``: see kvant.quantize.checkpoint; ``gptq_dir``: the
     GPTQ checkpoint of ``model_dir`` an ``int4_algo = "gptq"`` build reads)."""
@@ -288,4 +294,4 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
         name = Path(source.get("id", model_dir.name)).name
         art.title = f"{name} ONNX {settings.precision} ({settings.provider})"
         art.card_body = _card(name, settings, art.validation)
-    return Made(out, art.kinds)
+    return PipelineOutput(out, art.kinds)

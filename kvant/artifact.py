@@ -481,7 +481,7 @@ def amend_artifact(folder: Path, *, card_section: str, files: dict[str, Path],
 
 
 @dataclass(frozen=True)
-class Made:
+class PipelineOutput:
     """What a pipeline made: the published folder and the kind of each model in it."""
 
     out: Path

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from kvant.artifact import Made
+from kvant.artifact import PipelineOutput
 from kvant.model import raw_header, read_tensor, weight_files
 from kvant.plan.sizes import SHARD_BYTES
 from kvant.quantize.bnb import COMPUTE_DTYPES, BnbSettings
@@ -133,7 +133,7 @@ def quantize_bnb(model_dir: Path, out_dir: Path, settings: BnbSettings,
 def run(model_dir: Path, out: Path, settings: BnbSettings, *, source: dict, cache_dir: Path,
         data_dir: Path | None = None, force: bool = False, progress: bool = False,
         device: str = "cpu", reference_dir: Path | None = None,
-        rehearsal: bool = False) -> Made:
+        rehearsal: bool = False) -> PipelineOutput:
     """`kvant quantize bnb`: quantize, save, reload from disk, score, publish ``out``."""
 
     def quantize(folder: Path, scratch: Path) -> Quantized:

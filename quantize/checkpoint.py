@@ -12,14 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvant.artifact import ArtifactWriter, Made, check_free_space, check_input, settings_dict
+from kvant.artifact import (
+    ArtifactWriter,
+    PipelineOutput,
+    check_free_space,
+    check_input,
+    settings_dict,
+)
 from kvant.data import EvalSettings, TextFile, get_text
 from kvant.model import copy_tokenizer
 from kvant.plan.peaks import disk_need
+from kvant.recorder import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import Target
 from kvant.scoring import drift_table, eval_windows
-from kvant.steps import REHEARSAL_WARNING, language_tokens, shared_or_step, step
 
 
 @dataclass
@@ -41,7 +47,7 @@ def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, f
                         kind: str, source: dict, cache_dir: Path, data_dir: Path | None,
                         force: bool, quantize: Callable[[Path, Path], Quantized],
                         device: str = "cpu", reference_dir: Path | None = None,
-                        rehearsal: bool = False) -> Made:
+                        rehearsal: bool = False) -> PipelineOutput:
     """Run ``quantize(folder, scratch)`` into a staging folder and publish ``out`` once
     verified (``scratch``: work space inside the staging folder, removed before publishing).
 
@@ -79,4 +85,4 @@ def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, f
         art.tags, art.title = done.tags, done.title
         art.card_body = (done.description.strip() + "\n\nDrift against the source model on "
                          "identical held-out token ids:\n\n" + drift_table(art.validation))
-    return Made(out, art.kinds)
+    return PipelineOutput(out, art.kinds)

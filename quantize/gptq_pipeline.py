@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from kvant.artifact import Made, refuse_existing
+from kvant.artifact import PipelineOutput, refuse_existing
 from kvant.data import encode_stream, get_mix, paragraphs
 from kvant.errors import DataError
 from kvant.memory import peak_rss_mib
@@ -126,7 +126,7 @@ def quantize_gptq(model_dir: Path, out_dir: Path, settings: GPTQSettings, sample
 def run(model_dir: Path, out: Path, settings: GPTQSettings, *, source: dict, cache_dir: Path,
         data_dir: Path | None = None, force: bool = False, progress: bool = False,
         device: str = "cpu", reference_dir: Path | None = None,
-        rehearsal: bool = False) -> Made:
+        rehearsal: bool = False) -> PipelineOutput:
     """`kvant quantize gptq`: quantize, reload from disk, score, publish ``out``."""
     refuse_existing(out, force)
     check_divides(model_dir, settings.group_size)

@@ -165,28 +165,28 @@ def odd_model(shared_data, cache_dir, eval_text):
 @pytest.fixture(scope="session")
 def gguf_artifact(tiny_model, cache_dir, tmp_path_factory):
     """Every GGUF type the issue names, Norwegian imatrix, all five languages scored."""
+    from kvant.export import gguf_pipeline
     from kvant.export.gguf import GGUFSettings
-    from kvant.export.gguf_pipeline import export_gguf
 
     settings = GGUFSettings(types=GGUF_TYPES, calib=str(CALIB_FILE), imatrix_chunks=32,
                             eval_tokens=1024)
     out = tmp_path_factory.mktemp("gguf") / "tiny-gguf"
-    return export_gguf(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
-                       data_dir=UD_DIR).out
+    return gguf_pipeline.run(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
+                             data_dir=UD_DIR).out
 
 
 @pytest.fixture(scope="session")
 def mix_artifact(tiny_model, cache_dir, tmp_path_factory):
     """Uniform Q4_K_M and Q4_K_M-MIX with the same importance matrix, a MIX-3.6MiB, all
     scored on the five languages' held-out text."""
+    from kvant.export import gguf_pipeline
     from kvant.export.gguf import GGUFSettings
-    from kvant.export.gguf_pipeline import export_gguf
 
     settings = GGUFSettings(types=("q4_k_m", "q4_k_m-mix", "mix:3.6MiB"),
                             calib=str(CALIB_FILE), imatrix_chunks=32, eval_tokens=1024)
     out = tmp_path_factory.mktemp("mix") / "tiny-gguf"
-    return export_gguf(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
-                       data_dir=UD_DIR).out
+    return gguf_pipeline.run(tiny_model, out, settings, source={"id": "tiny"}, cache_dir=cache_dir,
+                             data_dir=UD_DIR).out
 
 
 @pytest.fixture(scope="session")

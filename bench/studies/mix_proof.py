@@ -33,8 +33,8 @@ from scipy.stats import spearmanr
 
 from kvant.artifact import read_manifest
 from kvant.bench.tables import command_line, markdown, table_doc, write_table
+from kvant.export import gguf_pipeline
 from kvant.export.gguf import GGUFSettings
-from kvant.export.gguf_pipeline import export_gguf
 from kvant.paths import cache_dir
 
 LANGS = ("nob", "nno", "sme", "dan", "swe")
@@ -93,8 +93,8 @@ def study(model: Path, out: Path, calib: Path, methods: list[str], types: list[s
                                     eval_tokens=eval_tokens, mix_sensitivity=method,
                                     imatrix=str(imatrix) if imatrix else "auto")
             started = time.perf_counter()
-            export_gguf(model, folder, settings, source={"id": model.name},
-                        cache_dir=cache_dir(), data_dir=data_dir)
+            gguf_pipeline.run(model, folder, settings, source={"id": model.name},
+                              cache_dir=cache_dir(), data_dir=data_dir)
             (folder / "wall_s.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
         imatrix = imatrix or next(folder.glob("*.imatrix.gguf"))
         validation = read_manifest(folder)["validation"]

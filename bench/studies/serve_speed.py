@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from kvant.generation import Engine, Sampling
+from kvant.engine import Engine, Sampling
 
 PROMPT = "Engelsk: The weather is nice today, and we are going for a walk in the forest.\nBokmål:"
 

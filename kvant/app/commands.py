@@ -104,7 +104,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> str:
 
 
 def _sampling(args: argparse.Namespace):
-    from kvant.generation import Sampling
+    from kvant.engine import Sampling
 
     return Sampling(args.temperature, args.top_p, args.top_k, args.seed)
 
@@ -123,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from kvant.generation import Engine
+    from kvant.engine import Engine
 
     try:
         from kvant.app.serve import is_loopback, serve  # FastAPI and uvicorn
@@ -282,7 +282,7 @@ def _artifact_target(path: Path):
 def _artifact_rows(target) -> dict:
     """What every artifact kind shows first: its kind, engine, size and stated context, and
     which tokenizer feeds its engine."""
-    from kvant.generation import stated_context
+    from kvant.engine import stated_context
 
     rows = {"path": str(target.path), "kind": target.kind, "backend": target.backend,
             "size on disk": f"{target.size_bytes / 2**20:,.1f} MiB",

@@ -2,7 +2,7 @@
 
 GGUF files carry the exact HF tokenizer (tokenizer.huggingface.json) and ONNX artifacts ship
 tokenizer.normistral.json, so every runtime gets the same ids the model was trained on. The
-generation itself is kvant.generation's, the same core `kvant serve` answers requests with.
+generation itself is kvant.engine's, the same core `kvant serve` answers requests with.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvant.generation import Engine, Sampling
+from kvant.engine import Engine, Sampling
 
 logger = logging.getLogger(__name__)
 

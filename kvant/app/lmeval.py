@@ -34,14 +34,14 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from kvant.engine import Engine, stated_context
 from kvant.errors import SettingsError
 from kvant.files import sha256_file, sha256_text, write_json
-from kvant.generation import Engine, stated_context
+from kvant.recorder import step
 from kvant.runtimes import open_runtime
 from kvant.runtimes.reference import reference_dtype
 from kvant.runtimes.targets import targets, verify
 from kvant.scoring import log_softmax
-from kvant.steps import step
 from kvant.tokenization import exact_tokenizer
 
 DEFAULT_MAX_LENGTH = 4096  # tokens per forward unless the artifact states less
@@ -353,7 +353,7 @@ def run_eval(artifacts: list[Path], reference: Path | None, tasks: list[str], ou
         if done.is_file() and (entry := json.loads(done.read_text())).get("key") == key:
             found[target.name] = entry
             continue
-        # a release step each (kvant.steps): its memory planned like the bench's scoring
+        # a release step each (kvant.recorder): its memory planned like the bench's scoring
         with step(f"eval {target.name}", kind=target.kind, weights=target.size_bytes,
                   task_eval=True) as record:
             lm = KvantLM(str(target.path), device=where)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvant.artifact import Made
+from kvant.artifact import PipelineOutput
 from kvant.errors import SettingsError
 from kvant.export.gguf import GGUFSettings
 from kvant.export.mlx import MLXSettings
@@ -21,19 +21,19 @@ from kvant.quantize.gptq import GPTQSettings
 from kvant.registry import Registry
 
 
-def _run_gguf(model_dir: Path, out: Path, settings: GGUFSettings, **kwargs) -> Made:
-    from kvant.export.gguf_pipeline import export_gguf  # heavy: gguf-py, torch, llama.cpp
+def _run_gguf(model_dir: Path, out: Path, settings: GGUFSettings, **kwargs) -> PipelineOutput:
+    from kvant.export import gguf_pipeline  # heavy: gguf-py, torch, llama.cpp
 
-    return export_gguf(model_dir, out, settings, **kwargs)
+    return gguf_pipeline.run(model_dir, out, settings, **kwargs)
 
 
-def _run_onnx(model_dir: Path, out: Path, settings: ONNXSettings, **kwargs) -> Made:
+def _run_onnx(model_dir: Path, out: Path, settings: ONNXSettings, **kwargs) -> PipelineOutput:
     from kvant.export.onnx_pipeline import run  # heavy: onnxruntime, transformers
 
     return run(model_dir, out, settings, **kwargs)
 
 
-def _run_mlx(model_dir: Path, out: Path, settings: MLXSettings, **kwargs) -> Made:
+def _run_mlx(model_dir: Path, out: Path, settings: MLXSettings, **kwargs) -> PipelineOutput:
     try:
         from kvant.export.mlx_pipeline import run  # heavy: mlx, mlx-lm, torch
     except ImportError as exc:
@@ -43,13 +43,13 @@ def _run_mlx(model_dir: Path, out: Path, settings: MLXSettings, **kwargs) -> Mad
     return run(model_dir, out, settings, **kwargs)
 
 
-def _run_gptq(model_dir: Path, out: Path, settings: GPTQSettings, **kwargs) -> Made:
+def _run_gptq(model_dir: Path, out: Path, settings: GPTQSettings, **kwargs) -> PipelineOutput:
     from kvant.quantize.gptq_pipeline import run  # heavy: GPTQModel
 
     return run(model_dir, out, settings, **kwargs)
 
 
-def _run_bnb(model_dir: Path, out: Path, settings: BnbSettings, **kwargs) -> Made:
+def _run_bnb(model_dir: Path, out: Path, settings: BnbSettings, **kwargs) -> PipelineOutput:
     from kvant.quantize.bnb_pipeline import run  # heavy: transformers, bitsandbytes
 
     return run(model_dir, out, settings, **kwargs)
@@ -61,7 +61,7 @@ class Pipeline:
     """CLI group: export or quantize."""
     settings: type
     """Its frozen settings dataclass (the CLI's flags are made from its fields)."""
-    run: Callable[..., Made]
+    run: Callable[..., PipelineOutput]
     """run(model_dir, out, settings, *, source, cache_dir, data_dir, force, progress, device)."""
     suffix: Callable[[object], str]
     """The artifact folder's suffix for given settings: <model>-<suffix>."""

@@ -3,7 +3,7 @@
 A rehearsal runs every step of a recipe (reference, each artifact's quantization or export
 and its scoring, the bench, the cards) on a synthetic checkpoint with the real model's widths,
 vocabulary and tokenizer but LAYERS layers. Each step's wall time and peak RAM (and VRAM on a
-GPU) are recorded (kvant.steps) and set beside `kvant plan`'s prediction for the same step at
+GPU) are recorded (kvant.recorder) and set beside `kvant plan`'s prediction for the same step at
 LAYERS layers, then carried to the full depth: memory by the plan's own ratio of full depth
 to LAYERS applied to the measurement, time by the ratio of parameters the step touches.
 The quality numbers a rehearsal computes on random weights mean nothing; it records none.

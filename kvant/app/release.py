@@ -72,11 +72,11 @@ from kvant.plan.fit import entry_kind, fit_overhead
 from kvant.plan.kinds import shape_of
 from kvant.plan.kv import kv_types_for
 from kvant.plan.peaks import peak_bytes
+from kvant.recorder import recording, step
 from kvant.registry import nearest
 from kvant.runtimes.reference import reference_logits, reference_matches
 from kvant.runtimes.targets import targets as find_targets
 from kvant.scoring import eval_windows
-from kvant.steps import recording, step
 from kvant.synth import SHAPES, synthesize
 from kvant.tiny import TinyRecipe, build_tiny, default_dir
 

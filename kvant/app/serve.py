@@ -1,11 +1,11 @@
 """`kvant serve`: an OpenAI-compatible local server for one artifact, with NorMistral's exact
 tokens.
 
-FastAPI and uvicorn do the HTTP; kvant.generation does the tokens (the core `kvant generate`
+FastAPI and uvicorn do the HTTP; kvant.engine does the tokens (the core `kvant generate`
 uses). Routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (streamed as
 server-sent events when asked), llama-server's `/tokenize` and `/detokenize`, and `/health`.
 Why not llama-cpp-python's own server: it tokenizes with llama.cpp's tokenizer (wrong ids
-for NorMistral) and streams token by token (lost spaces; see kvant.generation).
+for NorMistral) and streams token by token (lost spaces; see kvant.engine).
 
 Errors are OpenAI's JSON shape (``{"error": {"message", "type", "param", "code"}}``): a 4xx
 status for a bad request, 503 with Retry-After when the queue is full, 500 for the server's
@@ -40,8 +40,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from kvant.engine import CHAT_STOP, ContextError, Engine, Sampling, chat_prompt
 from kvant.errors import KvantError
-from kvant.generation import CHAT_STOP, ContextError, Engine, Sampling, chat_prompt
 
 logger = logging.getLogger(__name__)
 

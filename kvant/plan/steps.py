@@ -139,7 +139,7 @@ def step_mapped(record: dict, shape: Shape, ram: int) -> float:
 
 def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = None
               ) -> float | None:
-    """Predicted peak RAM of one recorded release step (kvant.steps): ``floor_mib`` (what
+    """Predicted peak RAM of one recorded release step (kvant.recorder): ``floor_mib`` (what
     the process tree held when the step started) plus what the plan says the step adds,
     from the shapes; None when the plan has no model of the step."""
     floor = (DEFAULT_FLOOR_MIB if floor_mib is None else floor_mib) * MIB

@@ -45,7 +45,7 @@ class Runtime(Protocol):
         """Greedy next tokens after ``ids``, one at a time, until the caller stops."""
 
     def sample(self, ids: list[int], sampling) -> Iterator[int]:
-        """Next tokens after ``ids`` chosen by ``sampling`` (a kvant.generation.Sampling:
+        """Next tokens after ``ids`` chosen by ``sampling`` (a kvant.engine.Sampling:
         greedy at temperature 0), one at a time, until the caller stops."""
 
     def close(self) -> None:

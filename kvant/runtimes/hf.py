@@ -135,7 +135,7 @@ class TorchRuntime:
                                  use_cache=True)
 
     def sample(self, ids: list[int], sampling) -> Iterator[int]:
-        """Tokens after ``ids`` (``sampling``: a kvant.generation.Sampling): greedy at
+        """Tokens after ``ids`` (``sampling``: a kvant.engine.Sampling): greedy at
         temperature 0, else llama.cpp's default order: top-k, then top-p on the untempered
         distribution, then temperature, drawn with a torch.Generator seeded by
         ``sampling.seed``."""

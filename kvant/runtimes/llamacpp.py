@@ -187,7 +187,7 @@ class LlamaCppRuntime:
 
     def sample(self, ids: list[int], sampling) -> Iterator[int]:
         """Tokens after ``ids`` from llama.cpp's samplers (``sampling``: a
-        kvant.generation.Sampling; greedy at temperature 0). Reuses the KV cache of the
+        kvant.engine.Sampling; greedy at temperature 0). Reuses the KV cache of the
         prefix the previous call shared."""
         random = sampling.seed is None
         self.llm.set_seed(secrets.randbits(31) if random else sampling.seed)

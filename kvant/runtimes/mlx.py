@@ -99,7 +99,7 @@ class MLXRuntime:
 
     def sample(self, ids: list[int], sampling) -> Iterator[int]:
         """Tokens after ``ids`` by mlx-lm's own sampler (``sampling``: a
-        kvant.generation.Sampling; greedy at temperature 0), seeded by ``sampling.seed``."""
+        kvant.engine.Sampling; greedy at temperature 0), seeded by ``sampling.seed``."""
         if sampling.greedy:
             return self.greedy(ids)
         if sampling.seed is not None:

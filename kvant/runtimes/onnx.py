@@ -144,7 +144,7 @@ class GenaiRuntime:
     def sample(self, ids: list[int], sampling, max_length: int | None = None
                ) -> Iterator[int]:
         """Tokens after ``ids`` from GenAI's own search (``sampling``: a
-        kvant.generation.Sampling; greedy at temperature 0 or None), until the runtime's
+        kvant.engine.Sampling; greedy at temperature 0 or None), until the runtime's
         context (``max_length``: a shorter one) is full."""
         generator = self._generator(min(max_length or self.n_ctx, self.n_ctx), sampling)
         append(generator, ids)

@@ -14,10 +14,10 @@ from kvant.errors import ArtifactError
 from kvant.files import sha256_text
 from kvant.memory import ram_bytes, reference_dtype_for
 from kvant.model import content_hash, model_info, weight_files
+from kvant.recorder import note
 from kvant.runtimes import open_runtime
 from kvant.runtimes.targets import Target, targets
 from kvant.scoring import drift, mean_over_languages
-from kvant.steps import note
 
 
 def reference_dtype(model_dir: Path, device: str = "cpu") -> str:

@@ -126,8 +126,8 @@ def test_disk_full_mid_write_is_one_error_and_leaves_nothing(model_copy, small_d
     settings = GGUFSettings(types=("f32", "bf16"), imatrix="none", eval_langs=("nob",),
                             eval_tokens=256)
     with pytest.raises(ArtifactError, match="disk full while writing") as caught:
-        gguf_pipeline.export_gguf(model_copy, small_disk / "g", settings, source={},
-                                  cache_dir=cache_dir, data_dir=UD_DIR)
+        gguf_pipeline.run(model_copy, small_disk / "g", settings, source={},
+                          cache_dir=cache_dir, data_dir=UD_DIR)
     assert "\n" not in str(caught.value)
     assert list(small_disk.iterdir()) == []
 

@@ -99,8 +99,8 @@ def test_a_machine_too_small_for_the_checkpoint_streams_the_reference_bit_for_bi
     """Where the weights would take most of RAM the reference runs one decoder layer at a
     time (kvant.runtimes.streamed, never the whole model): every window's logits equal the
     whole-model forward's bit for bit, in both dtypes, and the step says how it ran."""
+    from kvant.recorder import recording, step
     from kvant.runtimes.reference import STREAM_ENV, should_stream
-    from kvant.steps import recording, step
 
     real = os.sysconf
     ram = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 4_000}  # 16 MiB: the bf16 stand-in (12 MiB)

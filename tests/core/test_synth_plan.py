@@ -79,12 +79,13 @@ def test_quality_measurements_refuse_synthetic_weights(synth_one_layer, cache_di
 
 @pytest.fixture(scope="module")
 def synth_gguf(synth_one_layer, cache_dir, tmp_path_factory):
+    from kvant.export import gguf_pipeline
     from kvant.export.gguf import GGUFSettings
-    from kvant.export.gguf_pipeline import export_gguf
 
     settings = GGUFSettings(types=("bf16", "q4_k_m"), imatrix="none")
-    return export_gguf(synth_one_layer[0], tmp_path_factory.mktemp("sgguf") / "gguf", settings,
-                       source={"id": "synthetic"}, cache_dir=cache_dir, data_dir=UD_DIR).out
+    out = tmp_path_factory.mktemp("sgguf") / "gguf"
+    return gguf_pipeline.run(synth_one_layer[0], out, settings, source={"id": "synthetic"},
+                             cache_dir=cache_dir, data_dir=UD_DIR).out
 
 
 def test_gguf_export_of_synthetic_converts_but_scores_nothing(synth_gguf):
@@ -146,24 +147,24 @@ def test_plan_kinds_follow_the_recorded_settings():
 
 
 def test_the_plan_predicts_each_gguf_step_at_real_width(synth_one_layer, cache_dir, tmp_path):
-    """The release's GGUF steps on one real-width layer, each measured (kvant.steps) and
+    """The release's GGUF steps on one real-width layer, each measured (kvant.recorder) and
     predicted by kvant.plan from the shapes alone: within the rehearsal's 15%."""
     from kvant.app.rehearsal import TOLERANCE_PCT
+    from kvant.export import gguf_pipeline
     from kvant.export.gguf import GGUFSettings
-    from kvant.export.gguf_pipeline import export_gguf
     from kvant.memory import ram_bytes
     from kvant.model import read_config
     from kvant.plan.kinds import shape_of
     from kvant.plan.sizes import MIB
     from kvant.plan.steps import step_peak
-    from kvant.steps import recording
+    from kvant.recorder import recording
 
     out = synth_one_layer[0]
     settings = GGUFSettings(types=("q8_0",), imatrix="none", eval_langs=("nob",),
                             eval_tokens=256)
     with recording() as steps:
-        export_gguf(out, tmp_path / "gguf", settings, source={"id": "rehearsal"},
-                    cache_dir=cache_dir, data_dir=UD_DIR, rehearsal=True)
+        gguf_pipeline.run(out, tmp_path / "gguf", settings, source={"id": "rehearsal"},
+                          cache_dir=cache_dir, data_dir=UD_DIR, rehearsal=True)
     assert [s["step"] for s in steps] == ["reference", "gguf convert bf16",
                                           "gguf quantize q8_0", "gguf score q8_0",
                                           "gguf tokenizer report"]
@@ -190,7 +191,7 @@ def test_the_torch_mix_sensitivity_is_timed_and_planned_at_real_width(synth_one_
     from kvant.memory import ram_bytes
     from kvant.model import read_config
     from kvant.plan.kinds import shape_of
-    from kvant.steps import recording
+    from kvant.recorder import recording
 
     out = synth_one_layer[0]
     base = tmp_path / "bf16.gguf"
@@ -237,7 +238,7 @@ def test_bitsandbytes_quantizes_tensor_by_tensor_at_real_width(synth_one_layer, 
         "import sys, json\nfrom pathlib import Path\nimport torch, transformers\n"
         "from kvant.quantize.bnb import BnbSettings\n"
         "from kvant.quantize.bnb_pipeline import quantize_bnb\n"
-        "from kvant.steps import recording, step\n"
+        "from kvant.recorder import recording, step\n"
         "with recording() as log:\n"
         f"    with step('bnb-{mode} quantize', kind='bnb-{mode}'):\n"
         f"        quantize_bnb(Path(sys.argv[1]), Path(sys.argv[2]), BnbSettings(mode='{mode}'))\n"
@@ -267,9 +268,9 @@ def test_the_streamed_reference_is_planned_at_real_width(synth_one_layer, cache_
     from kvant.memory import ram_bytes
     from kvant.model import read_config
     from kvant.plan.kinds import shape_of
+    from kvant.recorder import recording, step
     from kvant.runtimes.reference import STREAM_ENV, reference_logits
     from kvant.scoring import eval_windows
-    from kvant.steps import recording, step
 
     out = synth_one_layer[0]
     wins = eval_windows(out, {"nob": get_text("nob", cache_dir, UD_DIR)}, 1024, 512)
@@ -310,7 +311,7 @@ def test_the_benchs_bf16_rows_run_on_mapped_pages_at_real_width(synth_one_layer,
     from kvant.model import read_config
     from kvant.plan.kinds import shape_of
     from kvant.plan.steps import step_mapped
-    from kvant.steps import recording
+    from kvant.recorder import recording
 
     out = synth_one_layer[0]
     shape = shape_of(read_config(out))
@@ -353,7 +354,7 @@ def test_a_task_eval_of_the_bf16_folder_is_planned_in_the_dtype_it_scores_in(
     from kvant.memory import ram_bytes
     from kvant.model import read_config
     from kvant.plan.kinds import shape_of
-    from kvant.steps import recording
+    from kvant.recorder import recording
 
     out = synth_one_layer[0]
     with recording() as steps:

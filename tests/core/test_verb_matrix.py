@@ -155,7 +155,7 @@ def serving(kind: str, path: Path):
     else create_app over the same Engine in a thread of this process."""
     if CONSOLE["serve"] != kind:
         from kvant.app.serve import create_app
-        from kvant.generation import Engine
+        from kvant.engine import Engine
         from tests.serve.test_serve import Server
 
         engine = Engine(path, "cpu", 256)

@@ -271,8 +271,8 @@ def test_existing_output_and_interrupted_run(gguf_artifact, tiny_model, cache_di
     settings = GGUFSettings(types=("bf16", "q4_k_m"), imatrix="none", eval_langs=("nob",),
                             eval_tokens=256)
     with pytest.raises(ArtifactError, match="already exists"):
-        gguf_pipeline.export_gguf(tiny_model, gguf_artifact, settings, source={},
-                                  cache_dir=cache_dir, data_dir=UD_DIR)
+        gguf_pipeline.run(tiny_model, gguf_artifact, settings, source={},
+                          cache_dir=cache_dir, data_dir=UD_DIR)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -280,8 +280,8 @@ def test_existing_output_and_interrupted_run(gguf_artifact, tiny_model, cache_di
     monkeypatch.setattr(gguf_pipeline, "quantize", crash)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        gguf_pipeline.export_gguf(tiny_model, out, settings, source={}, cache_dir=cache_dir,
-                                  data_dir=UD_DIR)
+        gguf_pipeline.run(tiny_model, out, settings, source={}, cache_dir=cache_dir,
+                          data_dir=UD_DIR)
     assert list(tmp_path.iterdir()) == []  # no final folder, no partial, no scratch
 
 

@@ -122,7 +122,7 @@ def test_auto_takes_fisher_when_direct_and_torch_are_over_budget(tiny_model, cac
 
     sensitivity = gguf_sensitivity.Sensitivity("auto", base, None, tmp_path, 2, Reference(),
                                                 wins, time_budget_s=600, model_dir=tiny_model)
-    costs = sensitivity.of(["q4_k", "q6_k"])
+    costs = sensitivity.costs_of(["q4_k", "q6_k"])
     assert sensitivity.mode == "fisher"
     assert [t["mode"] for t in sensitivity.tried] == ["direct", "torch"]
     assert all(costs[t.name, "q4_k"] > costs[t.name, "q6_k"] for t in sensitivity.tensors)
@@ -135,7 +135,7 @@ def test_auto_takes_fisher_when_direct_and_torch_are_over_budget(tiny_model, cac
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gguf_sensitivity, "fisher_costs", recording)
-    sensitivity.of(["q4_k", "q5_k"])
+    sensitivity.costs_of(["q4_k", "q5_k"])
     assert seen == [600] and (sensitivity.tensors[0].name, "q5_k") in sensitivity.costs
 
 

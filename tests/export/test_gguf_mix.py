@@ -319,15 +319,15 @@ def test_a_mix_worse_on_held_out_text_is_withheld_and_the_uniform_shipped(
     where it hurts most) makes a -MIX worse than uniform; it is not published, the uniform
     file ships in its place, and the manifest, the card and a warning say why."""
     import kvant.export.gguf_sensitivity as gguf_sensitivity
-    from kvant.export.gguf_pipeline import export_gguf
+    from kvant.export import gguf_pipeline
 
     real_of = gguf_sensitivity.Sensitivity.of
     monkeypatch.setattr(gguf_sensitivity.Sensitivity, "of",
                         lambda self, types: {k: -v for k, v in real_of(self, types).items()})
     settings = GGUFSettings(types=("q4_k_m-mix",), imatrix="none", mix_sensitivity="proxy",
                             calib=str(CALIB_FILE), eval_langs=("nob", "sme"), eval_tokens=512)
-    out = export_gguf(tiny_model, tmp_path / "gguf", settings, source={"id": "tiny"},
-                      cache_dir=cache_dir, data_dir=UD_DIR).out
+    out = gguf_pipeline.run(tiny_model, tmp_path / "gguf", settings, source={"id": "tiny"},
+                            cache_dir=cache_dir, data_dir=UD_DIR).out
     manifest = read_manifest(out)
     assert manifest["validation"]["mix_sensitivity"]["mode"] == "proxy"
     withheld = manifest["validation"]["withheld_mixes"]["q4_k_m-mix"]
@@ -346,13 +346,13 @@ def test_auto_over_the_time_budget_ships_the_uniform_file(tiny_model, cache_dir,
     fisher's, and since none fits makes no -MIX (the proxy chose worse than uniform on both
     stand-ins): the uniform file ships, the estimates and the reason are in the manifest
     and a warning."""
-    from kvant.export.gguf_pipeline import export_gguf
+    from kvant.export import gguf_pipeline
 
     settings = GGUFSettings(types=("q4_k_m-mix",), imatrix="none", mix_sensitivity="auto",
                             mix_time_budget=0.01, calib=str(CALIB_FILE),
                             eval_langs=("nob", "sme"), eval_tokens=512)
-    out = export_gguf(tiny_model, tmp_path / "gguf", settings, source={"id": "tiny"},
-                      cache_dir=cache_dir, data_dir=UD_DIR).out
+    out = gguf_pipeline.run(tiny_model, tmp_path / "gguf", settings, source={"id": "tiny"},
+                            cache_dir=cache_dir, data_dir=UD_DIR).out
     manifest = read_manifest(out)
     sensitivity = manifest["validation"]["mix_sensitivity"]
     tried = {t["mode"]: t["estimate"] for t in sensitivity["passed_over"]}
@@ -439,13 +439,13 @@ def test_the_header_walk_reads_what_gguf_py_reads(tmp_path):
 
 @pytest.fixture(scope="module")
 def odd_mix(odd_model, cache_dir, tmp_path_factory):
-    from kvant.export.gguf_pipeline import export_gguf
+    from kvant.export import gguf_pipeline
 
     settings = GGUFSettings(types=("q4_k_m", "q4_k_m-mix"), calib=str(CALIB_FILE),
                             imatrix_chunks=32, eval_tokens=1024)
     out = tmp_path_factory.mktemp("odd-mix") / "odd-gguf"
-    return export_gguf(odd_model, out, settings, source={"id": "odd"}, cache_dir=cache_dir,
-                       data_dir=UD_DIR).out
+    return gguf_pipeline.run(odd_model, out, settings, source={"id": "odd"}, cache_dir=cache_dir,
+                             data_dir=UD_DIR).out
 
 
 def test_the_fallback_table_is_llama_cpps(odd_model, tmp_path):

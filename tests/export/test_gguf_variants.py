@@ -68,16 +68,16 @@ def test_trained_context_not_the_placeholder_is_written(tiny_model, tmp_path, ca
     would size a 160 GB KV cache from it. The -long model's trained 32,768 is written."""
     import gguf
 
+    from kvant.export import gguf_pipeline
     from kvant.export.gguf import GGUFSettings
-    from kvant.export.gguf_pipeline import export_gguf
     from tests.conftest import UD_DIR
 
     def context_of(folder, **settings):
         out = tmp_path / f"{folder.name}-{len(list(tmp_path.iterdir()))}"
-        made = export_gguf(folder, out, GGUFSettings(types=("bf16",), imatrix="none",
-                                                     eval_langs=("nob",), eval_tokens=256,
-                                                     **settings),
-                           source={"id": str(folder)}, cache_dir=cache_dir, data_dir=UD_DIR)
+        made = gguf_pipeline.run(folder, out, GGUFSettings(types=("bf16",), imatrix="none",
+                                 eval_langs=("nob",), eval_tokens=256,
+                                 **settings),
+                                 source={"id": str(folder)}, cache_dir=cache_dir, data_dir=UD_DIR)
         manifest = json.loads((made.out / "manifest.json").read_text())
         reader = gguf.GGUFReader(str(next(made.out.glob("*.gguf"))))
         return int(reader.get_field("llama.context_length").contents()), manifest["warnings"]

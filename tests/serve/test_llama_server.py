@@ -93,7 +93,7 @@ def _stream(url: str, body: dict) -> list[str]:
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_completion_text_and_stream_are_the_hf_decoders(server, gguf_file, prompt):
-    from kvant.generation import Engine
+    from kvant.engine import Engine
 
     exact = exact_tokenizer(gguf_file)
     body = {"prompt": prompt, "n_predict": N_PREDICT, "temperature": 0, "cache_prompt": False,

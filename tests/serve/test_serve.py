@@ -68,7 +68,7 @@ def gguf_file(gguf_artifact) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(gguf_file):
-    from kvant.generation import Engine
+    from kvant.engine import Engine
 
     engine = Engine(gguf_file, n_ctx=1024)
     engine.load()
@@ -229,7 +229,7 @@ def test_an_unexpected_failure_is_a_500_in_openais_shape_and_the_server_keeps_se
 
 class _Scripted:
     """Stands in for the model where what is tested is the server's scheduling, not text:
-    `count` pieces of `piece`, each after `delay` s, through kvant.generation.Completion
+    `count` pieces of `piece`, each after `delay` s, through kvant.engine.Completion
     (so it holds the engine's lock while it generates, as a real one does); a `fail_after`
     piece count raises inside the generation."""
 
@@ -244,7 +244,7 @@ class _Scripted:
         self.made = []
 
     def complete(self, prompt, max_new_tokens, stop=(), sampling=None):
-        from kvant.generation import Completion
+        from kvant.engine import Completion
 
         engine = self
 

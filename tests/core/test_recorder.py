@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kvant.errors import KvantError
-from kvant.steps import recording, step
+from kvant.recorder import recording, step
 
 HOLD = "import time; b = bytearray({n} << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.4)"
 
