@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
-import gguf
-
 from kvant.export.gguf import GGUFSettings
+from kvant.gguf_header import read_header
 from kvant.machine import child_limit
 from kvant.runtimes.llamacpp import llama_tool, repack_flag, run_tool
 
@@ -61,15 +61,10 @@ def quantize(base: Path, out: Path, gguf_type: str, imatrix: Path | None, thread
 
 def tensor_types(path: Path) -> dict[str, int]:
     """How many tensors of each GGML type a file holds."""
-    counts: dict[str, int] = {}
-    for tensor in gguf.GGUFReader(str(path)).tensors:
-        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
-    return counts
+    return dict(Counter(t.type_name.upper() for t in read_header(path).tensors))
 
 
 def bits_per_weight(path: Path) -> float:
-    reader = gguf.GGUFReader(str(path))
-    n = sum(int(t.n_elements) for t in reader.tensors)
-    nbytes = sum(int(t.n_bytes) for t in reader.tensors)
-    return round(8 * nbytes / n, 3)
+    tensors = read_header(path).tensors
+    return round(8 * sum(t.n_bytes for t in tensors) / sum(t.n_elements for t in tensors), 3)
 

@@ -4,9 +4,7 @@ parameter's layout, for every sensitivity method to share."""
 
 from __future__ import annotations
 
-import mmap
 import re
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 
 from kvant.errors import KvantError
 from kvant.export.gguf_quantize import quantize
+from kvant.gguf_header import read_header
 from kvant.model import read_config, read_safetensors_header, weight_files
 
 # llama-quantize's file types whose --pure default is the tensor type (tools/quantize)
@@ -66,70 +65,22 @@ def fallback(type_name: str, ne0: int) -> str:
 
 
 def tensor_bytes(tensor: Tensor, type_name: str) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[ggml(fallback(type_name, tensor.ne0))]
-    return tensor.rows * (tensor.ne0 // block) * size
-
-
-# Sizes of GGUF's fixed-size metadata values, from gguf-py's own table.
-_VALUE_SIZE = {vtype: np.dtype(dtype).itemsize
-               for vtype, dtype in gguf.GGUFReader.gguf_scalar_to_np.items()}
-
-
-def tensor_infos(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, dims in ggml's order (ne0 first), ggml type name in lower case) of each tensor
-    of a GGUF file, from its header alone.
-
-    Written by hand because gguf.GGUFReader builds a numpy view for every item of every
-    metadata array: 2.1 s a file at NorMistral's 51,200 tokens and 50,000 merges (0.15 s at
-    the stand-in's 4,096), on each of the hundreds of files a mix's sensitivity writes and
-    reads back. This walks the same header, skipping the metadata values, in 23 ms. A
-    big-endian file goes to GGUFReader."""
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        magic, version, n_tensors, n_kv = struct.unpack_from("<IIQQ", buf, 0)
-        if magic != gguf.GGUF_MAGIC or not 2 <= version <= 0xFFFF:
-            return [(t.name, tuple(int(d) for d in t.shape), t.tensor_type.name.lower())
-                    for t in gguf.GGUFReader(str(path)).tensors]
-
-        def skip(vtype: int, pos: int) -> int:
-            if vtype == gguf.GGUFValueType.STRING:
-                return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
-            if vtype != gguf.GGUFValueType.ARRAY:
-                return pos + _VALUE_SIZE[vtype]
-            item, count = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if item in _VALUE_SIZE:
-                return pos + count * _VALUE_SIZE[item]
-            for _ in range(count):
-                pos = skip(item, pos)
-            return pos
-
-        pos = 24
-        for _ in range(n_kv):
-            pos = skip(gguf.GGUFValueType.STRING, pos)  # the key
-            pos = skip(struct.unpack_from("<I", buf, pos)[0], pos + 4)
-        found = []
-        for _ in range(n_tensors):
-            length = struct.unpack_from("<Q", buf, pos)[0]
-            name = bytes(buf[pos + 8:pos + 8 + length]).decode("utf-8")
-            pos += 8 + length
-            n_dims = struct.unpack_from("<I", buf, pos)[0]
-            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-            pos += 4 + 8 * n_dims
-            ggml_type = gguf.GGMLQuantizationType(struct.unpack_from("<I", buf, pos)[0])
-            pos += 4 + 8  # the type, and the data's offset
-            found.append((name, dims, ggml_type.name.lower()))
-    return found
+    """The bytes llama.cpp writes for ``tensor`` in ``type_name`` (or its fallback)."""
+    rows, row_bytes = gguf.quant_shape_to_byte_shape((tensor.rows, tensor.ne0),
+                                                     ggml(fallback(type_name, tensor.ne0)))
+    return rows * row_bytes
 
 
 def quantizable(path: Path) -> list[Tensor]:
     """The tensors llama-quantize quantizes: 2-D weights other than norms."""
-    return [Tensor(name, int(dims[0]), int(dims[1])) for name, dims, _ in tensor_infos(path)
-            if len(dims) == 2 and name.endswith("weight") and "_norm" not in name]
+    return [Tensor(t.name, int(t.dims[0]), int(t.dims[1])) for t in read_header(path).tensors
+            if len(t.dims) == 2 and t.name.endswith("weight") and "_norm" not in t.name]
 
 
 def file_types(path: Path) -> dict[str, str]:
-    """{tensor name: ggml type name, lower case} of a GGUF file."""
-    return {name: type_name for name, _, type_name in tensor_infos(path)}
+    """{tensor name: ggml type name, lower case} of a GGUF file (read from its header alone,
+    kvant.gguf_header: a mix's sensitivity reads back every probe file it writes)."""
+    return {t.name: t.type_name for t in read_header(path).tensors}
 
 
 def written_types(tensors: list[Tensor], assignment: dict[str, str]) -> dict[str, str]:

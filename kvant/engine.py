@@ -70,12 +70,12 @@ class Sampling:
 def stated_context(target: Target) -> int:
     """The context an artifact states it was made for (what its export wrote)."""
     if target.backend == "llama.cpp":
-        import gguf  # reads the metadata only
+        from kvant.gguf_header import read_header  # the metadata only
 
-        reader = gguf.GGUFReader(str(target.path))
-        for field in reader.fields.values():
-            if field.name.endswith(".context_length"):
-                return int(field.contents())
+        fields = read_header(target.path).fields
+        for key, value in fields.items():
+            if key.endswith(".context_length"):
+                return int(value)
     for name in ("config.json", "genai_config.json"):
         path = target.path / name
         if path.is_file():

@@ -34,14 +34,15 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>", *(f"<special_{i}>" 
 
 @functools.lru_cache(maxsize=8)
 def _from_gguf(path: str, mtime_ns: int):
-    import gguf  # gguf-py reads the metadata without loading tensors
     from tokenizers import Tokenizer
 
-    field = gguf.GGUFReader(path).get_field(GGUF_HF_JSON)
-    if field is None:
+    from kvant.gguf_header import read_header  # gguf-py's constants: numpy
+
+    spec = read_header(Path(path)).fields.get(GGUF_HF_JSON)
+    if spec is None:
         raise ModelError(f"'{path}' carries no {GGUF_HF_JSON}; re-export it with "
                          "`kvant export gguf` to get exact NorMistral tokenization")
-    return Tokenizer.from_str(field.contents())
+    return Tokenizer.from_str(spec)
 
 
 def exact_tokenizer(path: Path):

@@ -70,13 +70,12 @@ def gguf_kind(path: Path) -> str | None:
     (`kvant.mix`, written by kvant.export.gguf_tensors.quantize_with), else `general.file_type`."""
     import gguf  # gguf-py: numpy only, but not needed unless a bare file is given
 
-    mix = _read_gguf(path).get_field("kvant.mix")
-    if mix is not None:
-        return "gguf-" + str(mix.contents()).lower().replace(":", "-")
-    field_ = _read_gguf(path).get_field("general.file_type")
-    if field_ is None:
+    fields = _read_gguf(path).fields
+    if "kvant.mix" in fields:
+        return "gguf-" + str(fields["kvant.mix"]).lower().replace(":", "-")
+    if "general.file_type" not in fields:
         return None
-    name = gguf.LlamaFileType(int(field_.contents())).name  # e.g. MOSTLY_Q4_K_M
+    name = gguf.LlamaFileType(int(fields["general.file_type"])).name  # e.g. MOSTLY_Q4_K_M
     return "gguf-" + name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
 
 
@@ -131,15 +130,12 @@ def target_config(target: Target) -> dict:
             raise ArtifactError(f"'{target.path}' keeps no config.json (an ONNX export of an "
                                 "earlier Kvant); export it again, or plan its source model")
         return read_config(target.path)
-    reader = _read_gguf(target.path)
-    arch = str(reader.get_field("general.architecture").contents())
-    config = {}
-    for name, key in _GGUF_CONFIG.items():
-        field_ = reader.get_field(f"{arch}.{key}")
-        if field_ is not None:
-            config[name] = int(field_.contents())
+    header = _read_gguf(target.path)
+    arch = str(header.fields["general.architecture"])
+    config = {name: int(header.fields[f"{arch}.{key}"]) for name, key in _GGUF_CONFIG.items()
+              if f"{arch}.{key}" in header.fields}
     if "vocab_size" not in config:  # older files: the token list's length
-        config["vocab_size"] = len(reader.get_field("tokenizer.ggml.tokens").data)
+        config["vocab_size"] = header.array_lengths["tokenizer.ggml.tokens"]
     return config
 
 
@@ -173,10 +169,12 @@ def verify(target: Target, checksums: bool = True) -> None:
 
 
 def _read_gguf(path: Path):
-    import gguf  # gguf-py checks the header and that every tensor lies inside the file
+    """The header (kvant.gguf_header), checked: its values and every tensor's data lie
+    inside the file."""
+    from kvant.gguf_header import read_header  # gguf-py's constants: numpy
 
     try:
-        return gguf.GGUFReader(str(path))
+        return read_header(path)
     except Exception as exc:  # any parse failure means the same thing to a user
         raise ArtifactError(f"'{path}' is not a readable GGUF file (truncated or corrupt: "
                             f"{type(exc).__name__}); download or export it again") from exc

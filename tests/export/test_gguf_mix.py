@@ -22,7 +22,6 @@ from kvant.export.gguf_tensors import (
     pure,
     quantizable,
     tensor_bytes,
-    tensor_infos,
 )
 from kvant.runtimes.targets import gguf_kind
 from tests.conftest import CALIB_FILE, UD_DIR
@@ -400,41 +399,6 @@ def test_fallback_and_settings():
             GGUFSettings(types=(bad,))
     with pytest.raises(SettingsError, match="importance matrix"):
         GGUFSettings(types=("iq4_xs-mix",), imatrix="none")
-
-
-def test_the_header_walk_reads_what_gguf_py_reads(tmp_path):
-    """tensor_infos walks a GGUF header by hand: on a file with every kind of metadata value
-    (nested arrays and arrays of strings among them) and tensors of several types, it reads
-    what gguf-py's GGUFReader reads."""
-    path = tmp_path / "m.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_uint8("k.u8", 7)
-    writer.add_int16("k.i16", -3)
-    writer.add_uint32("k.u32", 9)
-    writer.add_float32("k.f32", 0.5)
-    writer.add_bool("k.bool", True)
-    writer.add_uint64("k.u64", 2**40)
-    writer.add_float64("k.f64", 1.25)
-    writer.add_string("k.str", "Blåbærsyltetøy")
-    writer.add_array("k.strings", ["", "ø", "a longer entry", *map(str, range(300))])
-    writer.add_array("k.ints", list(range(1000)))
-    writer.add_array("k.nested", [[1, 2], [3]])
-    writer.add_tensor("blk.0.ffn_up.weight", np.ones((3, 64), np.float32))
-    writer.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float16))
-    q8 = np.zeros((5, 2 * 34), np.uint8)  # two Q8_0 blocks of 32 values per row
-    writer.add_tensor("token_embd.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    read = [(t.name, tuple(int(d) for d in t.shape), t.tensor_type.name.lower())
-            for t in gguf.GGUFReader(str(path)).tensors]
-    assert tensor_infos(path) == read
-    assert read[2] == ("token_embd.weight", (64, 5), "q8_0")
-    assert file_types(path) == {"blk.0.ffn_up.weight": "f32", "blk.0.attn_norm.weight": "f16",
-                                "token_embd.weight": "q8_0"}
-    assert quantizable(path) == [Tensor("blk.0.ffn_up.weight", 64, 3),
-                                 Tensor("token_embd.weight", 64, 5)]
 
 
 @pytest.fixture(scope="module")
