@@ -3,39 +3,30 @@
 App layer: it drives the pipelines (through kvant.app.pipelines) and the bench.
 Every artifact is an atomic Kvant folder, so a killed release resumes: a finished artifact
 is kept when its checksums verify and its manifest records the settings, source model and
-text sets the recipe asks for now (`resume_changes`); one made from anything else is refused,
+text sets the recipe asks for now (kvant.app.resume); one made from anything else is refused,
 naming what changed, unless `--rebuild`. `--push ORG` uploads with huggingface_hub; without
 it the exact upload list is printed instead.
 
-Recipe schema (TOML), every key optional except release.name and release.model:
-
-    [release]  name, model (hub id, folder, or "@stand-in"), revision (hub ids: branch, tag
-               or commit), out, calib, langs, eval_tokens
-    [gguf] [gptq] [onnx] [mlx]  every field of GGUFSettings, GPTQSettings, ONNXSettings,
-                          MLXSettings
-    [bnb]      every field of BnbSettings, with `modes` (a list) for `mode`
-    [bench]    every field of BenchSettings but langs (release.langs) and verify
-    [eval]     tasks (lm-eval task names), limit, num_fewshot, include_path (folders of
-               task YAMLs): `kvant eval` on every artifact and the bf16 model, its drift on
-               the index card (skipped on synthetic weights; a rehearsal times it on the
-               local cloze task instead)
-
-A section's calib, eval_langs or eval_tokens overrides the [release] value for that section.
+The recipe, its schema and what it asks for are kvant.app.recipe's; what a resumed release
+keeps is kvant.app.resume's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import re
 import shutil
 import tempfile
-import tomllib
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvant.app.pipelines import PIPELINES
+from kvant.app.recipe import (
+    bench_settings,
+    effective_recipe,
+    gptq_input,
+    load_recipe,
+    plan_artifacts,
+)
 from kvant.app.rehearsal import REHEARSAL_TABLE, scale_work, write_rehearsal
 from kvant.app.release_cards import (
     INDEX_FILES,
@@ -46,12 +37,9 @@ from kvant.app.release_cards import (
     upload_plan,
     verify_release,
 )
+from kvant.app.resume import to_build, verified
 from kvant.artifact import (
     amend_artifact,
-    published_arg,
-    read_manifest,
-    settings_dict,
-    verify_artifact,
 )
 from kvant.bench.depth import depth, documents
 from kvant.bench.depth import table as depth_table
@@ -73,7 +61,6 @@ from kvant.plan.kinds import shape_of
 from kvant.plan.kv import kv_types_for
 from kvant.plan.peaks import peak_bytes
 from kvant.recorder import recording, step
-from kvant.registry import nearest
 from kvant.runtimes.reference import reference_logits, reference_matches
 from kvant.runtimes.targets import targets as find_targets
 from kvant.scoring import eval_windows
@@ -83,202 +70,8 @@ from kvant.tiny import TinyRecipe, build_tiny, default_dir
 logger = logging.getLogger(__name__)
 
 
-def _fields(cls, drop=(), add=()) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)} - set(drop) | set(add)
-
-
-# Built from the settings classes, so a field added to a pipeline is a recipe key at once.
-RECIPE_SCHEMA = {
-    "release": {"name", "model", "revision", "out", "calib", "langs", "eval_tokens"},
-    **{key: _fields(PIPELINES[key].settings) for key in ("gguf", "gptq", "onnx", "mlx")},
-    "bnb": _fields(PIPELINES["bnb"].settings, drop=("mode",), add=("modes",)),
-    "bench": _fields(BenchSettings, drop=("langs", "verify")),
-    "eval": {"tasks", "limit", "num_fewshot", "include_path"},
-}
 REHEARSAL_EVAL_DOCS = 40  # cloze documents (4 requests each) a full-work rehearsal times
 PLAN_CTX = 4096  # the context "Which to pick" plans for
-
-
-@dataclass
-class Recipe:
-    path: Path
-    sections: dict = field(default_factory=dict)
-
-    @property
-    def release(self) -> dict:
-        return self.sections["release"]
-
-    def get(self, section: str) -> dict | None:
-        return self.sections.get(section)
-
-
-def load_recipe(path: Path) -> Recipe:
-    """Parse and check a recipe: unknown sections or keys are errors naming the key."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SettingsError(f"recipe '{path}' not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"recipe '{path}' is not valid TOML: {exc}") from None
-    for section, values in data.items():
-        if section not in RECIPE_SCHEMA:
-            hint = nearest(section, RECIPE_SCHEMA)
-            raise SettingsError(f"recipe '{path}': unknown section [{section}]"
-                                + (f"; did you mean [{hint}]?" if hint else ""))
-        for key in values:
-            if key not in RECIPE_SCHEMA[section]:
-                hint = nearest(key, RECIPE_SCHEMA[section])
-                raise SettingsError(f"recipe '{path}': unknown key {section}.{key}"
-                                    + (f"; did you mean {section}.{hint}?" if hint else ""))
-    for key in ("name", "model"):
-        if key not in data.get("release", {}):
-            raise SettingsError(f"recipe '{path}': release.{key} is required")
-    _check_eval(path, data.get("eval"))
-    return Recipe(Path(path), data)
-
-
-def _check_eval(path: Path, section: dict | None) -> None:
-    if section is None:
-        return
-    tasks = section.get("tasks")
-    if not tasks or not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
-        raise SettingsError(f"recipe '{path}': eval.tasks must be a list of lm-eval task "
-                            "names, e.g. [\"norcommonsenseqa_nob_p0\"]")
-    for key in ("limit", "num_fewshot"):
-        value = section.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < (1 if key == "limit" else 0)):
-            raise SettingsError(f"recipe '{path}': eval.{key} must be a whole number"
-                                f"{' above 0' if key == 'limit' else ', 0 or more'}")
-    include = section.get("include_path", [])
-    if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
-        raise SettingsError(f"recipe '{path}': eval.include_path must be a list of folders")
-    for folder in include:
-        if not Path(folder).expanduser().is_dir():  # as on the command line: from here
-            raise SettingsError(f"recipe '{path}': eval.include_path folder '{folder}' "
-                                "does not exist")
-
-
-def _tuple(value):
-    return tuple(str(v) for v in value) if isinstance(value, list) else value
-
-
-def bench_settings(recipe: Recipe) -> BenchSettings:
-    """The bench of a release: the recipe's [bench] on its [release] langs."""
-    bench_args = {k: (tuple(str(c) for c in v) if k == "ctx" else v)
-                  for k, v in (recipe.get("bench") or {}).items()}
-    langs = tuple(recipe.release.get("langs", ["nob", "nno", "sme", "dan", "swe"]))
-    # every artifact here was just verified against its manifest (_complete) or just written
-    # by this run: the bench checks sizes, not sha256 a second time (minutes at 11.4B)
-    return replace(BenchSettings(**bench_args), langs=langs, verify=False)
-
-
-def plan_artifacts(recipe: Recipe) -> dict[str, tuple[str, object]]:
-    """{artifact folder name: (pipeline key, settings)} in build order."""
-    rel = recipe.release
-    name = rel["name"]
-    common = {"eval_langs": rel.get("langs", ["nob", "nno", "sme", "dan", "swe"]),
-              "eval_tokens": rel.get("eval_tokens", 2048)}
-    calib = {"calib": rel["calib"]} if rel.get("calib") else {}
-    wanted: list[tuple[str, dict]] = []
-    for key in ("gguf", "gptq"):
-        if (section := recipe.get(key)) is not None:
-            wanted.append((key, {**common, **calib, **section}))
-    if (b := recipe.get("bnb")) is not None:
-        extra = {k: v for k, v in b.items() if k != "modes"}
-        for mode in b.get("modes", ["nf4"]):
-            four_bit = {k: v for k, v in extra.items()
-                        if mode != "int8" or k not in ("double_quant", "compute_dtype")}
-            wanted.append(("bnb", {**common, **four_bit, "mode": mode}))
-    for key in ("onnx", "mlx"):
-        if (section := recipe.get(key)) is not None:
-            wanted.append((key, {**common, **section}))
-    out: dict[str, tuple[str, object]] = {}
-    for key, args in wanted:
-        pipeline = PIPELINES[key]
-        try:
-            settings = pipeline.settings(**{k: _tuple(v) for k, v in args.items()})
-        except TypeError as exc:
-            raise SettingsError(f"recipe '{recipe.path}': {exc}") from None
-        out[pipeline.folder(name, settings)] = (key, settings)
-    for settings in (s for k, s in out.values() if k == "onnx"):
-        if settings.int4_algo == "gptq" and _gptq_input(out, settings) is None:
-            raise SettingsError(
-                f"recipe '{recipe.path}': onnx.int4_algo = \"gptq\" builds from the recipe's "
-                f"GPTQ artifact, and it has no [gptq] with bits = 4 and group_size = "
-                f"{settings.block_size}; add one, set onnx.block_size to its group_size, or "
-                "use int4_algo = \"k_quant_last\"")
-    return out
-
-
-def _gptq_input(artifacts: dict, onnx) -> str | None:
-    """The folder of the GPTQ artifact an ONNX int4 build from GPTQ reads (4-bit, its group
-    size the ONNX block size), or None."""
-    if onnx.int4_algo != "gptq" or onnx.precision != "int4":
-        return None
-    return next((f for f, (k, s) in artifacts.items() if k == "gptq" and s.bits == 4
-                 and s.group_size == onnx.block_size), None)
-
-
-def _current_data(settings, cache_dir: Path, data_dir: Path | None) -> dict[str, str]:
-    """{text set or file name: sha256} of what ``settings`` would be made from now, under
-    the names manifests record them by (kvant.data.TextFile.as_manifest)."""
-    found = {}
-    if getattr(settings, "calib", None):
-        text = get_mix(settings.calib, cache_dir, data_dir)
-        found[text.name] = text.sha256
-    for lang in settings.eval_langs:
-        text = get_text(lang, cache_dir, data_dir)
-        found[text.name] = text.sha256
-    imatrix = getattr(settings, "imatrix", "none")
-    if imatrix not in ("auto", "none") and Path(imatrix).expanduser().is_file():
-        found[Path(imatrix).name] = sha256_file(Path(imatrix).expanduser())
-    return found
-
-
-# Settings that say how fast an artifact is made, not what it holds: never a reason to rebuild.
-HOW_FAST = {"threads"}
-
-
-def _shown(value) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-def resume_changes(folder: Path, key: str, settings, source: dict,
-                   data: dict[str, str]) -> list[str]:
-    """What differs between the finished artifact in ``folder`` and what the recipe asks
-    for now: each changed setting (``gguf.types: ["q8_0"] -> ["q4_k_m"]``), the source
-    model (its id, hub revision or content hash) and each text set whose content changed
-    (calibration, held-out text, an imatrix file). Empty: the artifact may be kept."""
-    manifest = read_manifest(folder)
-    changes = []
-    made, wanted = manifest.get("settings", {}), settings_dict(settings)
-    # a field newer than the artifact: unchanged if the recipe leaves it at its default
-    defaults = settings_dict(type(settings)())
-    for name in sorted((made.keys() | wanted.keys()) - HOW_FAST):
-        if name not in made and wanted.get(name) == defaults.get(name):
-            continue
-        if made.get(name) != wanted.get(name):
-            changes.append(f"{key}.{name}: {_shown(made.get(name))} -> "
-                           f"{_shown(wanted.get(name))}")
-    was = manifest.get("source", {})
-    for name in ("id", "revision", "content_hash"):
-        if was.get(name) != source.get(name):
-            changes.append(f"source {name}: {_shown(was.get(name))} -> "
-                           f"{_shown(source.get(name))}")
-    for entry in manifest.get("data", []):
-        now = data.get(entry.get("name"))
-        if now is not None and now != entry.get("sha256"):
-            changes.append(f"text '{entry['name']}' changed (sha256 {entry['sha256'][:12]} -> "
-                           f"{now[:12]})")
-    return changes
-
-
-def _complete(folder: Path) -> bool:
-    try:
-        return folder.is_dir() and verify_artifact(folder) == []
-    except ArtifactError:
-        return False
 
 
 def _model(release: dict, calib: str, cache_dir: Path, data_dir: Path | None,
@@ -325,7 +118,7 @@ def _rehearsal_model(rel: dict, layers: int, calib: str, cache_dir: Path,
         raise SettingsError(f"--rehearse needs a model whose shapes Kvant knows "
                             f"({', '.join(SHAPES)}); the recipe's model is '{rel['model']}'")
     folder = cache_dir / "synth" / f"{shape}-{layers}l"
-    if not _complete(folder):
+    if not verified(folder):
         text = get_mix(calib, cache_dir, data_dir, progress)
         synthesize(folder, shape, paragraphs(text.read())[:20000], layers, force=True,
                    progress=progress)
@@ -333,46 +126,19 @@ def _rehearsal_model(rel: dict, layers: int, calib: str, cache_dir: Path,
                     "content_hash": content_hash(folder)}
 
 
-def _to_build(root: Path, source: dict, artifacts: dict, cache_dir: Path,
-              data_dir: Path | None, rebuild: bool) -> dict:
-    """The artifacts a resumed release must build: every one not finished, and (with
-    ``rebuild``) every finished one made from other inputs; without ``rebuild`` such a one
-    is refused, before any work, naming the first change."""
-    todo = {}
-    for folder, (key, settings) in artifacts.items():
-        if not _complete(root / folder):
-            todo[folder] = (key, settings)
-            continue
-        changes = resume_changes(root / folder, key, settings, source,
-                                 _current_data(settings, cache_dir, data_dir))
-        if not changes:
-            logger.info("keeping finished %s: same settings, source and texts", root / folder)
-        elif rebuild:
-            logger.warning("rebuilding %s: %s", root / folder, "; ".join(changes))
-            todo[folder] = (key, settings)
-        else:
-            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
-            raise SettingsError(f"'{root / folder}' was made from other inputs than the recipe "
-                                f"asks for now: {changes[0]}{more}; pass --rebuild to rebuild "
-                                "it, or restore the recipe")
-    # an ONNX model made from the GPTQ artifact is rebuilt with it
-    made_from = {f: _gptq_input(artifacts, s) for f, (k, s) in artifacts.items() if k == "onnx"}
-    return {f: a for f, a in artifacts.items() if f in todo or made_from.get(f) in todo}
-
-
 def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchSettings,
            cache_dir: Path, data_dir: Path | None, progress: bool, rehearsal: bool,
            rebuild: bool = False) -> None:
     """Every artifact (resuming: a finished one is kept when it was made from what the recipe
-    asks for now, see _to_build; a rehearsal builds all anew), each scored against one
-    shared reference, then the bench."""
+    asks for now, see kvant.app.resume.to_build; a rehearsal builds all anew), each scored
+    against one shared reference, then the bench."""
     reference = root / ".reference"  # scratch: the distributions every artifact is scored on
     stamp = reference / "reference.json"
     if stamp.is_file() and (rehearsal or not reference_matches(reference, model)):
         # Kvant's own scratch, left by a killed run: reused by a release that resumes, but
         # not when it came from other weights, nor by a rehearsal (which measures it)
         shutil.rmtree(reference)
-    todo = dict(artifacts) if rehearsal else _to_build(root, source, artifacts, cache_dir,
+    todo = dict(artifacts) if rehearsal else to_build(root, source, artifacts, cache_dir,
                                                           data_dir, rebuild)
     if rehearsal:
         # measure every step anew: the bench's and [eval]'s kept scores would skip theirs
@@ -382,7 +148,7 @@ def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchS
     for folder, (key, settings) in todo.items():
         logger.info("building %s", root / folder)
         inputs = {"gptq_dir": root / g} if key == "onnx" and (
-            g := _gptq_input(artifacts, settings)) else {}
+            g := gptq_input(artifacts, settings)) else {}
         PIPELINES[key].run(model, root / folder, settings, source=source, cache_dir=cache_dir,
                            data_dir=data_dir, force=True, progress=progress,
                            device=pick_device(), reference_dir=reference, rehearsal=rehearsal,
@@ -473,33 +239,6 @@ def _predictions(root: Path, model: Path, source: dict, folders: dict[str, list[
 
 def _folders(root: Path, artifacts: dict) -> dict[str, list[str]]:
     return {f: [t.name for t in find_targets(root / f)] for f in artifacts}
-
-
-def effective_recipe(text: str, calib: str | None) -> str:
-    """The recipe that ran: ``text`` with ``--calib`` (``calib``) in its [release] section's
-    calib, the override named in a comment beside it. A local file is named by its file
-    name and sha256, and an absolute ``out`` by its folder's name: never the publisher's
-    folders."""
-    # an output folder given as an absolute path is the publisher's: named by its name
-    text = re.sub(r'(?m)^(out\s*=\s*)"(/[^"]*)"', lambda m: f'{m[1]}"{Path(m[2]).name}"',
-                  text)
-    if not calib:
-        return text
-    digests = [f"{path.name} sha256 {sha256_file(path)}"
-               for part in calib.split(",")
-               if (path := Path(part.strip().partition(":")[0]).expanduser()).is_file()]
-    line = (f"calib = {json.dumps(published_arg(calib))}  # set by --calib for this release"
-            + (f" ({'; '.join(digests)})" if digests else ""))
-    head, found, rest = text.partition("[release]")
-    if not found:
-        return f"[release]\n{line}\n\n{text}"
-    header = re.search(r"(?m)^\[", rest)  # the next section's
-    section, tail = (rest[:header.start()], rest[header.start():]) if header else (rest, "")
-    if re.search(r"(?m)^calib\s*=.*$", section):
-        section = re.sub(r"(?m)^calib\s*=.*$", lambda _: line, section, count=1)
-    else:
-        section = section.replace("\n", f"\n{line}\n", 1)  # right below [release]
-    return head + found + section + tail
 
 
 def _cards(root: Path, recipe_path: Path, name: str, model: Path, source: dict,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kvant.app.release import load_recipe, run_release
+from kvant.app.recipe import load_recipe
+from kvant.app.release import run_release
 from kvant.artifact import read_manifest, verify_artifact
 from kvant.errors import SettingsError
 from kvant.files import sha256_file
@@ -336,7 +337,7 @@ def test_recipe_errors(tmp_path):
     result = run_kvant("release", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "not found" in result.stderr
     # an ONNX int4 from GPTQ needs the recipe's 4-bit GPTQ at its block size
-    from kvant.app.release import plan_artifacts
+    from kvant.app.recipe import plan_artifacts
 
     bad.write_text(RECIPE.format(out=tmp_path / "o").replace("block_size = 128",
                                                              "block_size = 32"))

@@ -10,13 +10,8 @@ import shutil
 import pytest
 
 from kvant.app.pipelines import PIPELINES
-from kvant.app.release import (
-    RECIPE_SCHEMA,
-    bench_settings,
-    load_recipe,
-    plan_artifacts,
-    resume_changes,
-)
+from kvant.app.recipe import RECIPE_SCHEMA, bench_settings, load_recipe, plan_artifacts
+from kvant.app.resume import resume_changes
 from kvant.artifact import read_manifest, settings_dict, verify_artifact
 from kvant.bench.settings import BenchSettings
 from kvant.errors import SettingsError
@@ -333,7 +328,7 @@ def test_the_published_recipe_is_the_one_that_ran():
     name and sha256, never the publisher's folder), not the recipe file's own calib."""
     import tomllib
 
-    from kvant.app.release import effective_recipe
+    from kvant.app.recipe import effective_recipe
     from kvant.files import sha256_file
 
     text = (REPO / "recipes" / "stand-in.toml").read_text()
