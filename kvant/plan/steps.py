@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kvant.memory import reference_dtype_for
 from kvant.plan.kinds import kind, weight_bytes
 from kvant.plan.kv import kv_bytes
@@ -137,132 +139,180 @@ def step_mapped(record: dict, shape: Shape, ram: int) -> float:
     return 0.0
 
 
-def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = None
-              ) -> float | None:
-    """Predicted peak RAM of one recorded release step (kvant.recorder): ``floor_mib`` (what
-    the process tree held when the step started) plus what the plan says the step adds,
-    from the shapes; None when the plan has no model of the step."""
-    floor = (DEFAULT_FLOOR_MIB if floor_mib is None else floor_mib) * MIB
-    name, key, ctx = record["step"], record.get("kind"), record.get("ctx") or 0
-    big = _largest(shape)
-    torch_import = 0 if record.get("torch_loaded", True) else _TORCH_IMPORT_MIB * MIB
+@dataclass(frozen=True)
+class _Step:
+    """A recorded release step (kvant.recorder), as every rule of step_peak reads it."""
+
+    record: dict
+    shape: Shape
+    ram: int
+
+    @property
+    def name(self) -> str:
+        return self.record["step"]
+
+    @property
+    def key(self) -> str:
+        return self.record.get("kind") or ""
+
+    @property
+    def ctx(self) -> int:
+        return self.record.get("ctx") or 0
+
+    @property
+    def big(self) -> int:
+        return _largest(self.shape)
+
+    @property
+    def torch_import(self) -> float:
+        """Importing torch, where the step's process had not yet (0 where it had)."""
+        return 0 if self.record.get("torch_loaded", True) else _TORCH_IMPORT_MIB * MIB
+
+    @property
+    def dtype(self) -> int:
+        return _reference_dtype_bytes(self.record, self.shape, self.ram)
+
+
+def _streamed_reference(s: _Step) -> float:
+    # one piece at a time (kvant.runtimes.streamed): every window's hidden states in the
+    # dtype, twice while a layer maps inputs to outputs, beside the largest of the embedding
+    # or lm_head while loaded (its weights in the dtype and the bf16 tensor read), a
+    # layer's weights with its largest tensor read and one window's activations (the
+    # MLP's three intermediate rows per position, attention's scores per head), or lm_head
+    # with one window's logits in the dtype and in float32
+    shape, ctx, dtype = s.shape, s.ctx, s.dtype
+    table = shape.vocab * shape.hidden
+    layer = (shape.n_params() - 2 * table) / shape.n_layers
+    states = (s.record.get("tokens") or ctx) * shape.hidden * dtype
+    window = max(3 * ctx * shape.intermediate * dtype, 4 * shape.n_heads * ctx * ctx)
+    piece = max(table * (dtype + 2),
+                states + layer * dtype + 2 * shape.intermediate * shape.hidden + window,
+                table * dtype + ctx * shape.vocab * (dtype + 4))
+    return s.torch_import + states + piece
+
+
+def _reference(s: _Step) -> float:
+    # safetensors maps the bf16 files: a bf16 reference runs on the mapped pages (the
+    # embedding's only where a window's rows are gathered); a float32 one is a converted
+    # copy beside every page it read
+    return s.torch_import + _reference_weights(s.record, s.shape, s.ram) \
+        + 2 * _logits(s.shape, s.ctx)
+
+
+def _mix_torch(s: _Step) -> float:
+    # the torch mix sensitivity (export/gguf_substitution.substitution_costs). Loading a
+    # float32 model holds the mapped bf16 pages beside their converted copy, then lets the
+    # pages go (measured at real width: 6 then 4 bytes per parameter); a bf16 model ends
+    # with every page resident, the embedding's too once it is substituted. Then per
+    # evaluation: the engine's logits of a window and numpy's copy, their KLD a block of
+    # 1,024 positions at a time (five float64 arrays), and the largest tensor dequantized
+    # (float32) beside the parameter's saved original; throughout, every layer's output for
+    # the calibration tokens, kept to replay the layers before a substituted tensor's.
+    shape, ctx, dtype = s.shape, s.ctx, s.dtype
+    work = 2 * _logits(shape, ctx) + 5 * 8 * min(ctx, 1024) * shape.vocab \
+        + s.big * (4 + dtype) + s.record.get("tokens", 0) * shape.hidden * dtype * shape.n_layers
+    held = dtype * shape.n_params()
+    return s.torch_import + max(held + work, (2 + dtype) * shape.n_params()
+                                if dtype != 2 else 0)
+
+
+def _gguf_convert(s: _Step) -> float:
+    return s.big * 2 + 64 * MIB  # the largest tensor, read and written once
+
+
+def _llama_quantize(s: _Step) -> float:
+    return s.big * (2 + 4 + 1)  # the largest tensor read (bf16), dequantized and quantized
+
+
+def _imatrix(s: _Step) -> float:
+    # llama-imatrix maps the bf16 file and keeps logits of its chunk for perplexity plus the
+    # feed-forward activations of its batch
+    shape, ctx = s.shape, s.ctx
+    return s.record.get("weights", 2 * shape.n_params()) + 3 * _logits(shape, ctx) \
+        + 3 * ctx * shape.intermediate * 4
+
+
+def _onnx_builder_from_gptq(s: _Step) -> float:
+    # the builder's pre-quantized path on a GPTQ checkpoint (int4_algo "gptq"), its lm_head
+    # quantized in place (kvant.export.onnx_builder): the embedding and lm_head read in fp16
+    # and made float32 on the way to disk, the lm_head's int8 (about 5.5 bytes per weight of
+    # the two), and per layer the packed weights read, unpacked and repacked (1.15 bytes per
+    # weight); fitted to builds at 1, 2 and 4 real-width layers (3,649, 3,953 and 4,549 MiB)
+    table = s.shape.vocab * s.shape.hidden
+    layers = s.shape.n_params() - 2 * table
+    return _BUILDER_BASE_MIB * MIB + 5.5 * 2 * table + 1.15 * layers
+
+
+def _onnx_builder(s: _Step) -> float:
+    # transformers' bf16 model, the whole fp32 ONNX proto the quantizer works on (the
+    # builder's to_proto), a transient fp32 copy of the largest tensor, the int4 output
+    int4 = weight_bytes(s.shape, kind("onnx-int4-b32"))
+    return _BUILDER_BASE_MIB * MIB + (2 + 4) * s.shape.n_params() + 4 * s.big + int4
+
+
+def _gptq(s: _Step) -> float:
+    # GPTQModel loads the model lazily and offloads each finished layer to disk
+    # (offload_to_disk_path, kvant.quantize.gptq_pipeline): the embedding and lm_head in
+    # bf16, at most two decoder layers in bf16 (measured flat past two: 4,244, 4,398 and
+    # 4,412 MiB at 1, 2 and 4 real-width layers on the CPU, docs/real-size.md), one layer's
+    # calibration inputs and outputs (float32, a row per sample and position) and the
+    # largest Hessian (float32, in x in)
+    shape = s.shape
+    samples, seqlen = s.record.get("samples") or 0, s.record.get("seqlen") or 0
+    activations = 2 * samples * seqlen * shape.hidden * 4
+    hessian = max(shape.intermediate, shape.hidden) ** 2 * 4
+    table = shape.vocab * shape.hidden
+    layer = (shape.n_params() - 2 * table) / shape.n_layers
+    held = 2 * (2 * table + min(shape.n_layers, 2) * layer)
+    return s.torch_import + _TORCH_IMPORT_MIB * MIB + held + activations + hessian
+
+
+def _mlx_convert(s: _Step) -> float:
+    # mlx-lm's convert in a child process (kvant.export.mlx_pipeline): it loads the
+    # safetensors lazily, quantizes, and evaluates the quantized model as it saves it: the
+    # source's pages (2 bytes per parameter) beside the quantized model and the largest
+    # tensor in float32. Measured on the stand-in only (287 MiB); not yet at real width,
+    # where scoring on MLX's CPU backend takes seconds per token
+    return _MLX_BASE_MIB * MIB + 2 * s.shape.n_params() \
+        + weight_bytes(s.shape, kind(s.key)) + 4 * s.big
+
+
+def _bnb(s: _Step) -> float:
+    # tensor by tensor (kvant.quantize.bnb_pipeline): bitsandbytes and the model code
+    # imported, one shard of the output (at most SHARD_BYTES plus the tensor that crossed
+    # it), and the largest linear in flight with bitsandbytes' temporaries (measured at real
+    # width: about 10 bytes per weight for 4-bit, 6 for int8)
+    out = weight_bytes(s.shape, kind(s.key))
+    linear = s.shape.intermediate * s.shape.hidden
+    per_weight = 6 if "int8" in s.key else 10
+    return s.torch_import + _BNB_IMPORT_MIB * MIB + min(out, SHARD_BYTES + 2 * s.big) \
+        + per_weight * linear
+
+
+def _running(s: _Step) -> float | None:
+    """A step that runs an artifact (scoring, a bench row, greedy checks, a task eval), or
+    None where the plan has no kind for it."""
+    record, shape, ctx, key = s.record, s.shape, s.ctx, s.key
     lang = record.get("tokens_per_language") or 0
-    if name == "cards":
-        return floor
-    if key == "reference" and record.get("streamed"):
-        # one piece at a time (kvant.runtimes.streamed): every window's hidden states in the
-        # dtype, twice while a layer maps inputs to outputs, beside the largest of the embedding
-        # or lm_head while loaded (its weights in the dtype and the bf16 tensor read), a
-        # layer's weights with its largest tensor read and one window's activations (the
-        # MLP's three intermediate rows per position, attention's scores per head), or lm_head
-        # with one window's logits in the dtype and in float32
-        dtype = _reference_dtype_bytes(record, shape, ram)
-        table = shape.vocab * shape.hidden
-        layer = (shape.n_params() - 2 * table) / shape.n_layers
-        states = (record.get("tokens") or ctx) * shape.hidden * dtype
-        window = max(3 * ctx * shape.intermediate * dtype, 4 * shape.n_heads * ctx * ctx)
-        piece = max(table * (dtype + 2),
-                    states + layer * dtype + 2 * shape.intermediate * shape.hidden + window,
-                    table * dtype + ctx * shape.vocab * (dtype + 4))
-        return floor + torch_import + states + piece
-    if key == "reference":
-        # safetensors maps the bf16 files: a bf16 reference runs on the mapped pages (the
-        # embedding's only where a window's rows are gathered); a float32 one is a
-        # converted copy beside every page it read
-        return floor + torch_import + _reference_weights(record, shape, ram) \
-            + 2 * _logits(shape, ctx)
-    if key == "mix-torch":
-        # the torch mix sensitivity (export/gguf_substitution.substitution_costs). Loading a float32
-        # model holds the mapped bf16 pages beside their converted copy, then lets the pages
-        # go (measured at real width: 6 then 4 bytes per parameter); a bf16 model ends with
-        # every page resident, the embedding's too once it is substituted. Then per
-        # evaluation: the engine's logits of a window and numpy's copy, their KLD a block of
-        # 1,024 positions at a time (five float64 arrays), and the largest tensor
-        # dequantized (float32) beside the parameter's saved original; throughout, every
-        # layer's output for the calibration tokens, kept to replay the layers before a
-        # substituted tensor's.
-        dtype = _reference_dtype_bytes(record, shape, ram)
-        work = 2 * _logits(shape, ctx) + 5 * 8 * min(ctx, 1024) * shape.vocab \
-            + big * (4 + dtype) + record.get("tokens", 0) * shape.hidden * dtype * shape.n_layers
-        held = dtype * shape.n_params()
-        return floor + torch_import + max(held + work, (2 + dtype) * shape.n_params()
-                                          if dtype != 2 else 0)
-    if name.startswith("gguf convert"):
-        return floor + big * 2 + 64 * MIB  # the largest tensor, read and written once
-    if key == "llama-quantize":
-        # the largest tensor read (bf16), dequantized to float32 and quantized
-        return floor + big * (2 + 4 + 1)
-    if key == "imatrix":
-        # llama-imatrix maps the bf16 file and keeps logits of its chunk for perplexity
-        # plus the feed-forward activations of its batch
-        return floor + record.get("weights", 2 * shape.n_params()) + 3 * _logits(shape, ctx) \
-            + 3 * ctx * shape.intermediate * 4
-    if key == "onnx-builder" and record.get("source") == "gptq":
-        # the builder's pre-quantized path on a GPTQ checkpoint (int4_algo "gptq"), its lm_head
-        # quantized in place (kvant.export.onnx_builder): the embedding and lm_head read in
-        # fp16 and made float32 on the way to disk, the lm_head's int8 (about 5.5 bytes per
-        # weight of the two), and per layer the packed weights read, unpacked and repacked
-        # (1.15 bytes per weight); fitted to builds at 1, 2 and 4 real-width layers (3,649,
-        # 3,953 and 4,549 MiB)
-        table = shape.vocab * shape.hidden
-        layers = shape.n_params() - 2 * table
-        return floor + _BUILDER_BASE_MIB * MIB + 5.5 * 2 * table + 1.15 * layers
-    if key == "onnx-builder":
-        # transformers' bf16 model, the whole fp32 ONNX proto the quantizer works on (the
-        # builder's to_proto), a transient fp32 copy of the largest tensor, the int4 output
-        int4 = weight_bytes(shape, kind("onnx-int4-b32"))
-        return floor + _BUILDER_BASE_MIB * MIB + (2 + 4) * shape.n_params() + 4 * big + int4
-    if name.endswith(" quantize") and key and key.startswith("gptq"):
-        # GPTQModel loads the model lazily and offloads each finished layer to disk
-        # (offload_to_disk_path, kvant.quantize.gptq_pipeline): the embedding and lm_head
-        # in bf16, at most two decoder layers in bf16 (measured flat past two: 4,244, 4,398
-        # and 4,412 MiB at 1, 2 and 4 real-width layers on the CPU, docs/real-size.md), one
-        # layer's calibration inputs and outputs (float32, a row per sample and position)
-        # and the largest Hessian (float32, in x in)
-        samples, seqlen = record.get("samples") or 0, record.get("seqlen") or 0
-        activations = 2 * samples * seqlen * shape.hidden * 4
-        hessian = max(shape.intermediate, shape.hidden) ** 2 * 4
-        table = shape.vocab * shape.hidden
-        layer = (shape.n_params() - 2 * table) / shape.n_layers
-        held = 2 * (2 * table + min(shape.n_layers, 2) * layer)
-        return floor + torch_import + _TORCH_IMPORT_MIB * MIB + held + activations + hessian
-    if name.endswith(" convert") and key and key.startswith("mlx"):
-        # mlx-lm's convert in a child process (kvant.export.mlx_pipeline): it loads the
-        # safetensors lazily, quantizes, and evaluates the quantized model as it saves it:
-        # the source's pages (2 bytes per parameter) beside the quantized model and the
-        # largest tensor in float32. Measured on the stand-in only (287 MiB); not yet at
-        # real width, where scoring on MLX's CPU backend takes seconds per token
-        return floor + _MLX_BASE_MIB * MIB + 2 * shape.n_params() \
-            + weight_bytes(shape, kind(key)) + 4 * big
-    if name.endswith(" quantize") and key and key.startswith("bnb"):
-        # tensor by tensor (kvant.quantize.bnb_pipeline): bitsandbytes and the model code
-        # imported, one shard of the output (at most SHARD_BYTES plus the tensor that
-        # crossed it), and the largest linear in flight with bitsandbytes' temporaries
-        # (measured at real width: about 10 bytes per weight for 4-bit, 6 for int8)
-        out = weight_bytes(shape, kind(key))
-        linear = shape.intermediate * shape.hidden
-        per_weight = 6 if "int8" in key else 10
-        return floor + torch_import + _BNB_IMPORT_MIB * MIB \
-            + min(out, SHARD_BYTES + 2 * big) + per_weight * linear
     k = kind(key, file_bpw=8 * record["weights"] / shape.n_params()) \
         if key and record.get("weights") else kind(key) if key else None
     if k is None:
         return None
     # (a task eval scores a bf16 folder in the reference's dtype, float32 where it fits)
-    weights = (_reference_weights(record, shape, ram) if record.get("task_eval")
+    weights = (_reference_weights(record, shape, s.ram) if record.get("task_eval")
                else _bf16_resident(shape)) if key == "bf16" \
         else record.get("weights") or weight_bytes(shape, k)
     lm_eval = _LM_EVAL_MIB * MIB if record.get("task_eval") else 0
     if record.get("worker"):  # a fresh process: the one formula of `kvant plan`
-        return floor + peak_bytes(shape, k, ctx, weights)
-    if name.endswith(("greedy", "greedy check")) or (
-            k.backend == "onnxruntime-genai" and not name.startswith("bench speed")):
+        return peak_bytes(shape, k, ctx, weights)
+    if s.name.endswith(("greedy", "greedy check")) or (
+            k.backend == "onnxruntime-genai" and not s.name.startswith("bench speed")):
         # ONNX Runtime in this process (GenAI, or the plain session that scores): mapped
         # weights, repacked copies, its logits three times, drift's comparison
-        return floor + ort_resident(shape, k, weights) + kv_bytes(shape, k, ctx) \
+        return ort_resident(shape, k, weights) + kv_bytes(shape, k, ctx) \
             + 3 * _logits(shape, ctx) + (_drift(shape, ctx, lang) if lang else 0) + lm_eval
-    if name == "gguf tokenizer report":  # whole paragraphs, one at a time: bits per byte
-        return floor + weights + 2 * _logits(shape, ctx) + 3 * 8 * ctx * shape.vocab
+    if s.name == "gguf tokenizer report":  # whole paragraphs, one at a time: bits per byte
+        return weights + 2 * _logits(shape, ctx) + 3 * 8 * ctx * shape.vocab
     # scoring in this process: the weights (a mapped file or loaded tensors), the engine's
     # logits of a window and numpy's copy, and drift's comparison of one language (not in a
     # task eval's step, kvant.app.lmeval: it keeps one request's log-probabilities)
@@ -270,4 +320,38 @@ def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = No
     # (a task eval's llama.cpp context is its longest request's room, n_ctx, not the longest
     # request it met: llama.cpp allocates and clears the whole KV cache when it opens)
     kv = kv_bytes(shape, k, record.get("n_ctx") or ctx)
-    return floor + torch_import + weights + kv + 2 * _logits(shape, ctx) + drift + lm_eval
+    return s.torch_import + weights + kv + 2 * _logits(shape, ctx) + drift + lm_eval
+
+
+# What each kind of recorded step adds to the floor: the first rule whose test the step
+# passes, in this order (a reference that streams before one that does not, GPTQ's
+# quantize before the steps that run an artifact); every other step runs an artifact.
+_RULES = (
+    (lambda s: s.name == "cards", lambda s: 0.0),
+    (lambda s: s.key == "reference" and s.record.get("streamed"), _streamed_reference),
+    (lambda s: s.key == "reference", _reference),
+    (lambda s: s.key == "mix-torch", _mix_torch),
+    (lambda s: s.name.startswith("gguf convert"), _gguf_convert),
+    (lambda s: s.key == "llama-quantize", _llama_quantize),
+    (lambda s: s.key == "imatrix", _imatrix),
+    (lambda s: s.key == "onnx-builder" and s.record.get("source") == "gptq",
+     _onnx_builder_from_gptq),
+    (lambda s: s.key == "onnx-builder", _onnx_builder),
+    (lambda s: s.name.endswith(" quantize") and s.key.startswith("gptq"), _gptq),
+    (lambda s: s.name.endswith(" convert") and s.key.startswith("mlx"), _mlx_convert),
+    (lambda s: s.name.endswith(" quantize") and s.key.startswith("bnb"), _bnb),
+)
+
+
+def step_peak(record: dict, shape: Shape, ram: int, floor_mib: float | None = None
+              ) -> float | None:
+    """Predicted peak RAM of one recorded release step (kvant.recorder): ``floor_mib`` (what
+    the process tree held when the step started) plus what the plan says the step adds,
+    from the shapes (_RULES); None when the plan has no model of the step."""
+    floor = (DEFAULT_FLOOR_MIB if floor_mib is None else floor_mib) * MIB
+    s = _Step(record, shape, ram)
+    for test, rule in _RULES:
+        if test(s):
+            return floor + rule(s)
+    added = _running(s)
+    return None if added is None else floor + added
