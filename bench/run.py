@@ -43,8 +43,8 @@ from kvant.files import sha256_text, write_json
 from kvant.machine import child_limit, die_with_parent, machine, over_limit, weights_flops
 from kvant.model import model_info, pick_device, read_config
 from kvant.plan.kv import kv_types_for
-from kvant.recorder import language_tokens, shared_or_step, step
-from kvant.runtimes.reference import reference_logits, score_against
+from kvant.recorder import language_tokens, step
+from kvant.runtimes.reference import pipeline_reference, score_against
 from kvant.runtimes.targets import Target, targets, verify
 from kvant.scoring import text_windows
 
@@ -322,9 +322,8 @@ def run_bench(artifacts: list[Path], reference: Path | None, settings: BenchSett
             entry = _entry(results, target, keys, engines[target.backend], out)
             if settings.quality and "quality" not in entry:
                 if ref is None:
-                    with shared_or_step(reference_dir, settings.quality_ctx):
-                        ref = reference_logits(reference, wins, reference_dir
-                                               or Path(scratch.name) / "reference", device)
+                    ref = pipeline_reference(reference, wins, reference_dir,
+                                             Path(scratch.name), settings.quality_ctx, device)
                 with step(f"bench quality {target.name}", kind=target.kind,
                           ctx=settings.quality_ctx, weights=target.size_bytes,
                           tokens_per_language=language_tokens(wins)):

@@ -23,7 +23,7 @@ from kvant.artifact import (
     check_input,
     settings_dict,
 )
-from kvant.data import TextFile, get_mix, get_text, paragraphs
+from kvant.data import TextFile, get_mix, paragraphs
 from kvant.errors import DataError, SettingsError
 from kvant.export.gguf import (
     DIRECT,
@@ -53,11 +53,11 @@ from kvant.model import (
 from kvant.plan.kinds import shape_of
 from kvant.plan.peaks import LAPTOP_BUDGET, context_that_fits, disk_need
 from kvant.plan.sizes import GIB
-from kvant.recorder import REHEARSAL_WARNING, language_tokens, shared_or_step, step
+from kvant.recorder import REHEARSAL_WARNING, language_tokens, step
 from kvant.runtimes.llamacpp import LlamaCppRuntime, StockTokenizer
-from kvant.runtimes.reference import Reference, reference_logits, score_against
+from kvant.runtimes.reference import Reference, pipeline_reference, score_against
 from kvant.runtimes.targets import Target
-from kvant.scoring import eval_windows, sequence_nll_bits
+from kvant.scoring import eval_windows, held_out, sequence_nll_bits
 from kvant.tokenization import exact_tokenizer, fidelity
 
 logger = logging.getLogger(__name__)
@@ -188,8 +188,7 @@ def _sensitivity(settings: GGUFSettings, info, model_dir: Path, base: Path,
             sensitivity.costs_of(_candidates(specs, imatrix))
         return sensitivity
     wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
-    with shared_or_step(reference_dir, settings.eval_ctx):
-        ref = reference_logits(model_dir, wins, reference_dir or scratch / "reference", device)
+    ref = pipeline_reference(model_dir, wins, reference_dir, scratch, settings.eval_ctx, device)
     return Sensitivity(mode, base, imatrix, scratch, settings.n_threads, ref, wins["calib"],
                        progress, time_budget_s=settings.mix_time_budget, model_dir=model_dir,
                        device=device, token_freq=freq)
@@ -214,8 +213,7 @@ def _rehearse_torch(settings: GGUFSettings, model_dir: Path, base: Path,
     on random weights are thrown away."""
     types = _candidates(specs, imatrix)
     wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
-    with shared_or_step(reference_dir, settings.eval_ctx):
-        ref = reference_logits(model_dir, wins, reference_dir or scratch / "reference", device)
+    ref = pipeline_reference(model_dir, wins, reference_dir, scratch, settings.eval_ctx, device)
     tensors = quantizable(base)
     with step("gguf mix sensitivity torch", kind="mix-torch", ctx=settings.eval_ctx,
               dtype=ref.dtype, tensors=len(tensors), types=len(types), device=device,
@@ -362,6 +360,40 @@ def _withhold(art, uniform_of: dict[str, Path], paths: dict, files: dict, quanti
     return withheld
 
 
+def _convert(art, model_dir: Path, settings: GGUFSettings, asked: _Inputs,
+             progress: bool) -> tuple[dict, dict[str, Path]]:
+    """The bf16 file every type is quantized from (published if asked for, else in scratch)
+    and the other types gguf-py writes directly: (the base's conversion facts, {type: path})."""
+    name = asked.name
+    base = (art.dir if BASE_TYPE in settings.types else art.scratch) / file_name(
+        name, BASE_TYPE)
+    with step(f"gguf convert {BASE_TYPE}", kind=kind(BASE_TYPE)):
+        conv = convert(model_dir, base, BASE_TYPE, settings.pre, name, progress,
+                       asked.context, asked.model_id)
+    paths: dict[str, Path] = {BASE_TYPE: base}
+    for direct in (t for t in settings.types if t in DIRECT and t != BASE_TYPE):
+        paths[direct] = art.dir / file_name(name, direct)
+        with step(f"gguf convert {direct}", kind=kind(direct)):
+            convert(model_dir, paths[direct], direct, settings.pre, name, progress,
+                    asked.context, asked.model_id)
+    return conv, paths
+
+
+def _quantize(art, base: Path, paths: dict[str, Path], imatrix_path: Path | None,
+              settings: GGUFSettings, asked: _Inputs) -> dict[str, dict]:
+    """Each uniform type llama-quantize makes from ``base`` into ``paths``: {type: facts}."""
+    quantized = {}
+    for gguf_type in asked.quant_types:
+        paths[gguf_type] = art.dir / file_name(asked.name, gguf_type)
+        with step(f"gguf quantize {gguf_type}", kind="llama-quantize"):
+            q = quantize(base, paths[gguf_type], gguf_type, imatrix_path, settings.n_threads)
+        if q["fallback_tensors"]:
+            art.warn(f"{gguf_type}: {q['fallback_tensors']} tensor(s) fell back to another "
+                     "type (rows not divisible by the block size)")
+        quantized[gguf_type] = q
+    return quantized
+
+
 def run(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
         cache_dir: Path, data_dir: Path | None = None, force: bool = False,
         progress: bool = False, device: str = "cpu", reference_dir: Path | None = None,
@@ -372,40 +404,18 @@ def run(model_dir: Path, out: Path, settings: GGUFSettings, *, source: dict,
     name, info = asked.name, asked.info
     # synthetic weights: convert and quantize for speed and memory, but score nothing
     langs = () if info.synthetic and not rehearsal else settings.eval_langs
-    texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in langs}
-    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
+    texts, wins = held_out(model_dir, settings, cache_dir, data_dir, progress, langs)
     with ArtifactWriter(out, fmt="gguf", force=force, protect=(model_dir,)) as art:
-        ref = None
-        if wins:
-            with shared_or_step(reference_dir, settings.eval_ctx):
-                ref = reference_logits(model_dir, wins,
-                                       reference_dir or art.scratch / "reference", device)
-        base = (art.dir if BASE_TYPE in settings.types else art.scratch) / file_name(
-            name, BASE_TYPE)
+        ref = pipeline_reference(model_dir, wins, reference_dir, art.scratch,
+                                 settings.eval_ctx, device) if wins else None
         art.settings = settings_dict(settings)
         art.source = source
         if asked.context_warning:
             art.warn(asked.context_warning)
-        with step(f"gguf convert {BASE_TYPE}", kind=kind(BASE_TYPE)):
-            conv = convert(model_dir, base, BASE_TYPE, settings.pre, name, progress,
-                           asked.context, asked.model_id)
-        paths: dict[str, Path] = {BASE_TYPE: base}
-        for direct in (t for t in settings.types if t in DIRECT and t != BASE_TYPE):
-            paths[direct] = art.dir / file_name(name, direct)
-            with step(f"gguf convert {direct}", kind=kind(direct)):
-                convert(model_dir, paths[direct], direct, settings.pre, name, progress,
-                        asked.context, asked.model_id)
+        conv, paths = _convert(art, model_dir, settings, asked, progress)
+        base = paths[BASE_TYPE]
         imatrix_path, imatrix = _importance(art, model_dir, base, settings, asked)
-        quantized = {}
-        for gguf_type in asked.quant_types:
-            paths[gguf_type] = art.dir / file_name(name, gguf_type)
-            with step(f"gguf quantize {gguf_type}", kind="llama-quantize"):
-                q = quantize(base, paths[gguf_type], gguf_type, imatrix_path,
-                             settings.n_threads)
-            if q["fallback_tensors"]:
-                art.warn(f"{gguf_type}: {q['fallback_tensors']} tensor(s) fell back to another "
-                         "type (rows not divisible by the block size)")
-            quantized[gguf_type] = q
+        quantized = _quantize(art, base, paths, imatrix_path, settings, asked)
         sensitivity = None
         if asked.mix_types:
             sensitivity = _sensitivity(settings, info, model_dir, base, imatrix_path,

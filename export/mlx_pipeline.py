@@ -29,7 +29,7 @@ from kvant.artifact import (
     check_input,
     settings_dict,
 )
-from kvant.data import get_mix, get_text, paragraphs
+from kvant.data import get_mix, paragraphs
 from kvant.errors import KvantError
 from kvant.export.gguf_mix import mix_verdict
 from kvant.export.mlx import MLXSettings
@@ -43,11 +43,11 @@ from kvant.model import (
     weight_files,
 )
 from kvant.plan.peaks import disk_need
-from kvant.recorder import REHEARSAL_WARNING, language_tokens, shared_or_step, step
+from kvant.recorder import REHEARSAL_WARNING, language_tokens, step
 from kvant.runtimes.mlx import MLXRuntime
-from kvant.runtimes.reference import reference_logits, score_against
+from kvant.runtimes.reference import pipeline_reference, score_against
 from kvant.runtimes.targets import Target
-from kvant.scoring import drift_table, eval_windows
+from kvant.scoring import drift_table, eval_windows, held_out
 from kvant.tokenization import fidelity
 
 _CONVERT = """
@@ -239,15 +239,13 @@ def run(model_dir: Path, out: Path, settings: MLXSettings, *, source: dict, cach
     (``reference_dir`` and ``rehearsal``: see kvant.quantize.checkpoint)."""
     config = check_input(model_dir, out, force, allow_synthetic=rehearsal)
     check_free_space(out.parent, disk_need(config, [settings.kind]))
-    texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
-    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
+    texts, wins = held_out(model_dir, settings, cache_dir, data_dir, progress)
     exact = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     with ArtifactWriter(out, fmt="mlx", force=force, protect=(model_dir,)) as art:
         if rehearsal:
             art.warn(REHEARSAL_WARNING)
-        with shared_or_step(reference_dir, settings.eval_ctx):
-            ref = reference_logits(model_dir, wins, reference_dir or art.scratch / "reference",
-                                   device)
+        ref = pipeline_reference(model_dir, wins, reference_dir, art.scratch,
+                                 settings.eval_ctx, device)
         bits_of, mix = (_sensitivity(model_dir, settings, cache_dir, data_dir, progress,
                                      device) if settings.mix else (None, None))
         converted = art.scratch / "mlx"

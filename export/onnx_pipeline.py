@@ -28,7 +28,7 @@ from kvant.artifact import (
     check_input,
     settings_dict,
 )
-from kvant.data import get_text, paragraphs
+from kvant.data import paragraphs
 from kvant.errors import SettingsError
 from kvant.export.onnx import ONNXSettings
 from kvant.files import sha256_file
@@ -40,11 +40,11 @@ from kvant.model import (
     weight_files,
 )
 from kvant.plan.peaks import disk_need
-from kvant.recorder import REHEARSAL_WARNING, language_tokens, shared_or_step, step
+from kvant.recorder import REHEARSAL_WARNING, language_tokens, step
 from kvant.runtimes.onnx import GenaiRuntime, OrtRuntime
-from kvant.runtimes.reference import reference_logits, score_against
+from kvant.runtimes.reference import pipeline_reference, score_against
 from kvant.runtimes.targets import Target
-from kvant.scoring import drift_table, eval_windows
+from kvant.scoring import drift_table, held_out
 from kvant.tokenization import ONNX_EXACT_TOKENIZER, fidelity
 
 OG_SPLIT = r"[\s\S]{1,24}(?![\x80-\xBF])"  # 24 bytes, never ending inside a UTF-8 character
@@ -231,17 +231,15 @@ def run(model_dir: Path, out: Path, settings: ONNXSettings, *, source: dict, cac
     context, context_warning = trained_context(config, source.get("id", model_dir.name),
                                                settings.context_length)
     check_free_space(out.parent, disk_need(config, [settings.kind]))
-    texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in settings.eval_langs}
-    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
+    texts, wins = held_out(model_dir, settings, cache_dir, data_dir, progress)
     exact = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     with ArtifactWriter(out, fmt="onnx", force=force, protect=(model_dir,)) as art:
         if context_warning:
             art.warn(context_warning)
         if rehearsal:
             art.warn(REHEARSAL_WARNING)
-        with shared_or_step(reference_dir, settings.eval_ctx):
-            ref = reference_logits(model_dir, wins, reference_dir or art.scratch / "reference",
-                                   device)
+        ref = pipeline_reference(model_dir, wins, reference_dir, art.scratch,
+                                 settings.eval_ctx, device)
         with step(f"{settings.kind} build", kind="onnx-builder",
                   source="gptq" if weights != model_dir else "weights"):
             facts = build(with_context(weights, context, art.scratch), art.dir, settings,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvant.data import TextFile, paragraphs
+from kvant.data import TextFile, get_text, paragraphs
 from kvant.errors import DataError
 
 
@@ -27,6 +27,17 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def held_out(model_dir: Path, settings, cache_dir: Path, data_dir: Path | None,
+             progress: bool = False, langs: tuple[str, ...] | None = None
+             ) -> tuple[dict[str, TextFile], dict[str, list[list[int]]]]:
+    """What a pipeline scores: per language of ``settings.eval_langs`` (or ``langs``) its
+    held-out text, and that text's first ``settings.eval_tokens`` ids in windows of
+    ``settings.eval_ctx`` (:func:`eval_windows`)."""
+    langs = settings.eval_langs if langs is None else langs
+    texts = {lang: get_text(lang, cache_dir, data_dir, progress) for lang in langs}
+    return texts, eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
 
 
 def eval_windows(model_dir: Path, texts: dict[str, TextFile], n_tokens: int,

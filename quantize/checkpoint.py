@@ -19,13 +19,13 @@ from kvant.artifact import (
     check_input,
     settings_dict,
 )
-from kvant.data import EvalSettings, TextFile, get_text
+from kvant.data import EvalSettings, TextFile
 from kvant.model import copy_tokenizer
 from kvant.plan.peaks import disk_need
-from kvant.recorder import REHEARSAL_WARNING, language_tokens, shared_or_step, step
-from kvant.runtimes.reference import reference_logits, score_against
+from kvant.recorder import REHEARSAL_WARNING, language_tokens, step
+from kvant.runtimes.reference import pipeline_reference, score_against
 from kvant.runtimes.targets import Target
-from kvant.scoring import drift_table, eval_windows
+from kvant.scoring import drift_table, held_out
 
 
 @dataclass
@@ -55,12 +55,10 @@ def quantize_checkpoint(model_dir: Path, out: Path, settings: EvalSettings, *, f
     scratch); ``rehearsal``: synthetic weights are scored for time and memory only."""
     config = check_input(model_dir, out, force, allow_synthetic=rehearsal)
     check_free_space(out.parent, disk_need(config, [kind]))
-    texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
-    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
+    texts, wins = held_out(model_dir, settings, cache_dir, data_dir)
     with ArtifactWriter(out, fmt=fmt, force=force, protect=(model_dir,)) as art:
-        with shared_or_step(reference_dir, settings.eval_ctx):
-            ref = reference_logits(model_dir, wins, reference_dir or art.scratch / "reference",
-                                   device)
+        ref = pipeline_reference(model_dir, wins, reference_dir, art.scratch,
+                                 settings.eval_ctx, device)
         with step(f"{kind} quantize", kind=kind) as record:
             done = quantize(art.dir, art.scratch)
             record.update(samples=done.facts.get("calibration_samples"),

@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from kvant.bench.tables import command_line, markdown, table_doc, write_table
-from kvant.data import get_mix, get_text
+from kvant.data import get_mix
 from kvant.export.gguf import GGUFSettings
 from kvant.export.gguf_convert import convert
 from kvant.export.gguf_quantize import compute_imatrix, quantize
@@ -34,13 +34,12 @@ from kvant.quantize.gptq import GPTQSettings
 from kvant.quantize.gptq_pipeline import calibration_samples, quantize_gptq
 from kvant.runtimes.reference import reference_logits, score_against
 from kvant.runtimes.targets import targets
-from kvant.scoring import eval_windows
+from kvant.scoring import held_out
 
 
 def _reference(model_dir: Path, settings, cache: Path, data_dir: Path | None, scratch: Path):
     refuse_synthetic(model_dir)
-    texts = {lang: get_text(lang, cache, data_dir) for lang in settings.eval_langs}
-    wins = eval_windows(model_dir, texts, settings.eval_tokens, settings.eval_ctx)
+    _, wins = held_out(model_dir, settings, cache, data_dir)
     return wins, reference_logits(model_dir, wins, scratch / "reference")
 
 
