@@ -390,18 +390,16 @@ def verify_artifact(folder: Path) -> list[str]:
     return problems
 
 
-def _yaml_list(key: str, values) -> str:
-    # JSON strings are valid YAML and keep `no` (Norwegian) from becoming a boolean.
-    return f"{key}:\n" + "".join(f"- {json.dumps(v)}\n" for v in values)
-
-
 def card_metadata(base_model: str | None, tags) -> str:
-    """The YAML front matter of a Hugging Face model card (base_model only for a hub id)."""
-    base = (f"base_model: {json.dumps(base_model)}\n"
-            if base_model and looks_like_hub_id(base_model) else "")
-    all_tags = list(dict.fromkeys(["kvant", "normistral", *tags]))
-    return ("---\n" + base + "license: apache-2.0\n" + _yaml_list("language", CARD_LANGUAGES)
-            + _yaml_list("tags", all_tags) + "---\n")
+    """The YAML front matter of a Hugging Face model card (base_model only for a hub id),
+    written by huggingface_hub (which quotes `no`, Norwegian, that YAML would read as false)."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        base_model=base_model if base_model and looks_like_hub_id(base_model) else None,
+        license="apache-2.0", language=list(CARD_LANGUAGES),
+        tags=list(dict.fromkeys(["kvant", "normistral", *tags])))
+    return f"---\n{data.to_yaml()}\n---\n"
 
 
 def write_model_card(folder: Path, *, title: str, fmt: str, base_model: str | None, tags,

@@ -56,13 +56,16 @@ def test_manifest_lists_every_file_with_matching_checksums(tmp_path):
 
 
 def test_model_card_metadata(tmp_path):
+    import yaml
+
     card = (_write(tmp_path / "art") / "README.md").read_text()
-    meta = card.split("---\n")[1]
-    assert 'base_model: "norallm/normistral-11b-long"' in meta
-    assert "license: apache-2.0" in meta
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == "norallm/normistral-11b-long"
+    assert meta["license"] == "apache-2.0"
     # `no` must be quoted, or YAML reads Norwegian as the boolean false
-    for lang in ("no", "nb", "nn", "se"):
-        assert f'- "{lang}"\n' in meta
+    assert meta["language"] == ["no", "nb", "nn", "se"]
+    assert meta["tags"][:2] == ["kvant", "normistral"]
 
 
 def test_existing_output_is_refused_without_force(tmp_path):
