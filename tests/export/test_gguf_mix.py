@@ -320,9 +320,9 @@ def test_a_mix_worse_on_held_out_text_is_withheld_and_the_uniform_shipped(
     import kvant.export.gguf_sensitivity as gguf_sensitivity
     from kvant.export import gguf_pipeline
 
-    real_of = gguf_sensitivity.Sensitivity.of
-    monkeypatch.setattr(gguf_sensitivity.Sensitivity, "of",
-                        lambda self, types: {k: -v for k, v in real_of(self, types).items()})
+    real = gguf_sensitivity.Sensitivity.costs_of
+    monkeypatch.setattr(gguf_sensitivity.Sensitivity, "costs_of",
+                        lambda self, types: {k: -v for k, v in real(self, types).items()})
     settings = GGUFSettings(types=("q4_k_m-mix",), imatrix="none", mix_sensitivity="proxy",
                             calib=str(CALIB_FILE), eval_langs=("nob", "sme"), eval_tokens=512)
     out = gguf_pipeline.run(tiny_model, tmp_path / "gguf", settings, source={"id": "tiny"},
