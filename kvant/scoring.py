@@ -23,10 +23,15 @@ def windows(ids: list[int], n_ctx: int, max_windows: int | None = None) -> list[
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (scipy's). (tokens, vocab) -> (tokens, vocab)."""
-    from scipy.special import log_softmax as scipys  # 0.2 s to import: not for every command
+    """Row-wise log-softmax in float64. (tokens, vocab) -> (tokens, vocab).
 
-    return scipys(logits.astype(np.float64), axis=-1)
+    By hand, not scipy.special.log_softmax (the same values): scipy's holds four
+    (tokens, vocab) float64 arrays at its peak where this holds two (1,600 against 800 MiB
+    for 1,024 positions of NorMistral's vocabulary, on every scored window), and it took
+    0.36 s against 0.26 s (medians of 12); kvant.plan's scoring model counts this one."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def held_out(model_dir: Path, settings, cache_dir: Path, data_dir: Path | None,
