@@ -187,11 +187,26 @@ def _sensitivity(settings: GGUFSettings, info, model_dir: Path, base: Path,
                                       progress=progress, token_freq=freq)
             sensitivity.costs_of(_candidates(specs, imatrix))
         return sensitivity
-    wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
+    wins = calibration_windows(model_dir, settings, calib)
     ref = pipeline_reference(model_dir, wins, reference_dir, scratch, settings.eval_ctx, device)
     return Sensitivity(mode, base, imatrix, scratch, settings.n_threads, ref, wins["calib"],
                        progress, time_budget_s=settings.mix_time_budget, model_dir=model_dir,
                        device=device, token_freq=freq)
+
+
+def calibration_windows(model_dir: Path, settings: GGUFSettings, calib) -> dict:
+    """{"calib": the windows a measured mix sensitivity scores on}: ``settings.mix_tokens``
+    of the calibration text ``calib`` (a TextFile) in windows of ``settings.eval_ctx``."""
+    return eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
+
+
+def measures_mix(settings: GGUFSettings, synthetic: bool, rehearsal: bool) -> bool:
+    """Whether an export with ``settings`` scores the model on calibration windows for its
+    mixes (:func:`_sensitivity`): a measured sensitivity on real weights, or a rehearsal's
+    timing of the torch method; never for the proxy."""
+    if settings.mix_sensitivity == "proxy" or not any(is_mix(t) for t in settings.types):
+        return False
+    return rehearsal and settings.mix_sensitivity == "auto" if synthetic else True
 
 
 def _candidates(specs: tuple, imatrix: Path | None) -> list[str]:
@@ -212,7 +227,7 @@ def _rehearse_torch(settings: GGUFSettings, model_dir: Path, base: Path,
     The rehearsal then times the proxy, as synthetic weights get; the costs measured here
     on random weights are thrown away."""
     types = _candidates(specs, imatrix)
-    wins = eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
+    wins = calibration_windows(model_dir, settings, calib)
     ref = pipeline_reference(model_dir, wins, reference_dir, scratch, settings.eval_ctx, device)
     tensors = quantizable(base)
     with step("gguf mix sensitivity torch", kind="mix-torch", ctx=settings.eval_ctx,

@@ -140,14 +140,6 @@ def step(name: str, **facts) -> Iterator[dict]:
         _log.append(record)
 
 
-def shared_or_step(reference_dir: Path | None, ctx: int):
-    """The step that computes a pipeline's own reference; none when a release shares one
-    (computed, and recorded, once before the pipelines run)."""
-    if reference_dir is not None:
-        return contextlib.nullcontext()
-    return step("reference", kind="reference", ctx=ctx)
-
-
 def language_tokens(wins: dict[str, list[list[int]]]) -> int:
     """The most tokens any one language's windows hold (a scoring step's reference share)."""
     return max((sum(len(w) for w in ws) for ws in wins.values()), default=0)

@@ -47,6 +47,7 @@ from kvant.bench.run import quality_windows, run_bench, texts_for
 from kvant.bench.settings import BenchSettings
 from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import ArtifactError, SettingsError
+from kvant.export.gguf_pipeline import calibration_windows, measures_mix
 from kvant.files import sha256_file, write_json
 from kvant.model import (
     content_hash,
@@ -91,15 +92,21 @@ def _model(release: dict, calib: str, cache_dir: Path, data_dir: Path | None,
 
 
 def _shared_reference(model: Path, artifacts: dict, bench: BenchSettings, folder: Path,
-                      cache_dir: Path, data_dir: Path | None) -> None:
-    """The reference distributions of every window any pipeline or the bench scores,
-    computed with the model loaded once (kvant.runtimes.reference_logits), into ``folder``."""
+                      cache_dir: Path, data_dir: Path | None, rehearsal: bool = False) -> None:
+    """The reference distributions of every window any pipeline or the bench scores (a
+    -MIX's calibration windows included), computed with the model loaded once
+    (kvant.runtimes.reference_logits), into ``folder``."""
     wins: dict[str, list[list[int]]] = {}
-    for _, settings in artifacts.values():
+    synthetic = model_info(model).synthetic
+    for key, settings in artifacts.values():
         texts = {lang: get_text(lang, cache_dir, data_dir) for lang in settings.eval_langs}
         for lang, lang_wins in eval_windows(model, texts, settings.eval_tokens,
                                             settings.eval_ctx).items():
             wins.setdefault(f"{lang}@{settings.eval_ctx}", lang_wins)
+        if key == "gguf" and measures_mix(settings, synthetic, rehearsal):
+            calib = get_mix(settings.calib, cache_dir, data_dir)
+            for name, calib_wins in calibration_windows(model, settings, calib).items():
+                wins.setdefault(f"{name}@{settings.calib}", calib_wins)
     bench_wins, _ = quality_windows(model, texts_for(bench, cache_dir, data_dir), bench)
     for lang, lang_wins in bench_wins.items():
         wins.setdefault(f"bench {lang}", lang_wins)
@@ -144,7 +151,7 @@ def _build(root: Path, model: Path, source: dict, artifacts: dict, bench: BenchS
         # measure every step anew: the bench's and [eval]'s kept scores would skip theirs
         (root / "bench" / "results.json").unlink(missing_ok=True)
         shutil.rmtree(root / "eval", ignore_errors=True)  # Kvant's own, in the rehearsal folder
-    _shared_reference(model, todo, bench, reference, cache_dir, data_dir)
+    _shared_reference(model, todo, bench, reference, cache_dir, data_dir, rehearsal)
     for folder, (key, settings) in todo.items():
         logger.info("building %s", root / folder)
         inputs = {"gptq_dir": root / g} if key == "onnx" and (

@@ -14,7 +14,7 @@ from kvant.errors import ArtifactError
 from kvant.files import sha256_text
 from kvant.memory import ram_bytes, reference_dtype_for
 from kvant.model import content_hash, model_info, weight_files
-from kvant.recorder import note, shared_or_step
+from kvant.recorder import note, step
 from kvant.runtimes import open_runtime
 from kvant.runtimes.targets import Target, targets
 from kvant.scoring import drift, mean_over_languages
@@ -155,9 +155,15 @@ def pipeline_reference(model_dir: Path, wins: dict[str, list[list[int]]],
                        device: str = "cpu") -> Reference:
     """The reference a pipeline scores against: in a release's shared ``reference_dir``
     (computed there once, its step the release's), else in ``scratch`` as the pipeline's own
-    "reference" step (:func:`reference_logits`)."""
-    with shared_or_step(reference_dir, ctx):
-        return reference_logits(model_dir, wins, reference_dir or scratch / "reference", device)
+    "reference" step (:func:`reference_logits`). Windows the shared folder lacks are computed
+    in a "reference" step of the pipeline's, so that no load of the model goes unrecorded
+    (and unplanned)."""
+    folder = reference_dir or scratch / "reference"
+    if reference_dir is not None and all(Reference(folder, "", wins).path(w).is_file()
+                                         for ws in wins.values() for w in ws):
+        return reference_logits(model_dir, wins, folder, device)
+    with step("reference", kind="reference", ctx=ctx):
+        return reference_logits(model_dir, wins, folder, device)
 
 
 def _save(path: Path, logits: np.ndarray) -> None:
