@@ -141,3 +141,12 @@ def file_stem(model_name: str, gguf_type: str) -> str:
 def file_name(model_name: str, gguf_type: str) -> str:
     """The hub's naming: ``<model>-<TYPE>.gguf`` (normistral-11b-long-Q4_K_M.gguf)."""
     return file_stem(model_name, gguf_type) + ".gguf"
+
+
+def measures_mix(settings: GGUFSettings, synthetic: bool, rehearsal: bool) -> bool:
+    """Whether an export with ``settings`` scores the model on calibration windows for its
+    mixes (kvant.export.gguf_pipeline's sensitivity): a measured sensitivity on real
+    weights, or a rehearsal's timing of the torch method; never for the proxy."""
+    if settings.mix_sensitivity == "proxy" or not any(is_mix(t) for t in settings.types):
+        return False
+    return rehearsal and settings.mix_sensitivity == "auto" if synthetic else True

@@ -200,15 +200,6 @@ def calibration_windows(model_dir: Path, settings: GGUFSettings, calib) -> dict:
     return eval_windows(model_dir, {"calib": calib}, settings.mix_tokens, settings.eval_ctx)
 
 
-def measures_mix(settings: GGUFSettings, synthetic: bool, rehearsal: bool) -> bool:
-    """Whether an export with ``settings`` scores the model on calibration windows for its
-    mixes (:func:`_sensitivity`): a measured sensitivity on real weights, or a rehearsal's
-    timing of the torch method; never for the proxy."""
-    if settings.mix_sensitivity == "proxy" or not any(is_mix(t) for t in settings.types):
-        return False
-    return rehearsal and settings.mix_sensitivity == "auto" if synthetic else True
-
-
 def _candidates(specs: tuple, imatrix: Path | None) -> list[str]:
     """Every type some mix of ``specs`` may choose (before its uniform file's own types,
     which are among them for llama.cpp's recipes)."""

@@ -47,7 +47,7 @@ from kvant.bench.run import quality_windows, run_bench, texts_for
 from kvant.bench.settings import BenchSettings
 from kvant.data import get_mix, get_text, paragraphs
 from kvant.errors import ArtifactError, SettingsError
-from kvant.export.gguf_pipeline import calibration_windows, measures_mix
+from kvant.export.gguf import measures_mix
 from kvant.files import sha256_file, write_json
 from kvant.model import (
     content_hash,
@@ -104,6 +104,8 @@ def _shared_reference(model: Path, artifacts: dict, bench: BenchSettings, folder
                                             settings.eval_ctx).items():
             wins.setdefault(f"{lang}@{settings.eval_ctx}", lang_wins)
         if key == "gguf" and measures_mix(settings, synthetic, rehearsal):
+            from kvant.export.gguf_pipeline import calibration_windows  # llama.cpp's
+
             calib = get_mix(settings.calib, cache_dir, data_dir)
             for name, calib_wins in calibration_windows(model, settings, calib).items():
                 wins.setdefault(f"{name}@{settings.calib}", calib_wins)

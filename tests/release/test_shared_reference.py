@@ -9,8 +9,8 @@ import kvant.runtimes.reference
 from kvant.app.release import _shared_reference
 from kvant.bench.settings import BenchSettings
 from kvant.data import get_mix
-from kvant.export.gguf import GGUFSettings
-from kvant.export.gguf_pipeline import calibration_windows, measures_mix
+from kvant.export.gguf import GGUFSettings, measures_mix
+from kvant.export.gguf_pipeline import calibration_windows
 from kvant.recorder import recording
 from kvant.runtimes.reference import pipeline_reference
 from kvant.scoring import eval_windows
