@@ -33,6 +33,17 @@ def reference_dtype(model_dir: Path, device: str = "cpu") -> str:
     return reference_dtype_for(model_info(model_dir).n_params, room)
 
 
+def window_file(folder: Path, window: list[int]) -> Path:
+    """Where a reference folder keeps ``window``'s logits: named by the hash of its ids."""
+    return Path(folder) / f"{sha256_text(','.join(map(str, window)))[:24]}.npy"
+
+
+def missing_windows(folder: Path, wins: dict[str, list[list[int]]]) -> list[list[int]]:
+    """The distinct windows of ``wins`` that ``folder`` holds no logits for."""
+    return list({tuple(w): w for ws in wins.values() for w in ws
+                 if not window_file(folder, w).is_file()}.values())
+
+
 class Reference:
     """The reference distributions: the source model's float32 logits for each window, kept
     on disk as one .npy file per window (51,200 x 2,048 x 4 bytes = 0.4 GB at NorMistral's
@@ -45,7 +56,7 @@ class Reference:
         self.folder, self.dtype, self.wins = Path(folder), dtype, wins
 
     def path(self, window: list[int]) -> Path:
-        return self.folder / f"{sha256_text(','.join(map(str, window)))[:24]}.npy"
+        return window_file(self.folder, window)
 
     def __getitem__(self, lang: str) -> list[np.ndarray]:
         return [np.load(self.path(w), mmap_mode="r") for w in self.wins[lang]]
@@ -127,8 +138,7 @@ def reference_logits(model_dir: Path, wins: dict[str, list[list[int]]], folder: 
         dtype = reference_dtype(model_dir, device)
     stamp.write_text(json.dumps({**identity, "dtype": dtype}), encoding="utf-8")
     ref = Reference(folder, dtype, wins)
-    missing = list({tuple(w): w for ws in wins.values() for w in ws
-                    if not ref.path(w).is_file()}.values())
+    missing = missing_windows(folder, wins)
     streamed = bool(missing) and should_stream(model_dir, dtype, device)
     if missing:  # for the plan: how, and over how many tokens
         note(streamed=streamed, tokens=sum(len(w) for w in missing), dtype=dtype)
@@ -159,8 +169,7 @@ def pipeline_reference(model_dir: Path, wins: dict[str, list[list[int]]],
     in a "reference" step of the pipeline's, so that no load of the model goes unrecorded
     (and unplanned)."""
     folder = reference_dir or scratch / "reference"
-    if reference_dir is not None and all(Reference(folder, "", wins).path(w).is_file()
-                                         for ws in wins.values() for w in ws):
+    if reference_dir is not None and not missing_windows(folder, wins):
         return reference_logits(model_dir, wins, folder, device)
     with step("reference", kind="reference", ctx=ctx):
         return reference_logits(model_dir, wins, folder, device)
