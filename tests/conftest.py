@@ -88,7 +88,8 @@ def pytest_collection_modifyitems(config, items):
 SUITE_LIBRARIES = ("torch", "transformers", "transformers.models.mistral.modeling_mistral",
                    "transformers.models.llama.modeling_llama", "lm_eval", "lm_eval.evaluator",
                    "llama_cpp", "onnxruntime", "scipy.stats",
-                   "kvant.app.commands", "kvant.app.lmeval", "export.gguf_pipeline", "bench.run")
+                   "kvant.app.commands", "kvant.app.lmeval", "kvant.export.gguf_pipeline",
+                   "kvant.bench.run")
 
 
 def pytest_collection_finish(session):
